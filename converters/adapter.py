@@ -1,0 +1,75 @@
+"""The in-memory LoRA adapter every format reads into and writes from."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoraWeights:
+    """One module's LoRA factors, PEFT layout: ``a`` is ``[r, in]``, ``b`` is ``[out, r]``.
+
+    The module's update is ``scale · b @ a`` with ``scale = alpha / r`` (``alpha / √r`` with rsLoRA).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def scale(self, *, use_rslora: bool = False) -> float:
+        return self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
+
+    def delta(self, *, use_rslora: bool = False) -> torch.Tensor:
+        """The dense update ``scale · B @ A`` in float32."""
+        return self.scale(use_rslora=use_rslora) * (self.b.float() @ self.a.float())
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter: factors per module path (e.g. ``model.layers.0.self_attn.q_proj``).
+
+    ``modules_to_save`` holds full tensors that replace base tensors (PEFT's modules_to_save),
+    ``lora_biases`` the biases PEFT's ``bias="lora_only"`` saves for LoRA-targeted modules.
+    """
+
+    modules: dict[str, LoraWeights]
+    use_rslora: bool = False
+    base_model_name_or_path: str | None = None
+    task_type: str | None = "CAUSAL_LM"
+    modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def ranks(self) -> dict[str, int]:
+        return {name: w.rank for name, w in self.modules.items()}
+
+    def default_rank(self) -> int:
+        """The most common rank (PEFT's ``r``; the rest go to ``rank_pattern``)."""
+        counts = Counter(w.rank for w in self.modules.values())
+        return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0] if counts else 0
+
+    def leaf_names(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    def num_parameters(self) -> int:
+        return sum(w.a.numel() + w.b.numel() for w in self.modules.values())
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key matching ``module``, PEFT's rule.
+
+    PEFT treats each key as a regex that must match a dotted suffix of the module path.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
