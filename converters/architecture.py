@@ -199,7 +199,9 @@ def custom_map(regex: str) -> ArchitectureMap:
         model_types=(),
         num_layers=None,
         defaults=(),
-        modules=(ModuleSpec(name="*", pattern=_AndPattern(pattern, layered), trtllm=None, in_expr=None, out_expr=None),),
+        modules=(
+            ModuleSpec(name="*", pattern=_AndPattern(pattern, layered), trtllm=None, in_expr=None, out_expr=None),
+        ),
     )
 
 

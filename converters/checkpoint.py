@@ -144,10 +144,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise InputError("not a file or folder", where=str(root), fix="check the path")
     config = _read_config(root)
     files = _weight_files(root)
-    if files[0].suffix == ".safetensors":
-        tensors = _safetensors_infos(files)
-    else:
-        tensors = _bin_infos(files)
+    tensors = _safetensors_infos(files) if files[0].suffix == ".safetensors" else _bin_infos(files)
     return Checkpoint(path=root, config=config, tensors=tensors)
 
 

@@ -188,9 +188,7 @@ def _randomized(a: torch.Tensor, rank: int, sketch: int, *, seed: int, total_ene
         z_new = a.T @ q_new
         z_all = torch.cat(z_blocks, dim=1)
         cross = z_all.T @ z_new
-        gram = torch.cat(
-            [torch.cat([gram, cross], dim=1), torch.cat([cross.T, z_new.T @ z_new], dim=1)], dim=0
-        )
+        gram = torch.cat([torch.cat([gram, cross], dim=1), torch.cat([cross.T, z_new.T @ z_new], dim=1)], dim=0)
         q_blocks.append(q_new)
         z_blocks.append(z_new)
         now = _top_energy(gram, rank)

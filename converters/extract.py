@@ -27,8 +27,16 @@ log = logging.getLogger("phlora_nim.extract")
 
 ExtraMode = Literal["drop", "save", "error"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_CONFIG_KEYS_MUST_MATCH = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "num_key_value_heads", "intermediate_size", "head_dim", "num_local_experts")
+_CONFIG_KEYS_MUST_MATCH = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "num_local_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -55,14 +63,21 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         if self.extra not in ("drop", "save", "error"):
-            raise OptionError("unknown --extra mode", where="--extra", expected="drop, save or error",
-                              found=repr(self.extra))
+            raise OptionError(
+                "unknown --extra mode", where="--extra", expected="drop, save or error", found=repr(self.extra)
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise OptionError("unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES),
-                              found=repr(self.dtype))
+            raise OptionError(
+                "unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(self.dtype)
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionError("CUDA is not available", where="--device", expected="a machine with a CUDA GPU",
-                              found="torch.cuda.is_available() is False", fix="use --device cpu")
+            raise OptionError(
+                "CUDA is not available",
+                where="--device",
+                expected="a machine with a CUDA GPU",
+                found="torch.cuda.is_available() is False",
+                fix="use --device cpu",
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise OptionError("unknown device", where="--device", expected="cpu or cuda[:N]", found=self.device)
 
@@ -158,14 +173,27 @@ def _same_config(base: Checkpoint, ft: Checkpoint) -> list[PhloraError]:
     problems: list[PhloraError] = []
     archs = (base.config.get("architectures"), ft.config.get("architectures"))
     if archs[0] and archs[1] and archs[0] != archs[1]:
-        problems.append(InputError("base and fine-tuned checkpoints are different architectures",
-                                   where=f"{ft.path}/config.json architectures", expected=str(archs[0]),
-                                   found=str(archs[1]), fix="pass a fine-tune of this base model"))
+        problems.append(
+            InputError(
+                "base and fine-tuned checkpoints are different architectures",
+                where=f"{ft.path}/config.json architectures",
+                expected=str(archs[0]),
+                found=str(archs[1]),
+                fix="pass a fine-tune of this base model",
+            )
+        )
     for key in _CONFIG_KEYS_MUST_MATCH:
         b, f = base.config.get(key), ft.config.get(key)
         if b is not None and f is not None and b != f:
-            problems.append(InputError("base and fine-tuned configs disagree", where=f"{ft.path}/config.json {key}",
-                                       expected=repr(b), found=repr(f), fix="pass a fine-tune of this base model"))
+            problems.append(
+                InputError(
+                    "base and fine-tuned configs disagree",
+                    where=f"{ft.path}/config.json {key}",
+                    expected=repr(b),
+                    found=repr(f),
+                    fix="pass a fine-tune of this base model",
+                )
+            )
     return problems
 
 
@@ -193,11 +221,23 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             )
     base_names, ft_names = set(base.tensors), set(ft.tensors)
     for name in sorted(ft_names - base_names)[:20]:
-        problems.append(InputError(f"tensor {name!r} is missing in the base checkpoint", where=str(base.path),
-                                   expected="the same tensors on both sides", fix="pass matching checkpoints"))
+        problems.append(
+            InputError(
+                f"tensor {name!r} is missing in the base checkpoint",
+                where=str(base.path),
+                expected="the same tensors on both sides",
+                fix="pass matching checkpoints",
+            )
+        )
     for name in sorted(base_names - ft_names)[:20]:
-        problems.append(InputError(f"tensor {name!r} is missing in the fine-tuned checkpoint", where=str(ft.path),
-                                   expected="the same tensors on both sides", fix="pass matching checkpoints"))
+        problems.append(
+            InputError(
+                f"tensor {name!r} is missing in the fine-tuned checkpoint",
+                where=str(ft.path),
+                expected="the same tensors on both sides",
+                fix="pass matching checkpoints",
+            )
+        )
     targets: list[TargetPlan] = []
     extras: list[ExtraPlan] = []
     too_big: list[str] = []
@@ -208,8 +248,14 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         if not fi.dtype.is_floating_point:
             continue
         if fi.dtype not in DTYPES.values() or bi.dtype not in DTYPES.values():
-            problems.append(InputError("unsupported tensor dtype", where=f"{ft.path} {name}",
-                                       expected="float32, float16 or bfloat16", found=f"{bi.dtype} / {fi.dtype}"))
+            problems.append(
+                InputError(
+                    "unsupported tensor dtype",
+                    where=f"{ft.path} {name}",
+                    expected="float32, float16 or bfloat16",
+                    found=f"{bi.dtype} / {fi.dtype}",
+                )
+            )
             continue
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
@@ -217,51 +263,88 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         if not is_target:
             extras.append(ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape))
             if bi.shape != fi.shape and options.extra != "save":
-                problems.append(InputError(
-                    "tensor shape differs (vocabulary or size change)", where=f"{ft.path} {name}",
-                    expected=f"{bi.shape} as in the base", found=str(fi.shape),
-                    fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
-                        "modules_to_save (the base must be resized the same way when loading)"))
+                problems.append(
+                    InputError(
+                        "tensor shape differs (vocabulary or size change)",
+                        where=f"{ft.path} {name}",
+                        expected=f"{bi.shape} as in the base",
+                        found=str(fi.shape),
+                        fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
+                        "modules_to_save (the base must be resized the same way when loading)",
+                    )
+                )
             continue
         if bi.shape != fi.shape:
-            problems.append(InputError("weight shapes differ", where=f"{ft.path} {name}",
-                                       expected=f"{bi.shape} as in the base", found=str(fi.shape),
-                                       fix="pass a fine-tune of this exact base model"))
+            problems.append(
+                InputError(
+                    "weight shapes differ",
+                    where=f"{ft.path} {name}",
+                    expected=f"{bi.shape} as in the base",
+                    found=str(fi.shape),
+                    fix="pass a fine-tune of this exact base model",
+                )
+            )
             continue
         out_dim, in_dim = fi.shape
         spec, layer = matched if matched is not None else (None, None)
         if spec is not None and amap is not None and config:
             dims = amap.dims(spec, config)
             if dims is not None and dims != (in_dim, out_dim):
-                problems.append(InputError(
-                    "weight shape does not follow from config.json", where=f"{ft.path} {name}",
-                    expected=f"[out={dims[1]}, in={dims[0]}] for {amap.family} {spec.name}",
-                    found=f"[out={out_dim}, in={in_dim}]", fix="check that config.json belongs to these weights"))
+                problems.append(
+                    InputError(
+                        "weight shape does not follow from config.json",
+                        where=f"{ft.path} {name}",
+                        expected=f"[out={dims[1]}, in={dims[0]}] for {amap.family} {spec.name}",
+                        found=f"[out={out_dim}, in={in_dim}]",
+                        fix="check that config.json belongs to these weights",
+                    )
+                )
                 continue
         if options.policy.rank is not None and options.policy.rank > min(out_dim, in_dim):
             too_big.append(f"{module} [{out_dim}×{in_dim}]")
         assert module is not None
         module_type = spec.name if spec is not None and spec.name != "*" else module.rsplit(".", 1)[-1]
-        targets.append(TargetPlan(
-            module=module, weight=name, module_type=module_type,
-            trtllm=spec.trtllm if spec is not None else None, layer=layer,
-            out_dim=out_dim, in_dim=in_dim, sketch_rank=options.policy.sketch_rank(min(out_dim, in_dim)),
-        ))
+        targets.append(
+            TargetPlan(
+                module=module,
+                weight=name,
+                module_type=module_type,
+                trtllm=spec.trtllm if spec is not None else None,
+                layer=layer,
+                out_dim=out_dim,
+                in_dim=in_dim,
+                sketch_rank=options.policy.sketch_rank(min(out_dim, in_dim)),
+            )
+        )
     if too_big:
-        problems.append(OptionError(
-            "rank is above some modules' dimensions", where="--rank",
-            expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
-            found=f"{options.policy.rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
-            fix="lower --rank, or use --energy/--budget-params with --max-rank"))
+        problems.append(
+            OptionError(
+                "rank is above some modules' dimensions",
+                where="--rank",
+                expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
+                found=f"{options.policy.rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
+                fix="lower --rank, or use --energy/--budget-params with --max-rank",
+            )
+        )
     if not targets and not problems:
-        problems.append(OptionError(
-            "no LoRA target modules found", where=str(ft.path),
-            expected="linear weights matched by the architecture map or --target-modules",
-            found=f"{len(ft.tensors)} tensors, none matched", fix="pass --target-modules REGEX"))
+        problems.append(
+            OptionError(
+                "no LoRA target modules found",
+                where=str(ft.path),
+                expected="linear weights matched by the architecture map or --target-modules",
+                found=f"{len(ft.tensors)} tensors, none matched",
+                fix="pass --target-modules REGEX",
+            )
+        )
     raise_all(problems, summary="cannot extract an adapter")
     out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else ft.info(targets[0].weight).dtype
-    return ExtractionPlan(family=amap.family if amap else "generic", targets=tuple(targets),
-                          extras=tuple(extras), out_dtype=out_dtype, warnings=tuple(warnings))
+    return ExtractionPlan(
+        family=amap.family if amap else "generic",
+        targets=tuple(targets),
+        extras=tuple(extras),
+        out_dtype=out_dtype,
+        warnings=tuple(warnings),
+    )
 
 
 def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint) -> None:
@@ -272,8 +355,13 @@ def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint)
         bad_desc = "values too large to square in float32"
     else:
         bad_desc = f"{bad} NaN/Inf values"
-    raise InputError("the weight delta is not finite", where=f"{ft.path} {name}", expected="finite weights",
-                     found=bad_desc, fix="the checkpoint is damaged (diverged training?): re-export it")
+    raise InputError(
+        "the weight delta is not finite",
+        where=f"{ft.path} {name}",
+        expected="finite weights",
+        found=bad_desc,
+        fix="the checkpoint is damaged (diverged training?): re-export it",
+    )
 
 
 def run_extraction(
@@ -313,11 +401,23 @@ def run_extraction(
         if energy == 0.0:
             results.append(ModuleResult(plan=t, factors=None, load_s=t1 - t0))
         else:
-            f = decompose(delta, t.sketch_rank, exact=options.exact, device=options.device,
-                          seed=module_seed(t.module, options.seed), total_energy=energy)
+            f = decompose(
+                delta,
+                t.sketch_rank,
+                exact=options.exact,
+                device=options.device,
+                seed=module_seed(t.module, options.seed),
+                total_energy=energy,
+            )
             # Keep only what a rank can use: the policy never goes past sketch_rank.
-            results.append(ModuleResult(plan=t, factors=f.truncated(min(f.available_rank, t.sketch_rank)),
-                                        load_s=t1 - t0, decompose_s=time.perf_counter() - t1))
+            results.append(
+                ModuleResult(
+                    plan=t,
+                    factors=f.truncated(min(f.available_rank, t.sketch_rank)),
+                    load_s=t1 - t0,
+                    decompose_s=time.perf_counter() - t1,
+                )
+            )
         if progress:
             progress(t.weight)
     extras: list[ExtraResult] = []
@@ -348,13 +448,17 @@ def run_extraction(
     changed = [x for x in extras if x.action != "unchanged"]
     if options.extra == "error" and changed:
         names = ", ".join(x.plan.name for x in changed[:5])
-        raise InputError("the fine-tune changed tensors that are not linear modules",
-                         where=str(ft.path), expected="changes only in LoRA target modules (--extra error)",
-                         found=f"{len(changed)} changed tensors: {names}",
-                         fix="pass --extra drop to measure and drop them, or --extra save to keep them")
+        raise InputError(
+            "the fine-tune changed tensors that are not linear modules",
+            where=str(ft.path),
+            expected="changes only in LoRA target modules (--extra error)",
+            found=f"{len(changed)} changed tensors: {names}",
+            fix="pass --extra drop to measure and drop them, or --extra save to keep them",
+        )
     live = [r for r in results if r.factors is not None]
-    ranks = options.policy.assign([(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim)
-                                   for r in live if r.factors is not None])
+    ranks = options.policy.assign(
+        [(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live if r.factors is not None]
+    )
     modules: dict[str, LoraWeights] = {}
     for r, rank in zip(live, ranks, strict=True):
         r.rank = rank
@@ -373,7 +477,10 @@ def run_extraction(
     )
     total = time.perf_counter() - start
     return ExtractionResult(
-        adapter=adapter, modules=results, extras=extras, plan=plan,
+        adapter=adapter,
+        modules=results,
+        extras=extras,
+        plan=plan,
         timings={
             "load_s": sum(r.load_s for r in results),
             "decompose_s": sum(r.decompose_s for r in results),

@@ -44,8 +44,7 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "target_modules": adapter.leaf_names(),
-        "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save})
-        or None,
+        "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
         "bias": "lora_only" if adapter.lora_biases else "none",
         "use_rslora": adapter.use_rslora,
         "use_dora": False,
@@ -67,9 +66,7 @@ def _common_alpha(adapter: LoraAdapter, r: int) -> float:
     return max(set(alphas), key=alphas.count) if alphas else float(r)
 
 
-def save_peft(
-    adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, write_bin: bool = False
-) -> None:
+def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, write_bin: bool = False) -> None:
     """Write ``adapter`` as a PEFT LoRA folder (the folder must exist; callers make it atomic).
 
     Args:
@@ -100,12 +97,20 @@ def load_peft_config(folder: Path) -> dict[str, Any]:
     """Read and check ``adapter_config.json``: it must describe a plain LoRA adapter."""
     path = Path(folder) / CONFIG_NAME
     if not Path(folder).is_dir():
-        raise InputError("adapter folder not found", where=str(folder), expected="a PEFT adapter folder",
-                         found="no such folder", fix="check the path")
+        raise InputError(
+            "adapter folder not found",
+            where=str(folder),
+            expected="a PEFT adapter folder",
+            found="no such folder",
+            fix="check the path",
+        )
     if not path.exists():
-        raise InputError("not a PEFT adapter: adapter_config.json is missing", where=str(folder),
-                         expected="adapter_config.json + adapter_model.safetensors",
-                         fix="point at a folder written by PEFT's save_pretrained or phlora-nim")
+        raise InputError(
+            "not a PEFT adapter: adapter_config.json is missing",
+            where=str(folder),
+            expected="adapter_config.json + adapter_model.safetensors",
+            fix="point at a folder written by PEFT's save_pretrained or phlora-nim",
+        )
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -114,15 +119,35 @@ def load_peft_config(folder: Path) -> dict[str, Any]:
         raise InputError("adapter config must be a JSON object", where=str(path), found=type(cfg).__name__)
     problems: list[PhloraError] = []
     if cfg.get("peft_type") != "LORA":
-        problems.append(InputError("not a LoRA adapter", where=f"{path} peft_type", expected='"LORA"',
-                                   found=repr(cfg.get("peft_type")), fix="only LoRA adapters can be used here"))
+        problems.append(
+            InputError(
+                "not a LoRA adapter",
+                where=f"{path} peft_type",
+                expected='"LORA"',
+                found=repr(cfg.get("peft_type")),
+                fix="only LoRA adapters can be used here",
+            )
+        )
     if cfg.get("use_dora"):
-        problems.append(InputError("DoRA adapters are not supported", where=f"{path} use_dora",
-                                   expected="false", found="true", fix="merge the DoRA magnitude first"))
+        problems.append(
+            InputError(
+                "DoRA adapters are not supported",
+                where=f"{path} use_dora",
+                expected="false",
+                found="true",
+                fix="merge the DoRA magnitude first",
+            )
+        )
     if cfg.get("fan_in_fan_out"):
-        problems.append(InputError("fan_in_fan_out (Conv1D) adapters cannot be expressed",
-                                   where=f"{path} fan_in_fan_out", expected="false", found="true",
-                                   fix="use an adapter trained on nn.Linear modules"))
+        problems.append(
+            InputError(
+                "fan_in_fan_out (Conv1D) adapters cannot be expressed",
+                where=f"{path} fan_in_fan_out",
+                expected="false",
+                found="true",
+                fix="use an adapter trained on nn.Linear modules",
+            )
+        )
     raise_all(problems, summary=f"{path} cannot be used")
     return cfg
 
@@ -133,19 +158,35 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(st))
         except (SafetensorError, OSError) as exc:
-            raise InputError(f"corrupt or truncated adapter weights ({exc})", where=str(st),
-                             expected="a complete safetensors file", fix="re-export the adapter") from None
+            raise InputError(
+                f"corrupt or truncated adapter weights ({exc})",
+                where=str(st),
+                expected="a complete safetensors file",
+                fix="re-export the adapter",
+            ) from None
     if binf.exists():
         if not zipfile.is_zipfile(binf):
-            raise InputError("corrupt adapter weights", where=str(binf), expected="a torch.save zip file",
-                             fix="re-export the adapter")
+            raise InputError(
+                "corrupt adapter weights",
+                where=str(binf),
+                expected="a torch.save zip file",
+                fix="re-export the adapter",
+            )
         try:
             return torch.load(binf, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for unreadable pickles
-            raise InputError(f"cannot load adapter weights safely ({exc})", where=str(binf),
-                             fix="re-export the adapter as safetensors") from None
-    raise InputError("adapter weights are missing", where=str(folder),
-                     expected=f"{WEIGHTS_NAME} or {BIN_NAME}", found="neither", fix="re-export the adapter")
+            raise InputError(
+                f"cannot load adapter weights safely ({exc})",
+                where=str(binf),
+                fix="re-export the adapter as safetensors",
+            ) from None
+    raise InputError(
+        "adapter weights are missing",
+        where=str(folder),
+        expected=f"{WEIGHTS_NAME} or {BIN_NAME}",
+        found="neither",
+        fix="re-export the adapter",
+    )
 
 
 def load_peft(folder: Path) -> LoraAdapter:
@@ -164,16 +205,21 @@ def load_peft(folder: Path) -> LoraAdapter:
     problems: list[PhloraError] = []
     lora_paths = _paths(tensors)
     for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for marker, store in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
             if marker in name:
                 store[name.split(marker)[0]] = tensor
                 break
         else:
             if "lora_embedding" in name or "lora_magnitude" in name:
-                problems.append(InputError("unsupported LoRA tensor", where=f"{folder} {key}",
-                                           expected="lora_A/lora_B of linear modules",
-                                           fix="embedding LoRA and DoRA are not supported"))
+                problems.append(
+                    InputError(
+                        "unsupported LoRA tensor",
+                        where=f"{folder} {key}",
+                        expected="lora_A/lora_B of linear modules",
+                        fix="embedding LoRA and DoRA are not supported",
+                    )
+                )
             elif name.endswith(".bias") and name[: -len(".bias")] in lora_paths:
                 biases[name[: -len(".bias")]] = tensor
             else:
@@ -184,20 +230,37 @@ def load_peft(folder: Path) -> LoraAdapter:
     for name in sorted(set(a_parts) | set(b_parts)):
         a, b = a_parts.get(name), b_parts.get(name)
         if a is None or b is None:
-            problems.append(InputError("LoRA factor without its pair", where=f"{folder} {name}",
-                                       expected="both lora_A and lora_B", found="only one"))
+            problems.append(
+                InputError(
+                    "LoRA factor without its pair",
+                    where=f"{folder} {name}",
+                    expected="both lora_A and lora_B",
+                    found="only one",
+                )
+            )
             continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            problems.append(InputError("LoRA factor shapes do not chain", where=f"{folder} {name}",
-                                       expected="lora_A [r, in] and lora_B [out, r]",
-                                       found=f"{tuple(a.shape)} and {tuple(b.shape)}"))
+            problems.append(
+                InputError(
+                    "LoRA factor shapes do not chain",
+                    where=f"{folder} {name}",
+                    expected="lora_A [r, in] and lora_B [out, r]",
+                    found=f"{tuple(a.shape)} and {tuple(b.shape)}",
+                )
+            )
             continue
         key = pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[key] if key is not None else default_alpha)
         modules[name] = LoraWeights(a=a, b=b, alpha=alpha)
     if not modules and not problems:
-        problems.append(InputError("adapter holds no LoRA factors", where=str(folder),
-                                   expected="lora_A/lora_B tensors", found=f"{len(tensors)} other tensors"))
+        problems.append(
+            InputError(
+                "adapter holds no LoRA factors",
+                where=str(folder),
+                expected="lora_A/lora_B tensors",
+                found=f"{len(tensors)} other tensors",
+            )
+        )
     raise_all(problems, summary=f"{folder} is not a usable LoRA adapter")
     return LoraAdapter(
         modules=modules,
@@ -212,7 +275,7 @@ def load_peft(folder: Path) -> LoraAdapter:
 def _paths(tensors: dict[str, torch.Tensor]) -> set[str]:
     out = set()
     for key in tensors:
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for marker in (".lora_A.", ".lora_B."):
             if marker in name:
                 out.add(name.split(marker)[0])

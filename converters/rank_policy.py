@@ -35,8 +35,11 @@ class RankPolicy:
     snap: Literal["vllm"] | None = None
 
     def __post_init__(self) -> None:
-        chosen = [n for n, v in (("--rank", self.rank), ("--energy", self.energy),
-                                 ("--budget-params", self.budget_params)) if v is not None]
+        chosen = [
+            n
+            for n, v in (("--rank", self.rank), ("--energy", self.energy), ("--budget-params", self.budget_params))
+            if v is not None
+        ]
         if len(chosen) != 1:
             raise OptionError(
                 "choose exactly one rank policy",
@@ -45,20 +48,29 @@ class RankPolicy:
                 found=", ".join(chosen) if chosen else "none",
             )
         if self.rank is not None and self.rank <= 0:
-            raise OptionError("rank must be positive", where="--rank", expected="an integer ≥ 1",
-                              found=str(self.rank))
+            raise OptionError("rank must be positive", where="--rank", expected="an integer ≥ 1", found=str(self.rank))
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise OptionError("energy must be a share of the delta's energy", where="--energy",
-                              expected="a number in (0, 1], e.g. 0.9", found=str(self.energy))
+            raise OptionError(
+                "energy must be a share of the delta's energy",
+                where="--energy",
+                expected="a number in (0, 1], e.g. 0.9",
+                found=str(self.energy),
+            )
         if self.budget_params is not None and self.budget_params <= 0:
-            raise OptionError("parameter budget must be positive", where="--budget-params",
-                              expected="an integer ≥ 1", found=str(self.budget_params))
+            raise OptionError(
+                "parameter budget must be positive",
+                where="--budget-params",
+                expected="an integer ≥ 1",
+                found=str(self.budget_params),
+            )
         if self.max_rank is not None and self.max_rank <= 0:
-            raise OptionError("max rank must be positive", where="--max-rank", expected="an integer ≥ 1",
-                              found=str(self.max_rank))
+            raise OptionError(
+                "max rank must be positive", where="--max-rank", expected="an integer ≥ 1", found=str(self.max_rank)
+            )
         if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:
-            raise OptionError("--rank exceeds --max-rank", where="--rank",
-                              expected=f"≤ {self.max_rank}", found=str(self.rank))
+            raise OptionError(
+                "--rank exceeds --max-rank", where="--rank", expected=f"≤ {self.max_rank}", found=str(self.rank)
+            )
         if self.snap not in (None, "vllm"):
             raise OptionError("unknown rank snapping", where="--snap-ranks", expected="vllm", found=str(self.snap))
 
@@ -86,9 +98,7 @@ class RankPolicy:
             ranks = [energy_rank(f, self.energy, self.cap(short)) for f, short, _ in spectra]
         else:
             assert self.budget_params is not None
-            ranks = allocate_budget(
-                [(f, self.cap(short), cost) for f, short, cost in spectra], self.budget_params
-            )
+            ranks = allocate_budget([(f, self.cap(short), cost) for f, short, cost in spectra], self.budget_params)
         return [snap_rank(r, self.snap, short) for r, (_, short, _) in zip(ranks, spectra, strict=True)]
 
 

@@ -1,0 +1,376 @@
+"""The ``phlora-nim`` command line.
+
+User errors (bad input, options, output paths) print one paragraph and exit with code 2; no
+traceback. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from converters.errors import PhloraError
+
+app = typer.Typer(
+    name="phlora-nim",
+    help="Post-hoc LoRA: turn full fine-tunes into LoRA adapters (data-free, gradient-free) and "
+    "serve them from one TensorRT-LLM / Triton engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("phlora_nim")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], format="%(message)s", force=True
+    )
+    for noisy in ("transformers", "peft", "matplotlib", "PIL", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+RankOpt = Annotated[
+    int | None,
+    typer.Option("--rank", "-r", help="Same rank R for every module.", rich_help_panel="Rank policy (choose one)"),
+]
+EnergyOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--energy",
+        help="Per module, the smallest rank keeping ≥ F of its delta energy ‖ΔW‖²_F (0 < F ≤ 1).",
+        rich_help_panel="Rank policy (choose one)",
+    ),
+]
+BudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--budget-params",
+        help="One global budget of N LoRA parameters, spent where it buys the most energy "
+        "(heterogeneous ranks via rank_pattern).",
+        rich_help_panel="Rank policy (choose one)",
+    ),
+]
+MaxRankOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-rank",
+        help="Cap per module for --energy/--budget-params (default 256).",
+        rich_help_panel="Rank policy (choose one)",
+    ),
+]
+SnapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--snap-ranks",
+        help="Round ranks up to a server's allowed set: 'vllm' = {1,8,16,32,64,128,256,320,512}.",
+        rich_help_panel="Rank policy (choose one)",
+    ),
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Adapter storage dtype: auto (as the fine-tune), float32, float16 or bfloat16.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+
+
+def _policy(
+    rank: int | None,
+    energy: float | None,
+    budget: int | None,
+    max_rank: int | None,
+    snap: str | None,
+    *,
+    default_rank: int | None = None,
+) -> Any:
+    from converters.rank_policy import RankPolicy
+
+    if rank is None and energy is None and budget is None:
+        rank = default_rank
+    return RankPolicy(rank=rank, energy=energy, budget_params=budget, max_rank=max_rank, snap=snap)  # type: ignore[arg-type]
+
+
+def _command_line() -> str:
+    return shlex.join(["phlora-nim", *sys.argv[1:]])
+
+
+@app.command()
+def extract(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint: HF model folder or .safetensors file.")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N] for the decomposition.")] = "cpu",
+    extra: Annotated[
+        str,
+        typer.Option(
+            "--extra",
+            help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
+            "warn), save (as modules_to_save; not servable by vLLM/NIM/TensorRT-LLM) or error.",
+        ),
+    ] = "drop",
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            "--target-modules",
+            help="Regex over module paths to decompose instead of the architecture map, "
+            r"e.g. '.*\.(q_proj|v_proj)'.",
+        ),
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
+
+    Every linear module's delta ΔW = W_ft − W_base is decomposed by SVD and truncated. Writes a
+    PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
+    Default policy: --rank 16.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from converters.extract import ExtractOptions
+    from phlora_nim.jobs import extract as run
+
+    options = ExtractOptions(
+        policy=_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        exact=exact,
+        device=device,
+        extra=extra,
+        dtype=dtype,  # type: ignore[arg-type]
+        target_modules=target_modules,
+        seed=seed,
+    )
+    columns = (
+        TextColumn("[bold]extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("planning", total=None)
+        report = run(
+            base,
+            finetuned,
+            out,
+            options,
+            force=force,
+            command=_command_line(),
+            plot=not no_plot,
+            on_plan=lambda n: bar.update(task, total=n, description=""),
+            progress=lambda name: bar.update(task, advance=1, description=name),
+        )
+    _print_summary(report, out)
+
+
+def _print_summary(report: dict[str, Any], folder: Path) -> None:
+    t = report["totals"]
+    out_console.print(
+        f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
+        f"{t['adapter_parameters']:,} parameters)"
+    )
+    out_console.print(
+        f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
+        f"(min module {t['min_energy_kept']:.2%}); {t['energy_kept_total']:.2%} of the whole fine-tune delta"
+    )
+    if "total_s" in report.get("timings", {}):
+        tm = report["timings"]
+        out_console.print(
+            f"time: {tm['total_s']:.2f} s (reading {tm.get('load_s', 0):.2f} s, "
+            f"decomposing {tm.get('decompose_s', 0):.2f} s)"
+        )
+
+
+@app.command()
+def inspect(
+    adapter_dir: Annotated[Path, typer.Argument(help="Folder written by `phlora-nim extract` or `prune`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw report as JSON.")] = False,
+    top: Annotated[int, typer.Option("--top", help="Rows to show, worst energy kept first (0 = all).")] = 20,
+) -> None:
+    """Print an adapter's extraction report: energy kept, ranks and error per module."""
+    from converters.report import read_report
+
+    report = read_report(adapter_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return
+    t = report["totals"]
+    out_console.print(
+        f"[bold]{adapter_dir}[/]  family={report.get('family', '-')}  "
+        f"policy={report['policy']['kind']}  dtype={report.get('dtype', '-')}"
+    )
+    for key, value in t.items():
+        out_console.print(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
+    rows = sorted(report["modules"], key=lambda m: m["energy_kept"])
+    table = Table(title="modules (worst energy kept first)")
+    for col in ("module", "shape", "rank", "energy kept", "rel. error", "σ1"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for m in rows[: top or None]:
+        sv = m.get("top_singular_values") or [0.0]
+        table.add_row(
+            m["name"],
+            "×".join(map(str, m["shape"])),
+            str(m["rank"]),
+            f"{m['energy_kept']:.4%}",
+            f"{m['relative_error']:.4f}",
+            f"{sv[0]:.4g}",
+        )
+    out_console.print(table)
+    extras = [x for x in report.get("extras", []) if x["action"] != "unchanged"]
+    if extras:
+        out_console.print(
+            f"{len(extras)} non-linear tensors changed: "
+            + ", ".join(f"{x['name']} ({x['action']})" for x in extras[:8])
+        )
+
+
+@app.command()
+def prune(
+    adapter_dir: Annotated[Path, typer.Argument(help="Any PEFT LoRA adapter folder (ours or third-party).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    dtype: DtypeOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
+
+    QR of both factors and an SVD of the small r×r core give the exact SVD of the update; keeping
+    its top directions is the best lower-rank adapter (equal to extracting at that rank directly).
+    """
+    from phlora_nim.jobs import prune as run
+
+    report = run(
+        adapter_dir,
+        out,
+        _policy(rank, energy, budget_params, max_rank, snap_ranks),
+        force=force,
+        command=_command_line(),
+        dtype=dtype,
+    )
+    t = report["totals"]
+    out_console.print(
+        f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
+        f"parameters; {t['energy_kept_of_adapter']:.2%} of the adapter's update energy kept, "
+        f"min module {t['min_energy_kept']:.2%})"
+    )
+
+
+@app.command()
+def verify(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder.")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder.")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="Text file, one prompt per line (needs a tokenizer in the checkpoint); "
+            "default: random token sequences.",
+        ),
+    ] = None,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Fail (exit 1) if mean KL exceeds this.")] = None,
+    min_top1: Annotated[
+        float | None, typer.Option("--min-top1", help="Fail (exit 1) if top-1 agreement falls below this (0–1).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
+    base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
+    from phlora_nim.verify import verify_adapter
+
+    result = verify_adapter(base, finetuned, adapter, prompts=prompts)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    else:
+        _print_verify(result)
+    failed = []
+    logits = result.get("logits") or {}
+    if max_kl is not None and (not logits or logits["mean_kl"] > max_kl):
+        failed.append(f"mean KL {logits.get('mean_kl', 'n/a')} > --max-kl {max_kl}")
+    if min_top1 is not None and (not logits or logits["top1_agreement"] < min_top1):
+        failed.append(f"top-1 agreement {logits.get('top1_agreement', 'n/a')} < --min-top1 {min_top1}")
+    if failed:
+        err_console.print("[bold red]verify failed:[/] " + "; ".join(failed))
+        raise typer.Exit(1)
+
+
+def _print_verify(result: dict[str, Any]) -> None:
+    rec = result["reconstruction"]
+    out_console.print(
+        f"reconstruction: {rec['modules']} modules, relative Frobenius error mean "
+        f"{rec['mean_relative_error']:.4g}, max {rec['max_relative_error']:.4g} "
+        f"({rec['worst_module']})"
+    )
+    logits = result.get("logits")
+    if logits:
+        out_console.print(
+            f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
+            f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
+            f"(base alone: {logits['base_top1_agreement']:.2%})"
+        )
+    elif result.get("logits_skipped"):
+        out_console.print(f"logits: skipped ({result['logits_skipped']})")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the demo.")] = Path("demo-output"),
+    steps: Annotated[int, typer.Option("--steps", help="Fine-tuning steps of the small model.")] = 30,
+) -> None:
+    """Run the whole job on an embedded default: build a small Llama, fine-tune it fully on CPU,
+    extract its adapter, report and verify it."""
+    from phlora_nim.demo import run_demo
+
+    run_demo(out, steps=steps, console=out_console)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``phlora-nim`` script."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except PhloraError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Small causal LMs of each supported family, built from a config and fully fine-tuned on CPU.
+
+They stand in for real checkpoints (which cannot be downloaded everywhere) in the demo and the
+tests: real transformers models, real optimizer steps, real ``save_pretrained`` folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A transformers config of ``family`` small enough to train in seconds on a CPU."""
+    import transformers
+
+    kwargs = dict(_COMMON)
+    cls_name = {
+        "llama": "LlamaConfig",
+        "mistral": "MistralConfig",
+        "qwen2": "Qwen2Config",
+        "qwen3": "Qwen3Config",
+        "gemma": "GemmaConfig",
+        "gemma2": "Gemma2Config",
+        "phi3": "Phi3Config",
+        "mixtral": "MixtralConfig",
+    }.get(family)
+    if cls_name is None:
+        raise ValueError(f"unknown toy family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family in ("gemma", "gemma2", "qwen3"):
+        kwargs["head_dim"] = 24  # heads × head_dim (96) ≠ hidden (64), as in real Gemma
+    if family == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    if family == "phi3":
+        kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def build_model(family: str, *, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised causal LM of ``family`` (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+def training_batch(vocab: int, *, batch: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
+    """Token sequences with a learnable rule (each token is a fixed function of the previous)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(3, vocab, (batch, 1), generator=gen)
+    steps = torch.arange(length)
+    return (start * 7 + steps * 5) % (vocab - 3) + 3
+
+
+def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0) -> Any:
+    """Full fine-tuning (every parameter) for ``steps`` AdamW steps on :func:`training_batch`."""
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    data = training_batch(model.config.vocab_size, seed=seed)
+    for _ in range(steps):
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def make_pair(
+    family: str,
+    root: Path,
+    *,
+    steps: int = 12,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> tuple[Path, Path]:
+    """Save a base model and its full fine-tune under ``root/base`` and ``root/finetuned``."""
+    root = Path(root)
+    model = build_model(family, seed=seed, **overrides)
+    base_dir, ft_dir = root / "base", root / "finetuned"
+    model.to(dtype).save_pretrained(base_dir)
+    model.float()
+    finetune(model, steps=steps, seed=seed)
+    model.to(dtype).save_pretrained(ft_dir)
+    return base_dir, ft_dir
