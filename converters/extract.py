@@ -351,10 +351,8 @@ def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint)
     if math.isfinite(energy):
         return
     bad = int((~torch.isfinite(delta)).sum())
-    if bad == 0:  # finite values whose squares overflowed: still a broken checkpoint for LoRA
-        bad_desc = "values too large to square in float32"
-    else:
-        bad_desc = f"{bad} NaN/Inf values"
+    # bad == 0: finite values whose squares overflowed, still a broken checkpoint for LoRA
+    bad_desc = f"{bad} NaN/Inf values" if bad else "values too large to square in float32"
     raise InputError(
         "the weight delta is not finite",
         where=f"{ft.path} {name}",

@@ -1,0 +1,46 @@
+"""Shared fixtures: small models of each family, really fine-tuned on CPU, saved once per session."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def model_pairs(tmp_path_factory: pytest.TempPathFactory):
+    """``model_pairs(family)`` → (base_dir, finetuned_dir), built on first use."""
+    import transformers
+
+    from phlora_nim.toy_models import make_pair
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in cache:
+            cache[family] = make_pair(family, tmp_path_factory.mktemp(family), steps=12)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+    from phlora_nim.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
