@@ -28,11 +28,12 @@ def check_output_dir(out: Path, *, force: bool) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise OutputError(
-            "output folder is not writable",
+            "output location is not writable",
             where=str(probe),
             expected="a folder you may write to",
+            found="a file" if not probe.is_dir() else "no write permission",
             fix="choose another --out or fix the permissions",
         )
 

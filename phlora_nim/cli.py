@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -356,20 +355,14 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``phlora-nim`` script."""
     try:
-        result = app(args=argv, standalone_mode=False)
+        # Standalone mode: usage errors print and exit 2, --help exits 0, typer.Exit(n) exits n.
+        app(args=argv, prog_name="phlora-nim")
     except PhloraError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":
