@@ -39,7 +39,8 @@ class LoraAdapter:
     """A LoRA adapter: factors per module path (e.g. ``model.layers.0.self_attn.q_proj``).
 
     ``modules_to_save`` holds full tensors that replace base tensors (PEFT's modules_to_save),
-    ``lora_biases`` the biases PEFT's ``bias="lora_only"`` saves for LoRA-targeted modules.
+    ``lora_biases`` bias *deltas* of LoRA-targeted modules, stored as ``lora_B.bias`` (PEFT's
+    ``lora_bias``; scaled like the LoRA update, so exact when ``scale`` is 1).
     """
 
     modules: dict[str, LoraWeights]

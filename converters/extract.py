@@ -434,8 +434,8 @@ def run_extraction(
         elif options.extra == "save":
             action = "saved"
             owner = e.name.rsplit(".", 1)[0]
-            if e.kind == "bias" and owner in target_modules:
-                biases[owner] = ft.load(e.name).clone()
+            if e.kind == "bias" and owner in target_modules and not e.resized:
+                biases[owner] = reader.delta(e.name).clone()
             else:
                 saved[e.name] = ft.load(e.name).clone()
         else:

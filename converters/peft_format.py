@@ -45,7 +45,9 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
         "alpha_pattern": alpha_pattern,
         "target_modules": adapter.leaf_names(),
         "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
-        "bias": "lora_only" if adapter.lora_biases else "none",
+        "bias": "none",
+        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), added once per call.
+        "lora_bias": bool(adapter.lora_biases),
         "use_rslora": adapter.use_rslora,
         "use_dora": False,
         "fan_in_fan_out": False,
@@ -80,7 +82,7 @@ def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None =
         tensors[f"{PREFIX}{name}.lora_A.weight"] = _cast(w.a, dtype)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = _cast(w.b, dtype)
     for name, bias in adapter.lora_biases.items():
-        tensors[f"{PREFIX}{name}.bias"] = _cast(bias, dtype)
+        tensors[f"{PREFIX}{name}.lora_B.bias"] = _cast(bias, dtype)
     for name, tensor in adapter.modules_to_save.items():
         tensors[f"{PREFIX}{name}"] = _cast(tensor, dtype)
     save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -203,9 +205,11 @@ def load_peft(folder: Path) -> LoraAdapter:
     biases: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
     problems: list[PhloraError] = []
-    lora_paths = _paths(tensors)
     for key, tensor in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if name.endswith(".lora_B.bias"):
+            biases[name[: -len(".lora_B.bias")]] = tensor
+            continue
         for marker, store in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
             if marker in name:
                 store[name.split(marker)[0]] = tensor
@@ -220,8 +224,6 @@ def load_peft(folder: Path) -> LoraAdapter:
                         fix="embedding LoRA and DoRA are not supported",
                     )
                 )
-            elif name.endswith(".bias") and name[: -len(".bias")] in lora_paths:
-                biases[name[: -len(".bias")]] = tensor
             else:
                 saved[name] = tensor
     modules: dict[str, LoraWeights] = {}
@@ -270,13 +272,3 @@ def load_peft(folder: Path) -> LoraAdapter:
         modules_to_save=saved,
         lora_biases=biases,
     )
-
-
-def _paths(tensors: dict[str, torch.Tensor]) -> set[str]:
-    out = set()
-    for key in tensors:
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        for marker in (".lora_A.", ".lora_B."):
-            if marker in name:
-                out.add(name.split(marker)[0])
-    return out

@@ -115,6 +115,8 @@ def energy_rank(factors: Factors, share: float, cap: int) -> int:
     """Smallest rank keeping ≥ ``share`` of ‖ΔW‖²_F, at most ``cap`` (at least 1)."""
     if factors.total_energy == 0.0:
         return 0
+    if share >= 1.0:
+        return cap  # all of it: float32 singular values can sum a hair short of the float64 total
     target = share * factors.total_energy
     cum = factors.S[:cap].double().pow(2).cumsum(0)
     idx = int(bisect.bisect_left(cum.tolist(), target * (1 - 1e-12)))

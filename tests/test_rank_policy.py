@@ -55,12 +55,17 @@ def test_budget_spends_budget_where_energy_per_parameter_is_highest() -> None:
     assert spent <= budget
     # Nothing else fits in what is left.
     assert all(r == cap or cost > budget - spent for r, (_, cap, cost) in zip(ranks, mods, strict=True))
+
     # Greedy equals the best of all feasible allocations here (concave gains).
     def energy(rs: tuple[int, ...]) -> float:
         return sum(f.captured(r) for r, (f, _, _) in zip(rs, mods, strict=True))
 
     best = max(
-        (rs for rs in itertools.product(range(5), range(5)) if sum(r * c for r, (_, _, c) in zip(rs, mods)) <= budget),
+        (
+            rs
+            for rs in itertools.product(range(5), range(5))
+            if sum(r * c for r, (_, _, c) in zip(rs, mods, strict=True)) <= budget
+        ),
         key=energy,
     )
     assert energy(tuple(ranks)) == pytest.approx(energy(best))
