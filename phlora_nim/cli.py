@@ -107,8 +107,12 @@ def _policy(
     return RankPolicy(rank=rank, energy=energy, budget_params=budget, max_rank=max_rank, snap=snap)  # type: ignore[arg-type]
 
 
+_invocation: list[str] = []
+
+
 def _command_line() -> str:
-    return shlex.join(["phlora-nim", *sys.argv[1:]])
+    """The command line as the user typed it, recorded in reports."""
+    return shlex.join(["phlora-nim", *(_invocation or sys.argv[1:])])
 
 
 @app.command()
@@ -227,15 +231,17 @@ def inspect(
         out_console.print(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
     rows = sorted(report["modules"], key=lambda m: m["energy_kept"])
     table = Table(title="modules (worst energy kept first)")
-    for col in ("module", "shape", "rank", "energy kept", "rel. error", "σ1"):
-        table.add_column(col, justify="right" if col != "module" else "left")
+    widest = max((len(m["name"]) for m in rows), default=6)
+    table.add_column("module", min_width=widest, no_wrap=True)
+    for col in ("shape", "rank", "energy", "rel.err", "σ1"):
+        table.add_column(col, justify="right")
     for m in rows[: top or None]:
         sv = m.get("top_singular_values") or [0.0]
         table.add_row(
             m["name"],
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
-            f"{m['energy_kept']:.4%}",
+            f"{m['energy_kept']:.2%}",
             f"{m['relative_error']:.4f}",
             f"{sv[0]:.4g}",
         )
@@ -354,6 +360,7 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``phlora-nim`` script."""
+    _invocation[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         # Standalone mode: usage errors print and exit 2, --help exits 0, typer.Exit(n) exits n.
         app(args=argv, prog_name="phlora-nim")

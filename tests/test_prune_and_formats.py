@@ -1,0 +1,112 @@
+"""Pruning equals direct extraction; PEFT adapters (ours and third-party) round-trip exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters.adapter import LoraAdapter, LoraWeights
+from converters.extract import ExtractOptions
+from converters.peft_format import load_peft, save_peft
+from converters.prune import adapter_factors, prune_adapter
+from converters.rank_policy import RankPolicy
+from phlora_nim import jobs
+
+
+def _updates(folder: Path) -> dict[str, torch.Tensor]:
+    adapter = load_peft(folder)
+    return {n: w.delta(use_rslora=adapter.use_rslora) for n, w in adapter.modules.items()}
+
+
+@pytest.mark.parametrize("low", [1, 3, 8])
+def test_prune_equals_direct_extraction(low: int, model_pairs, tmp_path: Path) -> None:
+    base, ft = model_pairs("llama")
+    jobs.extract(base, ft, tmp_path / "r16", ExtractOptions(policy=RankPolicy(rank=16), exact=True), plot=False)
+    jobs.extract(base, ft, tmp_path / "direct", ExtractOptions(policy=RankPolicy(rank=low), exact=True), plot=False)
+    jobs.prune(tmp_path / "r16", tmp_path / "pruned", RankPolicy(rank=low))
+    direct, pruned = _updates(tmp_path / "direct"), _updates(tmp_path / "pruned")
+    assert direct.keys() == pruned.keys()
+    for name in direct:
+        assert torch.allclose(pruned[name], direct[name], atol=1e-5), name
+
+
+def test_core_svd_equals_dense_svd() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = LoraWeights(a=torch.randn(6, 40, generator=gen), b=torch.randn(30, 6, generator=gen), alpha=12.0)
+    f = adapter_factors(w)
+    dense = torch.linalg.svdvals(w.delta().double())
+    assert torch.allclose(f.S.double(), dense[:6], rtol=1e-5)
+    a, b = f.lora(6)
+    assert torch.allclose(b @ a, w.delta(), atol=1e-4)
+
+
+def test_prune_by_energy_never_grows_ranks() -> None:
+    gen = torch.Generator().manual_seed(1)
+    adapter = LoraAdapter(
+        modules={
+            f"m{i}": LoraWeights(a=torch.randn(4, 20, generator=gen), b=torch.randn(16, 4, generator=gen), alpha=8.0)
+            for i in range(3)
+        }
+    )
+    pruned, records = prune_adapter(adapter, RankPolicy(energy=0.7))
+    for rec in records:
+        assert rec["rank"] <= rec["old_rank"] and rec["energy_kept"] >= 0.7
+    assert all(w.alpha == w.rank for w in pruned.modules.values())
+
+
+def test_third_party_peft_adapter_round_trips_with_patterns(tmp_path: Path) -> None:
+    """An adapter built by PEFT itself, with rank_pattern, alpha_pattern and rsLoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from phlora_nim.toy_models import build_model
+
+    model = build_model("llama")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        use_rslora=True,
+        init_lora_weights=False,  # random B: a non-trivial update
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "third")
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "get_delta_weight"):
+            expected[name.removeprefix("base_model.model.")] = module.get_delta_weight("default").detach()
+    ours = _updates(tmp_path / "third")
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(ours[name], expected[name], atol=1e-6), name
+    # Written back by us, then read by PEFT: the same updates.
+    adapter = load_peft(tmp_path / "third")
+    (tmp_path / "ours").mkdir()
+    save_peft(adapter, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_rslora"] is True
+    again = _updates(tmp_path / "ours")
+    for name in expected:
+        assert torch.allclose(again[name], expected[name], atol=1e-6), name
+
+
+def test_prune_cli_on_third_party_adapter(run_cli, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from phlora_nim.toy_models import build_model
+
+    peft_model = get_peft_model(
+        build_model("qwen2"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path / "src")
+    code, out, err = run_cli("prune", tmp_path / "src", "--out", tmp_path / "dst", "--rank", "3")
+    assert code == 0, err
+    assert "wrote" in out
+    cfg = json.loads((tmp_path / "dst" / "adapter_config.json").read_text())
+    assert cfg["r"] == 3 and cfg["lora_alpha"] == 3
+    report = json.loads((tmp_path / "dst" / "phlora_report.json").read_text())
+    assert report["kind"] == "prune" and all(m["rank"] == 3 for m in report["modules"])
