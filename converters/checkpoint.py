@@ -45,7 +45,6 @@ class Checkpoint:
     path: Path
     config: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -70,11 +69,11 @@ class Checkpoint:
         info = self.info(name)
         try:
             if info.file.suffix == ".safetensors":
-                handle = self._handles.get(info.file)
-                if handle is None:
-                    handle = safe_open(str(info.file), framework="pt")
-                    self._handles[info.file] = handle
-                return handle.get_tensor(name)
+                # A fresh handle per tensor: the file map lives only as long as the returned tensor,
+                # so pages of finished tensors leave the resident set (a long-lived map keeps every
+                # touched page resident and RSS grows with the model).
+                with safe_open(str(info.file), framework="pt") as handle:
+                    return handle.get_tensor(name)
             return self._bin_state(info.file)[name]
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise InputError(
@@ -94,7 +93,6 @@ class Checkpoint:
 
     def close(self) -> None:
         """Drop every file handle and map."""
-        self._handles.clear()
         self._bin_cache.clear()
 
     def __enter__(self) -> Checkpoint:

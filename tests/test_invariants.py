@@ -1,0 +1,86 @@
+"""Design invariants: bounded memory, nothing half-written, stable ids of what we write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converters.extract import ExtractOptions
+from converters.rank_policy import RankPolicy
+from converters.synthetic import SyntheticLlama, write_synthetic_pair
+from phlora_nim import jobs
+
+
+def _peak_rss_mb(args: list[str]) -> float:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).with_name("phlora-nim"))
+    peaks = {}
+    for layers in (2, 8):
+        spec = SyntheticLlama(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_hidden_layers=layers,
+            vocab_size=4096,
+            head_rank=64,
+        )
+        base, ft = write_synthetic_pair(tmp_path / f"l{layers}", spec)
+        out = tmp_path / f"a{layers}"
+        peaks[layers] = _peak_rss_mb(
+            [
+                exe,
+                "extract",
+                "--base",
+                str(base),
+                "--finetuned",
+                str(ft),
+                "--out",
+                str(out),
+                "--rank",
+                "16",
+                "--no-plot",
+            ]
+        )
+    # 4× the layers (~350 MB more weights to read) must cost (almost) no more memory.
+    assert peaks[8] < peaks[2] * 1.1 + 20, peaks
+
+
+def test_failed_write_leaves_previous_output_intact(model_pairs, tmp_path: Path, monkeypatch) -> None:
+    base, ft = model_pairs("llama")
+    out = tmp_path / "adapter"
+    jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(rank=2)), plot=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(jobs, "plot_energy", boom)
+    with pytest.raises(OSError, match="disk full"):
+        jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(rank=4)), force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_extraction_is_deterministic(model_pairs, tmp_path: Path) -> None:
+    base, ft = model_pairs("llama")
+    for name in ("one", "two"):
+        jobs.extract(base, ft, tmp_path / name, ExtractOptions(policy=RankPolicy(rank=4)), plot=False)
+    a = (tmp_path / "one" / "adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "two" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    ca = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    cb = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+    assert ca == cb
