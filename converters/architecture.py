@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -24,12 +24,18 @@ _MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_lay
 _MODULE_FIELDS = {"name", "match", "trtllm", "in", "out"}
 
 
+class Matcher(Protocol):
+    """What a module entry needs of a pattern: ``re.Pattern.fullmatch``."""
+
+    def fullmatch(self, string: str) -> re.Match[str] | None: ...
+
+
 @dataclass(frozen=True)
 class ModuleSpec:
     """One LoRA-targetable linear module of a family."""
 
     name: str
-    pattern: re.Pattern[str]
+    pattern: Matcher
     trtllm: str | None
     in_expr: str | None
     out_expr: str | None
@@ -212,7 +218,7 @@ class _AndPattern:
         self.select = select
         self.layered = layered
 
-    def fullmatch(self, text: str) -> re.Match[str] | None:
-        if not self.select.fullmatch(text):
+    def fullmatch(self, string: str) -> re.Match[str] | None:
+        if not self.select.fullmatch(string):
             return None
-        return self.layered.fullmatch(text) or self.select.fullmatch(text)
+        return self.layered.fullmatch(string) or self.select.fullmatch(string)

@@ -319,6 +319,34 @@ class DeltaReader:
             blk.sub_(b[i : i + self._ROWS])
         return out
 
+    def energy(self, name: str) -> float:
+        """‖W_ft − W_base‖²_F in float64 without materialising the delta (NaN/Inf propagate).
+
+        Row blocks go through a small scratch buffer: for embeddings and lm_head (the largest
+        tensors, which only need measuring) this avoids a vocabulary-sized float32 copy.
+        """
+        b = self.base.load(name)
+        f = self.finetuned.load(name)
+        if b.shape != f.shape:
+            raise InputError(
+                f"tensor {name!r} has different shapes",
+                where=f"{self.base.path} vs {self.finetuned.path}",
+                expected=f"{tuple(b.shape)} in both",
+                found=str(tuple(f.shape)),
+            )
+        if b.dim() < 2:
+            return float((f.double() - b.double()).pow(2).sum())
+        b2, f2 = b.reshape(b.shape[0], -1), f.reshape(f.shape[0], -1)
+        rows = 256
+        scratch = torch.empty(min(rows, b2.shape[0]), b2.shape[1], dtype=torch.float32)
+        total = 0.0
+        for i in range(0, b2.shape[0], rows):
+            blk = scratch[: min(rows, b2.shape[0] - i)]
+            blk.copy_(f2[i : i + rows])
+            blk.sub_(b2[i : i + rows])
+            total += float(torch.linalg.vector_norm(blk, dim=1).double().pow(2).sum())
+        return total
+
     def iter_deltas(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, ΔW)`` for each name, reusing one buffer."""
         for name in names:

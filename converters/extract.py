@@ -426,9 +426,9 @@ def run_extraction(
         if e.resized:
             energy = frobenius_energy(ft.load(e.name).float())
         else:
-            delta = reader.delta(e.name)
-            energy = frobenius_energy(delta)
-            _check_finite(delta, energy, e.name, ft)
+            energy = reader.energy(e.name)
+            if not math.isfinite(energy):
+                _check_finite(reader.delta(e.name), energy, e.name, ft)
         if energy == 0.0:
             action = "unchanged"
         elif options.extra == "save":

@@ -22,8 +22,11 @@ def run_demo(out: Path, *, steps: int = 30, console: Console | None = None) -> d
 
     Returns the verification result of the rank-8 adapter.
     """
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     console = console or Console()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -31,8 +34,8 @@ def run_demo(out: Path, *, steps: int = 30, console: Console | None = None) -> d
     if out.exists():
         shutil.rmtree(out)
     console.rule("[bold]1. a base model and its full fine-tune")
-    base, ft = make_pair("llama", out / "checkpoints", steps=steps)
-    console.print(f"base: {base}\nfine-tuned ({steps} full AdamW steps on CPU): {ft}")
+    base, ft = make_pair("llama", out / "checkpoints", steps=steps, freeze_embeddings=True)
+    console.print(f"base: {base}\nfine-tuned ({steps} AdamW steps on CPU, every layer; embeddings frozen): {ft}")
     console.rule("[bold]2. PHLoRA extraction, rank 8")
     adapter = out / "adapter-r8"
     report = jobs.extract(base, ft, adapter, ExtractOptions(policy=RankPolicy(rank=8)), command="phlora-nim demo")

@@ -69,11 +69,17 @@ def training_batch(vocab: int, *, batch: int = 8, length: int = 24, seed: int = 
     return (start * 7 + steps * 5) % (vocab - 3) + 3
 
 
-def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0) -> Any:
-    """Full fine-tuning (every parameter) for ``steps`` AdamW steps on :func:`training_batch`."""
+def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0, freeze_embeddings: bool = False) -> Any:
+    """Full fine-tuning for ``steps`` AdamW steps on :func:`training_batch`.
+
+    Every parameter trains, except the input embeddings and ``lm_head`` when ``freeze_embeddings``
+    (as many instruction fine-tunes do, and as LoRA can then capture the whole change).
+    """
     torch.manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    frozen = {id(p) for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     data = training_batch(model.config.vocab_size, seed=seed)
     for _ in range(steps):
         loss = model(input_ids=data, labels=data).loss
@@ -90,6 +96,7 @@ def make_pair(
     steps: int = 12,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    freeze_embeddings: bool = False,
     **overrides: Any,
 ) -> tuple[Path, Path]:
     """Save a base model and its full fine-tune under ``root/base`` and ``root/finetuned``."""
@@ -98,6 +105,6 @@ def make_pair(
     base_dir, ft_dir = root / "base", root / "finetuned"
     model.to(dtype).save_pretrained(base_dir)
     model.float()
-    finetune(model, steps=steps, seed=seed)
+    finetune(model, steps=steps, seed=seed, freeze_embeddings=freeze_embeddings)
     model.to(dtype).save_pretrained(ft_dir)
     return base_dir, ft_dir

@@ -80,3 +80,13 @@ def test_demo_runs_end_to_end(run_cli, tmp_path: Path) -> None:
     assert code == 0, err
     assert "done" in stdout
     assert (tmp_path / "demo" / "adapter-r8" / "energy.png").exists()
+
+
+def test_verify_prompts_need_a_tokenizer(model_pairs, run_cli, tmp_path: Path) -> None:
+    base, ft = model_pairs("llama")
+    out = tmp_path / "adapter"
+    assert run_cli("extract", "--base", base, "--finetuned", ft, "--out", out, "--rank", "2")[0] == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", out, "--prompts", prompts)
+    assert code == 2 and "no tokenizer" in err

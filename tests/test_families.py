@@ -209,3 +209,44 @@ def test_outputs_and_report(model_pairs, tmp_path: Path) -> None:
     assert {"name", "shape", "rank", "energy_kept", "relative_error", "top_singular_values"} <= set(m)
     assert report["totals"]["energy_kept_total"] <= report["totals"]["energy_kept_linear"]
     assert set(report["timings"]) >= {"load_s", "decompose_s", "total_s"}
+
+
+def test_zero_deltas_are_skipped_and_reported(model_pairs, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft = model_pairs("llama")
+    frozen = tmp_path / "frozen"
+    shutil.copytree(ft, frozen)
+    tensors = load_file(str(frozen / "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj"
+    tensors[f"{name}.weight"] = load_file(str(base / "model.safetensors"))[f"{name}.weight"]
+    save_file(tensors, str(frozen / "model.safetensors"), metadata={"format": "pt"})
+    report = jobs.extract(base, frozen, tmp_path / "a", ExtractOptions(policy=RankPolicy(rank=4)), plot=False)
+    zero = [m for m in report["modules"] if m["zero_delta"]]
+    assert [m["name"] for m in zero] == [name] and zero[0]["rank"] == 0
+    assert report["totals"]["zero_delta_modules"] == 1
+    assert name not in load_peft(tmp_path / "a").modules
+
+
+def test_vocabulary_resize_is_saved_with_extra_save(model_pairs, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft = model_pairs("llama")
+    grown = tmp_path / "grown"
+    shutil.copytree(ft, grown)
+    tensors = load_file(str(grown / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = torch.cat([tensors[key], torch.randn(4, tensors[key].shape[1])])
+    save_file(tensors, str(grown / "model.safetensors"), metadata={"format": "pt"})
+    report = jobs.extract(
+        base, grown, tmp_path / "a", ExtractOptions(policy=RankPolicy(rank=4), extra="save"), plot=False
+    )
+    resized = {x["name"]: x for x in report["extras"] if x["resized"]}
+    assert set(resized) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(x["action"] == "saved" for x in resized.values())
+    saved = load_peft(tmp_path / "a").modules_to_save
+    assert saved["model.embed_tokens.weight"].shape[0] == 100
