@@ -19,7 +19,6 @@ paths, dims, tensor parallelism); TensorRT-LLM ignores it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

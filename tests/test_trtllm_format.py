@@ -114,7 +114,7 @@ def test_fused_modules_at_tensor_parallelism(tp: int, adapters) -> None:
     weights, rows = _rows(lora)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     d = config["hidden_size"] // heads
-    for i, (module_id, layer, r) in enumerate(rows):
+    for i, (_module_id, _layer, r) in enumerate(rows):
         meta = lora.rows[i]
         (path,) = meta["modules"]
         inp, out = meta["in"], meta["out"]
@@ -223,7 +223,7 @@ def test_bad_npy_files(make, match: str, adapters, tmp_path: Path) -> None:
 
 
 def test_bad_options(adapters) -> None:
-    adapter, config = adapters["llama"]
+    adapter, _config = adapters["llama"]
     with pytest.raises(OptionError, match="unknown dtype"):
         adapter_to_trtllm(adapter, dtype="int8")
     with pytest.raises(OptionError, match="≥ 1"):
