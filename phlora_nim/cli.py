@@ -290,6 +290,74 @@ def prune(
 
 
 @app.command()
+def export(
+    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (ours or third-party).")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="trtllm (npy pair for TensorRT-LLM / Triton), nim (a folder in a NIM adapter store) or peft.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (for nim: the store; the adapter goes into OUT/NAME).")
+    ],
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Storage dtype. trtllm: the engine dtype (auto = the "
+            "engine config's, else float16); peft/nim: auto keeps the adapter's.",
+        ),
+    ] = "auto",
+    tp: Annotated[
+        int,
+        typer.Option("--tp", help="Tensor parallelism of the engine (interleaves fused qkv/gate_up rows per rank)."),
+    ] = 1,
+    engine_config: Annotated[
+        Path | None,
+        typer.Option("--engine-config", help="A TensorRT-LLM engine config.json: refuse what the engine would reject."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Adapter name in a NIM store (default: the adapter folder's name).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Base model config.json (or its folder), for fused modules at --tp > 1 "
+            "(default: found via the adapter's base_model_name_or_path).",
+        ),
+    ] = None,
+    with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
+
+    trtllm writes model.lora_weights.npy [1, N, D] and model.lora_config.npy [1, N, 3] (scales
+    folded into B, gate_proj → module 5, up_proj → 7, fused and MoE modules laid out as the runtime
+    expects); nim writes OUT/NAME with adapter_config.json, adapter_model.safetensors and
+    adapter_model.bin.
+    """
+    from phlora_nim.jobs import export as run
+
+    target = run(
+        adapter_dir,
+        out,
+        fmt=fmt,
+        dtype=dtype,
+        tp=tp,
+        engine_config=engine_config,
+        name=name,
+        config=config,
+        with_trtllm=with_trtllm,
+        force=force,
+    )
+    out_console.print(f"[bold green]wrote[/] {target} ({fmt})")
+
+
+@app.command()
 def verify(
     base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder.")],
     finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder.")],

@@ -1,21 +1,27 @@
-"""End-to-end jobs behind the CLI: extract and prune into an adapter folder, atomically."""
+"""End-to-end jobs behind the CLI: extract, prune and export adapter folders, atomically."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from converters.adapter import LoraAdapter
 from converters.atomic import atomic_dir, check_output_dir
 from converters.checkpoint import open_checkpoint
+from converters.errors import InputError, OptionError
 from converters.extract import DTYPES, ExtractOptions, plan_extraction, run_extraction
+from converters.names import validate_adapter_name
+from converters.nim_format import save_nim_adapter
 from converters.peft_format import load_peft, save_peft
 from converters.prune import prune_adapter
 from converters.rank_policy import RankPolicy
 from converters.report import build_report, write_report
+from converters.trtllm_format import adapter_to_trtllm, check_engine, save_trtllm
 from phlora_nim.plots import PLOT_NAME, plot_energy
 
 log = logging.getLogger("phlora_nim")
@@ -131,3 +137,82 @@ def prune(
         report["timings"] = {"total_s": round(time.perf_counter() - start, 4)}
         write_report(report, tmp)
     return report
+
+
+def _read_json(path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", where=str(path), fix="check the path") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable {what} ({exc})", where=str(path), expected="a JSON object") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be a JSON object", where=str(path), found=type(data).__name__)
+    return data
+
+
+def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] | None:
+    """The base model's config.json: given explicitly, or found beside the adapter's recorded base."""
+    if config is not None:
+        path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+        return _read_json(path, what="model config")
+    if adapter.base_model_name_or_path:
+        guess = Path(adapter.base_model_name_or_path) / "config.json"
+        if guess.is_file():
+            return _read_json(guess, what="model config")
+    return None
+
+
+def export(
+    adapter_dir: Path,
+    out: Path,
+    *,
+    fmt: str,
+    dtype: str = "auto",
+    tp: int = 1,
+    engine_config: Path | None = None,
+    name: str | None = None,
+    config: Path | None = None,
+    with_trtllm: bool = False,
+    force: bool = False,
+) -> Path:
+    """Write a PEFT LoRA adapter as ``peft``, ``trtllm`` (npy pair) or ``nim`` (store folder).
+
+    Returns:
+        The folder written (for ``nim``: ``out/<name>``).
+
+    Raises:
+        PhloraError: unreadable adapter, bad options, or an adapter the engine would reject.
+    """
+    if fmt not in ("peft", "trtllm", "nim"):
+        raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
+    if dtype != "auto" and dtype not in DTYPES:
+        raise OptionError("unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(dtype))
+    target = Path(out)
+    if fmt == "nim":
+        target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
+    check_output_dir(target, force=force)
+    adapter = load_peft(Path(adapter_dir))
+    model_config = _model_config(config, adapter)
+    engine = _read_json(engine_config, what="engine config") if engine_config else None
+    trt_dtype = dtype
+    if trt_dtype == "auto":
+        pretrained = (engine or {}).get("pretrained_config") or {}
+        trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
+    lora = None
+    if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
+        lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp)
+        if engine is not None:
+            check_engine(lora, engine, where=str(engine_config))
+    with atomic_dir(target, force=force) as tmp:
+        if fmt == "peft":
+            save_peft(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+        elif fmt == "trtllm":
+            assert lora is not None
+            save_trtllm(lora, tmp, source=str(adapter_dir))
+        else:
+            save_nim_adapter(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+            if lora is not None:
+                save_trtllm(lora, tmp, source=str(adapter_dir))
+    log.info("exported %s as %s to %s", adapter_dir, fmt, target)
+    return target
