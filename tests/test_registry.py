@@ -1,0 +1,114 @@
+"""Adapter registry: content-derived task ids, collisions, names, concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters.adapter import LoraAdapter, LoraWeights
+from converters.errors import InputError
+from phlora_nim.registry import TASK_ID_LIMIT, Registry, adapter_digest, task_id_for
+
+
+def _adapter(seed: int) -> LoraAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    return LoraAdapter(
+        modules={
+            "model.layers.0.self_attn.q_proj": LoraWeights(
+                a=torch.randn(2, 8, generator=gen), b=torch.randn(8, 2, generator=gen), alpha=2.0
+            ),
+        }
+    )
+
+
+def test_task_ids_come_from_content_and_are_stable(tmp_path: Path) -> None:
+    ids = []
+    for root in (tmp_path / "r1", tmp_path / "r2"):
+        reg = Registry(root)
+        with reg.locked() as state:
+            ids.append(reg.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id)
+    assert ids[0] == ids[1] and 0 < ids[0] < TASK_ID_LIMIT
+    # A fixed adapter has a fixed id on every machine: the digest covers exact bytes.
+    assert adapter_digest(_adapter(1)) == adapter_digest(_adapter(1)) != adapter_digest(_adapter(2))
+    scaled = _adapter(1)
+    scaled.modules["model.layers.0.self_attn.q_proj"].alpha = 4.0
+    assert adapter_digest(scaled) != adapter_digest(_adapter(1))
+
+
+def test_collision_is_detected_and_probed_away() -> None:
+    digest, other = "d" * 64, "e" * 64
+    first = task_id_for(digest, {})
+    second = task_id_for(digest, {first: other})
+    assert second != first and 0 < second < TASK_ID_LIMIT
+    assert task_id_for(digest, {first: digest}) == first  # its own id is not a collision
+    expected = int.from_bytes(hashlib.sha256(f"{digest}:1".encode()).digest()[:4], "big") % (TASK_ID_LIMIT - 1) + 1
+    assert second == expected
+
+
+def test_same_name_other_weights_needs_replace_and_retires_the_old_id(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    with reg.locked() as state:
+        old = reg.add(state, "bot", _adapter(1), dtype="float16", sources={})
+        assert reg.add(state, "bot", _adapter(1), dtype="float16", sources={}) == old  # idempotent
+    with pytest.raises(InputError, match="already registered with different weights"), reg.locked() as state:
+        reg.add(state, "bot", _adapter(2), dtype="float16", sources={})
+    assert reg.read().adapters["bot"].digest == old.digest  # failed run left the file as it was
+    with reg.locked() as state:
+        new = reg.add(state, "bot", _adapter(2), dtype="float16", sources={}, replace=True)
+    state = reg.read()
+    assert new.task_id != old.task_id and state.retired[old.task_id] == old.digest
+
+
+def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatch) -> None:
+    reg = Registry(tmp_path)
+    with reg.locked() as state:
+        gone = reg.add(state, "gone", _adapter(1), dtype="float16", sources={})
+    with reg.locked() as state:
+        reg.remove(state, "gone")
+    # Force the next adapter's first probe onto the retired id: it must move on.
+    import phlora_nim.registry as registry
+
+    real = registry.task_id_for
+
+    def first_probe_collides(digest: str, taken: dict[int, str]) -> int:
+        assert taken.get(gone.task_id) == gone.digest
+        return real(digest, taken)
+
+    monkeypatch.setattr(registry, "task_id_for", first_probe_collides)
+    with reg.locked() as state:
+        fresh = reg.add(state, "fresh", _adapter(2), dtype="float16", sources={})
+    assert fresh.task_id != gone.task_id
+
+
+def test_remove_unknown_and_corrupt_registry(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    with pytest.raises(InputError, match="no adapter named 'x'"), reg.locked() as state:
+        reg.remove(state, "x")
+    (tmp_path / "phlora_registry.json").write_text("{broken")
+    with pytest.raises(InputError, match="unreadable adapter registry"):
+        reg.read()
+
+
+def _writer(root: str, worker: int) -> None:
+    reg = Registry(Path(root))
+    for i in range(5):
+        with reg.locked() as state:
+            reg.add(state, f"w{worker}-{i}", _adapter(100 * worker + i), dtype="float16", sources={})
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.loads((tmp_path / "phlora_registry.json").read_text())
+    assert len(data["adapters"]) == 20
+    assert len({e["task_id"] for e in data["adapters"].values()}) == 20
