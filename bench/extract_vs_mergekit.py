@@ -19,8 +19,9 @@ What it measures, in one run on this machine (CPU only):
    nothing else: no extraction can be faster than reading its input.
 5. **Wall time and peak RSS** of each child process: a tiny launcher spawns it and reaps it with
    ``os.wait4``, which returns the child's own rusage (``ru_maxrss``, KiB on Linux); see
-   :func:`measure` for why not straight from this process. Before the runs every checkpoint file
-   is read once so that all runs see a warm page cache.
+   :func:`measure` for why not straight from this process. ``/proc/stat`` before and after tells
+   how many CPUs the rest of the machine kept busy meanwhile; such runs are flagged as contended.
+   Before the runs every checkpoint file is read once so that all runs see a warm page cache.
 6. **Energy.** For every linear module (q, k, v, o, gate, up, down of every layer) the exact
    truncated-SVD optimum at the rank, ``Σ_{i≤r} σ_i²`` from ``torch.linalg.svdvals`` of the float32
    delta, against the energy each adapter captures, ``‖ΔW‖² − ‖ΔW − s·B·A‖²`` in float64, with the
@@ -107,13 +108,17 @@ except OSError as exc:
 else:
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - start
-    out = {"wall_s": wall, "maxrss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}
+    cpu = usage.ru_utime + usage.ru_stime
+    out = {"wall_s": wall, "cpu_s": cpu, "maxrss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}
 with open(report, "w") as fh:
     json.dump(out, fh)
 """
 
 # Ours' fixed start-up cost: the modules `phlora-nim extract` imports before it reads a tensor.
 IMPORTS_PROGRAM = "import phlora_nim.cli, phlora_nim.jobs, converters.extract, rich.progress"
+
+# A run counts as contended when the rest of the machine kept this many CPUs busy on average meanwhile.
+CONTENTION_CPUS = 0.25
 
 log = logging.getLogger("bench")
 
@@ -131,6 +136,17 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     log: str
+    cpu_s: float = 0.0  # user + system CPU seconds of the child
+    other_cpus: float | None = None  # CPUs kept busy by everything else on the machine, on average
+
+    @property
+    def parallelism(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def contended(self) -> bool:
+        """Other work (or the hypervisor's steal) took a noticeable share of the CPUs meanwhile."""
+        return self.other_cpus is not None and self.other_cpus > CONTENTION_CPUS
 
 
 @dataclass
@@ -173,6 +189,7 @@ def measure(label: str, command: Sequence[str | Path], log_path: Path, env: dict
     result = log_path.with_suffix(".rusage.json")
     result.unlink(missing_ok=True)
     log.info("running %s: %s", label, shlex.join(cmd))
+    busy_before = _machine_busy_s()
     with log_path.open("wb") as out:
         proc = subprocess.run(
             [sys.executable, "-S", "-c", LAUNCHER_PROGRAM, str(result), *cmd],
@@ -190,10 +207,22 @@ def measure(label: str, command: Sequence[str | Path], log_path: Path, env: dict
         raise BenchError(f"{label}: cannot start {cmd[0]} ({usage['error']})")
     if usage["rc"] != 0:
         raise BenchError(f"{label} failed with exit code {usage['rc']}. Last lines of {log_path}:\n{_tail(log_path)}")
+    busy_after = _machine_busy_s()
+    other = None
+    if busy_before is not None and busy_after is not None and usage["wall_s"] > 0:
+        other = max(0.0, (busy_after - busy_before - usage["cpu_s"]) / usage["wall_s"])
     run = Run(
-        label=label, command=cmd, wall_s=usage["wall_s"], peak_rss_mb=usage["maxrss_kib"] / 1024, log=str(log_path)
+        label=label,
+        command=cmd,
+        wall_s=usage["wall_s"],
+        peak_rss_mb=usage["maxrss_kib"] / 1024,
+        log=str(log_path),
+        cpu_s=usage["cpu_s"],
+        other_cpus=other,
     )
-    log.info("  %s: %.2f s, peak RSS %.0f MB", label, run.wall_s, run.peak_rss_mb)
+    log.info("  %s: %.2f s, peak RSS %.0f MB, %.2f CPUs busy", label, run.wall_s, run.peak_rss_mb, run.parallelism)
+    if run.contended:
+        log.warning("  other work kept %.2f CPUs busy meanwhile: the time of %s is inflated", other, label)
     return run
 
 
@@ -206,7 +235,19 @@ def best_of(runs: list[Run]) -> Run:
         wall_s=best.wall_s,
         peak_rss_mb=max(r.peak_rss_mb for r in runs),
         log=best.log,
+        cpu_s=best.cpu_s,
+        other_cpus=best.other_cpus,
     )
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs, steal included)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -566,10 +607,15 @@ def print_report(rows: list[Row], runs: list[Run], extra_lines: list[str]) -> No
         print(f"{row.metric:<{width}}  {_fmt(row.value, row.unit):>10}  {target:<{twidth}}  {row.status()}")
     print()
     lwidth = max(len(r.label) for r in runs)
-    print(f"{'run':<{lwidth}}  {'wall s':>9}  {'peak RSS MB':>11}")
-    print(f"{'-' * lwidth}  {'-' * 9}  {'-' * 11}")
+    print(f"{'run':<{lwidth}}  {'wall s':>9}  {'peak RSS MB':>11}  {'CPUs used':>9}  {'CPUs others':>11}")
+    print(f"{'-' * lwidth}  {'-' * 9}  {'-' * 11}  {'-' * 9}  {'-' * 11}")
     for run in runs:
-        print(f"{run.label:<{lwidth}}  {run.wall_s:>9.2f}  {run.peak_rss_mb:>11.0f}")
+        other = "—" if run.other_cpus is None else f"{run.other_cpus:.2f}"
+        flag = "  ← contended" if run.contended else ""
+        print(
+            f"{run.label:<{lwidth}}  {run.wall_s:>9.2f}  {run.peak_rss_mb:>11.0f}  {run.parallelism:>9.2f}"
+            f"  {other:>11}{flag}"
+        )
     for line in extra_lines:
         print(line)
 
@@ -714,6 +760,12 @@ def _run(args: argparse.Namespace) -> int:
         installed = "reused" if mergekit.install_s is None else f"installed in {mergekit.install_s:.0f} s"
         extra.append(f"mergekit {mergekit.version} (torch {mergekit.torch_version}, {installed}): {shlex.join(mk_cmd)}")
     extra.append(f"ours: {shlex.join(ours.command)}")
+    contended = [r.label for r in runs if r.contended]
+    if contended:
+        extra.append(
+            f"WARNING: other work shared the {os.cpu_count()} CPUs during: {', '.join(contended)}; "
+            "their times are inflated — rerun on a quiet machine"
+        )
     extra.append(f"setup (generation/reuse, install): {setup_s:.0f} s; whole run {time.perf_counter() - t0:.0f} s")
     print_report(rows, runs, extra)
 

@@ -43,9 +43,12 @@ def plot_energy(report: dict[str, Any], path: Path) -> Path | None:
     ax_rank.set_title("Energy kept vs rank, per module type")
     if layers:
         grid = [[float("nan")] * len(layers) for _ in types]
+        ranks_at: dict[tuple[int, int], int] = {}
         for m in modules:
             if m["layer"] is not None:
-                grid[types.index(m["type"])][layers.index(m["layer"])] = m["energy_kept"]
+                cell = (types.index(m["type"]), layers.index(m["layer"]))
+                grid[cell[0]][cell[1]] = m["energy_kept"]
+                ranks_at[cell] = m["rank"]
         im = ax_layer.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax_layer.set_yticks(range(len(types)), types, fontsize=8)
         step = max(1, len(layers) // 16)
@@ -53,6 +56,17 @@ def plot_energy(report: dict[str, Any], path: Path) -> Path | None:
         ax_layer.set_xlabel("layer")
         ax_layer.set_title("Energy kept at the chosen rank, per layer")
         fig.colorbar(im, ax=ax_layer, fraction=0.04)
+        if len(layers) <= 16:  # small grids: print rank and energy in each cell
+            for (row, col), rank in ranks_at.items():
+                ax_layer.text(
+                    col,
+                    row,
+                    f"r{rank}\n{grid[row][col]:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if grid[row][col] < 0.6 else "black",
+                )
     else:
         ax_layer.axis("off")
     totals = report.get("totals", {})
