@@ -71,6 +71,23 @@ class Factors:
         b = (self.U[:, :rank] * root[None, :]).contiguous()
         return a, b
 
+    def compact(self) -> Factors:
+        """The same factors in their own storage (slices of a larger sketch pin all of it)."""
+        return Factors(
+            self.U.clone(), self.S.clone(), self.Vh.clone(), self.total_energy, self.power_iterations, self.exact
+        )
+
+    def spectrum_only(self) -> Factors:
+        """Singular values and energies without the vectors (for reports once factors are taken)."""
+        return Factors(
+            self.U[:, :0].clone(),
+            self.S.clone(),
+            self.Vh[:0].clone(),
+            self.total_energy,
+            self.power_iterations,
+            self.exact,
+        )
+
     def truncated(self, rank: int) -> Factors:
         """The same factors cut to ``rank`` triplets (views share storage)."""
         return Factors(

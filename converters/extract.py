@@ -127,6 +127,7 @@ class ExtractionPlan:
 class ModuleResult:
     plan: TargetPlan
     factors: Factors | None  # None: the delta is exactly zero
+    lora: tuple[torch.Tensor, torch.Tensor] | None = None  # final (A, B) when the rank was known up front
     rank: int = 0
     load_s: float = 0.0
     decompose_s: float = 0.0
@@ -407,11 +408,23 @@ def run_extraction(
                 seed=module_seed(t.module, options.seed),
                 total_energy=energy,
             )
-            # Keep only what a rank can use: the policy never goes past sketch_rank.
+            fixed = options.policy.fixed_rank(t.short_side)
+            lora = None
+            if fixed is not None:
+                # Rank known now: keep the final factors in the storage dtype and only the spectrum
+                # of the sketch, so what is held per module is the adapter itself.
+                kept = min(fixed, f.available_rank)
+                a, b = f.lora(kept)
+                lora = (a.to(plan.out_dtype), b.to(plan.out_dtype))
+                f = f.spectrum_only()
+            else:
+                # Ranks are assigned across modules later: keep up to the cap, in compact storage.
+                f = f.truncated(min(f.available_rank, t.sketch_rank)).compact()
             results.append(
                 ModuleResult(
                     plan=t,
-                    factors=f.truncated(min(f.available_rank, t.sketch_rank)),
+                    factors=f,
+                    lora=lora,
                     load_s=t1 - t0,
                     decompose_s=time.perf_counter() - t1,
                 )
@@ -462,9 +475,13 @@ def run_extraction(
         r.rank = rank
         if rank == 0 or r.factors is None:
             continue
-        rank = min(rank, r.factors.available_rank)
+        if r.lora is not None:
+            a, b = r.lora
+            rank = int(a.shape[0])
+        else:
+            rank = min(rank, r.factors.available_rank)
+            a, b = r.factors.lora(rank)
         r.rank = rank
-        a, b = r.factors.lora(rank)
         # alpha = r: PEFT's scale alpha/r is exactly 1, so B·A is the update as stored.
         modules[r.plan.module] = LoraWeights(a=a, b=b, alpha=float(rank))
     adapter = LoraAdapter(

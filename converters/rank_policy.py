@@ -85,6 +85,12 @@ class RankPolicy:
         limit = self.rank if self.rank is not None else (self.max_rank or DEFAULT_MAX_RANK)
         return min(limit, short_side)
 
+    def fixed_rank(self, short_side: int) -> int | None:
+        """The final rank of a module when it does not depend on other modules (``--rank``)."""
+        if self.kind != "rank":
+            return None
+        return snap_rank(self.cap(short_side), self.snap, short_side)
+
     def sketch_rank(self, short_side: int) -> int:
         """Triplets to compute for a module (ranks snapped upward need a few more)."""
         return min(short_side, snap_rank(self.cap(short_side), self.snap, short_side))
