@@ -20,7 +20,8 @@ What it measures, in one run on this machine (CPU only):
 5. **Wall time and peak RSS** of each child process: a tiny launcher spawns it and reaps it with
    ``os.wait4``, which returns the child's own rusage (``ru_maxrss``, KiB on Linux); see
    :func:`measure` for why not straight from this process. ``/proc/stat`` before and after tells
-   how many CPUs the rest of the machine kept busy meanwhile; such runs are flagged as contended.
+   how many CPUs the rest of the machine kept busy meanwhile; such runs are rerun once the machine
+   is quiet (twice at most) and flagged as contended if they still were.
    Before the runs every checkpoint file is read once so that all runs see a warm page cache.
 6. **Energy.** For every linear module (q, k, v, o, gate, up, down of every layer) the exact
    truncated-SVD optimum at the rank, ``Σ_{i≤r} σ_i²`` from ``torch.linalg.svdvals`` of the float32
@@ -226,6 +227,47 @@ def measure(label: str, command: Sequence[str | Path], log_path: Path, env: dict
     return run
 
 
+QUIET_WAIT_S = 600.0  # longest wait for a quiet machine before a retry
+
+
+def wait_until_quiet(timeout: float = QUIET_WAIT_S, window: float = 5.0) -> bool:
+    """Wait until other processes keep fewer than ``CONTENTION_CPUS`` busy over ``window`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_note = 0.0
+    while True:
+        before = _machine_busy_s()
+        time.sleep(window)
+        after = _machine_busy_s()
+        if before is None or after is None:
+            return True
+        other = (after - before) / window
+        if other < CONTENTION_CPUS:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        if time.monotonic() - last_note > 60:
+            log.info("  waiting for a quiet machine (others keep %.2f CPUs busy)", other)
+            last_note = time.monotonic()
+
+
+def measure_quiet(
+    label: str,
+    command: Sequence[str | Path],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    retries: int = 2,
+) -> Run:
+    """:func:`measure`, rerun up to ``retries`` times after a wait when other work shared the CPUs."""
+    run = measure(label, command, log_path, env)
+    for attempt in range(retries):
+        if not run.contended:
+            break
+        log.info("  retrying %s once the machine is quiet (retry %d of %d)", label, attempt + 1, retries)
+        wait_until_quiet()
+        run = measure(label, command, log_path, env)
+    return run
+
+
 def best_of(runs: list[Run]) -> Run:
     """Fastest wall time, largest peak RSS over repeats of the same command."""
     best = min(runs, key=lambda r: r.wall_s)
@@ -378,8 +420,9 @@ def _probe_mergekit(venv: Path) -> MergekitInfo | None:
 def mergekit_command(exe: Path, base: Path, ft: Path, out: Path, rank: int) -> list[str]:
     """The ``mergekit-extract-lora`` command line for the installed version, read from ``--help``.
 
-    Releases since 0.1 take ``--model FT --base-model BASE --out-path OUT --max-rank R``; earlier
-    ones took positional ``FINETUNED BASE OUT`` and ``--rank R``.
+    0.1.5 takes ``--model FT --base-model BASE --out-path OUT --max-rank R``. A usage line with
+    positional arguments (older releases) is mapped by name (``*BASE*``, ``*OUT*``, else the
+    fine-tune) and ``--rank`` is used where ``--max-rank`` is absent; that path is untested.
     """
     rc, text = _capture([exe, "--help"], env={**os.environ, **OFFLINE_ENV})
     if rc != 0:
@@ -554,14 +597,14 @@ def run_ours(tag: str, base: Path, ft: Path, out: Path, rank: int, logs: Path, r
     if not exe.exists():
         raise BenchError(f"{exe} not found: install the project first (pip install -e '.[test]')")
     cmd = [exe, "extract", "--base", base, "--finetuned", ft, "--out", out, "--rank", str(rank), "--force"]
-    return best_of([measure(f"ours {tag}", cmd, logs / f"ours-{tag}.log") for _ in range(repeat)])
+    return best_of([measure_quiet(f"ours {tag}", cmd, logs / f"ours-{tag}.log") for _ in range(repeat)])
 
 
 def run_floor(tag: str, base: Path, ft: Path, logs: Path, repeat: int) -> Run:
     program = logs.parent / "load_floor.py"
     program.write_text(FLOOR_PROGRAM)
     cmd = [sys.executable, program, base, ft]
-    return best_of([measure(f"load floor {tag}", cmd, logs / f"floor-{tag}.log") for _ in range(repeat)])
+    return best_of([measure_quiet(f"load floor {tag}", cmd, logs / f"floor-{tag}.log") for _ in range(repeat)])
 
 
 def ours_timings(out: Path) -> dict[str, float]:
@@ -673,7 +716,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     warm_page_cache([base, ft])
     # What ours pays before reading any tensor: the imports of the CLI's extract command.
-    startup = measure("ours imports only", [sys.executable, "-c", IMPORTS_PROGRAM], logs / "ours-imports.log")
+    startup = measure_quiet("ours imports only", [sys.executable, "-c", IMPORTS_PROGRAM], logs / "ours-imports.log")
     floor = run_floor(f"L{small}", base, ft, logs, args.repeat)
     ours = run_ours(f"L{small}", base, ft, outs["ours"], args.rank, logs, args.repeat)
     mk_run: Run | None = None
@@ -682,7 +725,7 @@ def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(outs["mergekit"], ignore_errors=True)
         mk_cmd = mergekit_command(mergekit.exe, base, ft, outs["mergekit"], args.rank)
         warm_page_cache([base, ft])
-        mk_run = measure(
+        mk_run = measure_quiet(
             f"mergekit L{small}", mk_cmd, logs / f"mergekit-L{small}.log", env={**os.environ, **OFFLINE_ENV}
         )
     base_l, ft_l = pairs[large]
