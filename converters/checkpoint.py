@@ -292,8 +292,8 @@ class DeltaReader:
         self.finetuned = finetuned
         self._buffer = torch.empty(0, dtype=torch.float32)
 
-    def delta(self, name: str) -> torch.Tensor:
-        """ΔW for ``name`` as float32 (a view into a shared buffer)."""
+    def _pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, fine-tuned) tensors of ``name``, checked to have one shape."""
         b = self.base.load(name)
         f = self.finetuned.load(name)
         if b.shape != f.shape:
@@ -304,6 +304,11 @@ class DeltaReader:
                 found=f"{tuple(f.shape)} in the fine-tuned checkpoint",
                 fix="pass a fine-tune of this exact base model",
             )
+        return b, f
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW for ``name`` as float32 (a view into a shared buffer)."""
+        b, f = self._pair(name)
         numel = b.numel()
         if self._buffer.numel() < numel:
             self._buffer = torch.empty(numel, dtype=torch.float32)
@@ -325,15 +330,7 @@ class DeltaReader:
         Row blocks go through a small scratch buffer: for embeddings and lm_head (the largest
         tensors, which only need measuring) this avoids a vocabulary-sized float32 copy.
         """
-        b = self.base.load(name)
-        f = self.finetuned.load(name)
-        if b.shape != f.shape:
-            raise InputError(
-                f"tensor {name!r} has different shapes",
-                where=f"{self.base.path} vs {self.finetuned.path}",
-                expected=f"{tuple(b.shape)} in both",
-                found=str(tuple(f.shape)),
-            )
+        b, f = self._pair(name)
         if b.dim() < 2:
             return float((f.double() - b.double()).pow(2).sum())
         b2, f2 = b.reshape(b.shape[0], -1), f.reshape(f.shape[0], -1)
