@@ -90,3 +90,29 @@ def test_verify_prompts_need_a_tokenizer(model_pairs, run_cli, tmp_path: Path) -
     prompts.write_text("hello\n")
     code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", out, "--prompts", prompts)
     assert code == 2 and "no tokenizer" in err
+
+
+def test_verify_with_prompts_and_a_tokenizer(model_pairs, run_cli, tmp_path: Path) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base, ft = model_pairs("llama")
+    words = [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ft_copy = tmp_path / "ft"
+    shutil.copytree(ft, ft_copy)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(ft_copy)
+    out = tmp_path / "adapter"
+    assert run_cli("extract", "--base", base, "--finetuned", ft_copy, "--out", out, "--rank", "8")[0] == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4 w5 w6\n\nw10 w20 w30 w40\n")
+    code, stdout, err = run_cli(
+        "verify", "--base", base, "--finetuned", ft_copy, "--adapter", out, "--prompts", prompts, "--json"
+    )
+    assert code == 0, err
+    logits = json.loads(stdout)["logits"]
+    assert logits["tokens"] == 10  # two non-empty prompts, 6 + 4 tokens
+    assert logits["mean_kl"] < logits["base_mean_kl"]
