@@ -250,3 +250,17 @@ def test_vocabulary_resize_is_saved_with_extra_save(model_pairs, tmp_path: Path)
     assert all(x["action"] == "saved" for x in resized.values())
     saved = load_peft(tmp_path / "a").modules_to_save
     assert saved["model.embed_tokens.weight"].shape[0] == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints(dtype: torch.dtype, tmp_path: Path) -> None:
+    from phlora_nim.toy_models import make_pair
+
+    base, ft = make_pair("llama", tmp_path / "pair", steps=6, dtype=dtype)
+    out = tmp_path / "a"
+    report = jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(energy=1.0, max_rank=512)), plot=False)
+    assert report["dtype"] == str(dtype).removeprefix("torch.")  # auto: the fine-tune's dtype
+    assert report["totals"]["min_energy_kept"] > 0.999999
+    # Full rank in float32 compute reproduces the half-precision delta up to its storage rounding.
+    rec = reconstruction_errors(base, ft, out)
+    assert rec["max_relative_error"] < (1e-2 if dtype == torch.bfloat16 else 2e-3)
