@@ -391,6 +391,42 @@ def run_extraction(
     start = time.perf_counter()
     reader = DeltaReader(base, ft)
     results: list[ModuleResult] = []
+    extras: list[ExtraResult] = []
+    saved: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    target_modules = {t.module for t in plan.targets}
+    # Extras first: measuring them is cheap, and --extra error must refuse before the expensive part.
+    for e in plan.extras:
+        if e.resized:
+            energy = frobenius_energy(ft.load(e.name).float())
+        else:
+            energy = reader.energy(e.name)
+            if not math.isfinite(energy):
+                _check_finite(reader.delta(e.name), energy, e.name, ft)
+        if energy == 0.0:
+            action = "unchanged"
+        elif options.extra == "save":
+            action = "saved"
+            owner = e.name.rsplit(".", 1)[0]
+            if e.kind == "bias" and owner in target_modules and not e.resized:
+                biases[owner] = reader.delta(e.name).clone()
+            else:
+                saved[e.name] = ft.load(e.name).clone()
+        else:
+            action = "dropped"
+        extras.append(ExtraResult(plan=e, energy=energy, action=action))
+        if progress:
+            progress(e.name)
+    changed = [x for x in extras if x.action != "unchanged"]
+    if options.extra == "error" and changed:
+        names = ", ".join(x.plan.name for x in changed[:5])
+        raise InputError(
+            "the fine-tune changed tensors that are not linear modules",
+            where=str(ft.path),
+            expected="changes only in LoRA target modules (--extra error)",
+            found=f"{len(changed)} changed tensors: {names}",
+            fix="pass --extra drop to measure and drop them, or --extra save to keep them",
+        )
     for t in plan.targets:
         t0 = time.perf_counter()
         delta = reader.delta(t.weight)
@@ -431,41 +467,6 @@ def run_extraction(
             )
         if progress:
             progress(t.weight)
-    extras: list[ExtraResult] = []
-    saved: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    target_modules = {t.module for t in plan.targets}
-    for e in plan.extras:
-        if e.resized:
-            energy = frobenius_energy(ft.load(e.name).float())
-        else:
-            energy = reader.energy(e.name)
-            if not math.isfinite(energy):
-                _check_finite(reader.delta(e.name), energy, e.name, ft)
-        if energy == 0.0:
-            action = "unchanged"
-        elif options.extra == "save":
-            action = "saved"
-            owner = e.name.rsplit(".", 1)[0]
-            if e.kind == "bias" and owner in target_modules and not e.resized:
-                biases[owner] = reader.delta(e.name).clone()
-            else:
-                saved[e.name] = ft.load(e.name).clone()
-        else:
-            action = "dropped"
-        extras.append(ExtraResult(plan=e, energy=energy, action=action))
-        if progress:
-            progress(e.name)
-    changed = [x for x in extras if x.action != "unchanged"]
-    if options.extra == "error" and changed:
-        names = ", ".join(x.plan.name for x in changed[:5])
-        raise InputError(
-            "the fine-tune changed tensors that are not linear modules",
-            where=str(ft.path),
-            expected="changes only in LoRA target modules (--extra error)",
-            found=f"{len(changed)} changed tensors: {names}",
-            fix="pass --extra drop to measure and drop them, or --extra save to keep them",
-        )
     live = [r for r in results if r.factors is not None]
     ranks = options.policy.assign(
         [(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live if r.factors is not None]
