@@ -221,24 +221,17 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
                 " targeting every 2-D linear weight; pass --target-modules REGEX to choose"
             )
     base_names, ft_names = set(base.tensors), set(ft.tensors)
-    for name in sorted(ft_names - base_names)[:20]:
-        problems.append(
-            InputError(
-                f"tensor {name!r} is missing in the base checkpoint",
-                where=str(base.path),
-                expected="the same tensors on both sides",
-                fix="pass matching checkpoints",
+    for missing_in, names in ((base, ft_names - base_names), (ft, base_names - ft_names)):
+        side = "base" if missing_in is base else "fine-tuned"
+        for name in sorted(names)[:20]:
+            problems.append(
+                InputError(
+                    f"tensor {name!r} is missing in the {side} checkpoint",
+                    where=str(missing_in.path),
+                    expected="the same tensors on both sides",
+                    fix="pass matching checkpoints",
+                )
             )
-        )
-    for name in sorted(base_names - ft_names)[:20]:
-        problems.append(
-            InputError(
-                f"tensor {name!r} is missing in the fine-tuned checkpoint",
-                where=str(ft.path),
-                expected="the same tensors on both sides",
-                fix="pass matching checkpoints",
-            )
-        )
     targets: list[TargetPlan] = []
     extras: list[ExtraPlan] = []
     too_big: list[str] = []
