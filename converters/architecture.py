@@ -167,7 +167,7 @@ def builtin_maps() -> tuple[ArchitectureMap, ...]:
     maps = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".yaml"):
-            maps.append(_parse_map(entry.read_text(), f"architectures/{entry.name}"))
+            maps.append(_parse_map(entry.read_text(encoding="utf-8"), f"architectures/{entry.name}"))
     return tuple(maps)
 
 

@@ -151,7 +151,7 @@ def _read_config(root: Path) -> dict[str, Any] | None:
     if not cfg.exists():
         return None
     try:
-        data = json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(
             f"config.json is not valid JSON ({exc})",
@@ -169,7 +169,7 @@ def _weight_files(root: Path) -> list[Path]:
         index = root / index_name
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise InputError(
                     f"unreadable shard index ({exc})",

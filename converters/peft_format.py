@@ -88,7 +88,7 @@ def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None =
     save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
     if write_bin:
         torch.save(tensors, Path(folder) / BIN_NAME)
-    (Path(folder) / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n")
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n", encoding="utf-8")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -114,7 +114,7 @@ def load_peft_config(folder: Path) -> dict[str, Any]:
             fix="point at a folder written by PEFT's save_pretrained or phlora-nim",
         )
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"unreadable adapter config ({exc})", where=str(path), fix="restore the file") from None
     if not isinstance(cfg, dict):

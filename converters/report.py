@@ -113,7 +113,7 @@ def build_report(
 
 def write_report(report: dict[str, Any], folder: Path) -> Path:
     path = Path(folder) / REPORT_NAME
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return path
 
 
@@ -129,7 +129,7 @@ def read_report(folder: Path) -> dict[str, Any]:
             fix="pass a folder written by `phlora-nim extract` or `prune`",
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"unreadable report ({exc})", where=str(path), fix="re-run the extraction") from None
     if not isinstance(data, dict) or data.get("format") != "phlora-report/1":

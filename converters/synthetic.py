@@ -96,7 +96,7 @@ def write_synthetic_pair(root: Path, spec: SyntheticLlama = SyntheticLlama()) ->
     folders = (root / "base", root / "finetuned")
     for f in folders:
         f.mkdir(parents=True, exist_ok=True)
-        (f / "config.json").write_text(json.dumps(spec.config(), indent=2))
+        (f / "config.json").write_text(json.dumps(spec.config(), indent=2), encoding="utf-8")
     weight_maps: tuple[dict[str, str], dict[str, str]] = ({}, {})
     h = spec.hidden_size
 
@@ -137,5 +137,5 @@ def write_synthetic_pair(root: Path, spec: SyntheticLlama = SyntheticLlama()) ->
     )
     for folder, wmap in zip(folders, weight_maps, strict=True):
         index = {"metadata": {"generator": "phlora-nim synthetic", "spec": asdict(spec)}, "weight_map": wmap}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
     return folders

@@ -238,7 +238,7 @@ def save_trtllm(lora: TrtllmLora, folder: Path, *, source: str | None = None) ->
     np.save(folder / WEIGHTS_FILE, lora.weights)  # bfloat16 is written as descr '<V2', as TensorRT-LLM does
     np.save(folder / CONFIG_FILE, lora.config)
     meta = {"format": "phlora-trtllm/1", "dtype": lora.dtype, "tp": lora.tp, "source": source, "rows": list(lora.rows)}
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
 
 def load_trtllm(folder: Path, *, dtype: str | None = None) -> TrtllmLora:
@@ -271,7 +271,7 @@ def load_trtllm(folder: Path, *, dtype: str | None = None) -> TrtllmLora:
             ) from None
     weights, config = arrays
     meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
     if weights.dtype == np.dtype("V2"):
         weights = weights.view(
             ml_dtypes.bfloat16 if (dtype or meta.get("dtype", "bfloat16")) == "bfloat16" else np.float16

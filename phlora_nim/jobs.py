@@ -141,7 +141,7 @@ def prune(
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{what} not found", where=str(path), fix="check the path") from None
     except (OSError, ValueError) as exc:

@@ -109,7 +109,7 @@ class Registry:
         if not self.path.exists():
             return RegistryState()
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("format") != _FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             return RegistryState(

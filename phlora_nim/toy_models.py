@@ -89,6 +89,32 @@ def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0, fr
     return model.eval()
 
 
+# Readable words for the toy vocabulary, so generated text in the demo is legible.
+_WORDS = (
+    "the a an one two three red blue green small large fast slow cat dog bird fish tree river hill city road "
+    "house light night day sun moon star rain wind snow fire stone gold iron wood glass paper book song word "
+    "name time year hand eye door window table chair bread milk tea water salt sugar apple pear plum grape "
+    "lemon rice bean corn wheat sheep horse cow goat mouse frog bee ant owl fox wolf bear deer hawk crow swan "
+    "duck goose king queen knight ship boat train plane car wheel"
+).split()
+
+
+def save_tokenizer(folder: Path, vocab_size: int = _COMMON["vocab_size"]) -> None:
+    """A word-level tokenizer over the toy vocabulary: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, then words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", *_WORDS][:vocab_size]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
+    fast.save_pretrained(folder)
+
+
 def make_pair(
     family: str,
     root: Path,
@@ -97,6 +123,7 @@ def make_pair(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     freeze_embeddings: bool = False,
+    tokenizer: bool = False,
     **overrides: Any,
 ) -> tuple[Path, Path]:
     """Save a base model and its full fine-tune under ``root/base`` and ``root/finetuned``."""
@@ -107,4 +134,41 @@ def make_pair(
     model.float()
     finetune(model, steps=steps, seed=seed, freeze_embeddings=freeze_embeddings)
     model.to(dtype).save_pretrained(ft_dir)
+    if tokenizer:
+        for folder in (base_dir, ft_dir):
+            save_tokenizer(folder, model.config.vocab_size)
     return base_dir, ft_dir
+
+
+def make_finetunes(
+    family: str,
+    root: Path,
+    count: int,
+    *,
+    steps: int = 12,
+    seed: int = 0,
+    tokenizer: bool = True,
+    freeze_embeddings: bool = True,
+    **overrides: Any,
+) -> tuple[Path, list[Path]]:
+    """One base model and ``count`` different full fine-tunes of it (``root/base``, ``root/ft-<i>``).
+
+    Each fine-tune learns from its own data seed, so their adapters differ.
+    """
+    root = Path(root)
+    base_dir = root / "base"
+    model = build_model(family, seed=seed, **overrides)
+    model.save_pretrained(base_dir)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if tokenizer:
+        save_tokenizer(base_dir, model.config.vocab_size)
+    folders = []
+    for i in range(count):
+        model.load_state_dict(state)
+        finetune(model, steps=steps, seed=seed + 1 + i, freeze_embeddings=freeze_embeddings)
+        folder = root / f"ft-{i}"
+        model.save_pretrained(folder)
+        if tokenizer:
+            save_tokenizer(folder, model.config.vocab_size)
+        folders.append(folder)
+    return base_dir, folders

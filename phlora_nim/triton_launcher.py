@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -214,10 +215,15 @@ class LocalTriton:
 
     def environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
+        # The stub links libpython3.X.so: take this interpreter's own, not another build of the same
+        # minor version whose ABI differs from this interpreter's extension modules.
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        own = libdir if libdir and Path(libdir, sysconfig.get_config_var("INSTSONAME") or "-").exists() else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [own, str(install.libs), env.get("LD_LIBRARY_PATH")]))
         # The stub's embedded Python finds its prefix (and so site-packages) from python3 on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_project_root()), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUTF8", "1")  # the stub may start under a C locale
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         return env
 
@@ -306,7 +312,9 @@ class LocalTriton:
         )
 
     def _tail(self, n: int = 15) -> str:
-        lines = [ln.rstrip() for ln in self._lines if not any(x in ln for x in _CPU_NOISE)]
+        """The log's errors (else its last lines), without the CPU-only noise."""
+        errors = [ln.rstrip()[:600] for ln in self.problems() if ln.startswith("E")]
+        lines = errors or [ln.rstrip() for ln in self._lines if not any(x in ln for x in _CPU_NOISE)]
         return "\n" + "\n".join(lines[-n:])
 
     def stop(self, timeout: float = 30.0) -> int | None:

@@ -65,7 +65,7 @@ def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None
         return [torch.randint(0, vocab, (1, 48), generator=gen) for _ in range(8)]
     if not prompts.exists():
         raise InputError("prompts file not found", where=str(prompts), fix="check the path")
-    lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise InputError("prompts file is empty", where=str(prompts), expected="one prompt per line")
     from transformers import AutoTokenizer
