@@ -90,7 +90,7 @@ def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0, fr
 
 
 # Readable words for the toy vocabulary, so generated text in the demo is legible.
-_WORDS = (
+_WORDS = (  # noqa: SIM905 (one readable block)
     "the a an one two three red blue green small large fast slow cat dog bird fish tree river hill city road "
     "house light night day sun moon star rain wind snow fire stone gold iron wood glass paper book song word "
     "name time year hand eye door window table chair bread milk tea water salt sugar apple pear plum grape "

@@ -1,4 +1,4 @@
-"""Triton Python-backend entry point of ``postprocessing``; the logic is ``phlora_nim.triton_models.text.PostprocessingModel``."""
+"""Triton Python-backend entry point; the logic lives in the imported class (testable without Triton)."""
 
 import triton_python_backend_utils as pb_utils
 
