@@ -10,6 +10,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -412,6 +413,244 @@ def _print_verify(result: dict[str, Any]) -> None:
         )
     elif result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")
+
+
+RepoOpt = Annotated[
+    Path,
+    typer.Option("--model-repository", "-m", help="Triton model repository folder (created if missing)."),
+]
+
+
+@app.command()
+def convert(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder (its tokenizer is served too).")],
+    finetuned: Annotated[
+        list[Path], typer.Option("--finetuned", help="Full fine-tune of the base; repeat for several.")
+    ],
+    model_repository: RepoOpt = Path("model_repository"),
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="Adapter name per --finetuned, in order (default: folder names)."),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference: the CPU reference "
+            "model with the same LoRA contract.",
+        ),
+    ] = "reference",
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32)."
+        ),
+    ] = "float32",
+    engine_dir: Annotated[
+        str | None, typer.Option("--engine-dir", help="tensorrtllm: engine folder as Triton sees it (gpt_model_path).")
+    ] = None,
+    engine_config: Annotated[
+        Path | None,
+        typer.Option("--engine-config", help="An engine config.json: refuse adapters it would reject."),
+    ] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor parallelism of the engine.")] = 1,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton max batch size.")] = 8,
+    max_lora_rank: Annotated[
+        int, typer.Option("--max-lora-rank", help="reference: largest rank accepted on requests.")
+    ] = 64,
+    lora_cache_mb: Annotated[
+        int, typer.Option("--lora-cache-mb", help="Host LoRA cache (0 = sized from the registered adapters).")
+    ] = 0,
+    decoupled: Annotated[
+        bool, typer.Option("--decoupled", help="Stream tokens (ModelStreamInfer) instead of one response.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N] for the decomposition.")] = "cpu",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
+    ] = False,
+) -> None:
+    """Extract adapters from fine-tunes and register them in a Triton model repository.
+
+    For each --finetuned: extract the LoRA adapter (default --rank 16), lay it out as TensorRT-LLM
+    tensors in the engine dtype, and register it (name, content-derived task id, ranks, modules).
+    The repository gets the inflight_batcher_llm models (preprocessing, tensorrt_llm,
+    postprocessing, ensemble), LoRA cache parameters sized for the adapters, the prefetch folder
+    and a NIM adapter store. Nothing is changed if any step fails.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from converters.extract import ExtractOptions
+    from phlora_nim.convert import ConvertJob
+    from phlora_nim.convert import convert as run
+    from phlora_nim.model_repository import RepositorySettings
+
+    options = ExtractOptions(
+        policy=_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16), device=device
+    )
+    settings = RepositorySettings(
+        backend=backend,
+        base=str(Path(base).resolve()),
+        dtype=dtype,
+        engine_dir=engine_dir,
+        max_batch_size=max_batch_size,
+        decoupled=decoupled,
+        max_lora_rank=max_lora_rank,
+        lora_cache_bytes=lora_cache_mb << 20,
+    )
+    job = ConvertJob(
+        base=base,
+        finetuned=tuple(finetuned),
+        names=tuple(name or ()),
+        repository=model_repository,
+        options=options,
+        settings=settings,
+        replace=replace,
+        tp=tp,
+        engine_config=engine_config,
+    )
+    columns = (
+        TextColumn("[bold]convert"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    start = time.perf_counter()
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("planning", total=None)
+        current = {"name": ""}
+        done = run(
+            job,
+            command=_command_line(),
+            on_plan=lambda n: bar.update(task, total=n, description=""),
+            on_adapter=lambda n: current.update(name=n),
+            progress=lambda t: bar.update(task, advance=1, description=f"{current['name']}: {t}"),
+        )
+    seconds = time.perf_counter() - start
+    table = Table(title=f"registered in {model_repository}")
+    for col in ("adapter", "lora_task_id", "ranks", "energy kept", "MB"):
+        table.add_column(col)
+    for c in done:
+        ranks = sorted(set(c.entry.ranks.values()))
+        kept = c.report["totals"].get("energy_kept_linear")
+        table.add_row(
+            c.entry.name,
+            str(c.entry.task_id),
+            f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
+            f"{kept:.4f}" if isinstance(kept, float) else "–",
+            f"{c.adapter_bytes / 1e6:.2f}",
+        )
+    out_console.print(table)
+    total_mb = sum(c.adapter_bytes for c in done) / 1e6
+    out_console.print(
+        f"{len(done)} adapters, {total_mb:.2f} MB of LoRA tensors in {seconds:.1f} s "
+        f"({total_mb / max(seconds, 1e-9):.2f} MB/s). Serve with: phlora-nim triton -m {model_repository}"
+    )
+
+
+@app.command()
+def adapters(
+    model_repository: RepoOpt = Path("model_repository"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry entries as JSON.")] = False,
+) -> None:
+    """List the adapters registered in a model repository."""
+    from dataclasses import asdict
+
+    from phlora_nim.convert import read_registry
+
+    state = read_registry(model_repository)
+    if as_json:
+        out_console.print_json(json.dumps({n: asdict(e) for n, e in sorted(state.adapters.items())}))
+        return
+    table = Table(title=f"{len(state.adapters)} adapters in {model_repository}")
+    for col in ("name", "lora_task_id", "max rank", "modules", "dtype", "MB", "created"):
+        table.add_column(col)
+    for e in sorted(state.adapters.values(), key=lambda e: e.name):
+        table.add_row(
+            e.name,
+            str(e.task_id),
+            str(e.max_rank),
+            " ".join(e.extra.get("trtllm_modules", [])) or str(len(e.modules)),
+            e.dtype,
+            f"{int(e.extra.get('bytes', 0)) / 1e6:.2f}",
+            e.created,
+        )
+    out_console.print(table)
+
+
+@app.command()
+def remove(
+    name: Annotated[str, typer.Argument(help="Adapter to unregister.")],
+    model_repository: RepoOpt = Path("model_repository"),
+) -> None:
+    """Unregister an adapter and delete its files (its task id is never given to other weights)."""
+    from phlora_nim.convert import remove_adapter
+
+    entry = remove_adapter(model_repository, name)
+    out_console.print(f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id})")
+
+
+@app.command("engine-plan")
+def engine_plan(
+    model_repository: RepoOpt = Path("model_repository"),
+    checkpoint_dir: Annotated[
+        str, typer.Option("--checkpoint-dir", help="TensorRT-LLM checkpoint folder to show in the command.")
+    ] = "<trtllm_checkpoint_dir>",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Print the trtllm-build LoRA flags that fit every registered adapter."""
+    from phlora_nim.convert import engine_plan as plan_for
+    from phlora_nim.convert import read_registry
+
+    plan = plan_for(read_registry(model_repository))
+    if as_json:
+        out_console.print_json(json.dumps(plan))
+        return
+    command = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
+    out_console.print(shlex.join(command), soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def triton(
+    model_repository: RepoOpt = Path("model_repository"),
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="KServe v2 gRPC port.")] = 8001,
+    http_port: Annotated[int, typer.Option("--http-port", help="KServe v2 HTTP port.")] = 8000,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Run the real Triton server (from the nvidia-pytriton wheel, CPU) on a model repository.
+
+    Waits until every model is ready, streams Triton's log, and stops cleanly on Ctrl-C / SIGTERM.
+    """
+    import signal
+
+    from phlora_nim.triton_launcher import LocalTriton
+
+    server = LocalTriton(
+        model_repository,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        host=host,
+        on_log=lambda line: err_console.print(line, markup=False, highlight=False),
+    )
+
+    def _stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    server.start()
+    out_console.print(f"[bold green]Triton ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url}")
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = server.stop() or 0
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -157,12 +157,13 @@ def lora_cache_parameters(state: RegistryState, settings: RepositorySettings) ->
     sizes = [int(e.extra.get("bytes", 0)) for e in state.adapters.values()]
     optimal = 1 << max(0, math.ceil(math.log2(max(1, ranks[len(ranks) // 2]))))
     biggest = max(ranks[-1], settings.max_lora_rank if settings.backend == "reference" else ranks[-1])
-    host = settings.lora_cache_bytes or max(_DEFAULT_HOST_CACHE, 2 * sum(sizes))
+    # An explicit budget is taken as given.
+    host = settings.lora_cache_bytes or math.ceil(max(_DEFAULT_HOST_CACHE, 2 * sum(sizes)) / _MiB) * _MiB
     return {
         "lora_cache_optimal_adapter_size": str(min(optimal, biggest)),
         "lora_cache_max_adapter_size": str(max(biggest, 8)),
         "lora_cache_gpu_memory_fraction": "0.05",
-        "lora_cache_host_memory_bytes": str(math.ceil(host / _MiB) * _MiB),
+        "lora_cache_host_memory_bytes": str(host),
     }
 
 

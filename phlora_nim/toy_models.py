@@ -69,16 +69,29 @@ def training_batch(vocab: int, *, batch: int = 8, length: int = 24, seed: int = 
     return (start * 7 + steps * 5) % (vocab - 3) + 3
 
 
-def finetune(model: Any, *, steps: int = 12, lr: float = 3e-3, seed: int = 0, freeze_embeddings: bool = False) -> Any:
+def finetune(
+    model: Any,
+    *,
+    steps: int = 12,
+    lr: float = 3e-3,
+    seed: int = 0,
+    freeze_embeddings: bool = False,
+    linear_only: bool = False,
+) -> Any:
     """Full fine-tuning for ``steps`` AdamW steps on :func:`training_batch`.
 
     Every parameter trains, except the input embeddings and ``lm_head`` when ``freeze_embeddings``
-    (as many instruction fine-tunes do, and as LoRA can then capture the whole change).
+    (as many instruction fine-tunes do, and as LoRA can then capture the whole change). With
+    ``linear_only`` only the decoder's linear weights train: a full-rank adapter then reproduces
+    the fine-tune exactly.
     """
     torch.manual_seed(seed)
     model.train()
     frozen = {id(p) for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
+    if linear_only:
+        linear = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
+        params = [p for p in params if id(p) in linear]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     data = training_batch(model.config.vocab_size, seed=seed)
     for _ in range(steps):
@@ -149,6 +162,7 @@ def make_finetunes(
     seed: int = 0,
     tokenizer: bool = True,
     freeze_embeddings: bool = True,
+    linear_only: bool = False,
     **overrides: Any,
 ) -> tuple[Path, list[Path]]:
     """One base model and ``count`` different full fine-tunes of it (``root/base``, ``root/ft-<i>``).
@@ -165,7 +179,7 @@ def make_finetunes(
     folders = []
     for i in range(count):
         model.load_state_dict(state)
-        finetune(model, steps=steps, seed=seed + 1 + i, freeze_embeddings=freeze_embeddings)
+        finetune(model, steps=steps, seed=seed + 1 + i, freeze_embeddings=freeze_embeddings, linear_only=linear_only)
         folder = root / f"ft-{i}"
         model.save_pretrained(folder)
         if tokenizer:

@@ -44,3 +44,33 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def llama_finetunes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny Llama (with a word-level tokenizer) and three different full fine-tunes of it."""
+    from phlora_nim.toy_models import make_finetunes
+
+    return make_finetunes("llama", tmp_path_factory.mktemp("llama-ft"), 3, steps=15)
+
+
+@pytest.fixture(scope="session")
+def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetunes) -> Path:
+    """A reference-backend model repository holding the three fine-tunes as rank-8 adapters."""
+    from converters.extract import ExtractOptions
+    from converters.rank_policy import RankPolicy
+    from phlora_nim.convert import ConvertJob, convert
+    from phlora_nim.model_repository import RepositorySettings
+
+    base, fts = llama_finetunes
+    root = tmp_path_factory.mktemp("repo") / "model_repository"
+    job = ConvertJob(
+        base=base,
+        finetuned=tuple(fts),
+        names=("support", "legal", "code"),
+        repository=root,
+        options=ExtractOptions(policy=RankPolicy(rank=8)),
+        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+    )
+    convert(job)
+    return root

@@ -1,0 +1,284 @@
+"""``phlora-nim convert`` into a model repository: layout, registry, configs, bad input, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from phlora_nim.registry import Registry
+from phlora_nim.repository_layout import (
+    ENSEMBLE_MODEL,
+    LLM_MODEL,
+    POSTPROCESSING_MODEL,
+    PREPROCESSING_MODEL,
+    adapter_store_dir,
+    prefetch_dir,
+)
+
+pytestmark = pytest.mark.slow
+MODELS = (PREPROCESSING_MODEL, LLM_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (except the lock) with its bytes: 'nothing changed' is equality."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+def _config(root: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((root / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--dtype", "float16", "--backend", "tensorrtllm"]
+    for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
+        args += ["--finetuned", ft, "--name", name]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "MB/s" in out
+    state = Registry(repo).read()
+    assert sorted(state.adapters) == ["code", "legal", "support"]
+    ids = {e.task_id for e in state.adapters.values()}
+    assert len(ids) == 3 and all(0 < i < 2**31 for i in ids)
+    for name, entry in state.adapters.items():
+        tensors = prefetch_dir(repo, entry.task_id)
+        weights = np.load(tensors / "model.lora_weights.npy")
+        lcfg = np.load(tensors / "model.lora_config.npy")
+        assert weights.dtype == np.float16 and lcfg.dtype == np.int32 and lcfg.shape[2] == 3
+        assert set(lcfg[0, :, 2]) == {8} and entry.dtype == "float16"
+        store = adapter_store_dir(repo, name)
+        for f in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "phlora_report.json"):
+            assert (store / f).is_file(), f
+        assert entry.sources["finetuned"].endswith(str(fts[["support", "legal", "code"].index(name)].name))
+    # Every config parses into Triton's ModelConfig; LoRA inputs typed to the engine dtype.
+    llm = _config(repo, LLM_MODEL)
+    assert llm.backend == "tensorrtllm"
+    inputs = {i.name: i for i in llm.input}
+    assert inputs["lora_weights"].data_type == mc.TYPE_FP16 and inputs["lora_weights"].optional
+    assert inputs["lora_task_id"].data_type == mc.TYPE_UINT64
+    assert list(inputs["lora_config"].dims) == [-1, 3]
+    params = {k: v.string_value for k, v in llm.parameters.items()}
+    assert int(params["lora_cache_max_adapter_size"]) >= 8
+    assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch")
+    assert not (repo / LLM_MODEL / "1" / "model.py").exists()  # C++ backend: no Python model
+    ensemble = _config(repo, ENSEMBLE_MODEL)
+    llm_step = next(s for s in ensemble.ensemble_scheduling.step if s.model_name == LLM_MODEL)
+    for name in ("lora_task_id", "lora_weights", "lora_config"):
+        assert llm_step.input_map[name] == name
+    assert {i.name: i.data_type for i in ensemble.input}["lora_weights"] == mc.TYPE_FP16
+    for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
+        assert _config(repo, model).backend == "python"
+        assert (repo / model / "1" / "model.py").is_file()
+
+    code, out, _ = run_cli("engine-plan", "-m", repo, "--json")
+    plan = json.loads(out)
+    assert plan["max_lora_rank"] == 8 and plan["lora_plugin"] == "float16"
+    assert plan["lora_target_modules"] == [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_dense",
+        "mlp_h_to_4h",
+        "mlp_4h_to_h",
+        "mlp_gate",
+    ]
+    code, out, _ = run_cli("engine-plan", "-m", repo)
+    assert "--lora_plugin float16" in out and "--max_lora_rank 8" in out
+
+    code, out, _ = run_cli("adapters", "-m", repo, "--json")
+    listed = json.loads(out)
+    assert {n: e["task_id"] for n, e in listed.items()} == {n: e.task_id for n, e in state.adapters.items()}
+
+    # Re-running the same conversion changes no id (content-derived) and no tensor.
+    before = _snapshot(repo / LLM_MODEL / "lora_prefetch")
+    assert run_cli(*args)[0] == 0
+    assert {n: e.task_id for n, e in Registry(repo).read().adapters.items()} == {
+        n: e.task_id for n, e in state.adapters.items()
+    }
+    assert _snapshot(repo / LLM_MODEL / "lora_prefetch") == before
+
+    # remove: folders gone, id retired (never handed to other weights).
+    removed = state.adapters["legal"]
+    code, out, _ = run_cli("remove", "legal", "-m", repo)
+    assert code == 0 and "removed legal" in out
+    after = Registry(repo).read()
+    assert "legal" not in after.adapters and after.retired[removed.task_id] == removed.digest
+    assert not prefetch_dir(repo, removed.task_id).exists() and not adapter_store_dir(repo, "legal").exists()
+
+
+def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    assert run_cli("convert", "--base", base, "--finetuned", fts[0], "--name", "bot", "-m", repo, "-r", "4")[0] == 0
+    old = Registry(repo).read().adapters["bot"]
+    before = _snapshot(repo)
+    code, _, err = run_cli("convert", "--base", base, "--finetuned", fts[1], "--name", "bot", "-m", repo, "-r", "4")
+    assert code == 2 and "already registered with different weights" in err and "--replace" in err
+    assert _snapshot(repo) == before
+    args = ("convert", "--base", base, "--finetuned", fts[1], "--name", "bot", "-m", repo, "-r", "4", "--replace")
+    assert run_cli(*args)[0] == 0
+    state = Registry(repo).read()
+    assert state.adapters["bot"].task_id != old.task_id and old.task_id in state.retired
+    assert not prefetch_dir(repo, old.task_id).exists() and prefetch_dir(repo, state.adapters["bot"].task_id).exists()
+
+
+def _engine_config(tmp_path: Path, **over: object) -> Path:
+    cfg = {
+        "pretrained_config": {"dtype": "float32", "num_hidden_layers": 2},
+        "build_config": {
+            "plugin_config": {"lora_plugin": "float32"},
+            "lora_config": {
+                "max_lora_rank": 8,
+                "lora_target_modules": [
+                    "attn_q",
+                    "attn_k",
+                    "attn_v",
+                    "attn_dense",
+                    "mlp_h_to_4h",
+                    "mlp_4h_to_h",
+                    "mlp_gate",
+                ],
+            },
+        },
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        target = cfg["build_config"][section] if section in ("lora_config", "plugin_config") else cfg[section]
+        target[field] = value  # type: ignore[index]
+    path = tmp_path / "engine" / "config.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--name", "../x"], "path separator"),
+        (["--name", "a/b"], "path separator"),
+        (["--name", ""], "1–64 characters"),
+        (["--name", "x" * 65], "1–64 characters"),
+        (["--name", "a", "--name", "b"], "one --name per --finetuned"),
+        (["--name", "ok", "--rank", "0"], "rank"),
+        (["--name", "ok", "--dtype", "float64"], "unknown engine dtype"),
+        (["--name", "ok", "--backend", "vllm"], "unknown backend"),
+        (["--name", "ok", "--engine-config", "ENGINE:lora_config__max_lora_rank=4"], "Invalid low_rank"),
+        (
+            ["--name", "ok", "--engine-config", "ENGINE:lora_config__lora_target_modules=attn_q"],
+            "not enabled for this model",
+        ),
+        (
+            ["--name", "ok", "--engine-config", "ENGINE:plugin_config__lora_plugin=float16"],
+            "same data type as base model",
+        ),
+        (["--name", "ok", "--engine-config", "ENGINE:plugin_config__lora_plugin="], "built without LoRA"),
+    ],
+)
+def test_bad_convert_input_writes_nothing(
+    extra: list[str], match: str, llama_finetunes, run_cli, tmp_path: Path
+) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    args = []
+    for a in extra:
+        if a.startswith("ENGINE:"):
+            key, _, value = a[len("ENGINE:") :].partition("=")
+            parsed: object = value.split(",") if "modules" in key else (int(value) if value.isdigit() else value)
+            a = str(_engine_config(tmp_path, **{key: parsed}))
+        args.append(a)
+    code, _, err = run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", repo, "-r", "8", *args)
+    assert code == 2, err
+    assert match in err
+    assert "Traceback" not in err
+    assert _snapshot(repo) == {}
+
+
+def test_repository_keeps_its_base_and_dtype(llama_finetunes, model_pairs, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    assert run_cli("convert", "--base", base, "--finetuned", fts[0], "--name", "a", "-m", repo, "-r", "4")[0] == 0
+    before = _snapshot(repo)
+    code, _, err = run_cli(
+        "convert", "--base", base, "--finetuned", fts[1], "--name", "b", "-m", repo, "-r", "4", "--dtype", "float16"
+    )
+    assert code == 2 and "another dtype" in err
+    other_base, other_ft = model_pairs("llama")
+    code, _, err = run_cli("convert", "--base", other_base, "--finetuned", other_ft, "--name", "c", "-m", repo)
+    assert code == 2 and "another base" in err
+    assert _snapshot(repo) == before
+
+
+def test_engine_plan_and_adapters_need_a_registry(run_cli, tmp_path: Path) -> None:
+    for cmd in ("adapters", "engine-plan"):
+        code, _, err = run_cli(cmd, "-m", tmp_path)
+        assert code == 2 and "no adapter registry" in err
+    code, _, err = run_cli("remove", "nope", "-m", tmp_path)
+    assert code == 2
+
+
+def test_concurrent_converts_into_one_repository(llama_finetunes, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "phlora_nim.cli",
+                "convert",
+                "--base",
+                str(base),
+                "--finetuned",
+                str(ft),
+                "--name",
+                f"a{i}",
+                "-m",
+                str(repo),
+                "-r",
+                "4",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i, ft in enumerate(fts)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err.decode()
+    state = Registry(repo).read()
+    assert sorted(state.adapters) == ["a0", "a1", "a2"]
+    for e in state.adapters.values():
+        assert (prefetch_dir(repo, e.task_id) / "model.lora_weights.npy").is_file()
+    assert not [p for p in (repo / LLM_MODEL).iterdir() if p.name.startswith(".staging")]
+
+
+def test_store_adapter_loads_in_peft(converted_repository: Path, llama_finetunes) -> None:
+    """The NIM / PEFT store folder is a real PEFT adapter of the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _ = llama_finetunes
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), adapter_store_dir(converted_repository, "support")
+    )
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
