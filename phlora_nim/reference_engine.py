@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -143,6 +144,9 @@ class ReferenceEngine:
         config = model.config.to_dict()
         self.num_layers = int(config["num_hidden_layers"])
         self.modules = self._wrap(config)
+        # transformers ≥ 5.2x names the KV cache argument ``cache``; earlier releases ``past_key_values``.
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         if not self.modules:
             raise ValueError(f"no LoRA-able linear modules recognised in {type(model).__name__}")
 
@@ -279,8 +283,8 @@ class ReferenceEngine:
         generators = [None if r.greedy else torch.Generator().manual_seed(int(r.seed)) for r in reqs]
         outputs: list[list[int]] = [[] for _ in reqs]
         done = [r.max_new_tokens <= 0 for r in reqs]
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        cache = {self._cache_arg: DynamicCache()}  # filled in place by every forward
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache)
         for _ in range(max(r.max_new_tokens for r in reqs)):
             picks = _choose(out.logits[:, -1, :], reqs, generators)
             for i, tok in enumerate(picks):
@@ -298,9 +302,7 @@ class ReferenceEngine:
             step = torch.tensor([[t] for t in picks], dtype=torch.long)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(
-                input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values
-            )
+            out = self.model(input_ids=step, attention_mask=mask, position_ids=positions, **cache)
         return outputs
 
 
