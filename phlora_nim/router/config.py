@@ -1,0 +1,119 @@
+"""Settings of the router (one dataclass; the CLI and tests build it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from converters.errors import OptionError, PhloraError, raise_all
+
+
+def split_host_port(text: str, *, flag: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[addr]:port``) → (host, port).
+
+    Raises:
+        OptionError: no port, or a port outside 1–65535.
+    """
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(
+            "not a host:port address", where=flag, expected="HOST:PORT, e.g. triton-0:8001", found=repr(text)
+        )
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """What the router serves and where it sends requests.
+
+    Args:
+        model_repository: the repository holding ``phlora_registry.json`` and the adapter tensors.
+        upstreams: static Triton gRPC addresses (``host:port``).
+        upstream_dns: a DNS name resolving to every replica (``name:port``, e.g. a headless Service).
+        dns_interval: seconds between DNS resolutions.
+        upstream_model: the Triton model adapters are served by.
+        host, port: where the router listens (port 0: any free port).
+        metrics_port: Prometheus HTTP port on ``host`` (0: no metrics server).
+        tenants: YAML file of API keys and tenants (None: no authentication).
+        tls_cert, tls_key: PEM files for TLS on the front (both or neither).
+        max_message_mb: gRPC message limit, both ways, front and upstream.
+        health_interval: seconds between readiness checks of each replica.
+        spill_factor: ε of the bounded-load rule.
+        residency_capacity: adapters remembered per replica as resident in its LoRA cache.
+        weight_cache_mb: memory for adapter tensors converted to the upstream dtype.
+        registry_interval: seconds between checks of the registry file.
+        grace: seconds in-flight requests get at shutdown.
+    """
+
+    model_repository: Path
+    upstreams: tuple[str, ...] = ()
+    upstream_dns: str | None = None
+    dns_interval: float = 10.0
+    upstream_model: str = "ensemble"
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int = 9090
+    tenants: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_mb: int = 256
+    health_interval: float = 2.0
+    spill_factor: float = 0.25
+    residency_capacity: int = 8
+    weight_cache_mb: int = 1024
+    registry_interval: float = 1.0
+    grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        problems: list[PhloraError] = []
+        if bool(self.upstreams) == bool(self.upstream_dns):
+            problems.append(
+                OptionError(
+                    "give exactly one way to find the Triton replicas",
+                    where="--upstream / --upstream-dns",
+                    expected="one or more --upstream HOST:PORT, or one --upstream-dns NAME:PORT",
+                    found="both" if self.upstreams else "neither",
+                )
+            )
+        for text, flag in [(u, "--upstream") for u in self.upstreams] + [(self.upstream_dns or "", "--upstream-dns")]:
+            if text or flag == "--upstream":
+                try:
+                    split_host_port(text, flag=flag)
+                except OptionError as exc:
+                    problems.append(exc)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append(
+                OptionError("TLS needs a certificate and its key", where="--tls-cert / --tls-key", found="only one")
+            )
+        for name, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tenants", self.tenants)):
+            if path is not None and not Path(path).is_file():
+                problems.append(OptionError("file not found", where=name, found=str(path)))
+        positive = {
+            "--dns-interval": self.dns_interval,
+            "--health-interval": self.health_interval,
+            "--max-message-mb": self.max_message_mb,
+            "registry_interval": self.registry_interval,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                problems.append(OptionError("must be positive", where=name, found=str(value)))
+        if not self.spill_factor >= 0:
+            problems.append(OptionError("must be ≥ 0", where="--spill-factor", found=str(self.spill_factor)))
+        for name, value in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+            if not 0 <= value < 65536:
+                problems.append(OptionError("not a port number", where=name, expected="0–65535", found=str(value)))
+        if not self.upstream_model:
+            problems.append(OptionError("must not be empty", where="--upstream-model"))
+        raise_all(problems, summary="invalid router options")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb) * 1024 * 1024
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC options shared by the front server and the upstream channels."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]

@@ -1,0 +1,99 @@
+"""Prometheus metrics of the router (each router has its own registry; served over HTTP).
+
+Per adapter (``adapter`` label: the adapter name, ``base:<model>`` for base-model requests,
+``(unknown)`` before a name is known to be registered): requests, errors by gRPC code, latency,
+in-flight. Per replica (``replica`` label: host:port): in-flight, weight sends, cache misses,
+health. Totals: requests, in-flight, adapters served, healthy replicas, weight-cache bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+log = logging.getLogger("phlora_nim.router")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+UNKNOWN = "(unknown)"
+
+
+class RouterMetrics:
+    """The router's collectors, registered in a private :class:`CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("phlora_router_requests", "Inference requests by adapter.", ["adapter"], registry=r)
+        self.errors = Counter(
+            "phlora_router_errors",
+            "Failed inference requests by adapter and gRPC code.",
+            ["adapter", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "phlora_router_request_seconds",
+            "Inference latency seen by the router, by adapter.",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "phlora_router_in_flight", "Inference requests in flight, by adapter.", ["adapter"], registry=r
+        )
+        self.replica_in_flight = Gauge(
+            "phlora_router_replica_in_flight", "Requests in flight on each replica.", ["replica"], registry=r
+        )
+        self.weight_sends = Counter(
+            "phlora_router_replica_weight_sends",
+            "Requests sent with LoRA weights, per replica.",
+            ["replica"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "phlora_router_replica_cache_misses",
+            "Id-only requests a replica answered with 'not found in cache'.",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "phlora_router_replica_healthy", "1 when the replica answered ServerReady.", ["replica"], registry=r
+        )
+        self.total_requests = Counter("phlora_router_all_requests", "Inference requests, all adapters.", registry=r)
+        self.total_in_flight = Gauge("phlora_router_all_in_flight", "Inference requests in flight, all.", registry=r)
+        self.adapters = Gauge("phlora_router_adapters", "Adapters in the registry.", registry=r)
+        self.healthy_replicas = Gauge("phlora_router_healthy_replicas", "Replicas ready to serve.", registry=r)
+        self.weight_cache_bytes = Gauge(
+            "phlora_router_weight_cache_bytes", "Adapter tensors held in memory, in bytes.", registry=r
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def text(self) -> str:
+        """The exposition text (what the HTTP endpoint serves)."""
+        return generate_latest(self.registry).decode()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint on ``host:port`` (0: any free port); returns the port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._thread = server, thread
+        bound = int(server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def forget_replica(self, replica: str) -> None:
+        for family in (self.replica_in_flight, self.weight_sends, self.cache_misses, self.replica_healthy):
+            with contextlib.suppress(KeyError):
+                family.remove(replica)

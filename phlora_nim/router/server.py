@@ -1,0 +1,209 @@
+"""The router's gRPC server: :class:`Router` (asyncio) and :class:`RouterThread` (for tests and tools).
+
+One ``grpc.aio`` server carries the KServe v2 inference service, ``grpc.health.v1`` (SERVING
+while at least one replica is ready) and server reflection.
+
+Example:
+    >>> config = RouterConfig(Path("model_repository"), upstreams=("127.0.0.1:8001",), port=0)  # doctest: +SKIP
+    >>> with RouterThread(config) as router:  # doctest: +SKIP
+    ...     client = tritonclient.grpc.InferenceServerClient(router.address)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from converters.errors import OptionError
+from phlora_nim.router.catalog import AdapterCatalog
+from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.metrics import RouterMetrics
+from phlora_nim.router.replicas import ReplicaPool
+from phlora_nim.router.service import RouterService
+from phlora_nim.router.tenants import TenantTable, load_tenants
+from phlora_nim.router.weights import WeightStore
+
+log = logging.getLogger("phlora_nim.router")
+T = TypeVar("T")
+
+INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Router:
+    """The router on the running event loop: ``await start()``, serve, ``await stop()``.
+
+    Raises (from :meth:`start`):
+        InputError: a bad tenants file or registry; OptionError: the port cannot be bound.
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.catalog = AdapterCatalog(config.model_repository)
+        self.store = WeightStore(config.model_repository, max_bytes=config.weight_cache_mb * 1024 * 1024)
+        self.health = HealthServicer()
+        self.pool = ReplicaPool(config, self.metrics, on_change=self._health_changed)
+        self.tenants: TenantTable | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: set[asyncio.Future[None]] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def _health_changed(self, healthy: int) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", INFERENCE_SERVICE):
+            task = asyncio.ensure_future(self.health.set(service, status))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+    def _refresh_registry(self) -> None:
+        gone = self.catalog.refresh()
+        if gone:
+            self.store.forget(gone)
+        self.metrics.adapters.set(len(self.catalog.adapters))
+
+    async def _watch_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry_interval)
+            try:
+                self._refresh_registry()
+            except Exception:
+                log.exception("registry check failed")
+
+    async def start(self) -> None:
+        config = self.config
+        if config.tenants is not None:
+            self.tenants = load_tenants(config.tenants)
+            log.info("tenancy on: %d tenants", len(self.tenants.tenants))
+        self._refresh_registry()
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.pool.start()
+        server = grpc.aio.server(options=config.channel_options())
+        service = RouterService(
+            config=config,
+            catalog=self.catalog,
+            pool=self.pool,
+            store=self.store,
+            tenants=self.tenants,
+            metrics=self.metrics,
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        bind = f"{config.host}:{config.port}" if ":" not in config.host else f"[{config.host}]:{config.port}"
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+                )
+                self.port = server.add_secure_port(bind, credentials)
+            else:
+                self.port = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            await self.pool.stop()
+            raise OptionError("cannot listen", where="--host / --port", found=f"{bind}: {exc}") from None
+        await server.start()
+        self.server = server
+        if config.metrics_port:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        self._tasks.append(asyncio.create_task(self._watch_registry()))
+        log.info(
+            "router on %s%s: %d adapters, %d/%d replicas ready, upstream model %s",
+            self.address,
+            " (TLS)" if config.tls_cert else "",
+            len(self.catalog.adapters),
+            len(self.pool.healthy()),
+            len(self.pool.replicas),
+            config.upstream_model,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish for ``grace`` seconds, then close."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.grace if grace is None else grace)
+            self.server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.pool.stop()
+        self.metrics.close()
+        log.info("router stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+class RouterThread:
+    """A :class:`Router` running in its own event-loop thread (a context manager).
+
+    Attributes:
+        router: the router (inspect its pool, metrics, catalog from the test's thread with care).
+        address: ``host:port`` to point a Triton client at.
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.router = Router(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="phlora-router", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine on the router's loop and wait for its result."""
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.router.address
+
+    def start(self) -> RouterThread:
+        self._thread.start()
+        try:
+            self.call(self.router.start())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self, grace: float = 1.0) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self.router.stop(grace))
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> RouterThread:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

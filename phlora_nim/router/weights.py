@@ -1,0 +1,134 @@
+"""Adapter tensors read from the repository, converted to the upstream dtype, kept in memory.
+
+The npy pair of an adapter (``prefetch_dir(root, task_id)``) is memory-mapped, checked, converted
+to the dtype the upstream model declares for ``lora_weights`` and kept as ready-to-send bytes in an
+LRU bounded by bytes. bfloat16 files hold ``<V2`` (2-byte void) and are viewed back as
+``ml_dtypes.bfloat16`` (or float16 when the registry says so).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from converters.errors import InputError
+from converters.trtllm_format import CONFIG_FILE, NP_DTYPES, WEIGHTS_FILE
+from phlora_nim.registry import AdapterEntry
+from phlora_nim.repository_layout import prefetch_dir
+from phlora_nim.router.lru import LruBytes
+from phlora_nim.router.rewrite import LoraTensors, RequestError
+
+# Triton datatype of lora_weights → numpy dtype name (NP_DTYPES key).
+DATATYPES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32"}
+
+
+def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id: int) -> LoraTensors:
+    """Memory-map and check one adapter's npy pair, converted to ``datatype`` (FP16, BF16, FP32).
+
+    Raises:
+        InputError: a missing or malformed file, or values that overflow the target dtype.
+    """
+    wpath, cpath = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    try:
+        weights = np.load(wpath, mmap_mode="r", allow_pickle=False)
+        config = np.load(cpath, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"cannot read the adapter's TensorRT-LLM tensors ({exc})",
+            where=str(folder),
+            expected=f"{WEIGHTS_FILE} and {CONFIG_FILE}",
+            fix="re-export the adapter into the repository",
+        ) from None
+    if weights.dtype == np.dtype("V2"):
+        weights = weights.view(NP_DTYPES["float16" if stored_dtype == "float16" else "bfloat16"])
+    if weights.ndim != 3 or weights.shape[0] != 1 or weights.dtype not in {np.dtype(t) for t in NP_DTYPES.values()}:
+        raise InputError(
+            "lora_weights is malformed",
+            where=str(wpath),
+            expected="[1, N, D] float",
+            found=f"{weights.dtype} {list(weights.shape)}",
+        )
+    if (
+        config.ndim != 3
+        or config.shape[:2] != (1, weights.shape[1])
+        or config.shape[2] not in (3, 4)
+        or config.dtype != np.int32
+    ):
+        raise InputError(
+            "lora_config is malformed",
+            where=str(cpath),
+            expected=f"int32 [1, {weights.shape[1]}, 3]",
+            found=f"{config.dtype} {list(config.shape)}",
+        )
+    target = np.dtype(NP_DTYPES[DATATYPES[datatype]])
+    with np.errstate(over="ignore"):  # checked just below
+        converted = np.ascontiguousarray(weights, dtype=target)
+    if converted.dtype != weights.dtype and not np.isfinite(converted.astype(np.float32)).all():
+        raise InputError(
+            f"lora_weights overflow {DATATYPES[datatype]}, the upstream model's dtype",
+            where=str(wpath),
+            fix="export the adapter in the engine's dtype",
+        )
+    return LoraTensors(
+        task_id=task_id,
+        datatype=datatype,
+        weights=converted.astype(target.newbyteorder("<"), copy=False).tobytes(),
+        weights_shape=tuple(int(d) for d in weights.shape),
+        config=np.ascontiguousarray(config, dtype="<i4").tobytes(),
+        config_shape=tuple(int(d) for d in config.shape),
+    )
+
+
+class WeightStore:
+    """Converted adapter tensors by (task id, datatype), at most ``max_bytes`` in memory (thread-safe)."""
+
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
+        self.root = Path(root)
+        self._cache: LruBytes[tuple[int, str], LoraTensors] = LruBytes(max_bytes, lambda t: t.nbytes)
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._cache.bytes
+
+    def get(self, entry: AdapterEntry, datatype: str) -> LoraTensors:
+        """The tensors of ``entry`` in ``datatype`` (read on a miss; call from a worker thread).
+
+        Raises:
+            RequestError: FAILED_PRECONDITION when the files are missing or malformed, or the
+                datatype is not one TensorRT-LLM takes.
+        """
+        if datatype not in DATATYPES:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the upstream model's lora_weights input is {datatype}; expected FP16, BF16 or FP32",
+            )
+        key = (entry.task_id, datatype)
+        with self._lock:
+            found = self._cache.get(key)
+        if found is not None:
+            return found
+        try:
+            tensors = read_lora_tensors(
+                prefetch_dir(self.root, entry.task_id),
+                stored_dtype=entry.dtype,
+                datatype=datatype,
+                task_id=entry.task_id,
+            )
+        except InputError as exc:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter '{entry.name}': {exc}") from None
+        with self._lock:
+            self.loads += 1
+            self._cache.put(key, tensors)
+        return tensors
+
+    def forget(self, task_ids: set[int]) -> None:
+        """Drop the tensors of adapters no longer registered."""
+        with self._lock:
+            for task_id in task_ids:
+                for datatype in DATATYPES:
+                    self._cache.pop((task_id, datatype))

@@ -1,0 +1,73 @@
+"""The TensorRT-LLM LoRA protocol, reduced to what the router sees (shared by the stand-in models).
+
+A bounded LRU keyed by ``lora_task_id``; weights for a new id are stored (weights sent again for a
+cached id are ignored, as the runtime does); an id-only request for an id not in the cache fails
+with the runtime's message; a cache with no room fails with ``Cache is full``. What a request
+computed proves which weights were applied: ``y = x + round(sum(lora_weights))``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+
+def read(request: Any, name: str) -> np.ndarray | None:
+    """An input of a Triton Python-backend request as numpy (BF16 through torch), None when absent."""
+    import triton_python_backend_utils as pb_utils  # only inside the Python backend
+
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    try:
+        return tensor.as_numpy()
+    except Exception:  # BF16: numpy has no bfloat16, read it through torch
+        import torch.utils.dlpack
+
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).float().numpy()
+
+
+class LoraError(Exception):
+    """A per-request failure, returned to the client as the request's error."""
+
+
+class LoraCache:
+    """Least-recently-used adapters by task id; each entry keeps the sum of its weights."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[int, float] = OrderedDict()
+
+    def resolve(self, task_id: int | None, weights: np.ndarray | None, config: np.ndarray | None) -> float:
+        """The offset this request adds to ``x`` (0 for the base model)."""
+        if task_id is None:
+            if weights is not None or config is not None:
+                raise LoraError("lora_weights and lora_config need a lora_task_id")
+            return 0.0
+        if (weights is None) != (config is None):
+            raise LoraError("lora_weights and lora_config must be sent together")
+        if task_id in self.entries:  # weights sent again for a cached id are ignored
+            self.entries.move_to_end(task_id)
+            return self.entries[task_id]
+        if weights is None:
+            raise LoraError(f"LoRA task {task_id} not found in cache. Please send LoRA weights with request")
+        if weights.shape[-2] != config.shape[-2]:
+            raise LoraError("Expected dim1 lora_weights and lora_keys to have the same size")
+        if self.capacity <= 0:
+            raise LoraError(f"PEFT Cache is full. Could not store taskId={task_id}")
+        total = float(np.round(np.asarray(weights, dtype=np.float64).sum()))
+        self.entries[task_id] = total
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return total
+
+    def offset_of(self, request: Any) -> float:
+        """Read a request's LoRA inputs and resolve them (raises :class:`LoraError`)."""
+        task = read(request, "lora_task_id")
+        return self.resolve(
+            None if task is None else int(task.reshape(-1)[0]),
+            read(request, "lora_weights"),
+            read(request, "lora_config"),
+        )

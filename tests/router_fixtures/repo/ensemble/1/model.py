@@ -1,0 +1,40 @@
+"""Stand-in for the ``ensemble`` of a TensorRT-LLM deployment: ``y = x + round(sum(lora_weights))``.
+
+Implements the LoRA cache protocol of the real engine (see ``lora_standin.py``). An optional
+``delay_ms`` input makes a request slow (for in-flight limits).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from lora_standin import LoraCache, LoraError, read
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        capacity = int(config["parameters"]["lora_cache_capacity"]["string_value"])
+        self.cache = LoraCache(capacity)
+
+    def execute(self, requests: list[object]) -> list[object]:
+        responses = []
+        for request in requests:
+            try:
+                x = read(request, "x")
+                delay = read(request, "delay_ms")
+                if delay is not None:
+                    time.sleep(float(delay.reshape(-1)[0]) / 1000.0)
+                offset = self.cache.offset_of(request)
+                y = (x.astype(np.int64) + int(offset)).astype(np.int32)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("y", y)]))
+            except LoraError as exc:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
+        return responses
