@@ -655,14 +655,26 @@ def triton(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the demo.")] = Path("demo-output"),
-    steps: Annotated[int, typer.Option("--steps", help="Fine-tuning steps of the small model.")] = 30,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the demo (replaced).")] = Path(
+        "demo-output"
+    ),
+    steps: Annotated[int, typer.Option("--steps", help="Full fine-tuning steps per checkpoint.")] = 40,
+    energy: Annotated[
+        float, typer.Option("--energy", help="Share of each module's delta energy the adapters keep.")
+    ] = 0.99,
 ) -> None:
-    """Run the whole job on an embedded default: build a small Llama, fine-tune it fully on CPU,
-    extract its adapter, report and verify it."""
+    """Run the whole job on an embedded default, on CPU.
+
+    Builds a small Llama with its tokenizer and three full fine-tunes of it (each taught its own
+    rule), converts them into one Triton model repository, starts the real tritonserver and the
+    router, sends mixed concurrent requests through the router (an adapter per request, by model
+    name), and prints each answer beside the fine-tuned model's own output. Stops everything at the end.
+    """
     from phlora_nim.demo import run_demo
 
-    run_demo(out, steps=steps, console=out_console)
+    rows = run_demo(out, steps=steps, energy=energy, console=out_console)
+    if not all(r.match for r in rows):
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

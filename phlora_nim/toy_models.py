@@ -62,11 +62,20 @@ def build_model(family: str, *, seed: int = 0, **overrides: Any) -> Any:
 
 
 def training_batch(vocab: int, *, batch: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
-    """Token sequences with a learnable rule (each token is a fixed function of the previous)."""
+    """Token sequences with a learnable rule: each token is the previous one plus a stride.
+
+    The stride depends on the seed (5, 11, 17, 23, …), so fine-tunes with different seeds learn
+    visibly different behaviour.
+    """
     gen = torch.Generator().manual_seed(seed)
     start = torch.randint(3, vocab, (batch, 1), generator=gen)
     steps = torch.arange(length)
-    return (start * 7 + steps * 5) % (vocab - 3) + 3
+    return (start * 7 + steps * stride_for(seed)) % (vocab - 3) + 3
+
+
+def stride_for(seed: int) -> int:
+    """The stride :func:`training_batch` teaches for ``seed``."""
+    return 5 + 6 * (seed % 8)
 
 
 def finetune(
