@@ -1,0 +1,462 @@
+"""The router in front of the real tritonserver (CPU), driven by real ``tritonclient.grpc`` clients.
+
+The stand-in models in ``router_fixtures/repo`` implement TensorRT-LLM's LoRA cache protocol with a
+2-adapter cache and answer ``y = x + offset``, each adapter's weights summing to its own offset: a
+response computed with any other adapter (or none) shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from router_fixtures.build import STANDIN_REPO, add_adapters, remove_adapter, standin_repo
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from phlora_nim.router import RouterConfig, RouterThread
+from phlora_nim.router.routing import rank_replicas
+from phlora_nim.router.tenants import key_digest
+from phlora_nim.triton_launcher import LocalTriton, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+ADAPTERS = {
+    "support-a": (100, "float16"),
+    "support-b": (200, "bfloat16"),
+    "legal": (300, "float32"),
+    "faq": (400, "float16"),
+    "ops": (500, "bfloat16"),
+}
+OFFSET = {name: offset for name, (offset, _) in ADAPTERS.items()}
+X = [1, 2, 3]
+
+
+# fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def repo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    add_adapters(root, ADAPTERS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[LocalTriton]:
+    with LocalTriton(STANDIN_REPO) as server:
+        yield server
+
+
+def config(root: Path, *upstreams: str, **kwargs: Any) -> RouterConfig:
+    options: dict[str, Any] = {"port": 0, "metrics_port": 0, "health_interval": 0.5, "registry_interval": 0.2}
+    options.update(kwargs)
+    return RouterConfig(root, upstreams=upstreams, **options)
+
+
+@pytest.fixture(scope="module")
+def router(repo_root: Path, triton: LocalTriton) -> Iterator[RouterThread]:
+    with RouterThread(config(repo_root, triton.grpc_url, metrics_port=free_port())) as running:
+        yield running
+
+
+@pytest.fixture
+def client(router: RouterThread) -> Iterator[grpcclient.InferenceServerClient]:
+    with contextlib.closing(grpcclient.InferenceServerClient(router.address)) as c:
+        yield c
+
+
+# helpers -------------------------------------------------------------------------------------
+def inputs(values: list[int] = X, delay_ms: int | None = None) -> list[grpcclient.InferInput]:
+    x = grpcclient.InferInput("x", [1, len(values)], "INT32")
+    x.set_data_from_numpy(np.array([values], np.int32))
+    out = [x]
+    if delay_ms is not None:
+        d = grpcclient.InferInput("delay_ms", [1, 1], "INT32")
+        d.set_data_from_numpy(np.array([[delay_ms]], np.int32))
+        out.append(d)
+    return out
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, values: list[int] = X, **kwargs: Any) -> list[int]:
+    return client.infer(model, inputs(values), **kwargs).as_numpy("y")[0].tolist()
+
+
+def shifted(offset: int, values: list[int] = X) -> list[int]:
+    return [v + offset for v in values]
+
+
+def refused(code: grpc.StatusCode, call: Callable[[], object]) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    assert info.value.status() == str(code), info.value
+    return str(info.value)
+
+
+def served_by(tritons: list[LocalTriton], model: str = "ensemble") -> dict[str, int]:
+    counts = {}
+    for server in tritons:
+        with contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as c:
+            stats = c.get_inference_statistics(model).model_stats[0]
+            counts[server.grpc_url] = int(stats.inference_stats.success.count)
+    return counts
+
+
+@contextlib.contextmanager
+def routed(cfg: RouterConfig) -> Iterator[tuple[RouterThread, grpcclient.InferenceServerClient]]:
+    """A router on ``cfg`` and a client of it."""
+    with RouterThread(cfg) as running, contextlib.closing(grpcclient.InferenceServerClient(running.address)) as c:
+        yield running, c
+
+
+def sample(router: RouterThread, name: str, **labels: str) -> float:
+    return router.router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# selection and pass-through ------------------------------------------------------------------
+def test_adapter_by_model_name_parameter_and_metadata(client: grpcclient.InferenceServerClient) -> None:
+    assert infer(client, "support-a") == shifted(100)
+    assert infer(client, "ensemble", parameters={"lora_adapter": "legal"}) == shifted(300)
+    assert infer(client, "ensemble", headers={"phlora-adapter": "faq"}) == shifted(400)
+    # precedence: model name, then parameter, then metadata
+    both = {"parameters": {"lora_adapter": "legal"}, "headers": {"phlora-adapter": "faq"}}
+    assert infer(client, "ops", **both) == shifted(500)
+    assert infer(client, "ensemble", **both) == shifted(300)
+
+
+def test_base_model_passes_through(client: grpcclient.InferenceServerClient) -> None:
+    assert infer(client, "ensemble", [5, 6]) == [5, 6]
+
+
+def test_typed_contents_requests(router: RouterThread, repo_root: Path) -> None:
+    request = service_pb2.ModelInferRequest(model_name="support-b")
+    request.inputs.add(name="x", datatype="INT32", shape=[1, 3]).contents.int_contents.extend(X)
+    with grpc.insecure_channel(router.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):  # weights (the request becomes raw bytes), then the id alone in contents
+            response = stub.ModelInfer(request, timeout=10)
+            assert np.frombuffer(response.raw_output_contents[0], "<i4").tolist() == shifted(200)
+
+
+def test_eviction_upstream_never_serves_the_wrong_adapter(
+    router: RouterThread, client: grpcclient.InferenceServerClient, triton: LocalTriton
+) -> None:
+    misses = sample(router, "phlora_router_replica_cache_misses_total", replica=triton.grpc_url)
+    for round_ in range(3):  # 5 adapters through a 2-adapter cache: every request evicts
+        for i, name in enumerate(ADAPTERS):
+            values = [round_, i, 7]
+            assert infer(client, name, values) == shifted(OFFSET[name], values)
+    assert sample(router, "phlora_router_replica_cache_misses_total", replica=triton.grpc_url) > misses
+    # concurrent requests, adapters interleaved
+    pending = [(name, [k, 1]) for k, name in enumerate(list(ADAPTERS) * 4)]
+    results: queue.Queue[tuple[str, list[int], Any, Any]] = queue.Queue()
+    for name, values in pending:
+        client.async_infer(
+            name, inputs(values), callback=lambda result, error, n=name, v=values: results.put((n, v, result, error))
+        )
+    for _ in pending:
+        name, values, result, error = results.get(timeout=15)
+        assert error is None, error
+        assert result.as_numpy("y")[0].tolist() == shifted(OFFSET[name], values)
+
+
+# errors --------------------------------------------------------------------------------------
+def test_unknown_adapter_is_not_found(client: grpcclient.InferenceServerClient) -> None:
+    assert "'nope'" in refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "nope"))
+    message = refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "ensemble", parameters={"lora_adapter": "nope"}))
+    assert "unknown adapter 'nope'" in message
+    refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "ensemble", headers={"phlora-adapter": "nope"}))
+
+
+def test_malformed_requests_are_invalid_arguments(client: grpcclient.InferenceServerClient) -> None:
+    task = grpcclient.InferInput("lora_task_id", [1, 1], "UINT64")
+    task.set_data_from_numpy(np.array([[1]], np.uint64))
+    message = refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.infer("support-a", [*inputs(), task]))
+    assert "set by the router" in message
+    refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.infer("ensemble", [*inputs(), task]))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: infer(client, "ensemble", parameters={"lora_adapter": 3}))
+
+
+def test_deadline_reaches_upstream(client: grpcclient.InferenceServerClient) -> None:
+    started = time.monotonic()
+    refused(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        lambda: client.infer("faq", inputs(delay_ms=1500), client_timeout=0.3),
+    )
+    assert time.monotonic() - started < 1.2
+
+
+# model and server RPCs, health, reflection, metrics ------------------------------------------
+def test_model_rpcs_for_adapters(client: grpcclient.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("legal") and client.is_model_ready("ensemble")
+    assert not client.is_model_ready("nope")
+    metadata = client.get_model_metadata("legal")
+    assert metadata.name == "legal" and [t.name for t in metadata.inputs] == ["x", "delay_ms"]
+    model_config = client.get_model_config("legal").config
+    assert model_config.name == "legal" and model_config.max_batch_size == 8
+    assert not {t.name for t in model_config.input} & {"lora_task_id", "lora_weights", "lora_config"}
+    assert client.get_model_metadata("stream").name == "stream"
+    refused(grpc.StatusCode.NOT_FOUND, lambda: client.get_model_metadata("nope"))
+    index = {m.name: m.state for m in client.get_model_repository_index().models}
+    assert index == {"ensemble": "READY", "stream": "READY", **dict.fromkeys(ADAPTERS, "READY")}
+    refused(grpc.StatusCode.UNIMPLEMENTED, client.get_server_metadata)
+
+
+def test_health_and_reflection(router: RouterThread) -> None:
+    with grpc.insecure_channel(router.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServerClient) -> None:
+    infer(client, "ops")
+    with contextlib.suppress(InferenceServerException):
+        infer(client, "ensemble", parameters={"lora_adapter": "nope"})
+    port = router.router.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'phlora_router_requests_total{adapter="ops"}' in text
+    assert 'phlora_router_request_seconds_bucket{adapter="ops",le="+Inf"}' in text
+    assert 'phlora_router_in_flight{adapter="ops"} 0.0' in text
+    assert 'phlora_router_errors_total{adapter="(unknown)",code="NOT_FOUND"}' in text
+    assert "phlora_router_replica_weight_sends_total{replica=" in text
+    assert "phlora_router_adapters 5.0" in text and "phlora_router_healthy_replicas 1.0" in text
+
+
+# registry changes ----------------------------------------------------------------------------
+def test_registry_changes_apply_without_restart(repo_root: Path, client: grpcclient.InferenceServerClient) -> None:
+    refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "late"))
+    add_adapters(repo_root, {"late": (700, "float16")})
+
+    def served() -> bool:
+        with contextlib.suppress(InferenceServerException):
+            return infer(client, "late") == shifted(700)
+        return False
+
+    wait_for(served, timeout=5)
+    remove_adapter(repo_root, "late")
+    wait_for(lambda: not served(), timeout=5)
+    refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "late"))
+
+
+# streaming -----------------------------------------------------------------------------------
+def stream(
+    address: str, requests: list[tuple[str, dict[str, Any]]], *, headers: dict[str, str] | None = None, expect: int
+) -> dict[str, list[Any]]:
+    """Send ``(request_id, kwargs)`` on one stream; collect ``expect`` results by request id."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    got: dict[str, list[Any]] = {}
+    with contextlib.closing(grpcclient.InferenceServerClient(address)) as c:
+        c.start_stream(callback=lambda result, error: results.put((result, error)), headers=headers)
+        for request_id, kwargs in requests:
+            c.async_stream_infer(
+                kwargs.pop("model", "stream"), inputs(kwargs.pop("values", X)), request_id=request_id, **kwargs
+            )
+        for _ in range(expect):
+            result, error = results.get(timeout=20)
+            if error is not None:
+                got.setdefault("errors", []).append(str(error))
+            else:
+                got.setdefault(result.get_response().id, []).append(result.as_numpy("y")[0].tolist())
+        c.stop_stream()
+    return got
+
+
+def test_stream_with_adapters_and_eviction(router: RouterThread) -> None:
+    names = list(ADAPTERS) * 2  # 5 adapters through a 2-adapter cache, on one stream
+    requests = [(f"r{i}", {"parameters": {"lora_adapter": n}, "values": [i, 0]}) for i, n in enumerate(names)]
+    got = stream(router.address, requests, expect=3 * len(names))
+    assert "errors" not in got
+    for i, name in enumerate(names):
+        assert sorted(got[f"r{i}"]) == [shifted(OFFSET[name] + k, [i, 0]) for k in range(3)]
+
+
+def test_stream_metadata_base_and_errors(router: RouterThread) -> None:
+    requests = [("a", {}), ("b", {"model": "ops"}), ("c", {"model": "nosuch"})]
+    got = stream(router.address, requests, headers={"phlora-adapter": "faq"}, expect=5)
+    assert got["a"] == [shifted(400 + k) for k in range(3)]
+    assert got["b"] == [shifted(500)]  # the model name wins: 'ops' on the upstream model, one response
+    assert "NOT_FOUND" in got["errors"][0] and "'nosuch'" in got["errors"][0]
+    got = stream(router.address, [("base", {}), ("bad", {"parameters": {"lora_adapter": "nope"}})], expect=4)
+    assert got["base"] == [shifted(k) for k in range(3)]
+    assert "NOT_FOUND" in got["errors"][0] and "nope" in got["errors"][0]
+
+
+# tenants and TLS -----------------------------------------------------------------------------
+TENANTS = """
+tenants:
+  - name: support
+    keys: ["sha256:{digest}"]
+    adapters: ["support-*"]
+    base_models: ["ensemble"]
+  - name: limited
+    keys: ["limited-key"]
+    adapters: ["*"]
+    max_in_flight: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tenant_router(
+    repo_root: Path, triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RouterThread]:
+    path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    path.write_text(TENANTS.format(digest=key_digest("support-secret")))
+    with RouterThread(config(repo_root, triton.grpc_url, tenants=path)) as running:
+        yield running
+
+
+def test_tenants(tenant_router: RouterThread) -> None:
+    support = {"authorization": "Bearer support-secret"}
+    with contextlib.closing(grpcclient.InferenceServerClient(tenant_router.address)) as c:
+        assert c.is_server_ready()  # probes need no key
+        refused(grpc.StatusCode.UNAUTHENTICATED, lambda: infer(c, "support-a"))
+        refused(grpc.StatusCode.UNAUTHENTICATED, lambda: infer(c, "support-a", headers={"authorization": "Bearer x"}))
+        refused(grpc.StatusCode.UNAUTHENTICATED, lambda: c.get_model_repository_index())
+        assert infer(c, "support-a", headers=support) == shifted(100)
+        assert infer(c, "ensemble", headers=support) == X
+        refused(grpc.StatusCode.PERMISSION_DENIED, lambda: infer(c, "legal", headers=support))
+        refused(grpc.StatusCode.PERMISSION_DENIED, lambda: infer(c, "stream", headers=support))
+        index = {m.name for m in c.get_model_repository_index(headers=support).models}
+        assert index == {"ensemble", "support-a", "support-b"}
+        assert not c.is_model_ready("legal", headers=support)
+        refused(grpc.StatusCode.NOT_FOUND, lambda: c.get_model_metadata("legal", headers=support))
+        assert c.get_model_metadata("support-b", headers=support).name == "support-b"
+
+
+def test_tenant_in_flight_limit(tenant_router: RouterThread) -> None:
+    limited = {"authorization": "Bearer limited-key"}
+    with contextlib.closing(grpcclient.InferenceServerClient(tenant_router.address)) as c:
+        done: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        c.async_infer(
+            "legal", inputs(delay_ms=1500), headers=limited, callback=lambda result, error: done.put((result, error))
+        )
+        wait_for(lambda: sample(tenant_router, "phlora_router_in_flight", adapter="legal") >= 1, timeout=5)
+        message = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: infer(c, "faq", headers=limited))
+        assert "tenant 'limited'" in message
+        result, error = done.get(timeout=10)
+        assert error is None and result.as_numpy("y")[0].tolist() == shifted(300)
+        assert infer(c, "faq", headers=limited) == shifted(400)
+
+
+def test_tls_front(repo_root: Path, triton: LocalTriton, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    with RouterThread(config(repo_root, triton.grpc_url, tls_cert=cert, tls_key=key)) as running:
+        secure = grpcclient.InferenceServerClient(running.address, ssl=True, root_certificates=str(cert))
+        with contextlib.closing(secure):
+            assert infer(secure, "faq") == shifted(400)
+
+
+def test_upstream_by_dns(repo_root: Path, triton: LocalTriton) -> None:
+    dns = f"localhost:{triton.grpc_port}"
+    with routed(RouterConfig(repo_root, upstream_dns=dns, port=0, metrics_port=0, dns_interval=0.5)) as (running, c):
+        assert f"127.0.0.1:{triton.grpc_port}" in running.router.pool.replicas
+        assert infer(c, "legal") == shifted(300)
+
+
+# many replicas -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair() -> Iterator[list[LocalTriton]]:
+    servers = [LocalTriton(STANDIN_REPO).start()]
+    try:
+        servers.append(LocalTriton(STANDIN_REPO).start())
+        yield servers  # a test may replace an entry (a restarted replica)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> None:
+    addresses = [s.grpc_url for s in pair]
+    with routed(config(repo_root, *addresses)) as (running, c):
+        used = set()
+        for name in ADAPTERS:
+            before = served_by(pair)
+            for k in range(3):
+                assert infer(c, name, [k]) == shifted(OFFSET[name], [k])
+            after = served_by(pair)
+            expected = rank_replicas(name, addresses)[0]
+            assert {a: after[a] - before[a] for a in addresses} == {a: 3 * (a == expected) for a in addresses}
+            used.add(expected)
+        assert used == set(addresses)  # 5 adapters spread over both
+        sends = sum(sample(running, "phlora_router_replica_weight_sends_total", replica=a) for a in addresses)
+        assert sends == len(ADAPTERS)  # weights sent once per adapter, ids alone afterwards
+
+
+def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_path: Path) -> None:
+    with LocalTriton(standin_repo(tmp_path / "full", capacity=0)) as full:
+        name = next(n for n in ADAPTERS if rank_replicas(n, [full.grpc_url, triton.grpc_url])[0] == full.grpc_url)
+        with routed(config(repo_root, full.grpc_url, triton.grpc_url)) as (running, c):
+            assert infer(c, name) == shifted(OFFSET[name])  # spilled to the replica with room
+        with routed(config(repo_root, full.grpc_url)) as (running, c):
+            message = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: infer(c, name))
+            assert "cache is full" in message
+            got = stream(running.address, [("s", {"parameters": {"lora_adapter": name}})], expect=1)
+            assert "RESOURCE_EXHAUSTED" in got["errors"][0]
+
+
+def test_bf16_upstream(repo_root: Path, tmp_path: Path) -> None:
+    with (
+        LocalTriton(standin_repo(tmp_path / "bf16", weights_type="TYPE_BF16")) as bf16,
+        routed(config(repo_root, bf16.grpc_url)) as (_, c),
+    ):
+        for name in ADAPTERS:  # fp16, bf16 and fp32 files, all sent as BF16
+            assert infer(c, name) == shifted(OFFSET[name])
+
+
+def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTriton]) -> None:
+    addresses = [s.grpc_url for s in pair]
+    with RouterThread(config(repo_root, *addresses)) as running:
+        pool = running.router.pool
+        with contextlib.closing(grpcclient.InferenceServerClient(running.address)) as c:
+            name = "support-a"
+            victim_address = rank_replicas(name, addresses)[0]
+            victim = next(s for s in pair if s.grpc_url == victim_address)
+            assert infer(c, name) == shifted(100)
+            assert victim._process is not None
+            os.killpg(victim._process.pid, signal.SIGKILL)
+            victim.stop()
+            started = time.monotonic()
+            assert infer(c, name) == shifted(100)  # retried on the other replica
+            assert time.monotonic() - started < 2.0
+            assert not pool.replicas[victim_address].healthy
+            assert sample(running, "phlora_router_replica_healthy", replica=victim_address) == 0
+            assert c.is_server_ready()
+            for _ in range(3):  # served by the survivor while the victim is out
+                assert infer(c, name) == shifted(100)
+            restarted = LocalTriton(STANDIN_REPO, grpc_port=victim.grpc_port).start()
+            pair[pair.index(victim)] = restarted
+            wait_for(lambda: pool.replicas[victim_address].healthy, timeout=10)
+            before = served_by([restarted])[victim_address]
+            assert infer(c, name) == shifted(100)  # back on its first choice, weights resent
+            assert served_by([restarted])[victim_address] == before + 1
