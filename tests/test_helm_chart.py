@@ -238,6 +238,19 @@ def test_values_table_in_readme_is_up_to_date() -> None:
 
 # Bad values: the schema and the template guards -------------------------------------------------------
 
+
+def _conversion(**fields: Any) -> dict[str, Any]:
+    """Values of a complete conversion Job, with ``fields`` replaced."""
+    conversion = {
+        "enabled": True,
+        "base": "/checkpoints/base",
+        "rank": 8,
+        "finetuned": [{"name": "a", "path": "/checkpoints/a"}],
+        **fields,
+    }
+    return {"checkpoints": {"existingClaim": "ckpt"}, "conversion": conversion}
+
+
 SCHEMA = helm.HelmValuesError
 GUARD = helm.HelmRenderError
 BAD_VALUES = [
@@ -249,6 +262,8 @@ BAD_VALUES = [
     ({"server": {"gpu": {"resourceName": "amd.com/gpu"}}}, SCHEMA, r"/server/gpu/resourceName': 'amd.com/gpu'"),
     ({"server": {"gpu": {"count": 0}}}, SCHEMA, r"/server/gpu/count': minimum: got 0, want 1"),
     ({"conversion": {"dtype": "fp8"}}, SCHEMA, r"/conversion/dtype': value must be one of"),
+    ({"conversion": {"checkpoints": []}}, SCHEMA, r"additional properties 'checkpoints' not allowed"),
+    ({"conversion": {"finetuned": [{"name": "a"}]}}, SCHEMA, r"/conversion/finetuned/0': missing property 'path'"),
     ({"conversion": {"energy": 1.5}}, SCHEMA, r"/conversion/energy': maximum"),
     ({"modelRepository": {"source": "s3"}}, SCHEMA, r"/modelRepository/source': value must be one of"),
     ({"router": {"autoscaling": {"minReplicas": 0}}}, SCHEMA, r"/router/autoscaling/minReplicas': minimum"),
@@ -262,57 +277,15 @@ BAD_VALUES = [
         GUARD,
         r"only https:// URLs",
     ),
-    ({"conversion": {"enabled": True}}, GUARD, r"conversion\.checkpointsClaim"),
-    ({"conversion": {"enabled": True, "checkpointsClaim": "ckpt"}}, GUARD, r"conversion\.base"),
+    ({"conversion": {"enabled": True}}, GUARD, r"set checkpoints\.existingClaim"),
+    (_conversion(base=""), GUARD, r"set conversion\.base"),
+    (_conversion(finetuned=[]), GUARD, r"list the fine-tunes to convert in conversion\.finetuned"),
+    (_conversion(rank=None), GUARD, r"exactly one of conversion\.rank .* and conversion\.energy"),
+    (_conversion(energy=0.9), GUARD, r"exactly one of conversion\.rank"),
+    (_conversion(finetuned=[{"name": "a", "path": "/checkpoints/a"}] * 2), GUARD, r'adapter name "a" is listed twice'),
+    (_conversion(base="/data/base"), GUARD, r"/data/base is not under checkpoints\.mountPath \(/checkpoints\)"),
     (
-        {"conversion": {"enabled": True, "checkpointsClaim": "ckpt", "base": "/checkpoints/base"}},
-        GUARD,
-        r"list the fine-tunes to convert",
-    ),
-    (
-        {
-            "conversion": {
-                "enabled": True,
-                "checkpointsClaim": "c",
-                "base": "/b",
-                "checkpoints": [{"name": "a", "path": "/a"}],
-            }
-        },
-        GUARD,
-        r"exactly one of conversion\.rank .* and conversion\.energy",
-    ),
-    (
-        {
-            "conversion": {
-                "enabled": True,
-                "checkpointsClaim": "c",
-                "base": "/b",
-                "rank": 8,
-                "energy": 0.9,
-                "checkpoints": [{"name": "a", "path": "/a"}],
-            }
-        },
-        GUARD,
-        r"exactly one of conversion\.rank",
-    ),
-    (
-        {
-            "conversion": {
-                "enabled": True,
-                "checkpointsClaim": "c",
-                "base": "/b",
-                "rank": 8,
-                "checkpoints": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/a2"}],
-            }
-        },
-        GUARD,
-        r'adapter name "a" is listed twice',
-    ),
-    (
-        {
-            "modelRepository": {"source": "image", "image": {"repository": "store"}},
-            "conversion": {"enabled": True, "checkpointsClaim": "c", "base": "/b", "rank": 8},
-        },
+        {**_conversion(), "modelRepository": {"source": "image", "image": {"repository": "store"}}},
         GUARD,
         r"set modelRepository\.source=pvc",
     ),
@@ -383,9 +356,12 @@ def test_probes_on_health_endpoints(rendered: dict[str, list[dict[str, Any]]]) -
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["startupProbe"]["periodSeconds"] * triton["startupProbe"]["failureThreshold"] >= 600
+    # Readiness follows grpc.health.v1 (SERVING while a Triton replica is ready); startup and liveness only
+    # check the port, so routers are not restarted while Triton loads its engine.
     router = _main_container(_one(rendered["defaults"], "Deployment", "router"))
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert router[probe]["grpc"] == {"port": 8001, "service": ""}
+    assert router["readinessProbe"]["grpc"] == {"port": 8001, "service": ""}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert router[probe]["tcpSocket"] == {"port": "grpc"}
     nim = _main_container(_one(rendered["profile:nim"], "Deployment", "nim"))
     assert nim["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "http"}
     # The kubelet's gRPC probe has no TLS: with TLS the router's port is checked.
@@ -471,6 +447,19 @@ def test_model_repository_is_mounted_read_only(rendered: dict[str, list[dict[str
         v for v in _pod_spec(_one(existing, "Deployment", "triton"))["volumes"] if v["name"] == "model-repository"
     )
     assert volume["persistentVolumeClaim"]["claimName"] == "phlora-model-repository"
+
+
+def test_triton_mounts_the_engine_and_the_base_checkpoint(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """config.pbtxt points at the engine (--engine-dir) and the base's tokenizer (--base) by path."""
+    triton = _one(rendered["profile:tensorrtllm"], "Deployment", "triton")
+    volumes = {v["name"]: v for v in _pod_spec(triton)["volumes"]}
+    mounts = {m["name"]: m for m in _main_container(triton)["volumeMounts"]}
+    assert volumes["engine"]["persistentVolumeClaim"] == {"claimName": "trtllm-engines", "readOnly": True}
+    assert mounts["engine"]["mountPath"] == "/engines/base" and mounts["engine"]["readOnly"] is True
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "model-checkpoints", "readOnly": True}
+    assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
+    defaults = _one(rendered["defaults"], "Deployment", "triton")
+    assert {v["name"] for v in _pod_spec(defaults)["volumes"]} == {"model-repository", "dshm", "scratch"}
 
 
 @pytest.mark.parametrize("case", ["source-image", "source-url"])
@@ -636,6 +625,8 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--rank=64",
         "--dtype=bfloat16",
         "--device=cuda",
+        "--engine-dir=/engines/base",
+        "--engine-config=/engines/base/config.json",
     ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     spec = _pod_spec(job)
@@ -646,11 +637,17 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert volumes["model-repository"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert "readOnly" not in mounts["model-repository"], "the Job writes the store"
+    assert mounts["engine"] == {
+        "name": "engine",
+        "mountPath": "/engines/base",
+        "subPath": "llama-3.1-8b-bf16-lora",
+        "readOnly": True,
+    }
 
     # Job specs are immutable: other settings make another Job, the same settings the same one.
     values = _profile("conversion-job")
     grown = _deep_merge(values, {})
-    grown["conversion"]["checkpoints"].append({"name": "new-bot", "path": "/checkpoints/new-bot"})
+    grown["conversion"]["finetuned"].append({"name": "new-bot", "path": "/checkpoints/new-bot"})
     by_energy = _deep_merge(values, {"conversion": {"rank": None, "energy": 0.95}})
     names = {
         label: _one(render(chart, v), "Job")["metadata"]["name"]
