@@ -186,18 +186,25 @@ def test_kube_version_is_one_kubernetes_validate_ships() -> None:
     assert KUBE_VERSION in shipped, f"kubernetes-validate has no schemas for {KUBE_VERSION} (has {sorted(shipped)})"
 
 
+NEWEST_KUBE_VERSION = ".".join(kubernetes_validate.latest_version().split(".")[:2])
+
+
+@pytest.mark.parametrize("kube_version", sorted({KUBE_VERSION, NEWEST_KUBE_VERSION}))
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_object_is_valid_kubernetes(rendered: dict[str, list[dict[str, Any]]], case: str) -> None:
+def test_every_object_is_valid_kubernetes(
+    rendered: dict[str, list[dict[str, Any]]], case: str, kube_version: str
+) -> None:
+    """Strict schemas (no unknown fields) of the oldest Kubernetes the chart admits and the newest shipped."""
     objects = rendered[case]
     assert objects
     for obj in objects:
         if obj["kind"] in CRD_KINDS:
             continue
         try:
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            kubernetes_validate.validate(obj, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{case}: {obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
+            pytest.fail(f"{case} on {kube_version}: {obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
 
 
 def test_schema_is_draft07_and_closed() -> None:
@@ -523,6 +530,18 @@ def test_every_pod_is_locked_down(rendered: dict[str, list[dict[str, Any]]]) -> 
     assert seen >= {"triton", "nim", "router", "conversion", "test"}
 
 
+def test_store_readers_share_the_writer_identity(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The converter writes owner-only files (mkstemp/mkdtemp): the Job, Triton and router share one uid."""
+    objects = rendered["profile:conversion-job"]
+    identities = {
+        component: {k: v for k, v in _pod_spec(obj)["securityContext"].items() if k in {"runAsUser", "runAsGroup"}}
+        for component in ("conversion", "triton", "router")
+        for obj in objects
+        if obj["kind"] in WORKLOAD_KINDS and _component(obj) == component
+    }
+    assert len(identities) == 3 and len({json.dumps(i, sort_keys=True) for i in identities.values()}) == 1
+
+
 def test_writable_paths_of_triton_and_nim_are_empty_dirs(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for case, component, paths in (
         ("defaults", "triton", {"/tmp", "/dev/shm"}),
@@ -656,6 +675,33 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert names["same"] == job["metadata"]["name"]
     assert len(set(names.values())) == 3 and all(len(n) <= 63 for n in names.values())
     assert "--energy=0.95" in _main_container(_one(render(chart, by_energy), "Job"))["args"]
+
+
+def _cli_options(command: str) -> set[str] | None:
+    """Option names of ``phlora-nim <command>`` as the CLI defines them (None: no such command)."""
+    from typer.main import get_command
+
+    from phlora_nim.cli import app
+
+    found = get_command(app).commands.get(command)
+    return None if found is None else {name for param in found.params for name in param.opts}
+
+
+@pytest.mark.parametrize(
+    ("command", "case", "component"),
+    [("convert", "profile:conversion-job", "conversion"), ("serve", "tls-and-tenants-secret", "router")],
+)
+def test_every_flag_the_chart_passes_is_one_the_cli_has(
+    rendered: dict[str, list[dict[str, Any]]], command: str, case: str, component: str
+) -> None:
+    options = _cli_options(command)
+    if options is None:
+        pytest.skip(f"phlora-nim {command} is not a command of phlora_nim.cli (yet)")
+    workload = next(o for o in rendered[case] if o["kind"] in WORKLOAD_KINDS and _component(o) == component)
+    container = _main_container(workload)
+    assert container["command"] == ["phlora-nim"] and container["args"][0] == command
+    flags = {arg.split("=", 1)[0] for arg in container["args"][1:]}
+    assert flags <= options, f"phlora-nim {command} has no {sorted(flags - options)}"
 
 
 def test_helm_test_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
