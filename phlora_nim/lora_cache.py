@@ -36,6 +36,10 @@ class LoraRequestError(Exception):
     """A per-request LoRA failure; the message is TensorRT-LLM's text for the same failure."""
 
 
+class CacheFullError(LoraRequestError):
+    """No room for an adapter: every cached adapter is in use (back-pressure, not a client error)."""
+
+
 def not_found_message(task_id: int) -> str:
     return f"LoRA task {task_id} not found in cache. Please send LoRA weights with request"
 
@@ -199,11 +203,11 @@ class LoraCache:
                 self._tasks.move_to_end(task.task_id)
                 return self._tasks[task.task_id]
             if task.nbytes > self.capacity_bytes:
-                raise LoraRequestError(cache_full_message(task.task_id))
+                raise CacheFullError(cache_full_message(task.task_id))
             while self.used_bytes + task.nbytes > self.capacity_bytes:
                 victim = next((tid for tid in self._tasks if not self._in_use.get(tid)), None)
                 if victim is None:
-                    raise LoraRequestError(cache_full_message(task.task_id))
+                    raise CacheFullError(cache_full_message(task.task_id))
                 del self._tasks[victim]
                 self.evictions += 1
                 log.debug("evicted LoRA task %d", victim)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.lora_cache import LoraRequestError
+from phlora_nim.lora_cache import CacheFullError, LoraRequestError
 from phlora_nim.reference_engine import GenerationRequest, ReferenceEngine, engine_from_parameters
 from phlora_nim.triton_models.text import model_parameters
 
@@ -25,10 +25,14 @@ log = logging.getLogger("phlora_nim.reference")
 
 @dataclass
 class _Item:
-    """One batch item of one Triton request."""
+    """One batch item of one Triton request, with the LoRA inputs it brought."""
 
     request: int
     gen: GenerationRequest
+    position: int = 0
+    task_id: int | None = None
+    weights: np.ndarray | None = None
+    config: np.ndarray | None = None
 
 
 @dataclass
@@ -62,14 +66,6 @@ class ReferenceLlmModel:
         return None if tensor is None else tensor.as_numpy()
 
     def _parse(self, index: int, request: Any) -> _Pending:
-        pending = self._parse_items(index, request)
-        if pending.error is not None:  # unpin what this request's earlier items took
-            for it in pending.items:
-                self.engine.release(it.gen.lora)
-            pending.items.clear()
-        return pending
-
-    def _parse_items(self, index: int, request: Any) -> _Pending:
         pending = _Pending()
         ids = self._input(request, "input_ids")
         if ids is None:
@@ -93,28 +89,26 @@ class ReferenceLlmModel:
             if not 0 < n <= ids.shape[1]:
                 pending.error = f"input_lengths {n} out of range [1, {ids.shape[1]}]"
                 return pending
-            task_id = None if task_ids is None else int(_scalar(task_ids, b, 0))
-            try:
-                lora = self.engine.resolve(
-                    task_id,
-                    None if weights is None else weights[b : b + 1],
-                    None if lconfig is None else lconfig[b : b + 1],
-                )
-            except LoraRequestError as exc:
-                pending.error = str(exc)
-                return pending
             gen = GenerationRequest(
                 input_ids=[int(x) for x in ids[b, :n]],
                 max_new_tokens=int(_scalar(out_len, b, 16)),
                 end_id=int(_scalar(end_id, b, -1)),
                 pad_id=int(_scalar(pad_id, b, 0)),
-                lora=lora,
                 temperature=float(_scalar(temperature, b, 1.0)),
                 top_k=int(_scalar(top_k, b, 0)),
                 top_p=float(_scalar(top_p, b, 0.0)),
                 seed=int(_scalar(seed, b, 0)),
             )
-            pending.items.append(_Item(index, gen))
+            pending.items.append(
+                _Item(
+                    index,
+                    gen,
+                    position=b,
+                    task_id=None if task_ids is None else int(_scalar(task_ids, b, 0)),
+                    weights=None if weights is None else weights[b : b + 1],
+                    config=None if lconfig is None else lconfig[b : b + 1],
+                )
+            )
         return pending
 
     def _tensors(self, tokens: list[list[int]], pad_id: int) -> list[Any]:
@@ -128,31 +122,58 @@ class ReferenceLlmModel:
     def _error(self, message: str) -> Any:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
 
+    def _resolve_round(self, todo: list[_Item], pending: list[_Pending]) -> tuple[list[_Item], list[_Item]]:
+        """Resolve adapters for as many items as the LoRA cache holds at once; defer the rest.
+
+        An adapter that does not fit while this round's adapters are pinned waits for the next
+        round (TensorRT-LLM's scheduler likewise holds such requests back); alone, it is an error.
+        """
+        batch: list[_Item] = []
+        deferred: list[_Item] = []
+        for it in todo:
+            if pending[it.request].error is not None:
+                continue
+            try:
+                it.gen.lora = self.engine.resolve(it.task_id, it.weights, it.config)
+                batch.append(it)
+            except CacheFullError as exc:
+                if batch:
+                    deferred.append(it)
+                else:
+                    pending[it.request].error = str(exc)
+            except LoraRequestError as exc:
+                pending[it.request].error = str(exc)
+        run = [it for it in batch if pending[it.request].error is None]
+        for it in batch:
+            if pending[it.request].error is not None:
+                self.engine.release(it.gen.lora)
+        return run, [it for it in deferred if pending[it.request].error is None]
+
     def execute(self, requests: list[Any]) -> list[Any] | None:
         pending = [self._parse(i, r) for i, r in enumerate(requests)]
-        items = [it for p in pending if p.error is None for it in p.items]
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if self.decoupled else 0
+        per_request: list[dict[int, list[int]]] = [{} for _ in requests]
+        todo = [it for p in pending if p.error is None for it in p.items]
+        while todo:
+            items, todo = self._resolve_round(todo, pending)
 
-        def stream(row: int, new: list[int]) -> None:
-            item = items[row]
-            if senders is not None and pending[item.request].stream:
-                senders[item.request].send(self.pb.InferenceResponse(output_tensors=self._tensors([new], 0)))
+            def stream(row: int, new: list[int], items: list[_Item] = items) -> None:
+                item = items[row]
+                if senders is not None and pending[item.request].stream:
+                    senders[item.request].send(self.pb.InferenceResponse(output_tensors=self._tensors([new], 0)))
 
-        try:
-            results = self.engine.generate([it.gen for it in items], on_tokens=stream if senders else None)
-        except Exception as exc:  # a model failure fails this batch's requests, not the server
-            log.exception("generation failed")
-            results = None
-            for p in pending:
-                p.error = p.error or f"generation failed: {exc}"
-        finally:
-            for it in items:
-                self.engine.release(it.gen.lora)
-        per_request: list[list[list[int]]] = [[] for _ in requests]
-        if results is not None:
-            for it, out in zip(items, results, strict=True):
-                per_request[it.request].append(out)
+            try:
+                results = self.engine.generate([it.gen for it in items], on_tokens=stream if senders else None)
+                for it, out in zip(items, results, strict=True):
+                    per_request[it.request][it.position] = out
+            except Exception as exc:  # a model failure fails this round's requests, not the server
+                log.exception("generation failed")
+                for it in items:
+                    pending[it.request].error = pending[it.request].error or f"generation failed: {exc}"
+            finally:
+                for it in items:
+                    self.engine.release(it.gen.lora)
         responses = []
         for i, p in enumerate(pending):
             if p.error is not None:
@@ -161,7 +182,9 @@ class ReferenceLlmModel:
                 response = None
             else:
                 response = self.pb.InferenceResponse(
-                    output_tensors=self._tensors(per_request[i], p.items[0].gen.pad_id)
+                    output_tensors=self._tensors(
+                        [per_request[i][k] for k in sorted(per_request[i])], p.items[0].gen.pad_id
+                    )
                 )
             if senders is not None:
                 if response is None:
