@@ -181,6 +181,17 @@ def test_lint_strict_is_clean(profile: Path | None) -> None:
     assert report["errors"] == [] and problems == [], problems
 
 
+def test_packaged_chart_renders_the_same(chart: helm.Chart, tmp_path: Path) -> None:
+    """`helm package` keeps the templates, schema, test script and profiles, and leaves the generator out."""
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        files = {f["name"] for f in packaged.files}
+        assert {"files/release_check.py", "README.md", "profiles/tensorrtllm.yaml"} <= files
+        assert "gen_values_table.py" not in files
+        assert packaged.schema == json.loads((CHART / "values.schema.json").read_text())
+        assert render(packaged) == render(chart)
+
+
 def test_kube_version_is_one_kubernetes_validate_ships() -> None:
     shipped = {".".join(v.split(".")[:2]) for v in kubernetes_validate.utils.all_versions()}
     assert KUBE_VERSION in shipped, f"kubernetes-validate has no schemas for {KUBE_VERSION} (has {sorted(shipped)})"
