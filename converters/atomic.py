@@ -12,6 +12,20 @@ from pathlib import Path
 from converters.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, *, folder: bool) -> None:
+    """Give a temp file/folder the mode a plain open()/mkdir() would (mkstemp/mkdtemp make them private).
+
+    Serving processes often run as another user than the converter: they must be able to read.
+    """
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def check_output_dir(out: Path, *, force: bool) -> None:
     """Fail early (before any work) if ``out`` exists without ``force`` or cannot be written."""
     if out.exists() and not force:
@@ -48,6 +62,7 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     check_output_dir(out, force=force)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    _usual_mode(tmp, folder=True)
     try:
         yield tmp
         if out.exists():
@@ -66,6 +81,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+    _usual_mode(Path(tmp), folder=False)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

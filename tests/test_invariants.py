@@ -84,3 +84,21 @@ def test_extraction_is_deterministic(model_pairs, tmp_path: Path) -> None:
     ca = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
     cb = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
     assert ca == cb
+
+
+def test_outputs_are_readable_by_other_users(tmp_path: Path) -> None:
+    """Serving pods often run as another user than the converter: outputs get the usual modes."""
+    import os
+    import stat
+
+    from converters.atomic import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("x")
+        atomic_write_text(tmp_path / "registry.json", "{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "registry.json").stat().st_mode) == 0o644
