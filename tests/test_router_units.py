@@ -174,7 +174,18 @@ def test_selection_order_and_retarget() -> None:
     request.parameters["priority"].int64_param = 3
     out = retarget(request, "stream")
     assert out.model_name == "stream" and "lora_adapter" not in out.parameters and "priority" in out.parameters
-    assert request.model_name == "ensemble" and "lora_adapter" in request.parameters  # the original is kept
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_lora_inputs_are_replaced_not_stacked(raw: bool) -> None:
+    request = _request(raw=raw)
+    add_lora(request, 42)
+    add_lora(request, 42, TENSORS)  # a resend after a miss
+    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
+    assert len(request.raw_input_contents) == 5
+    add_lora(request, 42)
+    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id"]
+    assert len(request.raw_input_contents) == 3 and request.raw_input_contents[2] == struct.pack("<Q", 42)
 
 
 def _malformed(kind: str) -> service_pb2.ModelInferRequest:

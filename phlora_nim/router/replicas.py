@@ -28,6 +28,7 @@ from phlora_nim.router.routing import choose_replicas
 log = logging.getLogger("phlora_nim.router")
 T = TypeVar("T")
 
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Reconnect quickly after a replica restarts (gRPC's default backoff grows to two minutes).
 _BACKOFF = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -43,6 +44,12 @@ class Replica:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=[*options, *_BACKOFF])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        # ModelInfer answers go back to the client untouched: keep them as bytes (no parse, no re-encode).
+        self.model_infer_raw = self.channel.unary_unary(
+            MODEL_INFER_METHOD,
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self.healthy = False
         self.in_flight = 0
         self.resident: LruSet[int] = LruSet(residency_capacity)

@@ -140,13 +140,23 @@ def select(
 
 
 def retarget(request: service_pb2.ModelInferRequest, model: str) -> service_pb2.ModelInferRequest:
-    """A copy aimed at ``model`` without the ``lora_adapter`` parameter (the client's version kept)."""
-    out = service_pb2.ModelInferRequest()
-    out.CopyFrom(request)
-    out.model_name = model
-    if ADAPTER_PARAMETER in out.parameters:
-        del out.parameters[ADAPTER_PARAMETER]
-    return out
+    """Aim ``request`` at ``model`` and drop the ``lora_adapter`` parameter (in place; returns it)."""
+    request.model_name = model
+    if ADAPTER_PARAMETER in request.parameters:
+        del request.parameters[ADAPTER_PARAMETER]
+    return request
+
+
+def strip_lora(request: service_pb2.ModelInferRequest) -> None:
+    """Remove LoRA inputs appended by :func:`add_lora` (they are always last), in place."""
+    keep = len(request.inputs)
+    while keep and request.inputs[keep - 1].name in LORA_INPUTS:
+        keep -= 1
+    if keep == len(request.inputs):
+        return
+    del request.inputs[keep:]
+    if len(request.raw_input_contents) > keep:
+        del request.raw_input_contents[keep:]
 
 
 def _to_raw(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> bytes:
@@ -181,7 +191,12 @@ def _append(request: service_pb2.ModelInferRequest, name: str, datatype: str, sh
 
 
 def add_lora(request: service_pb2.ModelInferRequest, task_id: int, tensors: LoraTensors | None = None) -> None:
-    """Append ``lora_task_id`` (and with ``tensors`` the weights and config) to ``request`` in place."""
+    """Set ``lora_task_id`` (and with ``tensors`` the weights and config) on ``request`` in place.
+
+    LoRA inputs set by an earlier call are replaced, so one request can be sent id-only, then again
+    with weights.
+    """
+    strip_lora(request)
     if tensors is not None:
         if tensors.task_id != task_id:
             raise ValueError(f"tensors of task {tensors.task_id} appended to task {task_id}")

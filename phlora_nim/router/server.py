@@ -41,6 +41,31 @@ T = TypeVar("T")
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+class _HandlerTable:
+    """Stands in for a server to collect the generated handler table of a servicer."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_inference_service(service: RouterService, server: grpc.aio.Server) -> None:
+    """Register the servicer with the generated handlers, except that ``ModelInfer`` answers with the
+    upstream's bytes as they came (its servicer method returns ``bytes``)."""
+    table = _HandlerTable()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, table)
+    table.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        service.ModelInfer, request_deserializer=service_pb2.ModelInferRequest.FromString, response_serializer=None
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, table.handlers),))
+    server.add_registered_method_handlers(INFERENCE_SERVICE, table.handlers)
+
+
 class Router:
     """The router on the running event loop: ``await start()``, serve, ``await stop()``.
 
@@ -105,7 +130,7 @@ class Router:
             tenants=self.tenants,
             metrics=self.metrics,
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+        add_inference_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)

@@ -72,11 +72,10 @@ class Plan:
         return self.entry.name if self.entry else None
 
     def with_lora(self, tensors: LoraTensors | None) -> service_pb2.ModelInferRequest:
+        """The request with this adapter's id (and weights); rewritten in place, no copy of the payload."""
         assert self.entry is not None
-        out = service_pb2.ModelInferRequest()
-        out.CopyFrom(self.request)
-        add_lora(out, self.entry.task_id, tensors)
-        return out
+        add_lora(self.request, self.entry.task_id, tensors)
+        return self.request
 
 
 def _stream_error(
@@ -216,9 +215,8 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return replicas
 
     # unary inference -------------------------------------------------------------------------
-    async def ModelInfer(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> service_pb2.ModelInferResponse:
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Unary inference; the answer is the upstream's serialized ``ModelInferResponse``, passed through."""
         started, label = time.perf_counter(), UNKNOWN
         try:
             tenant = self._authenticate(context)
@@ -233,7 +231,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._done(label, started, None)
         return response
 
-    async def _unary(self, plan: Plan, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
+    async def _unary(self, plan: Plan, context: grpc.aio.ServicerContext) -> bytes:
         candidates = self._candidates(plan)
         retried, full = False, []
         while candidates:
@@ -256,16 +254,14 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             f"the LoRA cache is full on every replica tried ({', '.join(full)}): retry later",
         )
 
-    async def _unary_on(
-        self, replica: Replica, plan: Plan, context: grpc.aio.ServicerContext
-    ) -> service_pb2.ModelInferResponse:
+    async def _unary_on(self, replica: Replica, plan: Plan, context: grpc.aio.ServicerContext) -> bytes:
         with self.pool.busy(replica):
             if plan.entry is None:
-                return await replica.stub.ModelInfer(plan.request, timeout=self._remaining(context))
+                return await replica.model_infer_raw(plan.request, timeout=self._remaining(context))
             task_id = plan.entry.task_id
             if replica.resident.touch(task_id):
                 try:
-                    return await replica.stub.ModelInfer(plan.with_lora(None), timeout=self._remaining(context))
+                    return await replica.model_infer_raw(plan.with_lora(None), timeout=self._remaining(context))
                 except grpc.aio.AioRpcError as exc:
                     if MISS not in (exc.details() or ""):
                         raise
@@ -275,7 +271,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             request = plan.with_lora(await self._tensors(plan))
             self.metrics.weight_sends.labels(replica.address).inc()
             try:
-                response = await replica.stub.ModelInfer(request, timeout=self._remaining(context))
+                response = await replica.model_infer_raw(request, timeout=self._remaining(context))
             except grpc.aio.AioRpcError as exc:
                 if FULL in (exc.details() or ""):
                     raise _CacheFull from None
