@@ -653,6 +653,16 @@ def triton(
     raise typer.Exit(code)
 
 
+def _register_serve() -> None:
+    """``phlora-nim serve``: the router (its options live beside it, in ``phlora_nim.router.cli``)."""
+    from phlora_nim.router.cli import serve
+
+    app.command("serve")(serve)
+
+
+_register_serve()
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the demo (replaced).")] = Path(
