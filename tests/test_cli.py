@@ -76,6 +76,7 @@ def test_force_replaces_atomically(model_pairs, run_cli, tmp_path: Path) -> None
         "remove",
         "engine-plan",
         "triton",
+        "serve",
         "demo",
     ],
 )
