@@ -160,6 +160,10 @@ def test_prune_rejects_non_lora_adapter(run_cli, tmp_path: Path) -> None:
             {"adapter_config.json": json.dumps({"peft_type": "LORA", "use_dora": True})},
             "DoRA adapters are not supported",
         ),
+        (
+            {"adapter_config.json": json.dumps({"peft_type": "LORA", "fan_in_fan_out": True})},
+            "fan_in_fan_out (Conv1D) adapters cannot be expressed",
+        ),
     ],
 )
 def test_prune_rejects_broken_adapters(files: dict[str, str], match: str, run_cli, tmp_path: Path) -> None:
