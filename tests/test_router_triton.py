@@ -347,6 +347,17 @@ def test_tenants(tenant_router: RouterThread) -> None:
         assert not c.is_model_ready("legal", headers=support)
         refused(grpc.StatusCode.NOT_FOUND, lambda: c.get_model_metadata("legal", headers=support))
         assert c.get_model_metadata("support-b", headers=support).name == "support-b"
+    with grpc.insecure_channel(tenant_router.address) as channel:  # a stream without a key fails as a whole
+        request = service_pb2.ModelInferRequest(model_name="support-a")
+        with pytest.raises(grpc.RpcError) as info:
+            list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    requests = [
+        ("ok", {"parameters": {"lora_adapter": "support-a"}}),
+        ("no", {"parameters": {"lora_adapter": "legal"}}),
+    ]
+    got = stream(tenant_router.address, requests, headers=support, expect=4)
+    assert got["ok"] == [shifted(100 + k) for k in range(3)] and "PERMISSION_DENIED" in got["errors"][0]
 
 
 def test_tenant_in_flight_limit(tenant_router: RouterThread) -> None:

@@ -326,6 +326,9 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         started, label, code = time.perf_counter(), UNKNOWN, None
+        asked = service_pb2.ModelInferRequest(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
         try:
             plan = self._plan(request, metadata_adapter, tenant)
             label = plan.label
@@ -338,10 +341,10 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except RequestError as exc:
             code = exc.code
             log.info("ModelStreamInfer %s: %s %s", label, exc.code.name, exc.message)
-            yield _stream_error(request, exc.code, exc.message)
+            yield _stream_error(asked, exc.code, exc.message)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            yield _stream_error(request, exc.code(), exc.details() or "")
+            yield _stream_error(asked, exc.code(), exc.details() or "")
         finally:
             self._done(label, started, code)
 
