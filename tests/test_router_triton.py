@@ -54,9 +54,19 @@ def repo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def standin(repo: Path = STANDIN_REPO, **kwargs: Any) -> Iterator[LocalTriton]:
+    """tritonserver on a stand-in repository, killed at the end (a graceful stop can wait 30 s)."""
+    server = LocalTriton(repo, **kwargs).start()
+    try:
+        yield server
+    finally:
+        kill(server)
+
+
 @pytest.fixture(scope="module")
 def triton() -> Iterator[LocalTriton]:
-    with LocalTriton(STANDIN_REPO) as server:
+    with standin() as server:
         yield server
 
 
@@ -398,13 +408,22 @@ def test_upstream_by_dns(repo_root: Path, triton: LocalTriton) -> None:
 # many replicas -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair() -> Iterator[list[LocalTriton]]:
-    servers = [LocalTriton(STANDIN_REPO).start()]
+    servers: list[LocalTriton] = []
     try:
+        servers.append(LocalTriton(STANDIN_REPO).start())
         servers.append(LocalTriton(STANDIN_REPO).start())
         yield servers  # a test may replace an entry (a restarted replica)
     finally:
         for server in servers:
-            server.stop()
+            kill(server)
+
+
+def kill(server: LocalTriton) -> None:
+    """SIGKILL a tritonserver and its backend stubs (a crash; also a quick teardown)."""
+    if server._process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server._process.pid, signal.SIGKILL)
+    server.stop()
 
 
 def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> None:
@@ -425,7 +444,7 @@ def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> N
 
 
 def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_path: Path) -> None:
-    with LocalTriton(standin_repo(tmp_path / "full", capacity=0)) as full:
+    with standin(standin_repo(tmp_path / "full", capacity=0)) as full:
         name = next(n for n in ADAPTERS if rank_replicas(n, [full.grpc_url, triton.grpc_url])[0] == full.grpc_url)
         with routed(config(repo_root, full.grpc_url, triton.grpc_url)) as (running, c):
             assert infer(c, name) == shifted(OFFSET[name])  # spilled to the replica with room
@@ -438,7 +457,7 @@ def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_p
 
 def test_bf16_upstream(repo_root: Path, tmp_path: Path) -> None:
     with (
-        LocalTriton(standin_repo(tmp_path / "bf16", weights_type="TYPE_BF16")) as bf16,
+        standin(standin_repo(tmp_path / "bf16", weights_type="TYPE_BF16")) as bf16,
         routed(config(repo_root, bf16.grpc_url)) as (_, c),
     ):
         for name in ADAPTERS:  # fp16, bf16 and fp32 files, all sent as BF16
@@ -454,12 +473,10 @@ def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTr
             victim_address = rank_replicas(name, addresses)[0]
             victim = next(s for s in pair if s.grpc_url == victim_address)
             assert infer(c, name) == shifted(100)
-            assert victim._process is not None
-            os.killpg(victim._process.pid, signal.SIGKILL)
-            victim.stop()
+            kill(victim)
             started = time.monotonic()
             assert infer(c, name) == shifted(100)  # retried on the other replica
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 5.0  # no waiting for a timeout (shared CPUs: generous bound)
             assert not pool.replicas[victim_address].healthy
             assert sample(running, "phlora_router_replica_healthy", replica=victim_address) == 0
             assert c.is_server_ready()

@@ -406,8 +406,9 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 ) as responses:
                     async for response in responses:
                         if not attempt.delivered and MISS in response.error_message:
-                            missed = True
-                            break
+                            missed = True  # read on: the upstream call ends by itself after its final answer
+                        if missed:
+                            continue
                         attempt.delivered = True
                         yield response
                 if not missed:
