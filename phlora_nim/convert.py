@@ -266,15 +266,8 @@ def _register(
 
 def remove_adapter(root: Path, name: str) -> AdapterEntry:
     """Unregister ``name`` and delete its folders; its task id stays reserved."""
-    registry = Registry(Path(root))
-    if not registry.path.exists():
-        raise InputError(
-            "no adapter registry here",
-            where=str(registry.path),
-            expected="a model repository written by `phlora-nim convert`",
-            fix="check --model-repository",
-        )
-    with registry.locked() as state:
+    read_registry(root)  # a clear error when ``root`` is not a repository
+    with Registry(Path(root)).locked() as state:
         entry = Registry.remove(state, name)
         shutil.rmtree(prefetch_dir(root, entry.task_id), ignore_errors=True)
         shutil.rmtree(adapter_store_dir(root, name), ignore_errors=True)

@@ -195,3 +195,29 @@ def make_finetunes(
             save_tokenizer(folder, model.config.vocab_size)
         folders.append(folder)
     return base_dir, folders
+
+
+def greedy_continuation(
+    checkpoint: Path, prompt: list[int], max_new_tokens: int, *, adapter: Path | None = None, eos_token_id: int = 2
+) -> list[int]:
+    """Greedy decoding run directly in PyTorch (PEFT on top when ``adapter`` is given), end token excluded.
+
+    The reference the served outputs are compared with.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens

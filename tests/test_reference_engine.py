@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from phlora_nim.lora_cache import LoraCache, LoraRequestError, LoraTask, not_found_message
 from phlora_nim.registry import Registry
@@ -108,16 +107,9 @@ def test_bad_lora_tensors_get_tensorrt_llm_errors(case, mutate, match, engine, c
 
 
 def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from phlora_nim.toy_models import greedy_continuation
 
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+    return greedy_continuation(base, prompt, n, adapter=adapter)
 
 
 def test_mixed_batch_matches_peft_for_every_row(engine, converted_repository, llama_finetunes) -> None:

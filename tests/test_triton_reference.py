@@ -66,17 +66,9 @@ def _pair(repo: Path, task_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _greedy(base: Path, adapter: Path | None, prompt: list[int], n: int, *, model_dir: Path | None = None) -> list[int]:
     """Greedy decoding run directly in PyTorch: PEFT(base + adapter), or a plain checkpoint."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from phlora_nim.toy_models import greedy_continuation
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir or base, attn_implementation="eager")
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+    return greedy_continuation(model_dir or base, prompt, n, adapter=adapter)
 
 
 @pytest.fixture(scope="module")
