@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from converters.errors import InputError
-from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.config import RouterConfig, load_router_file
 from phlora_nim.router.server import Router
 
 log = logging.getLogger("phlora_nim.router")
@@ -36,8 +36,9 @@ async def run_router(config: RouterConfig) -> None:
 
 def serve(
     model_repository: Annotated[
-        Path, typer.Option("--model-repository", help="Model repository holding phlora_registry.json and the adapters.")
-    ],
+        Path | None,
+        typer.Option("--model-repository", help="Model repository holding phlora_registry.json and the adapters."),
+    ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option("--upstream", help="Triton gRPC address HOST:PORT (repeat for each replica).")
     ] = None,
@@ -47,26 +48,43 @@ def serve(
             "--upstream-dns", help="NAME:PORT resolving to every replica (e.g. a Kubernetes headless Service)."
         ),
     ] = None,
-    dns_interval: Annotated[float, typer.Option("--dns-interval", help="Seconds between DNS resolutions.")] = 10.0,
+    dns_interval: Annotated[
+        float | None, typer.Option("--dns-interval", help="Seconds between DNS resolutions (default 10).")
+    ] = None,
     upstream_model: Annotated[
-        str, typer.Option("--upstream-model", help="Triton model that serves the adapters.")
-    ] = "ensemble",
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="gRPC port of the router.")] = 8001,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus HTTP port (0: off).")] = 9090,
+        str | None, typer.Option("--upstream-model", help="Triton model that serves the adapters (default ensemble).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="gRPC port of the router (default 8001).")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Prometheus HTTP port (default 9090; 0: off).")
+    ] = None,
     tenants: Annotated[
         Path | None, typer.Option("--tenants", help="YAML file of API keys, tenants and their adapters.")
     ] = None,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate for TLS.")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key for TLS.")] = None,
-    max_message_mb: Annotated[int, typer.Option("--max-message-mb", help="gRPC message limit, both ways.")] = 256,
+    max_message_mb: Annotated[
+        int | None, typer.Option("--max-message-mb", help="gRPC message limit, both ways (default 256).")
+    ] = None,
     health_interval: Annotated[
-        float, typer.Option("--health-interval", help="Seconds between readiness checks of each replica.")
-    ] = 2.0,
+        float | None,
+        typer.Option("--health-interval", help="Seconds between readiness checks of each replica (default 2)."),
+    ] = None,
     spill_factor: Annotated[
-        float,
-        typer.Option("--spill-factor", help="ε: a replica above (1+ε)× the mean load spills to the next choice."),
-    ] = 0.25,
+        float | None,
+        typer.Option(
+            "--spill-factor", help="ε: a replica above (1+ε)× the mean load spills to the next choice (default 0.25)."
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="router.yaml with any of these options (dashes or underscores) and finer settings "
+            "(residency_capacity, weight_cache_mb, registry_interval, grace); flags given here win.",
+        ),
+    ] = None,
 ) -> None:
     """Serve every registered adapter through one KServe v2 gRPC endpoint in front of Triton replicas.
 
@@ -74,27 +92,33 @@ def serve(
     metadata); the router adds its `lora_task_id`, sends its weights only to replicas lacking them,
     keeps each adapter on few replicas and applies tenants' API keys and limits.
     """
-    if not model_repository.is_dir():
+    settings = load_router_file(config_file) if config_file is not None else {}
+    flags = {
+        "model_repository": model_repository,
+        "upstreams": tuple(upstream) if upstream else None,
+        "upstream_dns": upstream_dns,
+        "dns_interval": dns_interval,
+        "upstream_model": upstream_model,
+        "host": host,
+        "port": port,
+        "metrics_port": metrics_port,
+        "tenants": tenants,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "max_message_mb": max_message_mb,
+        "health_interval": health_interval,
+        "spill_factor": spill_factor,
+    }
+    if flags["upstreams"] or flags["upstream_dns"]:  # a flag's way of finding replicas replaces the file's
+        settings.pop("upstreams", None)
+        settings.pop("upstream_dns", None)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    repo = settings.get("model_repository")
+    if repo is None or not Path(repo).is_dir():
         raise InputError(
             "model repository not found",
-            where=str(model_repository),
+            where=str(repo) if repo is not None else "--model-repository",
             expected="a folder holding phlora_registry.json",
-            fix="pass the folder written by `phlora-nim convert` to --model-repository",
+            fix="pass the folder `phlora-nim convert` wrote as --model-repository (or model_repository: in --config)",
         )
-    config = RouterConfig(
-        model_repository=model_repository,
-        upstreams=tuple(upstream or ()),
-        upstream_dns=upstream_dns,
-        dns_interval=dns_interval,
-        upstream_model=upstream_model,
-        host=host,
-        port=port,
-        metrics_port=metrics_port,
-        tenants=tenants,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        max_message_mb=max_message_mb,
-        health_interval=health_interval,
-        spill_factor=spill_factor,
-    )
-    asyncio.run(run_router(config))
+    asyncio.run(run_router(RouterConfig(**settings)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from converters.errors import OptionError, PhloraError, raise_all
+import yaml
+
+from converters.errors import InputError, OptionError, PhloraError, raise_all
 
 
 def split_host_port(text: str, *, flag: str) -> tuple[str, int]:
@@ -117,3 +120,87 @@ class RouterConfig:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
+
+
+_PATH_FIELDS = {"model_repository", "tenants", "tls_cert", "tls_key"}
+
+
+def _field_types() -> dict[str, type]:
+    hints = {"upstreams": tuple}
+    for f in fields(RouterConfig):
+        if f.name in hints:
+            continue
+        default = f.default
+        hints[f.name] = Path if f.name in _PATH_FIELDS else (str if default is None else type(default))
+    return hints
+
+
+def load_router_file(path: Path) -> dict[str, Any]:
+    """Read ``--config router.yaml``: every ``serve`` option (dashes or underscores) and the finer settings.
+
+    Example file::
+
+        model_repository: /models
+        upstream_dns: triton-headless.llm.svc.cluster.local:8001
+        port: 8001
+        metrics_port: 9090
+        spill_factor: 0.25
+        residency_capacity: 16      # adapters remembered per replica
+        weight_cache_mb: 2048
+        grace: 10
+
+    ``upstream`` (one address or a list) maps to the ``upstreams`` field. Relative paths are taken
+    from the file's folder.
+
+    Raises:
+        InputError: unreadable YAML, unknown keys or values of the wrong type (all listed at once).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("router config not found", where=str(path), fix="check --config") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"unreadable router config ({exc})", where=str(path), expected="a YAML mapping") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("router config must be a mapping", where=str(path), found=type(data).__name__)
+    types = _field_types()
+    values: dict[str, Any] = {}
+    problems: list[PhloraError] = []
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        key = "upstreams" if key == "upstream" else key
+        if key not in types:
+            problems.append(
+                InputError(
+                    "unknown router setting",
+                    where=f"{path}: {raw_key}",
+                    expected=", ".join(sorted(types)),
+                    found=repr(raw_key),
+                )
+            )
+            continue
+        want = types[key]
+        if key == "upstreams":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                problems.append(InputError("must be an address or a list of them", where=f"{path}: {raw_key}"))
+                continue
+            values[key] = tuple(items)
+        elif want is Path:
+            if not isinstance(value, str):
+                problems.append(InputError("must be a path", where=f"{path}: {raw_key}", found=repr(value)))
+                continue
+            values[key] = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+        elif want is float and isinstance(value, int | float) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif isinstance(value, want) and not (want is int and isinstance(value, bool)):
+            values[key] = value
+        else:
+            problems.append(
+                InputError("wrong type", where=f"{path}: {raw_key}", expected=want.__name__, found=type(value).__name__)
+            )
+    raise_all(problems, summary=f"invalid router config {path}")
+    return values

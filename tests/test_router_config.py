@@ -1,0 +1,72 @@
+"""``serve --config router.yaml``: every option in a file, flags win, bad files get one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from converters.errors import InputError
+from phlora_nim.router.config import RouterConfig, load_router_file
+
+
+def test_file_holds_every_option_and_finer_settings(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "tenants.yaml").write_text("tenants: []\n")
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "model-repository: repo\n"
+        "upstream: [triton-0:8001, triton-1:8001]\n"
+        "upstream_model: ensemble\n"
+        "port: 9001\n"
+        "metrics-port: 0\n"
+        "tenants: tenants.yaml\n"
+        "spill_factor: 1\n"
+        "residency_capacity: 32\n"
+        "grace: 3\n"
+    )
+    values = load_router_file(path)
+    assert values["model_repository"] == tmp_path / "repo"  # relative to the file
+    assert values["upstreams"] == ("triton-0:8001", "triton-1:8001")
+    assert values["spill_factor"] == 1.0 and isinstance(values["spill_factor"], float)
+    config = RouterConfig(**values)
+    assert config.port == 9001 and config.residency_capacity == 32 and config.tenants == tmp_path / "tenants.yaml"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- a\n- b\n", "must be a mapping"),
+        ("port: [1\n", "unreadable router config"),
+        ("prot: 8001\n", "unknown router setting"),
+        ("port: '8001'\n", "wrong type"),
+        ("port: true\n", "wrong type"),
+        ("upstream: {a: 1}\n", "address or a list"),
+        ("tenants: 3\n", "must be a path"),
+    ],
+)
+def test_bad_router_files(text: str, match: str, tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_router_file(path)
+
+
+def test_flags_win_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phlora_nim.router import cli
+
+    (tmp_path / "repo").mkdir()
+    path = tmp_path / "router.yaml"
+    path.write_text("model_repository: repo\nupstream_dns: triton:8001\nport: 9001\nhost: 0.0.0.0\n")
+    seen: list[RouterConfig] = []
+
+    async def fake_run(config: RouterConfig) -> None:  # capture instead of serving
+        seen.append(config)
+
+    monkeypatch.setattr(cli, "run_router", fake_run)
+    cli.serve(config_file=path, upstream=["127.0.0.1:8101"], port=9002)
+    [config] = seen
+    assert config.upstreams == ("127.0.0.1:8101",) and config.upstream_dns is None
+    assert config.port == 9002 and config.host == "0.0.0.0"
+    with pytest.raises(InputError, match="router config not found"):
+        cli.serve(config_file=tmp_path / "missing.yaml")
