@@ -622,6 +622,9 @@ def triton(
     http_port: Annotated[int, typer.Option("--http-port", help="KServe v2 HTTP port.")] = 8000,
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus metrics port.")] = 8002,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    exit_timeout: Annotated[
+        int, typer.Option("--exit-timeout", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM.")
+    ] = 30,
 ) -> None:
     """Run the real Triton server (from the nvidia-pytriton wheel, CPU) on a model repository.
 
@@ -637,7 +640,8 @@ def triton(
         http_port=http_port,
         metrics_port=metrics_port,
         host=host,
-        on_log=lambda line: err_console.print(line, markup=False, highlight=False),
+        exit_timeout=exit_timeout,
+        on_log=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True),
     )
 
     def _stop(signum: int, _frame: Any) -> None:

@@ -143,6 +143,7 @@ class LocalTriton:
         log_path: file that receives Triton's log (a temporary file by default).
         on_log: called with every log line (e.g. to stream it to the terminal).
         ready_timeout: seconds to wait for readiness.
+        exit_timeout: seconds Triton lets in-flight requests finish when asked to stop.
         extra_args: more tritonserver flags.
 
     Raises:
@@ -161,6 +162,7 @@ class LocalTriton:
         log_path: Path | None = None,
         on_log: Callable[[str], None] | None = None,
         ready_timeout: float = 180.0,
+        exit_timeout: int = 10,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
@@ -170,6 +172,7 @@ class LocalTriton:
         self.metrics_port = metrics_port or free_port(host)
         self.on_log = on_log
         self.ready_timeout = ready_timeout
+        self.exit_timeout = exit_timeout
         self.extra_args = extra_args
         self._log_path = Path(log_path) if log_path else None
         self._tmp_log: Path | None = None
@@ -210,6 +213,7 @@ class LocalTriton:
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
+            f"--exit-timeout-secs={self.exit_timeout}",
             *self.extra_args,
         ]
 
@@ -317,11 +321,12 @@ class LocalTriton:
         lines = errors or [ln.rstrip() for ln in self._lines if not any(x in ln for x in _CPU_NOISE)]
         return "\n" + "\n".join(lines[-n:])
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, wait for in-flight requests (Triton's own exit timeout), then SIGKILL."""
         proc = self._process
         if proc is None:
             return None
+        timeout = self.exit_timeout + 10 if timeout is None else timeout
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)

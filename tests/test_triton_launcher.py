@@ -1,0 +1,96 @@
+"""``phlora-nim triton`` / ``LocalTriton``: clear errors, readiness, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from converters.errors import InputError, OptionError
+from phlora_nim.triton_launcher import LocalTriton, TritonStartError, find_triton, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_wheel_provides_binary_libraries_and_stub() -> None:
+    install = find_triton()
+    assert install.binary.is_file() and install.libs.is_dir() and install.stub.is_file()
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in str(install.stub)
+
+
+def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="model repository not found"):
+        LocalTriton(tmp_path / "nope").start()
+
+
+def test_port_taken_is_a_clear_error(tmp_path: Path, run_cli) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OptionError, match=f"--grpc-port.*127.0.0.1:{port} is taken"):
+            LocalTriton(tmp_path, grpc_port=port).start()
+        code, _, err = run_cli("triton", "-m", tmp_path, "--grpc-port", port, "--http-port", free_port())
+        assert code == 2 and "port already in use" in err and "Traceback" not in err
+
+
+def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -> None:
+    broken = tmp_path / "repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 1\n')
+    (broken / "1" / "model.py").write_text("raise RuntimeError('this model cannot load')\n")
+    with pytest.raises(TritonStartError, match="this model cannot load"):
+        LocalTriton(tmp_path / "repo", ready_timeout=60).start()
+
+
+@pytest.mark.timeout(120)
+def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("phlora-nim")),
+        "triton",
+        "-m",
+        str(converted_repository),
+        "--grpc-port",
+        str(port),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--exit-timeout",
+        "5",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 90
+        while not _ready(client):
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert client.is_model_ready("tensorrt_llm")
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Triton ready" in stdout
+    assert "successfully loaded 'tensorrt_llm'" in stderr  # the log is streamed
+    with contextlib.closing(socket.socket()) as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+
+
+def _ready(client: grpcclient.InferenceServerClient) -> bool:
+    try:
+        return bool(client.is_server_ready(client_timeout=1))
+    except Exception:
+        return False
