@@ -256,6 +256,11 @@ def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServ
     assert 'phlora_router_errors_total{adapter="(unknown)",code="NOT_FOUND"}' in text
     assert "phlora_router_replica_weight_sends_total{replica=" in text
     assert "phlora_router_adapters 5.0" in text and "phlora_router_healthy_replicas 1.0" in text
+    sent = [ln for ln in text.splitlines() if ln.startswith("phlora_router_weight_bytes_sent_total{")]
+    assert sent and all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in sent)
+    resident = [ln for ln in text.splitlines() if ln.startswith("phlora_router_replica_resident_adapters{")]
+    assert resident and float(resident[0].rsplit(" ", 1)[1]) >= 1
+    assert "# TYPE phlora_router_adapter_resends_total counter" in text
 
 
 # registry changes ----------------------------------------------------------------------------
@@ -438,7 +443,9 @@ def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> N
             expected = rank_replicas(name, addresses)[0]
             assert {a: after[a] - before[a] for a in addresses} == {a: 3 * (a == expected) for a in addresses}
             used.add(expected)
-        assert used == set(addresses)  # 5 adapters spread over both
+        # Which replicas the adapters land on follows from the (random) ports; the spread itself is
+        # a property of rendezvous hashing, tested on fixed names in the unit tests.
+        assert used <= set(addresses)
         sends = sum(sample(running, "phlora_router_replica_weight_sends_total", replica=a) for a in addresses)
         assert sends == len(ADAPTERS)  # weights sent once per adapter, ids alone afterwards
 

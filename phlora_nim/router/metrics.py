@@ -59,6 +59,24 @@ class RouterMetrics:
             ["replica"],
             registry=r,
         )
+        self.adapter_resends = Counter(
+            "phlora_router_adapter_resends",
+            "Requests resent with LoRA weights after a replica's cache miss, by adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.weight_bytes = Counter(
+            "phlora_router_weight_bytes_sent",
+            "Bytes of LoRA tensors sent to replicas, by adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.resident = Gauge(
+            "phlora_router_replica_resident_adapters",
+            "Adapters the router believes each replica's LoRA cache holds.",
+            ["replica"],
+            registry=r,
+        )
         self.replica_healthy = Gauge(
             "phlora_router_replica_healthy", "1 when the replica answered ServerReady.", ["replica"], registry=r
         )
@@ -94,6 +112,7 @@ class RouterMetrics:
             self._thread = None
 
     def forget_replica(self, replica: str) -> None:
-        for family in (self.replica_in_flight, self.weight_sends, self.cache_misses, self.replica_healthy):
+        families = (self.replica_in_flight, self.weight_sends, self.cache_misses, self.replica_healthy, self.resident)
+        for family in families:
             with contextlib.suppress(KeyError):
                 family.remove(replica)

@@ -266,10 +266,14 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     if MISS not in (exc.details() or ""):
                         raise
                 replica.resident.discard(task_id)
+                self.metrics.resident.labels(replica.address).set(len(replica.resident))
                 self.metrics.cache_misses.labels(replica.address).inc()
+                self.metrics.adapter_resends.labels(plan.label).inc()
                 log.debug("adapter %s evicted on %s: sending weights", plan.label, replica.address)
-            request = plan.with_lora(await self._tensors(plan))
+            tensors = await self._tensors(plan)
+            request = plan.with_lora(tensors)
             self.metrics.weight_sends.labels(replica.address).inc()
+            self.metrics.weight_bytes.labels(plan.label).inc(tensors.nbytes)
             try:
                 response = await replica.model_infer_raw(request, timeout=self._remaining(context))
             except grpc.aio.AioRpcError as exc:
@@ -277,6 +281,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise _CacheFull from None
                 raise
             replica.resident.add(task_id)
+            self.metrics.resident.labels(replica.address).set(len(replica.resident))
             return response
 
     # streaming inference ---------------------------------------------------------------------
@@ -414,9 +419,13 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if not missed:
                     return
                 replica.resident.discard(task_id)
+                self.metrics.resident.labels(replica.address).set(len(replica.resident))
                 self.metrics.cache_misses.labels(replica.address).inc()
-            request = plan.with_lora(await self._tensors(plan))
+                self.metrics.adapter_resends.labels(plan.label).inc()
+            tensors = await self._tensors(plan)
+            request = plan.with_lora(tensors)
             self.metrics.weight_sends.labels(replica.address).inc()
+            self.metrics.weight_bytes.labels(plan.label).inc(tensors.nbytes)
             failed = False
             async with contextlib.aclosing(self._upstream_stream(replica, request, context)) as responses:
                 async for response in responses:
@@ -427,6 +436,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     yield response
             if not failed:
                 replica.resident.add(task_id)
+                self.metrics.resident.labels(replica.address).set(len(replica.resident))
 
     # model and server RPCs -------------------------------------------------------------------
     async def _guard(self, context: grpc.aio.ServicerContext) -> Tenant | None:
