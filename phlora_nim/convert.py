@@ -254,10 +254,17 @@ def _register(
             )
             entries.append((entry, old))
         for (entry, old), (name, _, _, store, tensors, seconds, nbytes) in zip(entries, staged, strict=True):
-            if old is not None and old.task_id != entry.task_id:
-                shutil.rmtree(prefetch_dir(root, old.task_id), ignore_errors=True)
-            _replace_dir(tensors, prefetch_dir(root, entry.task_id))
-            _replace_dir(store, adapter_store_dir(root, name))
+            unchanged = (
+                old is not None
+                and old.digest == entry.digest
+                and prefetch_dir(root, entry.task_id).is_dir()
+                and adapter_store_dir(root, name).is_dir()
+            )
+            if not unchanged:  # the same weights again: leave its files (and report) as they are
+                if old is not None and old.task_id != entry.task_id:
+                    shutil.rmtree(prefetch_dir(root, old.task_id), ignore_errors=True)
+                _replace_dir(tensors, prefetch_dir(root, entry.task_id))
+                _replace_dir(store, adapter_store_dir(root, name))
             report = _read_json(adapter_store_dir(root, name) / "phlora_report.json", what="report")
             done.append(Converted(entry=entry, report=report, adapter_bytes=nbytes, seconds=seconds))
         write_repository(root, job.settings, state)

@@ -282,3 +282,32 @@ def test_store_adapter_loads_in_peft(converted_repository: Path, llama_finetunes
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    """Reference (CPU) → TensorRT-LLM: the tensorrt_llm model's files change, nothing else does."""
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    args = [
+        "convert",
+        "--base",
+        base,
+        "--finetuned",
+        fts[0],
+        "--name",
+        "a",
+        "-m",
+        repo,
+        "-r",
+        "4",
+        "--dtype",
+        "float16",
+    ]
+    assert run_cli(*args, "--backend", "reference")[0] == 0
+    before = _snapshot(repo)
+    assert run_cli(*args, "--backend", "tensorrtllm", "--engine-dir", "/engines/llama")[0] == 0
+    after = _snapshot(repo)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {"tensorrt_llm/config.pbtxt", "tensorrt_llm/1/model.py", "phlora_repository.json"}
+    llm = _config(repo, LLM_MODEL)
+    assert llm.backend == "tensorrtllm" and llm.parameters["gpt_model_path"].string_value == "/engines/llama"
