@@ -101,3 +101,64 @@ def test_500_mixed_requests_from_16_clients_under_constant_eviction(stack) -> No
     wrong = [(m, got) for m, got in answers if got != expected[m]]
     assert wrong == []
     assert elapsed < 240
+
+
+def test_text_streams_through_the_router_token_by_token(llama_finetunes, tmp_path: Path) -> None:
+    """Decoupled repository: ModelStreamInfer on an adapter name streams one text chunk per token."""
+    import queue
+
+    from transformers import AutoTokenizer
+
+    from converters.extract import ExtractOptions
+    from converters.rank_policy import RankPolicy
+    from phlora_nim.convert import ConvertJob, convert
+    from phlora_nim.model_repository import RepositorySettings
+    from phlora_nim.router.config import RouterConfig
+    from phlora_nim.router.server import RouterThread
+    from phlora_nim.toy_models import greedy_continuation
+    from phlora_nim.triton_launcher import LocalTriton
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    settings = RepositorySettings(backend="reference", base=str(base), dtype="float32", decoupled=True)
+    job = ConvertJob(
+        base=base,
+        finetuned=(fts[0],),
+        names=("streamer",),
+        repository=repo,
+        options=ExtractOptions(policy=RankPolicy(rank=8)),
+        settings=settings,
+    )
+    convert(job)
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt = tok.encode(PROMPT, add_special_tokens=False)
+    expected = greedy_continuation(base, prompt, 6, adapter=adapter_store_dir(repo, "streamer"))
+    with (
+        LocalTriton(repo) as triton,
+        RouterThread(RouterConfig(model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0)) as r,
+        grpcclient.InferenceServerClient(r.address) as client,
+    ):
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        inputs = []
+        for name, array, dtype in (
+            ("text_input", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
+            ("max_tokens", np.array([[6]], dtype=np.int32), "INT32"),
+            ("stream", np.array([[True]]), "BOOL"),
+        ):
+            x = grpcclient.InferInput(name, list(array.shape), dtype)
+            x.set_data_from_numpy(array)
+            inputs.append(x)
+        client.async_stream_infer("streamer", inputs, enable_empty_final_response=True)
+        chunks = []
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            text = result.as_numpy("text_output")
+            if text is not None:
+                chunks.append(text.reshape(-1)[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    assert len(chunks) == len(expected) > 1
+    assert chunks == [tok.decode([t]) for t in expected]
