@@ -454,6 +454,8 @@ def test_model_repository_is_mounted_read_only(rendered: dict[str, list[dict[str
         volume = next(v for v in _pod_spec(deployment)["volumes"] if v["name"] == "model-repository")
         assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
         for container in _containers(deployment):
+            if container["name"] == "phlora-nim-python":  # copies Python packages; no repository needed
+                continue
             mount = next(m for m in container["volumeMounts"] if m["name"] == "model-repository")
             assert mount == {"name": "model-repository", "mountPath": "/models", "readOnly": True}
         wait = _pod_spec(deployment)["initContainers"][0]
@@ -477,7 +479,27 @@ def test_triton_mounts_the_engine_and_the_base_checkpoint(rendered: dict[str, li
     assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "model-checkpoints", "readOnly": True}
     assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
     defaults = _one(rendered["defaults"], "Deployment", "triton")
-    assert {v["name"] for v in _pod_spec(defaults)["volumes"]} == {"model-repository", "dshm", "scratch"}
+    assert {v["name"] for v in _pod_spec(defaults)["volumes"]} == {
+        "model-repository",
+        "dshm",
+        "scratch",
+        "phlora-nim-python",
+    }
+
+
+def test_triton_gets_phlora_nim_python_packages(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Stock Triton images lack phlora_nim, which the pre/postprocessing model.py files import."""
+    triton = _one(rendered["defaults"], "Deployment", "triton")
+    init = next(c for c in _pod_spec(triton)["initContainers"] if c["name"] == "phlora-nim-python")
+    router = _main_container(_one(rendered["defaults"], "Deployment", "router"))
+    assert init["image"] == router["image"]
+    assert "phlora_nim" in init["command"][2] and init["command"][3] == "/opt/phlora-nim/python"
+    main = _main_container(triton)
+    assert {"name": "PYTHONPATH", "value": "/opt/phlora-nim/python"} in main["env"]
+    mount = next(m for m in main["volumeMounts"] if m["name"] == "phlora-nim-python")
+    assert mount["readOnly"] is True
+    nim = _one(rendered["profile:nim"], "Deployment")
+    assert not [c for c in _pod_spec(nim).get("initContainers", []) if c["name"] == "phlora-nim-python"]
 
 
 @pytest.mark.parametrize("case", ["source-image", "source-url"])
