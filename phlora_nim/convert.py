@@ -27,7 +27,7 @@ from converters.names import validate_adapter_name
 from converters.nim_format import save_nim_adapter
 from converters.report import build_report, write_report
 from converters.trtllm_format import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
-from phlora_nim.jobs import _read_json
+from phlora_nim.jobs import read_json
 from phlora_nim.model_repository import RepositorySettings, write_repository
 from phlora_nim.plots import PLOT_NAME, plot_energy
 from phlora_nim.registry import AdapterEntry, Registry, RegistryState
@@ -189,8 +189,8 @@ def convert(
     root = Path(job.repository)
     _check_repository(root)
     _check_settings(job)
-    engine = _read_json(job.engine_config, what="engine config") if job.engine_config else None
-    model_config = _read_json(Path(job.base) / "config.json", what="base model config")
+    engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
+    model_config = read_json(Path(job.base) / "config.json", what="base model config")
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(job.base))
         pairs = [stack.enter_context(open_checkpoint(p)) for p in job.finetuned]
@@ -265,7 +265,7 @@ def _register(
                     shutil.rmtree(prefetch_dir(root, old.task_id), ignore_errors=True)
                 _replace_dir(tensors, prefetch_dir(root, entry.task_id))
                 _replace_dir(store, adapter_store_dir(root, name))
-            report = _read_json(adapter_store_dir(root, name) / "phlora_report.json", what="report")
+            report = read_json(adapter_store_dir(root, name) / "phlora_report.json", what="report")
             done.append(Converted(entry=entry, report=report, adapter_bytes=nbytes, seconds=seconds))
         write_repository(root, job.settings, state)
     return done

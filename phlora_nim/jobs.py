@@ -139,7 +139,7 @@ def prune(
     return report
 
 
-def _read_json(path: Path, *, what: str) -> dict[str, Any]:
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -155,11 +155,11 @@ def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] |
     """The base model's config.json: given explicitly, or found beside the adapter's recorded base."""
     if config is not None:
         path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
-        return _read_json(path, what="model config")
+        return read_json(path, what="model config")
     if adapter.base_model_name_or_path:
         guess = Path(adapter.base_model_name_or_path) / "config.json"
         if guess.is_file():
-            return _read_json(guess, what="model config")
+            return read_json(guess, what="model config")
     return None
 
 
@@ -194,7 +194,7 @@ def export(
     check_output_dir(target, force=force)
     adapter = load_peft(Path(adapter_dir))
     model_config = _model_config(config, adapter)
-    engine = _read_json(engine_config, what="engine config") if engine_config else None
+    engine = read_json(engine_config, what="engine config") if engine_config else None
     trt_dtype = dtype
     if trt_dtype == "auto":
         pretrained = (engine or {}).get("pretrained_config") or {}
