@@ -190,10 +190,10 @@ def convert(
     _check_repository(root)
     _check_settings(job)
     engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
-    model_config = read_json(Path(job.base) / "config.json", what="base model config")
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(job.base))
         pairs = [stack.enter_context(open_checkpoint(p)) for p in job.finetuned]
+        model_config = read_json(Path(job.base) / "config.json", what="base model config")
         plans: list[ExtractionPlan] = []
         problems: list[PhloraError] = []
         for ft in pairs:

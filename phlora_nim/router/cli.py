@@ -37,7 +37,9 @@ async def run_router(config: RouterConfig) -> None:
 def serve(
     model_repository: Annotated[
         Path | None,
-        typer.Option("--model-repository", help="Model repository holding phlora_registry.json and the adapters."),
+        typer.Option(
+            "--model-repository", "-m", help="Model repository holding phlora_registry.json and the adapters."
+        ),
     ] = None,
     upstream: Annotated[
         list[str] | None, typer.Option("--upstream", help="Triton gRPC address HOST:PORT (repeat for each replica).")
