@@ -458,6 +458,18 @@ def convert(
         Path | None,
         typer.Option("--engine-config", help="An engine config.json: refuse adapters it would reject."),
     ] = None,
+    served_path: Annotated[
+        str | None,
+        typer.Option(
+            "--served-path",
+            help="Where Triton will mount this repository (sets lora_prefetch_dir under it); default: "
+            "the repository's own path for reference, /models for tensorrtllm.",
+        ),
+    ] = None,
+    tokenizer_dir: Annotated[
+        str | None,
+        typer.Option("--tokenizer-dir", help="Tokenizer folder as Triton will see it (default: --base)."),
+    ] = None,
     tp: Annotated[int, typer.Option("--tp", help="Tensor parallelism of the engine.")] = 1,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton max batch size.")] = 8,
     max_lora_rank: Annotated[
@@ -497,6 +509,8 @@ def convert(
         base=str(Path(base).resolve()),
         dtype=dtype,
         engine_dir=engine_dir,
+        served_path=served_path,
+        tokenizer_dir=tokenizer_dir,
         max_batch_size=max_batch_size,
         decoupled=decoupled,
         max_lora_rank=max_lora_rank,

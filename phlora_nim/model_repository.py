@@ -59,6 +59,9 @@ class RepositorySettings:
         max_lora_rank: the largest adapter rank the reference model accepts (engines fix theirs
             at build time: ``phlora-nim engine-plan``).
         lora_cache_bytes: host LoRA cache budget; 0 = sized from the registered adapters.
+        served_path: where Triton will see this repository (``lora_prefetch_dir`` is set under it);
+            default: this folder for ``reference``, ``/models`` for ``tensorrtllm``.
+        extra: more ``tensorrt_llm`` parameters, written as given.
     """
 
     backend: str = "reference"
@@ -71,6 +74,7 @@ class RepositorySettings:
     decoupled: bool = False
     max_lora_rank: int = 64
     lora_cache_bytes: int = 0
+    served_path: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -190,10 +194,10 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
     config.model_transaction_policy.decoupled = settings.decoupled
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
-    prefetch = str((Path(root) / PREFETCH_DIR).resolve()) if settings.backend == "reference" else None
+    served = settings.served_path or (str(Path(root).resolve()) if settings.backend == "reference" else "/models")
     params: dict[str, Any] = {
         **lora_cache_parameters(state, settings),
-        "lora_prefetch_dir": prefetch or settings.extra.get("lora_prefetch_dir", f"/models/{PREFETCH_DIR}"),
+        "lora_prefetch_dir": f"{served.rstrip('/')}/{PREFETCH_DIR}",
         "max_beam_width": 1,
         "exclude_input_in_output": "true",
     }

@@ -305,9 +305,14 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
     ]
     assert run_cli(*args, "--backend", "reference")[0] == 0
     before = _snapshot(repo)
-    assert run_cli(*args, "--backend", "tensorrtllm", "--engine-dir", "/engines/llama")[0] == 0
+    served = ("--served-path", "/srv/models")
+    assert run_cli(*args, "--backend", "tensorrtllm", "--engine-dir", "/engines/llama", *served)[0] == 0
     after = _snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert changed == {"tensorrt_llm/config.pbtxt", "tensorrt_llm/1/model.py", "phlora_repository.json"}
     llm = _config(repo, LLM_MODEL)
     assert llm.backend == "tensorrtllm" and llm.parameters["gpt_model_path"].string_value == "/engines/llama"
+    assert llm.parameters["lora_prefetch_dir"].string_value == "/srv/models/tensorrt_llm/lora_prefetch"
+    assert run_cli(*args, "--backend", "tensorrtllm", *served, "--tokenizer-dir", "/ckpt/base")[0] == 0
+    for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
+        assert _config(repo, model).parameters["tokenizer_dir"].string_value == "/ckpt/base"
