@@ -111,6 +111,20 @@ def _policy(
 _invocation: list[str] = []
 
 
+def _tensor_progress(verb: str) -> Any:
+    """The progress bar of tensor-by-tensor work (to stderr, gone when done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn(f"[bold]{verb}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    return Progress(*columns, console=err_console, transient=True)
+
+
 def _command_line() -> str:
     """The command line as the user typed it, recorded in reports."""
     return shlex.join(["phlora-nim", *(_invocation or sys.argv[1:])])
@@ -155,8 +169,6 @@ def extract(
     PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
     Default policy: --rank 16.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from converters.extract import ExtractOptions
     from phlora_nim.jobs import extract as run
 
@@ -169,14 +181,7 @@ def extract(
         target_modules=target_modules,
         seed=seed,
     )
-    columns = (
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with _tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
         report = run(
             base,
@@ -494,8 +499,6 @@ def convert(
     postprocessing, ensemble), LoRA cache parameters sized for the adapters, the prefetch folder
     and a NIM adapter store. Nothing is changed if any step fails.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from converters.extract import ExtractOptions
     from phlora_nim.convert import ConvertJob
     from phlora_nim.convert import convert as run
@@ -527,15 +530,8 @@ def convert(
         tp=tp,
         engine_config=engine_config,
     )
-    columns = (
-        TextColumn("[bold]convert"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
     start = time.perf_counter()
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with _tensor_progress("convert") as bar:
         task = bar.add_task("planning", total=None)
         current = {"name": ""}
         done = run(
