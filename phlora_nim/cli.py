@@ -558,7 +558,7 @@ def convert(
     out_console.print(table)
     total_mb = sum(c.adapter_bytes for c in done) / 1e6
     out_console.print(
-        f"{len(done)} adapters, {total_mb:.2f} MB of LoRA tensors in {seconds:.1f} s "
+        f"{len(done)} adapter{'' if len(done) == 1 else 's'}, {total_mb:.2f} MB of LoRA tensors in {seconds:.1f} s "
         f"({total_mb / max(seconds, 1e-9):.2f} MB/s). Serve with: phlora-nim triton -m {model_repository}"
     )
 
