@@ -262,7 +262,8 @@ def _register(
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
                 if old is not None and old.task_id != entry.task_id:
-                    shutil.rmtree(prefetch_dir(root, old.task_id), ignore_errors=True)
+                    stale = prefetch_dir(root, old.task_id)
+                    state.after_commit.append(lambda stale=stale: shutil.rmtree(stale, ignore_errors=True))
                 _replace_dir(tensors, prefetch_dir(root, entry.task_id))
                 _replace_dir(store, adapter_store_dir(root, name))
             report = read_json(adapter_store_dir(root, name) / "phlora_report.json", what="report")
@@ -276,8 +277,10 @@ def remove_adapter(root: Path, name: str) -> AdapterEntry:
     read_registry(root)  # a clear error when ``root`` is not a repository
     with Registry(Path(root)).locked() as state:
         entry = Registry.remove(state, name)
-        shutil.rmtree(prefetch_dir(root, entry.task_id), ignore_errors=True)
-        shutil.rmtree(adapter_store_dir(root, name), ignore_errors=True)
+        for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
+            # Deleted once the registry no longer lists the adapter: a router never finds it listed
+            # without its files.
+            state.after_commit.append(lambda folder=folder: shutil.rmtree(folder, ignore_errors=True))
         settings = RepositorySettings.load(root)
         if settings is not None:
             write_repository(root, settings, state)

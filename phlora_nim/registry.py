@@ -16,7 +16,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,9 @@ class RegistryState:
 
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     retired: dict[int, str] = field(default_factory=dict)
+    # Not stored: work to do once the new registry is in place, still under the lock (deleting the
+    # files of removed adapters only after no reader can find them in the registry any more).
+    after_commit: list[Callable[[], None]] = field(default_factory=list, compare=False, repr=False)
 
 
 class Registry:
@@ -138,6 +141,8 @@ class Registry:
                 "retired": {str(k): v for k, v in sorted(state.retired.items())},
             }
             atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+            for action in state.after_commit:
+                action()
 
     @staticmethod
     def add(

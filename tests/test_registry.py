@@ -112,3 +112,16 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "phlora_registry.json").read_text())
     assert len(data["adapters"]) == 20
     assert len({e["task_id"] for e in data["adapters"].values()}) == 20
+
+
+def test_after_commit_runs_once_the_new_registry_is_readable(tmp_path: Path) -> None:
+    """Files of a removed adapter go only after no reader can find it listed."""
+    reg = Registry(tmp_path)
+    with reg.locked() as state:
+        Registry.add(state, "a", _adapter(1), dtype="float16", sources={})
+    seen: list[list[str]] = []
+    with reg.locked() as state:
+        Registry.remove(state, "a")
+        state.after_commit.append(lambda: seen.append(sorted(Registry(tmp_path).read().adapters)))
+        assert seen == []
+    assert seen == [[]]
