@@ -70,3 +70,16 @@ def test_flags_win_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert config.port == 9002 and config.host == "0.0.0.0"
     with pytest.raises(InputError, match="router config not found"):
         cli.serve(config_file=tmp_path / "missing.yaml")
+
+
+def test_a_taken_port_is_an_error_not_a_shared_port(tmp_path: Path) -> None:
+    from converters.errors import OptionError
+    from phlora_nim.router.server import RouterThread
+
+    config = RouterConfig(model_repository=tmp_path, upstreams=("127.0.0.1:9",), port=0, metrics_port=0)
+    with RouterThread(config) as first:
+        taken = RouterConfig(
+            model_repository=tmp_path, upstreams=("127.0.0.1:9",), port=first.router.port, metrics_port=0
+        )
+        with pytest.raises(OptionError, match="cannot listen"), RouterThread(taken):
+            pass

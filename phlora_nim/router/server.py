@@ -121,7 +121,9 @@ class Router:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.pool.start()
-        server = grpc.aio.server(options=config.channel_options())
+        # gRPC turns SO_REUSEPORT on by default: a second router on a taken port would silently
+        # share it. Off, a taken port is an error.
+        server = grpc.aio.server(options=[*config.channel_options(), ("grpc.so_reuseport", 0)])
         service = RouterService(
             config=config,
             catalog=self.catalog,
