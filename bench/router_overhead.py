@@ -87,7 +87,7 @@ def throughput(make_call: Callable[[], Callable[[], object]], concurrency: int, 
 
 
 @contextlib.contextmanager
-def router_process(repository: Path, upstream: str) -> Iterator[str]:
+def router_process(repository: Path, upstream: str, workers: int = 1) -> Iterator[str]:
     port = free_port()
     command = [
         sys.executable,
@@ -97,6 +97,7 @@ def router_process(repository: Path, upstream: str) -> Iterator[str]:
         "--upstream", upstream,
         "--port", str(port),
         "--metrics-port", "0",
+        "--workers", str(workers),
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT)
     address = f"127.0.0.1:{port}"
@@ -127,12 +128,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads for throughput")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput window per case")
     parser.add_argument("--sizes", default="16,65536", help="comma-separated lengths of x (INT32)")
+    parser.add_argument("--router-workers", type=int, default=1, help="router processes (serve --workers)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp, LocalTriton(STANDIN_REPO) as triton:
         entry = add_adapters(Path(tmp), {ADAPTER: (OFFSET, "float16")})[ADAPTER]
-        with router_process(Path(tmp), triton.grpc_url) as routed:
+        with router_process(Path(tmp), triton.grpc_url, args.router_workers) as routed:
             rows = []
             for size in sizes:
                 for label, lora in (("adapter", True), ("base", False)):

@@ -34,6 +34,84 @@ async def run_router(config: RouterConfig) -> None:
         await router.stop()
 
 
+def _worker_main(config: RouterConfig, index: int) -> None:
+    """One worker process of ``serve --workers N`` (started with the spawn method)."""
+    logging.basicConfig(level=logging.INFO, format=f"worker {index}: %(levelname)s %(message)s")
+    asyncio.run(run_router(config))
+
+
+def run_workers(config: RouterConfig) -> int:
+    """Run ``config.workers`` router processes on one port; serve their merged metrics from this one.
+
+    Workers share the port with SO_REUSEPORT (the kernel spreads connections over them) and each
+    keeps its own view of replica residency (a worse guess costs a weight resend, never a wrong
+    answer). Metrics use prometheus-client's multiprocess mode. SIGTERM / SIGINT stop every worker
+    within the grace period; if one worker dies, the others are stopped too and the exit code is 1,
+    so that the supervisor (Kubernetes) restarts the whole set.
+
+    Returns:
+        The exit code.
+    """
+    import multiprocessing
+    import os
+    import shutil
+    import tempfile
+    import time
+    from dataclasses import replace
+
+    metrics_dir = tempfile.mkdtemp(prefix="phlora-router-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by the workers' prometheus-client at import
+    context = multiprocessing.get_context("spawn")
+    worker_config = replace(config, metrics_port=0, reuse_port=True, workers=1)
+    workers = [
+        context.Process(target=_worker_main, args=(worker_config, i), name=f"phlora-router-{i}", daemon=False)
+        for i in range(config.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    server = None
+    if config.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+        server, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        log.info(
+            "merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
+        )
+    stopping = {"signal": False}
+
+    def _stop(signum: int, _frame: object) -> None:
+        stopping["signal"] = True
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        while not stopping["signal"]:
+            if any(not w.is_alive() for w in workers):
+                log.error("a router worker exited: stopping the others")
+                code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + config.grace + 10
+        for worker in workers:
+            worker.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        if server is not None:
+            server.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
+
+
 def serve(
     model_repository: Annotated[
         Path | None,
@@ -79,6 +157,12 @@ def serve(
             "--spill-factor", help="ε: a replica above (1+ε)× the mean load spills to the next choice (default 0.25)."
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Router processes sharing the port, to use more cores (default 1; metrics merged)."
+        ),
+    ] = None,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -110,6 +194,7 @@ def serve(
         "max_message_mb": max_message_mb,
         "health_interval": health_interval,
         "spill_factor": spill_factor,
+        "workers": workers,
     }
     if flags["upstreams"] or flags["upstream_dns"]:  # a flag's way of finding replicas replaces the file's
         settings.pop("upstreams", None)
@@ -123,4 +208,7 @@ def serve(
             expected="a folder holding phlora_registry.json",
             fix="pass the folder `phlora-nim convert` wrote as --model-repository (or model_repository: in --config)",
         )
-    asyncio.run(run_router(RouterConfig(**settings)))
+    config = RouterConfig(**settings)
+    if config.workers > 1:
+        raise typer.Exit(run_workers(config))
+    asyncio.run(run_router(config))

@@ -47,6 +47,8 @@ class RouterConfig:
         weight_cache_mb: memory for adapter tensors converted to the upstream dtype.
         registry_interval: seconds between checks of the registry file.
         grace: seconds in-flight requests get at shutdown.
+        workers: router processes sharing the port (SO_REUSEPORT), to use more than one core.
+        reuse_port: set on each worker's server (the CLI does it); off, a taken port is an error.
     """
 
     model_repository: Path
@@ -67,6 +69,8 @@ class RouterConfig:
     weight_cache_mb: int = 1024
     registry_interval: float = 1.0
     grace: float = 5.0
+    workers: int = 1
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         problems: list[PhloraError] = []
@@ -106,6 +110,8 @@ class RouterConfig:
         for name, value in (("--port", self.port), ("--metrics-port", self.metrics_port)):
             if not 0 <= value < 65536:
                 problems.append(OptionError("not a port number", where=name, expected="0–65535", found=str(value)))
+        if not 1 <= self.workers <= 64:
+            problems.append(OptionError("workers must be 1–64", where="--workers", found=str(self.workers)))
         if not self.upstream_model:
             problems.append(OptionError("must not be empty", where="--upstream-model"))
         raise_all(problems, summary="invalid router options")

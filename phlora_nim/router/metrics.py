@@ -42,10 +42,18 @@ class RouterMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "phlora_router_in_flight", "Inference requests in flight, by adapter.", ["adapter"], registry=r
+            "phlora_router_in_flight",
+            "Inference requests in flight, by adapter.",
+            ["adapter"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.replica_in_flight = Gauge(
-            "phlora_router_replica_in_flight", "Requests in flight on each replica.", ["replica"], registry=r
+            "phlora_router_replica_in_flight",
+            "Requests in flight on each replica.",
+            ["replica"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.weight_sends = Counter(
             "phlora_router_replica_weight_sends",
@@ -75,17 +83,31 @@ class RouterMetrics:
             "phlora_router_replica_resident_adapters",
             "Adapters the router believes each replica's LoRA cache holds.",
             ["replica"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.replica_healthy = Gauge(
-            "phlora_router_replica_healthy", "1 when the replica answered ServerReady.", ["replica"], registry=r
+            "phlora_router_replica_healthy",
+            "1 when the replica answered ServerReady.",
+            ["replica"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.total_requests = Counter("phlora_router_all_requests", "Inference requests, all adapters.", registry=r)
-        self.total_in_flight = Gauge("phlora_router_all_in_flight", "Inference requests in flight, all.", registry=r)
-        self.adapters = Gauge("phlora_router_adapters", "Adapters in the registry.", registry=r)
-        self.healthy_replicas = Gauge("phlora_router_healthy_replicas", "Replicas ready to serve.", registry=r)
+        self.total_in_flight = Gauge(
+            "phlora_router_all_in_flight", "Inference requests in flight, all.", multiprocess_mode="livesum", registry=r
+        )
+        self.adapters = Gauge(
+            "phlora_router_adapters", "Adapters in the registry.", multiprocess_mode="livesum", registry=r
+        )
+        self.healthy_replicas = Gauge(
+            "phlora_router_healthy_replicas", "Replicas ready to serve.", multiprocess_mode="livesum", registry=r
+        )
         self.weight_cache_bytes = Gauge(
-            "phlora_router_weight_cache_bytes", "Adapter tensors held in memory, in bytes.", registry=r
+            "phlora_router_weight_cache_bytes",
+            "Adapter tensors held in memory, in bytes.",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -122,8 +122,9 @@ class Router:
         await self.health.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.pool.start()
         # gRPC turns SO_REUSEPORT on by default: a second router on a taken port would silently
-        # share it. Off, a taken port is an error.
-        server = grpc.aio.server(options=[*config.channel_options(), ("grpc.so_reuseport", 0)])
+        # share it. Off, a taken port is an error; on only for the workers of one `serve --workers N`.
+        reuse = ("grpc.so_reuseport", 1 if config.reuse_port else 0)
+        server = grpc.aio.server(options=[*config.channel_options(), reuse])
         service = RouterService(
             config=config,
             catalog=self.catalog,

@@ -1,0 +1,79 @@
+"""``serve --workers N``: several router processes on one port, merged metrics, one clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from router_fixtures.build import STANDIN_REPO, add_adapters
+
+from phlora_nim.triton_launcher import LocalTriton, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes of ``pid`` (multiprocessing's resource tracker is a child too: left out)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    workers = []
+    for child in (int(x) for x in out.split()):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+    return workers
+
+
+def _ask(address: str, model: str) -> list[int]:
+    with grpcclient.InferenceServerClient(address) as client:  # a new connection each time
+        x = grpcclient.InferInput("x", [1, 3], "INT32")
+        x.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.int32))
+        return client.infer(model, [x]).as_numpy("y")[0].tolist()
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_share_the_port_and_merge_metrics(tmp_path: Path) -> None:
+    add_adapters(tmp_path, {"ops": (500, "float16")})
+    port, metrics = free_port(), free_port()
+    with LocalTriton(STANDIN_REPO) as triton:
+        command = [
+            str(Path(sys.executable).with_name("phlora-nim")),
+            "serve",
+            "-m", str(tmp_path),
+            "--upstream", triton.grpc_url,
+            "--port", str(port),
+            "--metrics-port", str(metrics),
+            "--workers", "2",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            address = f"127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(Exception), grpcclient.InferenceServerClient(address) as client:
+                    if client.is_server_ready(client_timeout=1) and len(_children(process.pid)) >= 2:
+                        break
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+            workers = _children(process.pid)
+            assert len(workers) == 2
+            for _ in range(30):
+                assert _ask(address, "ops") == [501, 502, 503]
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+            line = next(ln for ln in text.splitlines() if ln.startswith('phlora_router_requests_total{adapter="ops"}'))
+            assert float(line.rsplit(" ", 1)[1]) == 30  # counted by whichever worker served, summed here
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, output[-2000:]
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
