@@ -421,6 +421,7 @@ def test_router_command_line_and_service(rendered: dict[str, list[dict[str, Any]
         "port": "8001",
         "metrics-port": "9090",
         "max-message-mb": "256",
+        "workers": "1",
     }
     service = _one(rendered["defaults"], "Service", "router")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
