@@ -241,12 +241,13 @@ def save_trtllm(lora: TrtllmLora, folder: Path, *, source: str | None = None) ->
     (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
 
-def load_trtllm(folder: Path, *, dtype: str | None = None) -> TrtllmLora:
+def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -> TrtllmLora:
     """Read and validate the npy pair (bfloat16 arrive as ``<V2`` and are viewed back).
 
     Args:
         folder: holding ``model.lora_weights.npy`` and ``model.lora_config.npy``.
         dtype: for a ``<V2`` file without sidecar: the 2-byte float it holds (default bfloat16).
+        mmap: map the files read-only instead of reading them (serving: pages come in on use).
     """
     folder = Path(folder)
     arrays = []
@@ -261,7 +262,7 @@ def load_trtllm(folder: Path, *, dtype: str | None = None) -> TrtllmLora:
                 fix="export with `phlora-nim export --format trtllm`",
             )
         try:
-            arrays.append(np.load(path, allow_pickle=False))
+            arrays.append(np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None))
         except (OSError, ValueError, EOFError) as exc:
             raise InputError(
                 f"corrupt or truncated npy file ({exc})",

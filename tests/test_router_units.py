@@ -313,11 +313,11 @@ def test_broken_adapter_files_are_a_failed_precondition(tmp_path: Path) -> None:
     entry = add_adapters(tmp_path, {"a": (100, "float16")})["a"]
     folder = tmp_path / "tensorrt_llm" / "lora_prefetch" / str(entry.task_id)
     np.save(folder / "model.lora_config.npy", np.zeros((1, 3, 3), np.int32))
-    with pytest.raises(RequestError, match="lora_config is malformed") as info:
+    with pytest.raises(RequestError, match="Expected dim1 lora_weights and lora_keys to have the same size") as info:
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     (folder / "model.lora_weights.npy").unlink()
-    with pytest.raises(RequestError, match="cannot read"):
+    with pytest.raises(RequestError, match="TensorRT-LLM LoRA file missing"):
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
 
 

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from converters.errors import InputError
-from converters.trtllm_format import CONFIG_FILE, NP_DTYPES, WEIGHTS_FILE
+from converters.trtllm_format import NP_DTYPES, WEIGHTS_FILE, load_trtllm
 from phlora_nim.registry import AdapterEntry
 from phlora_nim.repository_layout import prefetch_dir
 from phlora_nim.router.lru import LruBytes
@@ -31,45 +31,15 @@ def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id
     Raises:
         InputError: a missing or malformed file, or values that overflow the target dtype.
     """
-    wpath, cpath = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    try:
-        weights = np.load(wpath, mmap_mode="r", allow_pickle=False)
-        config = np.load(cpath, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"cannot read the adapter's TensorRT-LLM tensors ({exc})",
-            where=str(folder),
-            expected=f"{WEIGHTS_FILE} and {CONFIG_FILE}",
-            fix="re-export the adapter into the repository",
-        ) from None
-    if weights.dtype == np.dtype("V2"):
-        weights = weights.view(NP_DTYPES["float16" if stored_dtype == "float16" else "bfloat16"])
-    if weights.ndim != 3 or weights.shape[0] != 1 or weights.dtype not in {np.dtype(t) for t in NP_DTYPES.values()}:
-        raise InputError(
-            "lora_weights is malformed",
-            where=str(wpath),
-            expected="[1, N, D] float",
-            found=f"{weights.dtype} {list(weights.shape)}",
-        )
-    if (
-        config.ndim != 3
-        or config.shape[:2] != (1, weights.shape[1])
-        or config.shape[2] not in (3, 4)
-        or config.dtype != np.int32
-    ):
-        raise InputError(
-            "lora_config is malformed",
-            where=str(cpath),
-            expected=f"int32 [1, {weights.shape[1]}, 3]",
-            found=f"{config.dtype} {list(config.shape)}",
-        )
+    lora = load_trtllm(folder, dtype=stored_dtype, mmap=True)  # the converters' own checks
+    weights, config = lora.weights, lora.config
     target = np.dtype(NP_DTYPES[DATATYPES[datatype]])
     with np.errstate(over="ignore"):  # checked just below
         converted = np.ascontiguousarray(weights, dtype=target)
     if converted.dtype != weights.dtype and not np.isfinite(converted.astype(np.float32)).all():
         raise InputError(
             f"lora_weights overflow {DATATYPES[datatype]}, the upstream model's dtype",
-            where=str(wpath),
+            where=str(folder / WEIGHTS_FILE),
             fix="export the adapter in the engine's dtype",
         )
     return LoraTensors(
