@@ -25,6 +25,8 @@ from phlora_nim.repository_layout import (
 
 pytestmark = pytest.mark.slow
 MODELS = (PREPROCESSING_MODEL, LLM_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL)
+# The TensorRT-LLM modules of a Llama adapter on every linear layer, in engine-plan's order.
+LLAMA_TRTLLM_MODULES = ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -88,15 +90,7 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     code, out, _ = run_cli("engine-plan", "-m", repo, "--json")
     plan = json.loads(out)
     assert plan["max_lora_rank"] == 8 and plan["lora_plugin"] == "float16"
-    assert plan["lora_target_modules"] == [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_dense",
-        "mlp_h_to_4h",
-        "mlp_4h_to_h",
-        "mlp_gate",
-    ]
+    assert plan["lora_target_modules"] == LLAMA_TRTLLM_MODULES
     code, out, _ = run_cli("engine-plan", "-m", repo)
     assert "--lora_plugin float16" in out and "--max_lora_rank 8" in out
 
@@ -144,15 +138,7 @@ def _engine_config(tmp_path: Path, **over: object) -> Path:
             "plugin_config": {"lora_plugin": "float32"},
             "lora_config": {
                 "max_lora_rank": 8,
-                "lora_target_modules": [
-                    "attn_q",
-                    "attn_k",
-                    "attn_v",
-                    "attn_dense",
-                    "mlp_h_to_4h",
-                    "mlp_4h_to_h",
-                    "mlp_gate",
-                ],
+                "lora_target_modules": LLAMA_TRTLLM_MODULES,
             },
         },
     }
