@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from converters.extract import ExtractOptions
-from converters.rank_policy import RankPolicy
-from converters.synthetic import SyntheticLlama, write_synthetic_pair
-from phlora_nim.convert import ConvertJob, convert
-from phlora_nim.model_repository import RepositorySettings
+from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
+from phlora_nim.repository.configs import RepositorySettings
+from phlora_nim.repository.convert import ConvertJob, convert
 
 
 def _size(folder: Path) -> int:

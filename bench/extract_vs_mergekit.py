@@ -2,7 +2,7 @@
 
 What it measures, in one run on this machine (CPU only):
 
-1. **Inputs.** With the project's own generator (:mod:`converters.synthetic`) it writes two
+1. **Inputs.** With the project's own generator (:mod:`phlora_nim.converters.synthetic`) it writes two
    Llama-3-8B-shaped checkpoint pairs (hidden 4096, intermediate 14336, 32 heads / 8 KV heads,
    vocab 32000, bf16, sharded safetensors): one with ``--layers`` decoder layers (default 2) and one
    with twice as many, for the scaling comparison. Pairs already in the work folder are reused.
@@ -14,8 +14,8 @@ What it measures, in one run on this machine (CPU only):
 3. **Ours.** ``phlora-nim extract --base B --finetuned F --out OUT --rank 64 --force`` as a
    subprocess, on both pairs.
 4. **Load floor.** A subprocess that imports torch, opens both checkpoints with
-   :func:`converters.checkpoint.open_checkpoint` and forms every tensor's delta with
-   :class:`converters.checkpoint.DeltaReader` (the reading path the extractor uses) and does
+   :func:`phlora_nim.converters.checkpoint.open_checkpoint` and forms every tensor's delta with
+   :class:`phlora_nim.converters.checkpoint.DeltaReader` (the reading path the extractor uses) and does
    nothing else: no extraction can be faster than reading its input.
 5. **Wall time and peak RSS** of each child process: a tiny launcher spawns it and reaps it with
    ``os.wait4``, which returns the child's own rusage (``ru_maxrss``, KiB on Linux); see
@@ -88,7 +88,7 @@ FLOOR_PROGRAM = """\
 \"\"\"Load floor (written by bench/extract_vs_mergekit.py): form every delta, nothing else.\"\"\"
 import sys
 import torch  # noqa: F401  (the extractor pays this import too)
-from converters.checkpoint import DeltaReader, open_checkpoint
+from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 with open_checkpoint(sys.argv[1]) as base, open_checkpoint(sys.argv[2]) as ft:
     reader = DeltaReader(base, ft)
     for name in ft.names():
@@ -116,7 +116,7 @@ with open(report, "w") as fh:
 """
 
 # Ours' fixed start-up cost: the modules `phlora-nim extract` imports before it reads a tensor.
-IMPORTS_PROGRAM = "import phlora_nim.cli, phlora_nim.jobs, converters.extract, rich.progress"
+IMPORTS_PROGRAM = "import phlora_nim.cli, phlora_nim.jobs.adapter_jobs, phlora_nim.converters.extract, rich.progress"
 
 # A run counts as contended when the rest of the machine kept this many CPUs busy on average meanwhile.
 CONTENTION_CPUS = 0.25
@@ -319,7 +319,7 @@ def _capture(cmd: Sequence[str | Path], env: dict[str, str] | None = None, timeo
 
 def ensure_pair(workdir: Path, layers: int) -> tuple[Path, Path]:
     """The synthetic pair with ``layers`` decoder layers, generated unless already complete."""
-    from converters.synthetic import SyntheticLlama, write_synthetic_pair
+    from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
 
     spec = SyntheticLlama(num_hidden_layers=layers)
     root = workdir / f"pair-L{layers}"
@@ -519,7 +519,7 @@ def module_energies(base: Path, ft: Path, layers: int, rank: int, adapters: dict
     """Exact rank-``rank`` optimum and each adapter's captured energy, per linear module."""
     import torch
 
-    from converters.checkpoint import DeltaReader, open_checkpoint
+    from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 
     opened = {tool: LoraFactors.open(folder) for tool, folder in adapters.items()}
     for tool, lora in opened.items():

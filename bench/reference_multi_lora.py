@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from phlora_nim.reference_engine import GenerationRequest, ReferenceEngine
-from phlora_nim.toy_models import build_model
+from phlora_nim.demo.toy_models import build_model
+from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine
 
 SHAPE = {
     "vocab_size": 2048,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from router_fixtures.build import STANDIN_REPO, add_adapters  # noqa: E402
 from router_overhead import inputs, router_process, throughput  # noqa: E402
 
-from phlora_nim.triton_launcher import LocalTriton, free_port  # noqa: E402
+from phlora_nim.triton.launcher import LocalTriton, free_port  # noqa: E402
 
 PROXY = """
 import asyncio, sys, grpc

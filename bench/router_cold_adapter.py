@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from router_fixtures.build import standin_repo  # noqa: E402
 
-from converters.trtllm_modules import TRTLLM_MODULE_IDS  # noqa: E402
-from phlora_nim.registry import AdapterEntry, Registry, task_id_for  # noqa: E402
-from phlora_nim.repository_layout import prefetch_dir  # noqa: E402
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS  # noqa: E402
+from phlora_nim.repository.layout import prefetch_dir  # noqa: E402
+from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for  # noqa: E402
 from phlora_nim.router import RouterConfig, RouterThread  # noqa: E402
-from phlora_nim.triton_launcher import LocalTriton  # noqa: E402
+from phlora_nim.triton.launcher import LocalTriton  # noqa: E402
 
 log = logging.getLogger("bench.router_cold_adapter")
 

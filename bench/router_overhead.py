@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from router_fixtures.build import STANDIN_REPO, add_adapters  # noqa: E402
 
-from phlora_nim.triton_launcher import LocalTriton, free_port  # noqa: E402
+from phlora_nim.triton.launcher import LocalTriton, free_port  # noqa: E402
 
 log = logging.getLogger("bench.router_overhead")
 ADAPTER, OFFSET = "bench", 100

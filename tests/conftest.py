@@ -15,7 +15,7 @@ def model_pairs(tmp_path_factory: pytest.TempPathFactory):
     """``model_pairs(family)`` → (base_dir, finetuned_dir), built on first use."""
     import transformers
 
-    from phlora_nim.toy_models import make_pair
+    from phlora_nim.demo.toy_models import make_pair
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -32,7 +32,7 @@ def model_pairs(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]):
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
-    from phlora_nim.cli import main
+    from phlora_nim.cli.main import main
 
     def run(*args: str) -> tuple[int, str, str]:
         code = 0
@@ -49,7 +49,7 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
 @pytest.fixture(scope="session")
 def llama_finetunes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A tiny Llama (with a word-level tokenizer) and three different full fine-tunes of it."""
-    from phlora_nim.toy_models import make_finetunes
+    from phlora_nim.demo.toy_models import make_finetunes
 
     return make_finetunes("llama", tmp_path_factory.mktemp("llama-ft"), 3, steps=15)
 
@@ -57,10 +57,10 @@ def llama_finetunes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
 @pytest.fixture(scope="session")
 def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetunes) -> Path:
     """A reference-backend model repository holding the three fine-tunes as rank-8 adapters."""
-    from converters.extract import ExtractOptions
-    from converters.rank_policy import RankPolicy
-    from phlora_nim.convert import ConvertJob, convert
-    from phlora_nim.model_repository import RepositorySettings
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
 
     base, fts = llama_finetunes
     root = tmp_path_factory.mktemp("repo") / "model_repository"

@@ -96,7 +96,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path: Path) -> None:
     code, stdout, err = run_cli("demo", "--out", tmp_path / "demo", "--steps", "20")
     assert code == 0, err + stdout
     assert "12/12 answers equal the output of the fine-tuned model" in stdout
-    from phlora_nim.registry import Registry
+    from phlora_nim.repository.registry import Registry
 
     assert sorted(Registry(tmp_path / "demo" / "model_repository").read().adapters) == [
         "stride-11",

@@ -13,8 +13,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from phlora_nim.registry import Registry
-from phlora_nim.repository_layout import (
+from phlora_nim.repository.layout import (
     ENSEMBLE_MODEL,
     LLM_MODEL,
     POSTPROCESSING_MODEL,
@@ -22,6 +21,7 @@ from phlora_nim.repository_layout import (
     adapter_store_dir,
     prefetch_dir,
 )
+from phlora_nim.repository.registry import Registry
 
 pytestmark = pytest.mark.slow
 MODELS = (PREPROCESSING_MODEL, LLM_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL)
@@ -226,7 +226,7 @@ def test_concurrent_converts_into_one_repository(llama_finetunes, tmp_path: Path
             [
                 sys.executable,
                 "-m",
-                "phlora_nim.cli",
+                "phlora_nim.cli.main",
                 "convert",
                 "--base",
                 str(base),

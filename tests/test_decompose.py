@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from converters.decompose import decompose, frobenius_energy
+from phlora_nim.converters.decompose import decompose, frobenius_energy
 
 
 def _with_spectrum(m: int, n: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:

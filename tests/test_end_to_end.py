@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from phlora_nim.registry import Registry
-from phlora_nim.repository_layout import adapter_store_dir
+from phlora_nim.repository.layout import adapter_store_dir
+from phlora_nim.repository.registry import Registry
 
 pytestmark = pytest.mark.slow
 PROMPT = "the red cat"
@@ -23,14 +23,14 @@ ADAPTERS = 8
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """Eight adapters of real fine-tunes, a LoRA cache that holds three, Triton and the router."""
-    from converters.extract import ExtractOptions
-    from converters.rank_policy import RankPolicy
-    from phlora_nim.convert import ConvertJob, convert
-    from phlora_nim.model_repository import RepositorySettings
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.demo.toy_models import make_finetunes
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
     from phlora_nim.router.config import RouterConfig
     from phlora_nim.router.server import RouterThread
-    from phlora_nim.toy_models import make_finetunes
-    from phlora_nim.triton_launcher import LocalTriton
+    from phlora_nim.triton.launcher import LocalTriton
 
     root = tmp_path_factory.mktemp("e2e")
     base, fts = make_finetunes("llama", root / "ckpt", ADAPTERS, steps=10, linear_only=True)
@@ -109,14 +109,14 @@ def test_text_streams_through_the_router_token_by_token(llama_finetunes, tmp_pat
 
     from transformers import AutoTokenizer
 
-    from converters.extract import ExtractOptions
-    from converters.rank_policy import RankPolicy
-    from phlora_nim.convert import ConvertJob, convert
-    from phlora_nim.model_repository import RepositorySettings
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.demo.toy_models import greedy_continuation
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
     from phlora_nim.router.config import RouterConfig
     from phlora_nim.router.server import RouterThread
-    from phlora_nim.toy_models import greedy_continuation
-    from phlora_nim.triton_launcher import LocalTriton
+    from phlora_nim.triton.launcher import LocalTriton
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"

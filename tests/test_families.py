@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from converters.architecture import find_map
-from converters.checkpoint import open_checkpoint
-from converters.extract import ExtractOptions
-from converters.peft_format import load_peft
-from converters.rank_policy import VLLM_RANKS, RankPolicy
-from phlora_nim import jobs
-from phlora_nim.toy_models import FAMILIES, training_batch
-from phlora_nim.verify import reconstruction_errors
+from phlora_nim.converters.architecture import find_map
+from phlora_nim.converters.checkpoint import open_checkpoint
+from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.formats.peft import load_peft
+from phlora_nim.converters.rank_policy import VLLM_RANKS, RankPolicy
+from phlora_nim.demo.toy_models import FAMILIES, training_batch
+from phlora_nim.jobs import adapter_jobs as jobs
+from phlora_nim.jobs.verify import reconstruction_errors
 
 # transformers ≥ 5 fuses Mixtral experts into 3-D parameters at load time, so PEFT cannot attach
 # LoRA to w1/w2/w3 in memory; the adapter is checked against the checkpoint deltas instead.
@@ -254,7 +254,7 @@ def test_vocabulary_resize_is_saved_with_extra_save(model_pairs, tmp_path: Path)
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints(dtype: torch.dtype, tmp_path: Path) -> None:
-    from phlora_nim.toy_models import make_pair
+    from phlora_nim.demo.toy_models import make_pair
 
     base, ft = make_pair("llama", tmp_path / "pair", steps=6, dtype=dtype)
     out = tmp_path / "a"

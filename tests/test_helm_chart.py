@@ -715,7 +715,7 @@ def _cli_options(command: str) -> set[str] | None:
     """Option names of ``phlora-nim <command>`` as the CLI defines them (None: no such command)."""
     from typer.main import get_command
 
-    from phlora_nim.cli import app
+    from phlora_nim.cli.main import app
 
     found = get_command(app).commands.get(command)
     return None if found is None else {name for param in found.params for name in param.opts}
@@ -730,7 +730,7 @@ def test_every_flag_the_chart_passes_is_one_the_cli_has(
 ) -> None:
     options = _cli_options(command)
     if options is None:
-        pytest.skip(f"phlora-nim {command} is not a command of phlora_nim.cli (yet)")
+        pytest.skip(f"phlora-nim {command} is not a command of phlora_nim.cli.main (yet)")
     workload = next(o for o in rendered[case] if o["kind"] in WORKLOAD_KINDS and _component(o) == component)
     container = _main_container(workload)
     assert container["command"] == ["phlora-nim"] and container["args"][0] == command

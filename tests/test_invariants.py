@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from converters.extract import ExtractOptions
-from converters.rank_policy import RankPolicy
-from converters.synthetic import SyntheticLlama, write_synthetic_pair
-from phlora_nim import jobs
+from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
+from phlora_nim.jobs import adapter_jobs as jobs
 
 
 def _peak_rss_mb(args: list[str]) -> float:
@@ -91,7 +91,7 @@ def test_outputs_are_readable_by_other_users(tmp_path: Path) -> None:
     import os
     import stat
 
-    from converters.atomic import atomic_dir, atomic_write_text
+    from phlora_nim.converters.atomic import atomic_dir, atomic_write_text
 
     mask = os.umask(0o022)
     try:
@@ -102,3 +102,23 @@ def test_outputs_are_readable_by_other_users(tmp_path: Path) -> None:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "registry.json").stat().st_mode) == 0o644
+
+
+def test_converters_never_import_the_serving_side() -> None:
+    """Imports point one way: serving → converters (the design's layering)."""
+    import ast
+
+    import phlora_nim.converters
+
+    root = Path(phlora_nim.converters.__file__).parent
+    offending = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name.startswith("phlora_nim") and not name.startswith("phlora_nim.converters"):
+                    offending.append(f"{path.relative_to(root)}: {name}")
+    assert len(list(root.rglob("*.py"))) > 10
+    assert offending == []

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.adapter import LoraAdapter, LoraWeights
-from converters.extract import ExtractOptions
-from converters.peft_format import load_peft, save_peft
-from converters.prune import adapter_factors, prune_adapter
-from converters.rank_policy import RankPolicy
-from phlora_nim import jobs
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.formats.peft import load_peft, save_peft
+from phlora_nim.converters.prune import adapter_factors, prune_adapter
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.jobs import adapter_jobs as jobs
 
 
 def _updates(folder: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def test_third_party_peft_adapter_round_trips_with_patterns(tmp_path: Path) -> N
     """An adapter built by PEFT itself, with rank_pattern, alpha_pattern and rsLoRA."""
     from peft import LoraConfig, get_peft_model
 
-    from phlora_nim.toy_models import build_model
+    from phlora_nim.demo.toy_models import build_model
 
     model = build_model("llama")
     config = LoraConfig(
@@ -96,7 +96,7 @@ def test_third_party_peft_adapter_round_trips_with_patterns(tmp_path: Path) -> N
 def test_prune_cli_on_third_party_adapter(run_cli, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from phlora_nim.toy_models import build_model
+    from phlora_nim.demo.toy_models import build_model
 
     peft_model = get_peft_model(
         build_model("qwen2"),

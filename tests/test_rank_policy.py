@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from converters.decompose import Factors
-from converters.errors import OptionError
-from converters.rank_policy import RankPolicy, allocate_budget, energy_rank, snap_rank
+from phlora_nim.converters.decompose import Factors
+from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.rank_policy import RankPolicy, allocate_budget, energy_rank, snap_rank
 
 
 def _factors(sigma: list[float]) -> Factors:

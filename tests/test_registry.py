@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.adapter import LoraAdapter, LoraWeights
-from converters.errors import InputError
-from phlora_nim.registry import TASK_ID_LIMIT, Registry, adapter_digest, task_id_for
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.errors import InputError
+from phlora_nim.repository.registry import TASK_ID_LIMIT, Registry, adapter_digest, task_id_for
 
 
 def _adapter(seed: int) -> LoraAdapter:
@@ -71,7 +71,7 @@ def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatc
     with reg.locked() as state:
         reg.remove(state, "gone")
     # Force the next adapter's first probe onto the retired id: it must move on.
-    import phlora_nim.registry as registry
+    import phlora_nim.repository.registry as registry
 
     real = registry.task_id_for
 

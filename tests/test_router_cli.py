@@ -14,9 +14,9 @@ import tritonclient.grpc as grpcclient
 import typer
 from typer.testing import CliRunner
 
-from converters.errors import InputError, OptionError
+from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.cli import serve
-from phlora_nim.triton_launcher import free_port
+from phlora_nim.triton.launcher import free_port
 
 FLAGS = [
     "--model-repository",

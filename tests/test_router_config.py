@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.errors import InputError
+from phlora_nim.converters.errors import InputError
 from phlora_nim.router.config import RouterConfig, load_router_file
 
 
@@ -73,7 +73,7 @@ def test_flags_win_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_taken_port_is_an_error_not_a_shared_port(tmp_path: Path) -> None:
-    from converters.errors import OptionError
+    from phlora_nim.converters.errors import OptionError
     from phlora_nim.router.server import RouterThread
 
     config = RouterConfig(model_repository=tmp_path, upstreams=("127.0.0.1:9",), port=0, metrics_port=0)

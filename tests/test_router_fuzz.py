@@ -27,7 +27,7 @@ from router_fixtures.build import add_adapters, standin_repo
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from phlora_nim.router import RouterConfig, RouterThread
-from phlora_nim.triton_launcher import LocalTriton
+from phlora_nim.triton.launcher import LocalTriton
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.routing import rank_replicas
 from phlora_nim.router.tenants import key_digest
-from phlora_nim.triton_launcher import LocalTriton, free_port
+from phlora_nim.triton.launcher import LocalTriton, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

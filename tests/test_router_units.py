@@ -13,7 +13,7 @@ import pytest
 from router_fixtures.build import add_adapters
 from tritonclient.grpc import service_pb2
 
-from converters.errors import InputError, OptionError
+from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.lru import LruBytes, LruSet
 from phlora_nim.router.rewrite import LoraTensors, RequestError, add_lora, check_request, make_raw, retarget, select

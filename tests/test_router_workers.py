@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from router_fixtures.build import STANDIN_REPO, add_adapters
 
-from phlora_nim.triton_launcher import LocalTriton, free_port
+from phlora_nim.triton.launcher import LocalTriton, free_port
 
 pytestmark = pytest.mark.slow
 

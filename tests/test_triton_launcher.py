@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from converters.errors import InputError, OptionError
-from phlora_nim.triton_launcher import LocalTriton, TritonStartError, find_triton, free_port
+from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.triton.launcher import LocalTriton, TritonStartError, find_triton, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from phlora_nim.registry import Registry
-from phlora_nim.repository_layout import adapter_store_dir, prefetch_dir
+from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
+from phlora_nim.repository.registry import Registry
 
 pytestmark = pytest.mark.slow
 PROMPT = [3, 9, 14, 20, 7]
@@ -66,7 +66,7 @@ def _pair(repo: Path, task_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _greedy(base: Path, adapter: Path | None, prompt: list[int], n: int, *, model_dir: Path | None = None) -> list[int]:
     """Greedy decoding run directly in PyTorch: PEFT(base + adapter), or a plain checkpoint."""
-    from phlora_nim.toy_models import greedy_continuation
+    from phlora_nim.demo.toy_models import greedy_continuation
 
     return greedy_continuation(model_dir or base, prompt, n, adapter=adapter)
 
@@ -76,11 +76,11 @@ def full_rank(llama_finetunes, converted_repository: Path, tmp_path_factory: pyt
     """A fine-tune that changed only linear weights, registered as the full-rank adapter ``full``."""
     from transformers import AutoModelForCausalLM
 
-    from converters.extract import ExtractOptions
-    from converters.rank_policy import RankPolicy
-    from phlora_nim.convert import ConvertJob, convert
-    from phlora_nim.model_repository import RepositorySettings
-    from phlora_nim.toy_models import finetune
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.demo.toy_models import finetune
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
 
     base, _ = llama_finetunes
     folder = tmp_path_factory.mktemp("linear-ft") / "ft"
@@ -100,7 +100,7 @@ def full_rank(llama_finetunes, converted_repository: Path, tmp_path_factory: pyt
 
 @pytest.fixture(scope="module")
 def triton(converted_repository: Path, full_rank: Path):
-    from phlora_nim.triton_launcher import LocalTriton
+    from phlora_nim.triton.launcher import LocalTriton
 
     with LocalTriton(converted_repository) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -202,12 +202,12 @@ def test_lora_protocol_through_triton(triton, converted_repository: Path) -> Non
 @pytest.fixture(scope="module")
 def small_cache_triton(tmp_path_factory: pytest.TempPathFactory, llama_finetunes):
     """Five adapters, a decoupled model, and a LoRA cache that holds exactly two of them."""
-    from converters.extract import ExtractOptions
-    from converters.rank_policy import RankPolicy
-    from phlora_nim.convert import ConvertJob, convert
-    from phlora_nim.model_repository import RepositorySettings
-    from phlora_nim.toy_models import make_finetunes
-    from phlora_nim.triton_launcher import LocalTriton
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.demo.toy_models import make_finetunes
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.triton.launcher import LocalTriton
 
     base, _ = llama_finetunes
     _, fts = make_finetunes("llama", tmp_path_factory.mktemp("five"), 5, steps=6, seed=0)

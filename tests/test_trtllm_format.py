@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from converters.adapter import LoraAdapter, LoraWeights
-from converters.errors import InputError, OptionError
-from converters.extract import ExtractOptions
-from converters.peft_format import load_peft
-from converters.rank_policy import RankPolicy
-from converters.trtllm_format import (
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.formats.peft import load_peft
+from phlora_nim.converters.formats.trtllm import (
     adapter_to_trtllm,
     check_engine,
     load_trtllm,
     save_trtllm,
     trtllm_to_adapter,
 )
-from converters.trtllm_modules import TRTLLM_MODULE_IDS
-from phlora_nim import jobs
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
+from phlora_nim.jobs import adapter_jobs as jobs
 
 
 @pytest.fixture(scope="module")

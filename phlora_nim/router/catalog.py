@@ -11,9 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-from converters.errors import PhloraError
-from phlora_nim.registry import AdapterEntry, Registry
-from phlora_nim.repository_layout import REGISTRY_FILE
+from phlora_nim.converters.errors import PhloraError
+from phlora_nim.repository.layout import REGISTRY_FILE
+from phlora_nim.repository.registry import AdapterEntry, Registry
 
 log = logging.getLogger("phlora_nim.router")
 

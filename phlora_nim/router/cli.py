@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from converters.errors import InputError
+from phlora_nim.converters.errors import InputError
 from phlora_nim.router.config import RouterConfig, load_router_file
 from phlora_nim.router.server import Router
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from phlora_nim.registry import AdapterEntry
+from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.metrics import UNKNOWN, RouterMetrics

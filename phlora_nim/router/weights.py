@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from converters.errors import InputError
-from converters.trtllm_format import NP_DTYPES, WEIGHTS_FILE, load_trtllm
-from phlora_nim.registry import AdapterEntry
-from phlora_nim.repository_layout import prefetch_dir
+from phlora_nim.converters.errors import InputError
+from phlora_nim.converters.formats.trtllm import NP_DTYPES, WEIGHTS_FILE, load_trtllm
+from phlora_nim.repository.layout import prefetch_dir
+from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.lru import LruBytes
 from phlora_nim.router.rewrite import LoraTensors, RequestError
 

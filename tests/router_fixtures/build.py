@@ -15,8 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from phlora_nim.registry import AdapterEntry, Registry, task_id_for
-from phlora_nim.repository_layout import prefetch_dir
+from phlora_nim.repository.layout import prefetch_dir
+from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for
 
 FIXTURES = Path(__file__).resolve().parent
 STANDIN_REPO = FIXTURES / "repo"

@@ -1,0 +1,514 @@
+"""PHLoRA extraction: base + full fine-tune → LoRA adapter, data-free and gradient-free.
+
+Two steps, as in mergekit: :func:`plan_extraction` decides everything from metadata alone (which
+tensors are LoRA targets, their ranks to compute, what is extra) and rejects bad input before any
+heavy work; :func:`run_extraction` streams one tensor pair at a time through the decomposition.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.architecture import ArchitectureMap, custom_map, find_map
+from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
+from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
+from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.converters.rank_policy import RankPolicy
+
+log = logging.getLogger("phlora_nim.extract")
+
+ExtraMode = Literal["drop", "save", "error"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIG_KEYS_MUST_MATCH = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "num_local_experts",
+)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to extract. Illegal combinations are rejected on construction.
+
+    Args:
+        policy: the rank policy.
+        exact: full SVD instead of the randomized range finder.
+        device: ``cpu`` or ``cuda`` (``cuda:N``) for the decomposition.
+        extra: what to do with deltas outside linear modules (embeddings, norms, biases, lm_head).
+        dtype: storage dtype of the adapter; ``auto`` keeps the fine-tuned checkpoint's.
+        target_modules: regex over module paths, overriding the architecture map.
+        seed: seed of the randomized sketches.
+    """
+
+    policy: RankPolicy
+    exact: bool = False
+    device: str = "cpu"
+    extra: ExtraMode = "drop"
+    dtype: str = "auto"
+    target_modules: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.extra not in ("drop", "save", "error"):
+            raise OptionError(
+                "unknown --extra mode", where="--extra", expected="drop, save or error", found=repr(self.extra)
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise OptionError(
+                "unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(self.dtype)
+            )
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionError(
+                "CUDA is not available",
+                where="--device",
+                expected="a machine with a CUDA GPU",
+                found="torch.cuda.is_available() is False",
+                fix="use --device cpu",
+            )
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise OptionError("unknown device", where="--device", expected="cpu or cuda[:N]", found=self.device)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """A linear module to decompose."""
+
+    module: str
+    weight: str
+    module_type: str
+    trtllm: str | None
+    layer: int | None
+    out_dim: int
+    in_dim: int
+    sketch_rank: int
+
+    @property
+    def short_side(self) -> int:
+        return min(self.out_dim, self.in_dim)
+
+
+@dataclass(frozen=True)
+class ExtraPlan:
+    """A tensor whose delta LoRA cannot carry: measured, then dropped or saved whole."""
+
+    name: str
+    kind: str
+    base_shape: tuple[int, ...]
+    ft_shape: tuple[int, ...]
+
+    @property
+    def resized(self) -> bool:
+        return self.base_shape != self.ft_shape
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    family: str
+    targets: tuple[TargetPlan, ...]
+    extras: tuple[ExtraPlan, ...]
+    out_dtype: torch.dtype
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class ModuleResult:
+    plan: TargetPlan
+    factors: Factors | None  # None: the delta is exactly zero
+    lora: tuple[torch.Tensor, torch.Tensor] | None = None  # final (A, B) when the rank was known up front
+    rank: int = 0
+    load_s: float = 0.0
+    decompose_s: float = 0.0
+
+
+@dataclass
+class ExtraResult:
+    plan: ExtraPlan
+    energy: float
+    action: str
+
+
+@dataclass
+class ExtractionResult:
+    """Everything :func:`run_extraction` produced: the adapter and the measurements behind it."""
+
+    adapter: LoraAdapter
+    modules: list[ModuleResult]
+    extras: list[ExtraResult]
+    plan: ExtractionPlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _classify(name: str) -> str:
+    low = name.lower()
+    if "lm_head" in low:
+        return "lm_head"
+    if "embed" in low or low.startswith(("wte.", "wpe.")) or ".wte." in low or ".wpe." in low:
+        return "embedding"
+    if "norm" in low or low.endswith(".ln_f.weight"):
+        return "norm"
+    if low.endswith(".bias"):
+        return "bias"
+    return "other"
+
+
+def _fallback_linear(name: str, shape: tuple[int, ...]) -> bool:
+    return name.endswith(".weight") and len(shape) == 2 and _classify(name) == "other"
+
+
+def _same_config(base: Checkpoint, ft: Checkpoint) -> list[PhloraError]:
+    if base.config is None or ft.config is None:
+        return []
+    problems: list[PhloraError] = []
+    archs = (base.config.get("architectures"), ft.config.get("architectures"))
+    if archs[0] and archs[1] and archs[0] != archs[1]:
+        problems.append(
+            InputError(
+                "base and fine-tuned checkpoints are different architectures",
+                where=f"{ft.path}/config.json architectures",
+                expected=str(archs[0]),
+                found=str(archs[1]),
+                fix="pass a fine-tune of this base model",
+            )
+        )
+    for key in _CONFIG_KEYS_MUST_MATCH:
+        b, f = base.config.get(key), ft.config.get(key)
+        if b is not None and f is not None and b != f:
+            problems.append(
+                InputError(
+                    "base and fine-tuned configs disagree",
+                    where=f"{ft.path}/config.json {key}",
+                    expected=repr(b),
+                    found=repr(f),
+                    fix="pass a fine-tune of this base model",
+                )
+            )
+    return problems
+
+
+def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -> ExtractionPlan:
+    """Decide targets, sketch ranks and extras from metadata; reject bad input with one error.
+
+    Raises:
+        InputError: incompatible checkpoints, missing tensors, shape mismatches, vocabulary resizes
+            (unless ``extra="save"``), unsupported dtypes.
+        OptionError: a rank above a module's dimensions, or nothing to extract.
+    """
+    problems = _same_config(base, ft)
+    raise_all(problems, summary="the checkpoints do not match")
+    config = ft.config or base.config or {}
+    warnings: list[str] = []
+    amap: ArchitectureMap | None
+    if options.target_modules:
+        amap = custom_map(options.target_modules)
+    else:
+        amap = find_map(config)
+        if amap is None:
+            warnings.append(
+                f"unknown architecture {config.get('architectures') or config.get('model_type') or '(no config.json)'}:"
+                " targeting every 2-D linear weight; pass --target-modules REGEX to choose"
+            )
+    base_names, ft_names = set(base.tensors), set(ft.tensors)
+    for missing_in, names in ((base, ft_names - base_names), (ft, base_names - ft_names)):
+        side = "base" if missing_in is base else "fine-tuned"
+        for name in sorted(names)[:20]:
+            problems.append(
+                InputError(
+                    f"tensor {name!r} is missing in the {side} checkpoint",
+                    where=str(missing_in.path),
+                    expected="the same tensors on both sides",
+                    fix="pass matching checkpoints",
+                )
+            )
+    targets: list[TargetPlan] = []
+    extras: list[ExtraPlan] = []
+    too_big: list[str] = []
+    for name in ft.names():
+        if name not in base_names:
+            continue
+        bi, fi = base.info(name), ft.info(name)
+        if not fi.dtype.is_floating_point:
+            continue
+        if fi.dtype not in DTYPES.values() or bi.dtype not in DTYPES.values():
+            problems.append(
+                InputError(
+                    "unsupported tensor dtype",
+                    where=f"{ft.path} {name}",
+                    expected="float32, float16 or bfloat16",
+                    found=f"{bi.dtype} / {fi.dtype}",
+                )
+            )
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
+        is_target = matched is not None or (amap is None and _fallback_linear(name, fi.shape))
+        if not is_target:
+            extras.append(ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape))
+            if bi.shape != fi.shape and options.extra != "save":
+                problems.append(
+                    InputError(
+                        "tensor shape differs (vocabulary or size change)",
+                        where=f"{ft.path} {name}",
+                        expected=f"{bi.shape} as in the base",
+                        found=str(fi.shape),
+                        fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
+                        "modules_to_save (the base must be resized the same way when loading)",
+                    )
+                )
+            continue
+        if bi.shape != fi.shape:
+            problems.append(
+                InputError(
+                    "weight shapes differ",
+                    where=f"{ft.path} {name}",
+                    expected=f"{bi.shape} as in the base",
+                    found=str(fi.shape),
+                    fix="pass a fine-tune of this exact base model",
+                )
+            )
+            continue
+        out_dim, in_dim = fi.shape
+        spec, layer = matched if matched is not None else (None, None)
+        if spec is not None and amap is not None and config:
+            dims = amap.dims(spec, config)
+            if dims is not None and dims != (in_dim, out_dim):
+                problems.append(
+                    InputError(
+                        "weight shape does not follow from config.json",
+                        where=f"{ft.path} {name}",
+                        expected=f"[out={dims[1]}, in={dims[0]}] for {amap.family} {spec.name}",
+                        found=f"[out={out_dim}, in={in_dim}]",
+                        fix="check that config.json belongs to these weights",
+                    )
+                )
+                continue
+        if options.policy.rank is not None and options.policy.rank > min(out_dim, in_dim):
+            too_big.append(f"{module} [{out_dim}×{in_dim}]")
+        assert module is not None
+        module_type = spec.name if spec is not None and spec.name != "*" else module.rsplit(".", 1)[-1]
+        targets.append(
+            TargetPlan(
+                module=module,
+                weight=name,
+                module_type=module_type,
+                trtllm=spec.trtllm if spec is not None else None,
+                layer=layer,
+                out_dim=out_dim,
+                in_dim=in_dim,
+                sketch_rank=options.policy.sketch_rank(min(out_dim, in_dim)),
+            )
+        )
+    if too_big:
+        problems.append(
+            OptionError(
+                "rank is above some modules' dimensions",
+                where="--rank",
+                expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
+                found=f"{options.policy.rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
+                fix="lower --rank, or use --energy/--budget-params with --max-rank",
+            )
+        )
+    if not targets and not problems:
+        problems.append(
+            OptionError(
+                "no LoRA target modules found",
+                where=str(ft.path),
+                expected="linear weights matched by the architecture map or --target-modules",
+                found=f"{len(ft.tensors)} tensors, none matched",
+                fix="pass --target-modules REGEX",
+            )
+        )
+    raise_all(problems, summary="cannot extract an adapter")
+    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else ft.info(targets[0].weight).dtype
+    return ExtractionPlan(
+        family=amap.family if amap else "generic",
+        targets=tuple(targets),
+        extras=tuple(extras),
+        out_dtype=out_dtype,
+        warnings=tuple(warnings),
+    )
+
+
+def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint) -> None:
+    if math.isfinite(energy):
+        return
+    bad = int((~torch.isfinite(delta)).sum())
+    # bad == 0: finite values whose squares overflowed, still a broken checkpoint for LoRA
+    bad_desc = f"{bad} NaN/Inf values" if bad else "values too large to square in float32"
+    raise InputError(
+        "the weight delta is not finite",
+        where=f"{ft.path} {name}",
+        expected="finite weights",
+        found=bad_desc,
+        fix="the checkpoint is damaged (diverged training?): re-export it",
+    )
+
+
+def run_extraction(
+    plan: ExtractionPlan,
+    base: Checkpoint,
+    ft: Checkpoint,
+    options: ExtractOptions,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> ExtractionResult:
+    """Stream every planned tensor pair through the decomposition and assemble the adapter.
+
+    Peak memory is one float32 delta buffer plus the kept factors: it depends on the largest
+    tensor, not on the number of layers.
+
+    Args:
+        plan: from :func:`plan_extraction`.
+        base, ft: the opened checkpoints the plan was made for.
+        options: the same options.
+        progress: called with each tensor name once it is done.
+
+    Returns:
+        The adapter and per-module measurements.
+
+    Raises:
+        InputError: a delta holds NaN/Inf.
+    """
+    start = time.perf_counter()
+    reader = DeltaReader(base, ft)
+    results: list[ModuleResult] = []
+    extras: list[ExtraResult] = []
+    saved: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    target_modules = {t.module for t in plan.targets}
+    # Extras first: measuring them is cheap, and --extra error must refuse before the expensive part.
+    for e in plan.extras:
+        if e.resized:
+            energy = frobenius_energy(ft.load(e.name).float())
+        else:
+            energy = reader.energy(e.name)
+            if not math.isfinite(energy):
+                _check_finite(reader.delta(e.name), energy, e.name, ft)
+        if energy == 0.0:
+            action = "unchanged"
+        elif options.extra == "save":
+            action = "saved"
+            owner = e.name.rsplit(".", 1)[0]
+            if e.kind == "bias" and owner in target_modules and not e.resized:
+                biases[owner] = reader.delta(e.name).clone()
+            else:
+                saved[e.name] = ft.load(e.name).clone()
+        else:
+            action = "dropped"
+        extras.append(ExtraResult(plan=e, energy=energy, action=action))
+        if progress:
+            progress(e.name)
+    changed = [x for x in extras if x.action != "unchanged"]
+    if options.extra == "error" and changed:
+        names = ", ".join(x.plan.name for x in changed[:5])
+        raise InputError(
+            "the fine-tune changed tensors that are not linear modules",
+            where=str(ft.path),
+            expected="changes only in LoRA target modules (--extra error)",
+            found=f"{len(changed)} changed tensors: {names}",
+            fix="pass --extra drop to measure and drop them, or --extra save to keep them",
+        )
+    for t in plan.targets:
+        t0 = time.perf_counter()
+        delta = reader.delta(t.weight)
+        energy = frobenius_energy(delta)
+        _check_finite(delta, energy, t.weight, ft)
+        t1 = time.perf_counter()
+        if energy == 0.0:
+            results.append(ModuleResult(plan=t, factors=None, load_s=t1 - t0))
+        else:
+            f = decompose(
+                delta,
+                t.sketch_rank,
+                exact=options.exact,
+                device=options.device,
+                seed=module_seed(t.module, options.seed),
+                total_energy=energy,
+            )
+            fixed = options.policy.fixed_rank(t.short_side)
+            lora = None
+            if fixed is not None:
+                # Rank known now: keep the final factors in the storage dtype and only the spectrum
+                # of the sketch, so what is held per module is the adapter itself.
+                kept = min(fixed, f.available_rank)
+                a, b = f.lora(kept)
+                lora = (a.to(plan.out_dtype), b.to(plan.out_dtype))
+                f = f.spectrum_only()
+            else:
+                # Ranks are assigned across modules later: keep up to the cap, in compact storage.
+                f = f.truncated(min(f.available_rank, t.sketch_rank)).compact()
+            results.append(
+                ModuleResult(
+                    plan=t,
+                    factors=f,
+                    lora=lora,
+                    load_s=t1 - t0,
+                    decompose_s=time.perf_counter() - t1,
+                )
+            )
+        if progress:
+            progress(t.weight)
+    live = [r for r in results if r.factors is not None]
+    ranks = options.policy.assign(
+        [(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live if r.factors is not None]
+    )
+    modules: dict[str, LoraWeights] = {}
+    for r, rank in zip(live, ranks, strict=True):
+        r.rank = rank
+        if rank == 0 or r.factors is None:
+            continue
+        if r.lora is not None:
+            a, b = r.lora
+            rank = int(a.shape[0])
+        else:
+            rank = min(rank, r.factors.available_rank)
+            a, b = r.factors.lora(rank)
+        r.rank = rank
+        # alpha = r: PEFT's scale alpha/r is exactly 1, so B·A is the update as stored.
+        modules[r.plan.module] = LoraWeights(a=a, b=b, alpha=float(rank))
+    adapter = LoraAdapter(
+        modules=modules,
+        base_model_name_or_path=str(base.path),
+        modules_to_save=saved,
+        lora_biases=biases,
+    )
+    total = time.perf_counter() - start
+    return ExtractionResult(
+        adapter=adapter,
+        modules=results,
+        extras=extras,
+        plan=plan,
+        timings={
+            "load_s": sum(r.load_s for r in results),
+            "decompose_s": sum(r.decompose_s for r in results),
+            "extract_s": total,
+        },
+    )
+
+
+def summary_energy(result: ExtractionResult) -> dict[str, Any]:
+    """Totals in float64: energy kept over linear modules, and over the whole delta."""
+    linear = sum(r.factors.total_energy for r in result.modules if r.factors is not None)
+    kept = sum(r.factors.captured(r.rank) for r in result.modules if r.factors is not None and r.rank)
+    extra = sum(x.energy for x in result.extras if not x.plan.resized)
+    saved = sum(x.energy for x in result.extras if x.action == "saved" and not x.plan.resized)
+    return {
+        "linear_delta_energy": linear,
+        "linear_kept_energy": kept,
+        "energy_kept_linear": kept / linear if linear else 1.0,
+        "extra_delta_energy": extra,
+        "extra_kept_energy": saved,
+        "energy_kept_total": (kept + saved) / (linear + extra) if (linear + extra) else 1.0,
+    }

@@ -1,0 +1,274 @@
+"""Hugging Face PEFT LoRA adapters: ``save_peft`` / ``load_peft``.
+
+Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_model.bin`` is read
+too, and written on request for servers that only read it). Keys are
+``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``…lora_B.weight`` ``[out, r]``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
+from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+
+def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for ``adapter``.
+
+    ``lora_alpha`` is always explicit. Modules whose rank differs from the common ``r`` are listed in
+    ``rank_pattern`` and ``alpha_pattern`` by full module path.
+    """
+    r = adapter.default_rank()
+    default_alpha = _common_alpha(adapter, r)
+    rank_pattern = {n: w.rank for n, w in sorted(adapter.modules.items()) if w.rank != r}
+    alpha_pattern = {n: _num(w.alpha) for n, w in sorted(adapter.modules.items()) if w.alpha != default_alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _num(default_alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": adapter.leaf_names(),
+        "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
+        "bias": "none",
+        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), added once per call.
+        "lora_bias": bool(adapter.lora_biases),
+        "use_rslora": adapter.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _common_alpha(adapter: LoraAdapter, r: int) -> float:
+    alphas = [w.alpha for w in adapter.modules.values() if w.rank == r]
+    return max(set(alphas), key=alphas.count) if alphas else float(r)
+
+
+def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, write_bin: bool = False) -> None:
+    """Write ``adapter`` as a PEFT LoRA folder (the folder must exist; callers make it atomic).
+
+    Args:
+        adapter: what to write.
+        folder: destination folder.
+        dtype: storage dtype of the factors (default: as they are).
+        write_bin: also write ``adapter_model.bin`` (NIM 1.x on TensorRT-LLM reads only that).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in adapter.modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _cast(w.a, dtype)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _cast(w.b, dtype)
+    for name, bias in adapter.lora_biases.items():
+        tensors[f"{PREFIX}{name}.lora_B.bias"] = _cast(bias, dtype)
+    for name, tensor in adapter.modules_to_save.items():
+        tensors[f"{PREFIX}{name}"] = _cast(tensor, dtype)
+    save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
+    if write_bin:
+        torch.save(tensors, Path(folder) / BIN_NAME)
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n", encoding="utf-8")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return (t if dtype is None else t.to(dtype)).contiguous()
+
+
+def load_peft_config(folder: Path) -> dict[str, Any]:
+    """Read and check ``adapter_config.json``: it must describe a plain LoRA adapter."""
+    path = Path(folder) / CONFIG_NAME
+    if not Path(folder).is_dir():
+        raise InputError(
+            "adapter folder not found",
+            where=str(folder),
+            expected="a PEFT adapter folder",
+            found="no such folder",
+            fix="check the path",
+        )
+    if not path.exists():
+        raise InputError(
+            "not a PEFT adapter: adapter_config.json is missing",
+            where=str(folder),
+            expected="adapter_config.json + adapter_model.safetensors",
+            fix="point at a folder written by PEFT's save_pretrained or phlora-nim",
+        )
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable adapter config ({exc})", where=str(path), fix="restore the file") from None
+    if not isinstance(cfg, dict):
+        raise InputError("adapter config must be a JSON object", where=str(path), found=type(cfg).__name__)
+    problems: list[PhloraError] = []
+    if cfg.get("peft_type") != "LORA":
+        problems.append(
+            InputError(
+                "not a LoRA adapter",
+                where=f"{path} peft_type",
+                expected='"LORA"',
+                found=repr(cfg.get("peft_type")),
+                fix="only LoRA adapters can be used here",
+            )
+        )
+    if cfg.get("use_dora"):
+        problems.append(
+            InputError(
+                "DoRA adapters are not supported",
+                where=f"{path} use_dora",
+                expected="false",
+                found="true",
+                fix="merge the DoRA magnitude first",
+            )
+        )
+    if cfg.get("fan_in_fan_out"):
+        problems.append(
+            InputError(
+                "fan_in_fan_out (Conv1D) adapters cannot be expressed",
+                where=f"{path} fan_in_fan_out",
+                expected="false",
+                found="true",
+                fix="use an adapter trained on nn.Linear modules",
+            )
+        )
+    raise_all(problems, summary=f"{path} cannot be used")
+    return cfg
+
+
+def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    st, binf = Path(folder) / WEIGHTS_NAME, Path(folder) / BIN_NAME
+    if st.exists():
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError) as exc:
+            raise InputError(
+                f"corrupt or truncated adapter weights ({exc})",
+                where=str(st),
+                expected="a complete safetensors file",
+                fix="re-export the adapter",
+            ) from None
+    if binf.exists():
+        if not zipfile.is_zipfile(binf):
+            raise InputError(
+                "corrupt adapter weights",
+                where=str(binf),
+                expected="a torch.save zip file",
+                fix="re-export the adapter",
+            )
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for unreadable pickles
+            raise InputError(
+                f"cannot load adapter weights safely ({exc})",
+                where=str(binf),
+                fix="re-export the adapter as safetensors",
+            ) from None
+    raise InputError(
+        "adapter weights are missing",
+        where=str(folder),
+        expected=f"{WEIGHTS_NAME} or {BIN_NAME}",
+        found="neither",
+        fix="re-export the adapter",
+    )
+
+
+def load_peft(folder: Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (ours or third-party) into a :class:`LoraAdapter`.
+
+    Raises:
+        InputError: not LoRA, DoRA/fan_in_fan_out, unpaired or mis-shaped factors, corrupt files.
+    """
+    folder = Path(folder)
+    cfg = load_peft_config(folder)
+    tensors = _load_tensors(folder)
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
+    problems: list[PhloraError] = []
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if name.endswith(".lora_B.bias"):
+            biases[name[: -len(".lora_B.bias")]] = tensor
+            continue
+        for marker, store in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
+            if marker in name:
+                store[name.split(marker)[0]] = tensor
+                break
+        else:
+            if "lora_embedding" in name or "lora_magnitude" in name:
+                problems.append(
+                    InputError(
+                        "unsupported LoRA tensor",
+                        where=f"{folder} {key}",
+                        expected="lora_A/lora_B of linear modules",
+                        fix="embedding LoRA and DoRA are not supported",
+                    )
+                )
+            else:
+                saved[name] = tensor
+    modules: dict[str, LoraWeights] = {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    default_alpha = cfg.get("lora_alpha", cfg.get("r", 8))
+    for name in sorted(set(a_parts) | set(b_parts)):
+        a, b = a_parts.get(name), b_parts.get(name)
+        if a is None or b is None:
+            problems.append(
+                InputError(
+                    "LoRA factor without its pair",
+                    where=f"{folder} {name}",
+                    expected="both lora_A and lora_B",
+                    found="only one",
+                )
+            )
+            continue
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            problems.append(
+                InputError(
+                    "LoRA factor shapes do not chain",
+                    where=f"{folder} {name}",
+                    expected="lora_A [r, in] and lora_B [out, r]",
+                    found=f"{tuple(a.shape)} and {tuple(b.shape)}",
+                )
+            )
+            continue
+        key = pattern_key(alpha_pattern, name)
+        alpha = float(alpha_pattern[key] if key is not None else default_alpha)
+        modules[name] = LoraWeights(a=a, b=b, alpha=alpha)
+    if not modules and not problems:
+        problems.append(
+            InputError(
+                "adapter holds no LoRA factors",
+                where=str(folder),
+                expected="lora_A/lora_B tensors",
+                found=f"{len(tensors)} other tensors",
+            )
+        )
+    raise_all(problems, summary=f"{folder} is not a usable LoRA adapter")
+    return LoraAdapter(
+        modules=modules,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        task_type=cfg.get("task_type"),
+        modules_to_save=saved,
+        lora_biases=biases,
+    )

@@ -1,0 +1,158 @@
+"""Rank policies: how many singular directions each module keeps.
+
+Planning is separate from decomposing: a policy says how many triplets to compute per module
+(``sketch_rank``) and, once spectra are known, the final rank of every module (``assign``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+from typing import Literal
+
+from phlora_nim.converters.decompose import Factors
+from phlora_nim.converters.errors import OptionError
+
+# vLLM's --max-lora-rank accepts only these; adapters with other ranks must be padded up.
+VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_RANK = 256
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """Exactly one of ``rank``, ``energy`` or ``budget_params``, plus an optional ``max_rank`` cap.
+
+    Example:
+        >>> RankPolicy(energy=0.9, max_rank=64).kind
+        'energy'
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget_params: int | None = None
+    max_rank: int | None = None
+    snap: Literal["vllm"] | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [
+            n
+            for n, v in (("--rank", self.rank), ("--energy", self.energy), ("--budget-params", self.budget_params))
+            if v is not None
+        ]
+        if len(chosen) != 1:
+            raise OptionError(
+                "choose exactly one rank policy",
+                where="rank options",
+                expected="one of --rank, --energy, --budget-params",
+                found=", ".join(chosen) if chosen else "none",
+            )
+        if self.rank is not None and self.rank <= 0:
+            raise OptionError("rank must be positive", where="--rank", expected="an integer ≥ 1", found=str(self.rank))
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise OptionError(
+                "energy must be a share of the delta's energy",
+                where="--energy",
+                expected="a number in (0, 1], e.g. 0.9",
+                found=str(self.energy),
+            )
+        if self.budget_params is not None and self.budget_params <= 0:
+            raise OptionError(
+                "parameter budget must be positive",
+                where="--budget-params",
+                expected="an integer ≥ 1",
+                found=str(self.budget_params),
+            )
+        if self.max_rank is not None and self.max_rank <= 0:
+            raise OptionError(
+                "max rank must be positive", where="--max-rank", expected="an integer ≥ 1", found=str(self.max_rank)
+            )
+        if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:
+            raise OptionError(
+                "--rank exceeds --max-rank", where="--rank", expected=f"≤ {self.max_rank}", found=str(self.rank)
+            )
+        if self.snap not in (None, "vllm"):
+            raise OptionError("unknown rank snapping", where="--snap-ranks", expected="vllm", found=str(self.snap))
+
+    @property
+    def kind(self) -> str:
+        if self.rank is not None:
+            return "rank"
+        return "energy" if self.energy is not None else "budget"
+
+    def cap(self, short_side: int) -> int:
+        """The largest rank this policy may give a module whose short side is ``short_side``."""
+        limit = self.rank if self.rank is not None else (self.max_rank or DEFAULT_MAX_RANK)
+        return min(limit, short_side)
+
+    def fixed_rank(self, short_side: int) -> int | None:
+        """The final rank of a module when it does not depend on other modules (``--rank``)."""
+        if self.kind != "rank":
+            return None
+        return snap_rank(self.cap(short_side), self.snap, short_side)
+
+    def sketch_rank(self, short_side: int) -> int:
+        """Triplets to compute for a module (ranks snapped upward need a few more)."""
+        return min(short_side, snap_rank(self.cap(short_side), self.snap, short_side))
+
+    def assign(self, spectra: list[tuple[Factors, int, int]]) -> list[int]:
+        """Final ranks for modules given as ``(factors, short_side, params_per_rank)``."""
+        if self.kind == "rank":
+            ranks = [self.cap(short) for _, short, _ in spectra]
+        elif self.kind == "energy":
+            assert self.energy is not None
+            ranks = [energy_rank(f, self.energy, self.cap(short)) for f, short, _ in spectra]
+        else:
+            assert self.budget_params is not None
+            ranks = allocate_budget([(f, self.cap(short), cost) for f, short, cost in spectra], self.budget_params)
+        return [snap_rank(r, self.snap, short) for r, (_, short, _) in zip(ranks, spectra, strict=True)]
+
+
+def snap_rank(rank: int, snap: str | None, short_side: int) -> int:
+    """Round ``rank`` up to the next rank the target server accepts (never past the short side)."""
+    if snap is None or rank == 0:
+        return rank
+    i = bisect.bisect_left(VLLM_RANKS, rank)
+    snapped = VLLM_RANKS[i] if i < len(VLLM_RANKS) else rank
+    return min(snapped, short_side)
+
+
+def energy_rank(factors: Factors, share: float, cap: int) -> int:
+    """Smallest rank keeping ≥ ``share`` of ‖ΔW‖²_F, at most ``cap`` (at least 1)."""
+    if factors.total_energy == 0.0:
+        return 0
+    if share >= 1.0:
+        return cap  # all of it: float32 singular values can sum a hair short of the float64 total
+    target = share * factors.total_energy
+    cum = factors.S[:cap].double().pow(2).cumsum(0)
+    idx = int(bisect.bisect_left(cum.tolist(), target * (1 - 1e-12)))
+    return max(1, min(cap, idx + 1))
+
+
+def allocate_budget(modules: list[tuple[Factors, int, int]], budget: int) -> list[int]:
+    """Spend ``budget`` LoRA parameters where each buys the most energy.
+
+    Each module is ``(factors, cap, params_per_rank)`` with ``params_per_rank = in + out``. Rank
+    increments are taken greedily by energy per parameter (σ²_{r+1} / (in + out)); as σ² falls
+    with r, each module's gains are concave and the greedy order is the optimal fractional
+    allocation. Increments that no longer fit are skipped in favour of cheaper ones, so the
+    remainder left unspent is smaller than any module's next step.
+
+    Returns:
+        Ranks per module, in input order; Σ rank·params_per_rank ≤ budget.
+    """
+    ranks = [0] * len(modules)
+    sq = [f.S[:cap].double().pow(2).tolist() for f, cap, _ in modules]
+    heap = [(-sq[i][0] / cost, i) for i, (_, cap, cost) in enumerate(modules) if cap > 0 and sq[i]]
+    heapq.heapify(heap)
+    left = budget
+    while heap:
+        _, i = heapq.heappop(heap)
+        _, cap, cost = modules[i]
+        if cost > left:
+            continue  # too big for what is left; cheaper modules may still fit
+        ranks[i] += 1
+        left -= cost
+        if ranks[i] < cap and ranks[i] < len(sq[i]):
+            heapq.heappush(heap, (-sq[i][ranks[i]] / cost, i))
+    return ranks

@@ -1,0 +1,1 @@
+"""The embedded end-to-end demo and the small models it (and the tests) fine-tune on CPU."""

@@ -1,0 +1,186 @@
+"""The one-command demo: fine-tunes → adapters → real Triton (CPU) → router → per-request adapters.
+
+1. a small Llama with its tokenizer, and three full fine-tunes of it, each taught its own rule;
+2. ``convert``: every fine-tune becomes a LoRA adapter in one Triton model repository;
+3. the real ``tritonserver`` (CPU reference ``tensorrt_llm`` model) and the gRPC router start;
+4. requests for every adapter and the base model go through the router, mixed and concurrent,
+   each selecting its adapter by model name;
+5. a table compares each answer with the fine-tuned model's own output (run directly in PyTorch).
+Everything started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+log = logging.getLogger("phlora_nim.demo.run")
+
+PROMPTS = ("the red cat", "one small bird", "king queen knight")
+NAMES = ("stride-11", "stride-17", "stride-23")
+NEW_TOKENS = 6
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One request of the demo and how it compares with the model it stands for."""
+
+    model: str
+    prompt: str
+    output: str
+    expected: str
+    rank: str
+    energy: str
+
+    @property
+    def match(self) -> bool:
+        return self.output == self.expected
+
+
+def _reference_outputs(checkpoint: Path, tokenizer: Any, prompts: tuple[str, ...]) -> list[str]:
+    """Greedy continuation by the checkpoint itself, in PyTorch: what the served adapter should say."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts.append(tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def _ask(address: str, model: str, prompt: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(address) as client:
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+        max_tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+        max_tokens.set_data_from_numpy(np.array([[NEW_TOKENS]], dtype=np.int32))
+        result = client.infer(model, [text, max_tokens], client_timeout=120)
+        return result.as_numpy("text_output").reshape(-1)[0].decode()
+
+
+@contextmanager
+def _step(progress: Progress, text: str) -> Iterator[None]:
+    task = progress.add_task(text, total=None)
+    try:
+        yield
+    finally:
+        progress.update(task, visible=False)
+        progress.console.print(f"[green]✓[/] {text}")
+
+
+def run_demo(
+    out: Path,
+    *,
+    steps: int = 40,
+    energy: float = 0.99,
+    console: Console | None = None,
+) -> list[DemoRow]:
+    """Run the whole pipeline on an embedded default; returns the table's rows.
+
+    Args:
+        out: working folder (replaced).
+        steps: full fine-tuning steps per checkpoint.
+        energy: energy policy of the extraction (share of each module's delta kept).
+    """
+    import warnings
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.demo.toy_models import make_finetunes
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.router.config import RouterConfig
+    from phlora_nim.router.server import RouterThread
+    from phlora_nim.triton.launcher import LocalTriton
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    console = console or Console()
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        with _step(progress, f"base model + {len(NAMES)} full fine-tunes ({steps} AdamW steps each, CPU)"):
+            base, fts = make_finetunes("llama", out / "checkpoints", len(NAMES), steps=steps, linear_only=True)
+        repo = out / "model_repository"
+        with _step(progress, f"convert → {repo} (PHLoRA, energy ≥ {energy:g} per module)"):
+            job = ConvertJob(
+                base=base,
+                finetuned=tuple(fts),
+                names=NAMES,
+                repository=repo,
+                options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
+                settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+            )
+            converted = {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        with _step(progress, "reference outputs of each fine-tuned model, in PyTorch"):
+            expected = {"ensemble": _reference_outputs(base, tokenizer, PROMPTS)}
+            for name, ft in zip(NAMES, fts, strict=True):
+                expected[name] = _reference_outputs(ft, tokenizer, PROMPTS)
+        with _step(progress, "start tritonserver (CPU) and the router"):
+            triton = LocalTriton(repo).start()
+        try:
+            config = RouterConfig(model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0)
+            with RouterThread(config) as router:
+                models = ["ensemble", *NAMES]
+                jobs = [(m, p) for p in PROMPTS for m in models]
+                described = f"{len(jobs)} requests through the router, mixed and concurrent"
+                with _step(progress, described), ThreadPoolExecutor(len(jobs)) as pool:
+                    answers = list(pool.map(lambda mp: _ask(router.address, *mp), jobs))
+        finally:
+            triton.stop()
+    rows = []
+    for (model, prompt), answer in zip(jobs, answers, strict=True):
+        c = converted.get(model)
+        ranks = sorted(set(c.entry.ranks.values())) if c else []
+        rows.append(
+            DemoRow(
+                model=model if c else "base (no adapter)",
+                prompt=prompt,
+                output=answer,
+                expected=expected[model][PROMPTS.index(prompt)],
+                rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
+                energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
+            )
+        )
+    table = Table(title="one base model on Triton, an adapter per request (through the router)")
+    for col in ("model", "rank", "energy kept", "prompt", "output via Triton", "matches its own model"):
+        table.add_column(col)
+    for r in sorted(rows, key=lambda r: (r.model, r.prompt)):
+        table.add_row(r.model, r.rank, r.energy, r.prompt, r.output, "[green]yes" if r.match else "[red]no")
+    console.print(table)
+    matched = sum(r.match for r in rows)
+    console.print(
+        f"{matched}/{len(rows)} answers equal the output of the fine-tuned model they stand for. "
+        f"Repository: {repo} (serve it: phlora-nim triton -m {repo})"
+    )
+    return rows

@@ -1,0 +1,1 @@
+"""Offline jobs behind the CLI that write adapter folders atomically, verification and plots."""

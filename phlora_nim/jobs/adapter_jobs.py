@@ -1,0 +1,218 @@
+"""End-to-end jobs behind the CLI: extract, prune and export adapter folders, atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.atomic import atomic_dir, check_output_dir
+from phlora_nim.converters.checkpoint import open_checkpoint
+from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.converters.extract import DTYPES, ExtractOptions, plan_extraction, run_extraction
+from phlora_nim.converters.formats.nim import save_nim_adapter
+from phlora_nim.converters.formats.peft import load_peft, save_peft
+from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine, save_trtllm
+from phlora_nim.converters.names import validate_adapter_name
+from phlora_nim.converters.prune import prune_adapter
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.report import build_report, write_report
+from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
+
+log = logging.getLogger("phlora_nim")
+
+
+def extract(
+    base: Path,
+    finetuned: Path,
+    out: Path,
+    options: ExtractOptions,
+    *,
+    force: bool = False,
+    command: str | None = None,
+    plot: bool = True,
+    on_plan: Callable[[int], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Extract a PEFT LoRA adapter from ``base`` → ``finetuned`` into ``out``.
+
+    Writes ``adapter_config.json``, ``adapter_model.safetensors``, ``phlora_report.json`` and
+    ``energy.png`` into a temporary folder renamed to ``out`` only when all succeeded.
+
+    Args:
+        base, finetuned: checkpoint folders or ``.safetensors`` files.
+        out: the adapter folder to create.
+        options: rank policy and extraction options.
+        force: replace ``out`` if it exists.
+        command: the command line, recorded in the report.
+        plot: write ``energy.png``.
+        on_plan: called with the number of tensors to process once planning is done.
+        progress: called per processed tensor.
+
+    Returns:
+        The report dict.
+
+    Raises:
+        PhloraError: bad input, options or output location (nothing is written).
+    """
+    start = time.perf_counter()
+    check_output_dir(Path(out), force=force)
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
+        plan = plan_extraction(b, f, options)
+        for w in plan.warnings:
+            log.warning(w)
+        if on_plan:
+            on_plan(len(plan.targets) + len(plan.extras))
+        result = run_extraction(plan, b, f, options, progress=progress)
+    t_write = time.perf_counter()
+    report = build_report(result, options, base=str(base), finetuned=str(finetuned), command=command)
+    dropped = [x for x in result.extras if x.action == "dropped"]
+    if dropped:
+        share = report["totals"]["dropped_extra_energy"] / max(
+            report["totals"]["linear_delta_energy"] + report["totals"]["extra_delta_energy"], 1e-300
+        )
+        log.warning(
+            "dropped the deltas of %d tensors outside linear modules (%s): %.3g%% of the fine-tune's delta "
+            "energy. Pass --extra save to keep them as modules_to_save (not servable by vLLM/NIM/TensorRT-LLM).",
+            len(dropped),
+            ", ".join(sorted({x.plan.kind for x in dropped})),
+            100 * share,
+        )
+    with atomic_dir(Path(out), force=force) as tmp:
+        save_peft(result.adapter, tmp, dtype=plan.out_dtype)
+        report["timings"]["write_s"] = round(time.perf_counter() - t_write, 4)
+        report["timings"]["total_s"] = round(time.perf_counter() - start, 4)
+        write_report(report, tmp)
+        if plot:
+            plot_energy(report, tmp / PLOT_NAME)
+    return report
+
+
+def prune(
+    adapter_dir: Path,
+    out: Path,
+    policy: RankPolicy,
+    *,
+    force: bool = False,
+    command: str | None = None,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Re-truncate a PEFT LoRA adapter into ``out`` (QR + small-core SVD; no dense delta)."""
+    start = time.perf_counter()
+    check_output_dir(Path(out), force=force)
+    adapter = load_peft(Path(adapter_dir))
+    pruned, records = prune_adapter(adapter, policy)
+    kept = sum(float(r["energy_kept"]) * float(r["delta_energy"]) for r in records)  # type: ignore[arg-type]
+    total = sum(float(r["delta_energy"]) for r in records)  # type: ignore[arg-type]
+    report = {
+        "format": "phlora-report/1",
+        "kind": "prune",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "source_adapter": str(adapter_dir),
+        "policy": {
+            "kind": policy.kind,
+            "rank": policy.rank,
+            "energy": policy.energy,
+            "budget_params": policy.budget_params,
+            "max_rank": policy.max_rank,
+            "snap": policy.snap,
+        },
+        "totals": {
+            "modules": len(records),
+            "adapter_parameters": pruned.num_parameters(),
+            "source_parameters": adapter.num_parameters(),
+            "energy_kept_of_adapter": kept / total if total else 1.0,
+            "min_energy_kept": min((float(r["energy_kept"]) for r in records), default=1.0),  # type: ignore[arg-type]
+        },
+        "modules": records,
+    }
+    with atomic_dir(Path(out), force=force) as tmp:
+        save_peft(pruned, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+        report["timings"] = {"total_s": round(time.perf_counter() - start, 4)}
+        write_report(report, tmp)
+    return report
+
+
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", where=str(path), fix="check the path") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable {what} ({exc})", where=str(path), expected="a JSON object") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be a JSON object", where=str(path), found=type(data).__name__)
+    return data
+
+
+def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] | None:
+    """The base model's config.json: given explicitly, or found beside the adapter's recorded base."""
+    if config is not None:
+        path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+        return read_json(path, what="model config")
+    if adapter.base_model_name_or_path:
+        guess = Path(adapter.base_model_name_or_path) / "config.json"
+        if guess.is_file():
+            return read_json(guess, what="model config")
+    return None
+
+
+def export(
+    adapter_dir: Path,
+    out: Path,
+    *,
+    fmt: str,
+    dtype: str = "auto",
+    tp: int = 1,
+    engine_config: Path | None = None,
+    name: str | None = None,
+    config: Path | None = None,
+    with_trtllm: bool = False,
+    force: bool = False,
+) -> Path:
+    """Write a PEFT LoRA adapter as ``peft``, ``trtllm`` (npy pair) or ``nim`` (store folder).
+
+    Returns:
+        The folder written (for ``nim``: ``out/<name>``).
+
+    Raises:
+        PhloraError: unreadable adapter, bad options, or an adapter the engine would reject.
+    """
+    if fmt not in ("peft", "trtllm", "nim"):
+        raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
+    if dtype != "auto" and dtype not in DTYPES:
+        raise OptionError("unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(dtype))
+    target = Path(out)
+    if fmt == "nim":
+        target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
+    check_output_dir(target, force=force)
+    adapter = load_peft(Path(adapter_dir))
+    model_config = _model_config(config, adapter)
+    engine = read_json(engine_config, what="engine config") if engine_config else None
+    trt_dtype = dtype
+    if trt_dtype == "auto":
+        pretrained = (engine or {}).get("pretrained_config") or {}
+        trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
+    lora = None
+    if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
+        lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp)
+        if engine is not None:
+            check_engine(lora, engine, where=str(engine_config))
+    with atomic_dir(target, force=force) as tmp:
+        if fmt == "peft":
+            save_peft(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+        elif fmt == "trtllm":
+            assert lora is not None
+            save_trtllm(lora, tmp, source=str(adapter_dir))
+        else:
+            save_nim_adapter(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+            if lora is not None:
+                save_trtllm(lora, tmp, source=str(adapter_dir))
+    log.info("exported %s as %s to %s", adapter_dir, fmt, target)
+    return target

@@ -1,0 +1,376 @@
+"""Write the Triton model repository: the ``inflight_batcher_llm`` layout with LoRA passed through.
+
+Models (as TensorRT-LLM's Triton backend ships them): ``preprocessing`` (tokenizer),
+``tensorrt_llm`` (token-level model: the real TensorRT-LLM backend, or the CPU reference model with
+the same contract), ``postprocessing`` (detokenizer) and an ``ensemble`` giving clients the text
+interface, with ``lora_task_id`` / ``lora_weights`` / ``lora_config`` passed through to
+``tensorrt_llm``.
+
+Every config is built as Triton's own ``ModelConfig`` protobuf (shipped in tritonclient), written
+as text, and parsed back before it replaces the old file, so what lands on disk is a config Triton
+accepts. LoRA cache parameters are sized from the registered adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from phlora_nim.converters.atomic import atomic_write_text
+from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.repository.layout import (
+    ENSEMBLE_MODEL,
+    LLM_MODEL,
+    POSTPROCESSING_MODEL,
+    PREFETCH_DIR,
+    PREPROCESSING_MODEL,
+    SETTINGS_FILE,
+)
+from phlora_nim.repository.registry import RegistryState
+
+BACKENDS = ("tensorrtllm", "reference")
+LORA_DTYPES = {"float16": mc.TYPE_FP16, "bfloat16": mc.TYPE_BF16, "float32": mc.TYPE_FP32}
+_MiB = 1 << 20
+_DEFAULT_HOST_CACHE = 1 << 30  # TensorRT-LLM's default lora_cache_host_memory_bytes
+# The thin model.py files copied into every repository (package data beside this module).
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """How a repository is generated; stored in ``phlora_repository.json`` so later runs agree.
+
+    Args:
+        backend: ``tensorrtllm`` (a real engine, GPU) or ``reference`` (CPU reference model).
+        base: the base checkpoint folder (tokenizer; and the weights for ``reference``).
+        dtype: the engine dtype; LoRA weights are sent and stored in it.
+        engine_dir: ``tensorrtllm``: the engine folder as Triton will see it (``gpt_model_path``).
+        tokenizer_dir: tokenizer folder as Triton will see it (default: ``base``).
+        max_batch_size: Triton max batch size of every model.
+        max_queue_delay_us: dynamic batching delay of the ``tensorrt_llm`` model.
+        decoupled: stream tokens (``ModelStreamInfer``) instead of one response per request.
+        max_lora_rank: the largest adapter rank the reference model accepts (engines fix theirs
+            at build time: ``phlora-nim engine-plan``).
+        lora_cache_bytes: host LoRA cache budget; 0 = sized from the registered adapters.
+        served_path: where Triton will see this repository (``lora_prefetch_dir`` is set under it);
+            default: this folder for ``reference``, ``/models`` for ``tensorrtllm``.
+        extra: more ``tensorrt_llm`` parameters, written as given.
+    """
+
+    backend: str = "reference"
+    base: str = ""
+    dtype: str = "float32"
+    engine_dir: str | None = None
+    tokenizer_dir: str | None = None
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    decoupled: bool = False
+    max_lora_rank: int = 64
+    lora_cache_bytes: int = 0
+    served_path: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise OptionError(
+                "unknown backend", where="--backend", expected=" or ".join(BACKENDS), found=repr(self.backend)
+            )
+        if self.dtype not in LORA_DTYPES:
+            raise OptionError(
+                "unknown engine dtype", where="--dtype", expected=", ".join(LORA_DTYPES), found=repr(self.dtype)
+            )
+        if self.max_batch_size < 1:
+            raise OptionError("max batch size must be ≥ 1", where="--max-batch-size", found=str(self.max_batch_size))
+        if self.max_lora_rank < 1:
+            raise OptionError("max LoRA rank must be ≥ 1", where="--max-lora-rank", found=str(self.max_lora_rank))
+        if self.lora_cache_bytes < 0:
+            raise OptionError("LoRA cache size must be ≥ 0", where="--lora-cache-mb", found=str(self.lora_cache_bytes))
+        if not self.base:
+            raise OptionError("the base checkpoint is required", where="--base", fix="pass --base DIR")
+
+    @property
+    def tokenizer(self) -> str:
+        return self.tokenizer_dir or self.base
+
+    @classmethod
+    def load(cls, root: Path) -> RepositorySettings | None:
+        path = Path(root) / SETTINGS_FILE
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as exc:
+            raise InputError(
+                f"unreadable repository settings ({exc})",
+                where=str(path),
+                expected="the JSON object phlora-nim convert writes",
+                fix="remove it and run `phlora-nim convert` again",
+            ) from None
+
+    def save(self, root: Path) -> None:
+        atomic_write_text(Path(root) / SETTINGS_FILE, json.dumps(asdict(self), indent=1) + "\n")
+
+
+def _input(
+    name: str,
+    dtype: int,
+    dims: list[int],
+    *,
+    optional: bool = False,
+    ragged: bool = False,
+    reshape: list[int] | None = None,
+) -> mc.ModelInput:
+    spec = mc.ModelInput(name=name, data_type=dtype, dims=dims, optional=optional, allow_ragged_batch=ragged)
+    if reshape is not None:
+        spec.reshape.shape.extend(reshape)
+    return spec
+
+
+def _output(name: str, dtype: int, dims: list[int]) -> mc.ModelOutput:
+    return mc.ModelOutput(name=name, data_type=dtype, dims=dims)
+
+
+def _params(config: mc.ModelConfig, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+def lora_inputs(dtype: str, *, for_llm: bool) -> list[mc.ModelInput]:
+    """The three optional LoRA inputs, typed as TensorRT-LLM's ``tensorrt_llm`` model declares them."""
+    return [
+        _input("lora_task_id", mc.TYPE_UINT64, [1], optional=True, reshape=[] if for_llm else None),
+        _input("lora_weights", LORA_DTYPES[dtype], [-1, -1], optional=True, ragged=for_llm),
+        _input("lora_config", mc.TYPE_INT32, [-1, 3], optional=True, ragged=for_llm),
+    ]
+
+
+def lora_cache_parameters(state: RegistryState, settings: RepositorySettings) -> dict[str, str]:
+    """LoRA cache parameters fitting every registered adapter.
+
+    ``lora_cache_max_adapter_size`` / ``optimal_adapter_size`` are in rank units (the cache's
+    page width); the host budget holds every adapter twice over (pages are not packed tight).
+    """
+    ranks = sorted(e.max_rank for e in state.adapters.values()) or [8]
+    sizes = [int(e.extra.get("bytes", 0)) for e in state.adapters.values()]
+    optimal = 1 << max(0, math.ceil(math.log2(max(1, ranks[len(ranks) // 2]))))
+    biggest = max(ranks[-1], settings.max_lora_rank if settings.backend == "reference" else ranks[-1])
+    # An explicit budget is taken as given.
+    host = settings.lora_cache_bytes or math.ceil(max(_DEFAULT_HOST_CACHE, 2 * sum(sizes)) / _MiB) * _MiB
+    return {
+        "lora_cache_optimal_adapter_size": str(min(optimal, biggest)),
+        "lora_cache_max_adapter_size": str(max(biggest, 8)),
+        "lora_cache_gpu_memory_fraction": "0.05",
+        "lora_cache_host_memory_bytes": str(host),
+    }
+
+
+def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -> mc.ModelConfig:
+    """``tensorrt_llm``: the token-level model, with TensorRT-LLM's inputs and LoRA parameters."""
+    i32, u64, f32, boolean = mc.TYPE_INT32, mc.TYPE_UINT64, mc.TYPE_FP32, mc.TYPE_BOOL
+    config = mc.ModelConfig(name=LLM_MODEL, max_batch_size=settings.max_batch_size)
+    config.input.extend(
+        [
+            _input("input_ids", i32, [-1], ragged=True),
+            _input("input_lengths", i32, [1], reshape=[]),
+            _input("request_output_len", i32, [1], reshape=[]),
+            _input("end_id", i32, [1], optional=True, reshape=[]),
+            _input("pad_id", i32, [1], optional=True, reshape=[]),
+            _input("streaming", boolean, [1], optional=True),
+            _input("temperature", f32, [1], optional=True, reshape=[]),
+            _input("runtime_top_k", i32, [1], optional=True, reshape=[]),
+            _input("runtime_top_p", f32, [1], optional=True, reshape=[]),
+            _input("random_seed", u64, [1], optional=True, reshape=[]),
+            *lora_inputs(settings.dtype, for_llm=True),
+        ]
+    )
+    config.output.extend([_output("output_ids", i32, [-1, -1]), _output("sequence_length", i32, [-1])])
+    config.model_transaction_policy.decoupled = settings.decoupled
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    served = settings.served_path or (str(Path(root).resolve()) if settings.backend == "reference" else "/models")
+    params: dict[str, Any] = {
+        **lora_cache_parameters(state, settings),
+        "lora_prefetch_dir": f"{served.rstrip('/')}/{PREFETCH_DIR}",
+        "max_beam_width": 1,
+        "exclude_input_in_output": "true",
+    }
+    if settings.backend == "tensorrtllm":
+        config.backend = "tensorrtllm"
+        params.update(
+            gpt_model_type="inflight_fused_batching",
+            gpt_model_path=settings.engine_dir or "/engines/base",
+            batch_scheduler_policy="guaranteed_no_evict",
+            kv_cache_free_gpu_mem_fraction="0.85",
+            enable_chunked_context="true",
+        )
+    else:
+        config.backend = "python"
+        params.update(
+            base_model=str(Path(settings.base).resolve()),
+            dtype=settings.dtype,
+            max_lora_rank=settings.max_lora_rank,
+        )
+    params.update(settings.extra)
+    _params(config, params)
+    return config
+
+
+def preprocessing_config(settings: RepositorySettings) -> mc.ModelConfig:
+    """Tokenizer: ``QUERY`` text → ``INPUT_ID`` tokens (plus lengths and the tokenizer's end/pad ids)."""
+    i32 = mc.TYPE_INT32
+    config = mc.ModelConfig(name=PREPROCESSING_MODEL, backend="python", max_batch_size=settings.max_batch_size)
+    config.input.extend([_input("QUERY", mc.TYPE_STRING, [1]), _input("REQUEST_OUTPUT_LEN", i32, [1], optional=True)])
+    config.output.extend(
+        [
+            _output("INPUT_ID", i32, [-1]),
+            _output("REQUEST_INPUT_LEN", i32, [1]),
+            _output("REQUEST_OUTPUT_LEN", i32, [1]),
+            _output("OUT_END_ID", i32, [1]),
+            _output("OUT_PAD_ID", i32, [1]),
+        ]
+    )
+    config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    _params(config, {"tokenizer_dir": settings.tokenizer, "default_max_tokens": 16})
+    return config
+
+
+def postprocessing_config(settings: RepositorySettings) -> mc.ModelConfig:
+    """Detokenizer: ``TOKENS_BATCH`` (+ ``SEQUENCE_LENGTH``) → ``OUTPUT`` text."""
+    config = mc.ModelConfig(name=POSTPROCESSING_MODEL, backend="python", max_batch_size=settings.max_batch_size)
+    config.input.extend(
+        [
+            _input("TOKENS_BATCH", mc.TYPE_INT32, [-1, -1]),
+            _input("SEQUENCE_LENGTH", mc.TYPE_INT32, [-1], optional=True),
+        ]
+    )
+    config.output.append(_output("OUTPUT", mc.TYPE_STRING, [-1]))
+    config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    _params(config, {"tokenizer_dir": settings.tokenizer, "skip_special_tokens": "true"})
+    return config
+
+
+def ensemble_config(settings: RepositorySettings) -> mc.ModelConfig:
+    """The text interface clients use; LoRA inputs go straight to ``tensorrt_llm``."""
+    i32, f32, u64 = mc.TYPE_INT32, mc.TYPE_FP32, mc.TYPE_UINT64
+    config = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=settings.max_batch_size)
+    config.input.extend(
+        [
+            _input("text_input", mc.TYPE_STRING, [1]),
+            _input("max_tokens", i32, [1], optional=True),
+            _input("stream", mc.TYPE_BOOL, [1], optional=True),
+            _input("temperature", f32, [1], optional=True),
+            _input("top_k", i32, [1], optional=True),
+            _input("top_p", f32, [1], optional=True),
+            _input("random_seed", u64, [1], optional=True),
+            *lora_inputs(settings.dtype, for_llm=False),
+        ]
+    )
+    config.output.append(_output("text_output", mc.TYPE_STRING, [-1]))
+    steps = config.ensemble_scheduling.step
+    pre = steps.add(model_name=PREPROCESSING_MODEL, model_version=-1)
+    pre.input_map.update({"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens"})
+    pre.output_map.update(
+        {
+            "INPUT_ID": "_INPUT_ID",
+            "REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN",
+            "REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
+            "OUT_END_ID": "_END_ID",
+            "OUT_PAD_ID": "_PAD_ID",
+        }
+    )
+    llm = steps.add(model_name=LLM_MODEL, model_version=-1)
+    llm.input_map.update(
+        {
+            "input_ids": "_INPUT_ID",
+            "input_lengths": "_REQUEST_INPUT_LEN",
+            "request_output_len": "_REQUEST_OUTPUT_LEN",
+            "end_id": "_END_ID",
+            "pad_id": "_PAD_ID",
+            "streaming": "stream",
+            "temperature": "temperature",
+            "runtime_top_k": "top_k",
+            "runtime_top_p": "top_p",
+            "random_seed": "random_seed",
+            "lora_task_id": "lora_task_id",
+            "lora_weights": "lora_weights",
+            "lora_config": "lora_config",
+        }
+    )
+    llm.output_map.update({"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"})
+    post = steps.add(model_name=POSTPROCESSING_MODEL, model_version=-1)
+    post.input_map.update({"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"})
+    post.output_map.update({"OUTPUT": "text_output"})
+    return config
+
+
+def parse_config(text: str, *, where: str) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt`` into Triton's ``ModelConfig``; a clear error when it is not one."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise InputError(
+            f"not a valid Triton model config ({exc})",
+            where=where,
+            expected="text format of inference.ModelConfig",
+        ) from None
+
+
+def write_config(folder: Path, config: mc.ModelConfig) -> Path:
+    """Write ``config.pbtxt`` atomically after checking it parses back to the same message."""
+    text = text_format.MessageToString(config)
+    path = Path(folder) / "config.pbtxt"
+    if parse_config(text, where=str(path)) != config:
+        raise RuntimeError(f"config for {config.name} does not round-trip through text format")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
+
+
+def _install_model_py(root: Path, model: str) -> None:
+    """Copy the thin ``model.py`` (Triton API → importable code in ``phlora_nim``) into version 1."""
+    source = TEMPLATES / model / "1" / "model.py"
+    target = Path(root) / model / "1" / "model.py"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        atomic_write_text(target, source.read_text(encoding="utf-8"))
+
+
+def write_repository(root: Path, settings: RepositorySettings, state: RegistryState) -> list[Path]:
+    """(Re)write every model of the repository for ``settings`` and the adapters in ``state``.
+
+    Returns:
+        The config files written.
+    """
+    root = Path(root)
+    (root / PREFETCH_DIR).mkdir(parents=True, exist_ok=True)
+    written = [
+        write_config(root / PREPROCESSING_MODEL, preprocessing_config(settings)),
+        write_config(root / LLM_MODEL, llm_config(settings, state, root)),
+        write_config(root / POSTPROCESSING_MODEL, postprocessing_config(settings)),
+        write_config(root / ENSEMBLE_MODEL, ensemble_config(settings)),
+    ]
+    for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
+        _install_model_py(root, model)
+    llm_py = root / LLM_MODEL / "1" / "model.py"
+    if settings.backend == "reference":
+        _install_model_py(root, LLM_MODEL)
+    else:
+        # The TensorRT-LLM backend is a C++ backend: version 1 stays empty.
+        llm_py.unlink(missing_ok=True)
+        (root / LLM_MODEL / "1").mkdir(parents=True, exist_ok=True)
+    (root / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
+    settings.save(root)
+    return written
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder if present (adapter folders of removed or replaced adapters)."""
+    if path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,212 @@
+"""The adapter registry: one JSON file listing every adapter a model repository serves.
+
+Each entry: name, ``lora_task_id``, ranks, modules, dtype, digest of the tensors, source
+checkpoints, time. Task ids are derived from the digest (stable across runs and machines), kept
+below 2^31 because TensorRT-LLM parses prefetch folder names as a signed 32-bit int, and never
+given to other weights: a collision is detected at registration and resolved by probing.
+
+Writers take an exclusive lock and replace the file atomically, so concurrent runs never corrupt
+it and a failed run leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.atomic import atomic_write_text
+from phlora_nim.converters.errors import InputError
+from phlora_nim.converters.names import validate_adapter_name
+
+REGISTRY_NAME = "phlora_registry.json"
+_FORMAT = "phlora-registry/1"
+TASK_ID_LIMIT = 2**31
+
+
+def adapter_digest(adapter: LoraAdapter) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) in a canonical order."""
+    h = hashlib.sha256()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in adapter.modules.items():
+        tensors[f"{name}.lora_A"] = w.a
+        tensors[f"{name}.lora_B"] = w.b
+        tensors[f"{name}.scale"] = torch.tensor([w.scale(use_rslora=adapter.use_rslora)], dtype=torch.float64)
+    tensors.update({f"{k}.bias": v for k, v in adapter.lora_biases.items()})
+    tensors.update({f"{k}.saved": v for k, v in adapter.modules_to_save.items()})
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def task_id_for(digest: str, taken: dict[int, str]) -> int:
+    """The first probe ``h(digest, k)`` in [1, 2^31) not held by *other* weights."""
+    for k in range(1_000):
+        probe = hashlib.sha256(f"{digest}:{k}".encode()).digest()
+        task_id = int.from_bytes(probe[:4], "big") % (TASK_ID_LIMIT - 1) + 1
+        owner = taken.get(task_id)
+        if owner is None or owner == digest:
+            return task_id
+    raise RuntimeError("no free task id after 1000 probes")  # 2^31 ids: unreachable in practice
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One registered adapter."""
+
+    name: str
+    task_id: int
+    digest: str
+    ranks: dict[str, int]
+    modules: list[str]
+    dtype: str
+    sources: dict[str, str]
+    created: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values(), default=0)
+
+
+@dataclass
+class RegistryState:
+    """What the registry file holds: live adapters, and every task id ever retired with its digest.
+
+    Retired ids stay reserved: a serving cache may still hold their old weights.
+    """
+
+    adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    retired: dict[int, str] = field(default_factory=dict)
+    # Not stored: work to do once the new registry is in place, still under the lock (deleting the
+    # files of removed adapters only after no reader can find them in the registry any more).
+    after_commit: list[Callable[[], None]] = field(default_factory=list, compare=False, repr=False)
+
+
+class Registry:
+    """The registry file of one model repository.
+
+    Example:
+        >>> reg = Registry(Path("model_repository"))  # doctest: +SKIP
+        >>> with reg.locked() as state:  # doctest: +SKIP
+        ...     reg.add(state, "support", adapter, dtype="float16", sources={"finetuned": "ckpt/support"})
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / REGISTRY_NAME
+
+    def read(self) -> RegistryState:
+        """The registry's content (empty when there is no registry yet)."""
+        if not self.path.exists():
+            return RegistryState()
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("format") != _FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return RegistryState(
+                adapters={name: AdapterEntry(**entry) for name, entry in data["adapters"].items()},
+                retired={int(k): v for k, v in data.get("retired", {}).items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"unreadable adapter registry ({exc})",
+                where=str(self.path),
+                expected=f'a JSON object with "format": "{_FORMAT}"',
+                fix="restore it from backup, or remove it and convert the adapters again",
+            ) from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[RegistryState]:
+        """Hold the registry lock; yields the state, written back atomically if no exception."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{REGISTRY_NAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.read()
+            yield state
+            payload = {
+                "format": _FORMAT,
+                "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
+                "retired": {str(k): v for k, v in sorted(state.retired.items())},
+            }
+            atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+            for action in state.after_commit:
+                action()
+
+    @staticmethod
+    def add(
+        state: RegistryState,
+        name: str,
+        adapter: LoraAdapter,
+        *,
+        dtype: str,
+        sources: dict[str, str],
+        replace: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> AdapterEntry:
+        """Register ``adapter`` as ``name`` (call inside :meth:`locked`).
+
+        Re-registering identical weights under the same name is a no-op; different weights under an
+        existing name need ``replace``.
+
+        Raises:
+            InputError: a bad name, or a name already bound to other weights without ``replace``.
+        """
+        validate_adapter_name(name)
+        digest = adapter_digest(adapter)
+        entries = state.adapters
+        old = entries.get(name)
+        if old is not None and old.digest == digest:
+            return old
+        if old is not None and not replace:
+            raise InputError(
+                f"adapter {name!r} is already registered with different weights",
+                where=f"registry {name}",
+                expected="a new name",
+                found=f"task id {old.task_id}, digest {old.digest[:12]}…",
+                fix="pass --replace to swap the weights (they get a new task id), or choose another name",
+            )
+        taken = dict(state.retired)
+        taken.update({e.task_id: e.digest for n, e in entries.items() if n != name})
+        if old is not None:
+            state.retired[old.task_id] = old.digest
+        entry = AdapterEntry(
+            name=name,
+            task_id=task_id_for(digest, taken),
+            digest=digest,
+            ranks=adapter.ranks(),
+            modules=sorted(adapter.modules),
+            dtype=dtype,
+            sources=dict(sources),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            extra=dict(extra or {}),
+        )
+        entries[name] = entry
+        return entry
+
+    @staticmethod
+    def remove(state: RegistryState, name: str) -> AdapterEntry:
+        """Drop ``name``; its task id stays reserved for its weights (call inside :meth:`locked`)."""
+        try:
+            entry = state.adapters.pop(name)
+        except KeyError:
+            known = ", ".join(sorted(state.adapters)[:10]) or "none"
+            raise InputError(
+                f"no adapter named {name!r}",
+                where="registry",
+                found=f"registered: {known}",
+                fix="list them with `phlora-nim adapters`",
+            ) from None
+        state.retired[entry.task_id] = entry.digest
+        return entry

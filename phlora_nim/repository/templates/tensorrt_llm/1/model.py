@@ -1,0 +1,9 @@
+"""Triton Python-backend entry point; the logic lives in the imported class (testable without Triton)."""
+
+import triton_python_backend_utils as pb_utils
+
+from phlora_nim.triton.models.reference_llm import ReferenceLlmModel
+
+
+class TritonPythonModel(ReferenceLlmModel):
+    pb = pb_utils

@@ -1,0 +1,250 @@
+"""TensorRT-LLM's LoRA contract on the serving side: validation, task-id cache, eviction.
+
+Requests carry ``lora_task_id`` and, on first use of an id, ``lora_weights`` ``[1, N, D]`` and
+``lora_config`` ``[1, N, 3]``. This module checks those tensors the way the TensorRT-LLM runtime
+does, with its error texts (clients and routers match on them), and keeps adapters in an LRU cache
+bounded in bytes where adapters in use are never evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
+
+log = logging.getLogger("phlora_nim.triton.lora_cache")
+
+_NP_TO_NAME = {
+    np.dtype(np.float16): "float16",
+    np.dtype(ml_dtypes.bfloat16): "bfloat16",
+    np.dtype(np.float32): "float32",
+}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class LoraRequestError(Exception):
+    """A per-request LoRA failure; the message is TensorRT-LLM's text for the same failure."""
+
+
+class CacheFullError(LoraRequestError):
+    """No room for an adapter: every cached adapter is in use (back-pressure, not a client error)."""
+
+
+def not_found_message(task_id: int) -> str:
+    return f"LoRA task {task_id} not found in cache. Please send LoRA weights with request"
+
+
+def cache_full_message(task_id: int) -> str:
+    return f"PEFT Cache is full. Could not store taskId={task_id}"
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """A LoRA-able module of the served model: TensorRT-LLM module id and its dims."""
+
+    module_id: int
+    in_dim: int
+    out_dim: int
+
+
+@dataclass(frozen=True)
+class LoraTask:
+    """One adapter, unpacked: per (module id, layer), A ``[r, in]`` and B ``[out, r]`` (scale folded)."""
+
+    task_id: int
+    factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int
+
+    @property
+    def max_rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.factors.values()), default=0)
+
+
+def _dtype_name(array: np.ndarray) -> str | None:
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:  # bfloat16 as written by np.save
+        return "bfloat16"
+    return _NP_TO_NAME.get(array.dtype)
+
+
+def _as_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == ml_dtypes.bfloat16 or (array.dtype.kind == "V" and array.dtype.itemsize == 2):
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def unpack_task(
+    task_id: int,
+    weights: np.ndarray,
+    config: np.ndarray,
+    *,
+    modules: dict[tuple[int, int], ModuleShape],
+    num_layers: int,
+    dtype: str,
+    max_rank: int,
+    validate: bool = True,
+) -> LoraTask:
+    """Check ``lora_weights`` / ``lora_config`` as the runtime does and split rows into A and B.
+
+    Args:
+        modules: the served model's LoRA-able modules keyed by (module id, layer).
+        num_layers: decoder layers of the served model.
+        dtype: the model dtype (LoRA weights must match it).
+        max_rank: the largest rank accepted.
+        validate: False for prefetched adapters (TensorRT-LLM checks nothing there either).
+
+    Raises:
+        LoraRequestError: with TensorRT-LLM's message.
+    """
+    weights = np.asarray(weights)
+    config = np.asarray(config)
+    if weights.ndim == 3 and weights.shape[0] == 1:
+        weights = weights[0]
+    if config.ndim == 3 and config.shape[0] == 1:
+        config = config[0]
+    if validate:
+        if _dtype_name(weights) != dtype:
+            raise LoraRequestError(
+                f"Expected lora weights to be the same data type as base model ({dtype}, got {weights.dtype})"
+            )
+        if weights.ndim != 2 or config.ndim != 2 or config.shape[1] not in (3, 4):
+            raise LoraRequestError(
+                f"Expected lora_weights of shape [1, N, D] and lora_config [1, N, 3]; got {list(weights.shape)} "
+                f"and {list(config.shape)}"
+            )
+        if config.shape[1] == 4 and bool(np.any(config[:, 3])):
+            raise LoraRequestError("DoRA adapters (is_dora = 1) are not supported by this model")
+        if weights.shape[0] != config.shape[0]:
+            raise LoraRequestError("Expected dim1 lora_weights and lora_keys to have the same size")
+    values = _as_torch(weights).to(TORCH_DTYPES[dtype])
+    factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    nbytes = 0
+    for i in range(config.shape[0]):
+        module_id, layer, rank = (int(x) for x in config[i, :3])
+        name = TRTLLM_MODULES[module_id] if 0 <= module_id < len(TRTLLM_MODULES) else f"id {module_id}"
+        if validate:
+            if not 0 <= layer < num_layers:
+                raise LoraRequestError(
+                    f"Expected layerId to be in the range [0, numModelLayers) (layer {layer}, {num_layers} layers)"
+                )
+            if not 0 < rank <= max_rank:
+                raise LoraRequestError(f"Invalid low_rank ({rank}). low_rank must be in range [1, {max_rank}]")
+        shape = modules.get((module_id, layer))
+        if shape is None:
+            raise LoraRequestError(f"lora module {name} not enabled for this model")
+        need = rank * (shape.in_dim + shape.out_dim)
+        if validate and need > values.shape[1]:
+            raise LoraRequestError(
+                f"lora_weights has to few values for {name} (layer {layer}): expected {need}, found {values.shape[1]}"
+            )
+        row = values[i]
+        a = row[: rank * shape.in_dim].reshape(rank, shape.in_dim).clone()
+        b = row[rank * shape.in_dim : need].reshape(shape.out_dim, rank).clone()
+        if name == "mlp_gate_up":  # TensorRT-LLM order is [up; gate]; the HF module computes [gate; up]
+            half = shape.out_dim // 2
+            b = torch.cat([b[half:], b[:half]], dim=0)
+        factors[(module_id, layer)] = (a, b)
+        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+    return LoraTask(task_id=task_id, factors=factors, nbytes=nbytes)
+
+
+class LoraCache:
+    """LRU of adapters by task id, bounded in bytes; adapters in use are never evicted.
+
+    Example:
+        >>> cache = LoraCache(capacity_bytes=64 << 20)
+        >>> cache.lookup(7)  # doctest: +SKIP
+        LoraRequestError: LoRA task 7 not found in cache. Please send LoRA weights with request
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self._tasks: OrderedDict[int, LoraTask] = OrderedDict()
+        self._in_use: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tasks.values())
+
+    def __contains__(self, task_id: int) -> bool:
+        return task_id in self._tasks
+
+    def task_ids(self) -> list[int]:
+        """Cached ids, least recently used first."""
+        return list(self._tasks)
+
+    def lookup(self, task_id: int) -> LoraTask:
+        """The cached adapter (marked most recently used), or TensorRT-LLM's miss error."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                raise LoraRequestError(not_found_message(task_id))
+            self._tasks.move_to_end(task_id)
+            return task
+
+    def insert(self, task: LoraTask) -> LoraTask:
+        """Add an adapter, evicting least recently used ones not in use; ``Cache is full`` otherwise.
+
+        An id already cached keeps its weights (the runtime ignores weights sent again).
+        """
+        with self._lock:
+            if task.task_id in self._tasks:
+                self._tasks.move_to_end(task.task_id)
+                return self._tasks[task.task_id]
+            if task.nbytes > self.capacity_bytes:
+                raise CacheFullError(cache_full_message(task.task_id))
+            while self.used_bytes + task.nbytes > self.capacity_bytes:
+                victim = next((tid for tid in self._tasks if not self._in_use.get(tid)), None)
+                if victim is None:
+                    raise CacheFullError(cache_full_message(task.task_id))
+                del self._tasks[victim]
+                self.evictions += 1
+                log.debug("evicted LoRA task %d", victim)
+            self._tasks[task.task_id] = task
+            return task
+
+    @contextmanager
+    def in_use(self, task_ids: list[int]) -> Iterator[None]:
+        """Pin adapters for the duration of a batch."""
+        with self._lock:
+            for tid in task_ids:
+                self._in_use[tid] = self._in_use.get(tid, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for tid in task_ids:
+                    self._in_use[tid] -= 1
+                    if not self._in_use[tid]:
+                        del self._in_use[tid]
+
+    def pin(self, task_id: int) -> None:
+        with self._lock:
+            self._in_use[task_id] = self._in_use.get(task_id, 0) + 1
+
+    def unpin(self, task_id: int) -> None:
+        with self._lock:
+            self._in_use[task_id] -= 1
+            if not self._in_use[task_id]:
+                del self._in_use[task_id]
+
+
+def prefetch_folders(folder: Path) -> list[tuple[int, Path]]:
+    """``(task_id, path)`` of every numeric sub-folder holding the npy pair (as TensorRT-LLM reads them)."""
+    found = []
+    if Path(folder).is_dir():
+        for sub in sorted(Path(folder).iterdir()):
+            if sub.is_dir() and sub.name.isdigit() and (sub / "model.lora_weights.npy").exists():
+                found.append((int(sub.name), sub))
+    return found
