@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -50,7 +51,7 @@ def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -
         LocalTriton(tmp_path / "repo", ready_timeout=60).start()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
     port = free_port()
     command = [
@@ -70,7 +71,7 @@ def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while not _ready(client):
             assert process.poll() is None, process.stderr.read() if process.stderr else ""
             assert time.monotonic() < deadline
@@ -94,3 +95,69 @@ def _ready(client: grpcclient.InferenceServerClient) -> bool:
         return bool(client.is_server_ready(client_timeout=1))
     except Exception:
         return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pgid: int, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_repository: Path) -> None:
+    server = LocalTriton(converted_repository, exit_timeout=5).start()
+    pgid = server._process.pid  # type: ignore[union-attr]
+    try:
+        assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))  # the Python backend's regions
+        os.kill(pgid, signal.SIGKILL)  # the server dies; its Python-backend stubs would stay behind
+        server._process.wait(timeout=30)  # type: ignore[union-attr]
+    finally:
+        server.stop()
+    assert _wait_gone(pgid), "processes of Triton's group are still running"
+    assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
+
+
+@pytest.mark.timeout(300)
+def test_cli_exits_when_the_server_dies_and_cleans_up(converted_repository: Path) -> None:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("phlora-nim")),
+        "triton",
+        "-m",
+        str(converted_repository),
+        "--grpc-port",
+        str(port),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        while not _ready(client):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        client.close()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        server_pid = next(int(c) for c in children if "tritonserver" in Path(f"/proc/{c}/cmdline").read_text())
+        os.kill(server_pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "tritonserver exited" in stderr
+    assert _wait_gone(server_pid), "Triton's Python-backend stubs outlived it"

@@ -662,9 +662,13 @@ def triton(
     out_console.print(f"[bold green]Triton ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url}")
     try:
         code = server.wait()
+        err_console.print(f"tritonserver exited with code {code}", markup=False)
     except KeyboardInterrupt:
-        code = server.stop() or 0
-    raise typer.Exit(code)
+        code = 0
+    finally:
+        # Always: stops what is left of Triton's process group (stubs) and frees its shared memory.
+        stopped = server.stop()
+    raise typer.Exit(code or stopped or 0)
 
 
 def _register_serve() -> None:

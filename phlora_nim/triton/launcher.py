@@ -28,6 +28,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,27 @@ def _package_parent() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Signal every process of a group; False when none is left."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(pgid: int, grace: float = 5.0) -> None:
+    """Stop what is left of a process group (orphaned stubs): SIGTERM, then SIGKILL after ``grace`` s."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _signal_group(pgid, 0):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
 class LocalTriton:
     """The real tritonserver on a model repository, as a context manager.
 
@@ -179,6 +201,9 @@ class LocalTriton:
         self._log_path = Path(log_path) if log_path else None
         self._tmp_log: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        # The Python backend's shared-memory regions get a name of their own, so that stop() can
+        # remove exactly this server's regions from /dev/shm even when the server was killed.
+        self.shm_prefix = f"phlora_triton_{uuid.uuid4().hex[:12]}_"
         self._reader: threading.Thread | None = None
         self._lines: list[str] = []
 
@@ -216,6 +241,7 @@ class LocalTriton:
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
             f"--exit-timeout-secs={self.exit_timeout}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
 
@@ -324,24 +350,36 @@ class LocalTriton:
         return "\n" + "\n".join(lines[-n:])
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM, wait for in-flight requests (Triton's own exit timeout), then SIGKILL."""
+        """SIGTERM, wait for in-flight requests (Triton's own exit timeout), then SIGKILL; then clean up.
+
+        The server runs in a process group of its own with its Python-backend stubs. Whatever
+        happened to the server (stopped here, exited, killed), every process left in that group is
+        stopped and the server's shared-memory regions are removed, so nothing outlives it.
+        """
         proc = self._process
         if proc is None:
             return None
         timeout = self.exit_timeout + 10 if timeout is None else timeout
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        _stop_group(proc.pid)
+        self._remove_shared_memory()
         if self._reader:
             self._reader.join(timeout=5)
         self._process = None
         return proc.returncode
+
+    def _remove_shared_memory(self) -> None:
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for region in shm.glob(f"{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
 
     def wait(self) -> int:
         """Block until tritonserver exits; returns its exit code."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from phlora_nim.converters.architecture import find_map
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
+from phlora_nim.triton.limits import EngineLimits
 from phlora_nim.triton.lora_cache import (
     TORCH_DTYPES,
     LoraCache,
@@ -134,6 +135,7 @@ class ReferenceEngine:
         dtype: str,
         max_lora_rank: int = 64,
         cache_bytes: int = 1 << 30,
+        limits: EngineLimits | None = None,
     ) -> None:
         self.model = model.eval()
         self.dtype = dtype
@@ -142,6 +144,7 @@ class ReferenceEngine:
         self._state = _LoraState()
         self._lock = threading.Lock()
         config = model.config.to_dict()
+        self.limits = limits or EngineLimits.from_parameters({}, config)
         self.num_layers = int(config["num_hidden_layers"])
         self.modules = self._wrap(config)
         # transformers ≥ 5.2x names the KV cache argument ``cache``; earlier releases ``past_key_values``.
@@ -159,12 +162,17 @@ class ReferenceEngine:
         max_lora_rank: int = 64,
         cache_bytes: int = 1 << 30,
         prefetch_dir: Path | None = None,
+        limit_parameters: dict[str, str] | None = None,
     ) -> ReferenceEngine:
-        """Load the base checkpoint with transformers and preload ``prefetch_dir`` (unvalidated, as TensorRT-LLM)."""
+        """Load the base checkpoint with transformers and preload ``prefetch_dir`` (unvalidated, as TensorRT-LLM).
+
+        ``limit_parameters``: ``max_input_len`` / ``max_seq_len`` / ``max_num_tokens`` (see :class:`EngineLimits`).
+        """
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=TORCH_DTYPES[dtype], attn_implementation="eager")
-        engine = cls(model, dtype=dtype, max_lora_rank=max_lora_rank, cache_bytes=cache_bytes)
+        limits = EngineLimits.from_parameters(limit_parameters or {}, model.config.to_dict())
+        engine = cls(model, dtype=dtype, max_lora_rank=max_lora_rank, cache_bytes=cache_bytes, limits=limits)
         if prefetch_dir is not None:
             engine.prefetch(Path(prefetch_dir))
         return engine
@@ -315,10 +323,12 @@ def engine_from_parameters(params: dict[str, str]) -> ReferenceEngine:
         max_lora_rank=int(params.get("max_lora_rank", "64")),
         cache_bytes=int(params.get("lora_cache_host_memory_bytes", str(1 << 30))),
         prefetch_dir=Path(prefetch) if prefetch else None,
+        limit_parameters=params,
     )
     log.info(
-        "reference model ready: %s, %d LoRA modules, %d prefetched adapters",
+        "reference model ready: %s, %s, %d LoRA modules, %d prefetched adapters",
         json.dumps({k: params.get(k) for k in ("base_model", "dtype", "max_lora_rank")}),
+        engine.limits,
         len(engine.modules),
         len(engine.cache.task_ids()),
     )

@@ -38,7 +38,9 @@ class _TokenizerModel:
         return None if tensor is None else tensor.as_numpy()
 
     def _error(self, message: str) -> Any:
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+        """A request the client got wrong (missing input, empty prompt): INVALID_ARGUMENT, this request only."""
+        error = self.pb.TritonError(message, self.pb.TritonError.INVALID_ARG)
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self) -> None:
         self.tokenizer = None
