@@ -81,7 +81,7 @@ def extract_command(
         policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
         exact=exact,
         device=device,
-        extra=extra,
+        non_linear_deltas=extra,
         dtype=dtype,  # type: ignore[arg-type]
         target_modules=target_modules,
         seed=seed,

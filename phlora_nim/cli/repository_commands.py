@@ -234,9 +234,9 @@ def adapters_command(
             e.name,
             str(e.task_id),
             str(e.max_rank),
-            " ".join(e.extra.get("trtllm_modules", [])) or str(len(e.modules)),
+            " ".join(e.trtllm_layout.get("trtllm_modules", [])) or str(len(e.modules)),
             e.dtype,
-            f"{int(e.extra.get('bytes', 0)) / 1e6:.2f}",
+            f"{int(e.trtllm_layout.get('bytes', 0)) / 1e6:.2f}",
             e.created,
         )
     out_console.print(table)

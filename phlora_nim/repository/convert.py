@@ -288,7 +288,7 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
                 dtype=job.settings.dtype,
                 sources={"base": str(Path(job.base).resolve()), "finetuned": str(item.extracted.finetuned.resolve())},
                 replace=job.replace,
-                extra=item.layout,
+                trtllm_layout=item.layout,
             )
             entries.append((entry, old))
         for (entry, old), item in zip(entries, staged, strict=True):
@@ -349,7 +349,7 @@ def engine_plan(state: RegistryState, *, dtype: str | None = None) -> dict[str, 
         )
     dtypes = sorted({e.dtype for e in state.adapters.values()})
     modules = sorted(
-        {m for e in state.adapters.values() for m in e.extra.get("trtllm_modules", [])},
+        {m for e in state.adapters.values() for m in e.trtllm_layout.get("trtllm_modules", [])},
         key=TRTLLM_MODULES.index,
     )
     max_rank = max(e.max_rank for e in state.adapters.values())
