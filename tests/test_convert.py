@@ -226,7 +226,7 @@ def test_concurrent_converts_into_one_repository(llama_finetunes, tmp_path: Path
             [
                 sys.executable,
                 "-m",
-                "phlora_nim.cli.main",
+                "phlora_nim.cli",
                 "convert",
                 "--base",
                 str(base),

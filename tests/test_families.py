@@ -55,7 +55,9 @@ def test_architecture_map_covers_every_linear_module(family: str, model_pairs) -
 def test_full_rank_adapter_reproduces_finetune(family: str, model_pairs, tmp_path: Path) -> None:
     base, ft = model_pairs(family)
     out = tmp_path / "full"
-    report = jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(energy=1.0, max_rank=512), extra="save"))
+    report = jobs.extract(
+        base, ft, out, ExtractOptions(policy=RankPolicy(energy=1.0, max_rank=512), non_linear_deltas="save")
+    )
     assert report["totals"]["min_energy_kept"] > 0.999999
     rec = reconstruction_errors(base, ft, out)
     assert rec["max_relative_error"] < 1e-4
@@ -184,7 +186,7 @@ def test_sharded_bin_and_single_file_inputs_agree(model_pairs, tmp_path: Path) -
 def test_extra_save_writes_modules_to_save(model_pairs, tmp_path: Path) -> None:
     base, ft = model_pairs("qwen2")
     out = tmp_path / "save"
-    jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(rank=4), extra="save"), plot=False)
+    jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(rank=4), non_linear_deltas="save"), plot=False)
     adapter = load_peft(out)
     assert "lm_head.weight" in adapter.modules_to_save and "model.embed_tokens.weight" in adapter.modules_to_save
     assert "model.layers.0.self_attn.q_proj" in adapter.lora_biases
@@ -243,7 +245,7 @@ def test_vocabulary_resize_is_saved_with_extra_save(model_pairs, tmp_path: Path)
         tensors[key] = torch.cat([tensors[key], torch.randn(4, tensors[key].shape[1])])
     save_file(tensors, str(grown / "model.safetensors"), metadata={"format": "pt"})
     report = jobs.extract(
-        base, grown, tmp_path / "a", ExtractOptions(policy=RankPolicy(rank=4), extra="save"), plot=False
+        base, grown, tmp_path / "a", ExtractOptions(policy=RankPolicy(rank=4), non_linear_deltas="save"), plot=False
     )
     resized = {x["name"]: x for x in report["extras"] if x["resized"]}
     assert set(resized) == {"model.embed_tokens.weight", "lm_head.weight"}

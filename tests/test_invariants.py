@@ -14,6 +14,7 @@ from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
 from phlora_nim.jobs import adapter_jobs as jobs
+from phlora_nim.jobs import pipeline
 
 
 def _peak_rss_mb(args: list[str]) -> float:
@@ -67,7 +68,7 @@ def test_failed_write_leaves_previous_output_intact(model_pairs, tmp_path: Path,
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(jobs, "plot_energy", boom)
+    monkeypatch.setattr(pipeline, "plot_energy", boom)
     with pytest.raises(OSError, match="disk full"):
         jobs.extract(base, ft, out, ExtractOptions(policy=RankPolicy(rank=4)), force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -125,3 +125,25 @@ def test_after_commit_runs_once_the_new_registry_is_readable(tmp_path: Path) -> 
         state.after_commit.append(lambda: seen.append(sorted(Registry(tmp_path).read().adapters)))
         assert seen == []
     assert seen == [[]]
+
+
+def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
+    """Registries and settings written before the renames (both keys were once called "extra")."""
+    from phlora_nim.repository.configs import RepositorySettings, llm_config
+
+    reg = Registry(tmp_path)
+    with reg.locked() as state:
+        Registry.add(state, "a", _adapter(1), dtype="float16", sources={}, trtllm_layout={"bytes": 123})
+    data = json.loads(reg.path.read_text())
+    assert data["adapters"]["a"]["trtllm_layout"] == {"bytes": 123}
+    data["adapters"]["a"]["extra"] = data["adapters"]["a"].pop("trtllm_layout")
+    reg.path.write_text(json.dumps(data))
+    assert reg.read().adapters["a"].trtllm_layout == {"bytes": 123}
+    with reg.locked():
+        pass  # written back under the new key
+    assert "trtllm_layout" in json.loads(reg.path.read_text())["adapters"]["a"]
+
+    (tmp_path / "phlora_repository.json").write_text(json.dumps({"base": "/ckpt/base", "extra": {"max_tokens": "7"}}))
+    settings = RepositorySettings.load(tmp_path)
+    assert settings is not None and settings.llm_parameters == {"max_tokens": "7"}
+    assert llm_config(settings, reg.read(), tmp_path).parameters["max_tokens"].string_value == "7"

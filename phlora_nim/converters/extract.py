@@ -25,7 +25,8 @@ from phlora_nim.converters.rank_policy import RankPolicy
 
 log = logging.getLogger("phlora_nim.extract")
 
-ExtraMode = Literal["drop", "save", "error"]
+# What to do with deltas outside linear modules (``--extra``).
+NonLinearDeltas = Literal["drop", "save", "error"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIG_KEYS_MUST_MATCH = (
     "model_type",
@@ -47,7 +48,8 @@ class ExtractOptions:
         policy: the rank policy.
         exact: full SVD instead of the randomized range finder.
         device: ``cpu`` or ``cuda`` (``cuda:N``) for the decomposition.
-        extra: what to do with deltas outside linear modules (embeddings, norms, biases, lm_head).
+        non_linear_deltas: what to do with deltas outside linear modules (embeddings, norms, biases,
+            lm_head): ``drop`` (measure them), ``save`` (as ``modules_to_save``) or ``error``.
         dtype: storage dtype of the adapter; ``auto`` keeps the fine-tuned checkpoint's.
         target_modules: regex over module paths, overriding the architecture map.
         seed: seed of the randomized sketches.
@@ -56,15 +58,18 @@ class ExtractOptions:
     policy: RankPolicy
     exact: bool = False
     device: str = "cpu"
-    extra: ExtraMode = "drop"
+    non_linear_deltas: NonLinearDeltas = "drop"
     dtype: str = "auto"
     target_modules: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.extra not in ("drop", "save", "error"):
+        if self.non_linear_deltas not in ("drop", "save", "error"):
             raise OptionError(
-                "unknown --extra mode", where="--extra", expected="drop, save or error", found=repr(self.extra)
+                "unknown --extra mode",
+                where="--extra",
+                expected="drop, save or error",
+                found=repr(self.non_linear_deltas),
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise OptionError(
@@ -203,7 +208,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
 
     Raises:
         InputError: incompatible checkpoints, missing tensors, shape mismatches, vocabulary resizes
-            (unless ``extra="save"``), unsupported dtypes.
+            (unless ``non_linear_deltas="save"``), unsupported dtypes.
         OptionError: a rank above a module's dimensions, or nothing to extract.
     """
     problems = _same_config(base, ft)
@@ -256,7 +261,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         is_target = matched is not None or (amap is None and _fallback_linear(name, fi.shape))
         if not is_target:
             extras.append(ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape))
-            if bi.shape != fi.shape and options.extra != "save":
+            if bi.shape != fi.shape and options.non_linear_deltas != "save":
                 problems.append(
                     InputError(
                         "tensor shape differs (vocabulary or size change)",
@@ -398,7 +403,7 @@ def run_extraction(
                 _check_finite(reader.delta(e.name), energy, e.name, ft)
         if energy == 0.0:
             action = "unchanged"
-        elif options.extra == "save":
+        elif options.non_linear_deltas == "save":
             action = "saved"
             owner = e.name.rsplit(".", 1)[0]
             if e.kind == "bias" and owner in target_modules and not e.resized:
@@ -411,7 +416,7 @@ def run_extraction(
         if progress:
             progress(e.name)
     changed = [x for x in extras if x.action != "unchanged"]
-    if options.extra == "error" and changed:
+    if options.non_linear_deltas == "error" and changed:
         names = ", ".join(x.plan.name for x in changed[:5])
         raise InputError(
             "the fine-tune changed tensors that are not linear modules",

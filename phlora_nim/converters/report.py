@@ -102,7 +102,7 @@ def build_report(
         },
         "method": "exact SVD" if options.exact else "randomized block Krylov SVD",
         "dtype": str(result.plan.out_dtype).removeprefix("torch."),
-        "extra": options.extra,
+        "extra": options.non_linear_deltas,
         "warnings": list(result.plan.warnings),
         "totals": totals,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -12,17 +11,17 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_dir, check_output_dir
-from phlora_nim.converters.checkpoint import open_checkpoint
-from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.converters.extract import DTYPES, ExtractOptions, plan_extraction, run_extraction
+from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.extract import DTYPES, ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.peft import load_peft, save_peft
 from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine, save_trtllm
+from phlora_nim.converters.json_files import read_json
 from phlora_nim.converters.names import validate_adapter_name
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.report import build_report, write_report
-from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
+from phlora_nim.converters.report import write_report
+from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_files
 
 log = logging.getLogger("phlora_nim")
 
@@ -62,34 +61,21 @@ def extract(
     """
     start = time.perf_counter()
     check_output_dir(Path(out), force=force)
-    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
-        plan = plan_extraction(b, f, options)
-        for w in plan.warnings:
-            log.warning(w)
-        if on_plan:
-            on_plan(len(plan.targets) + len(plan.extras))
-        result = run_extraction(plan, b, f, options, progress=progress)
+    with planned(base, [finetuned], options, on_plan=on_plan) as job:
+        extracted = extract_adapter(
+            job,
+            job.pairs[0],
+            command=command,
+            progress=progress,
+            dropped_hint="Pass --extra save to keep them as modules_to_save (not servable by vLLM/NIM/TensorRT-LLM).",
+        )
     t_write = time.perf_counter()
-    report = build_report(result, options, base=str(base), finetuned=str(finetuned), command=command)
-    dropped = [x for x in result.extras if x.action == "dropped"]
-    if dropped:
-        share = report["totals"]["dropped_extra_energy"] / max(
-            report["totals"]["linear_delta_energy"] + report["totals"]["extra_delta_energy"], 1e-300
-        )
-        log.warning(
-            "dropped the deltas of %d tensors outside linear modules (%s): %.3g%% of the fine-tune's delta "
-            "energy. Pass --extra save to keep them as modules_to_save (not servable by vLLM/NIM/TensorRT-LLM).",
-            len(dropped),
-            ", ".join(sorted({x.plan.kind for x in dropped})),
-            100 * share,
-        )
+    report = extracted.report
     with atomic_dir(Path(out), force=force) as tmp:
-        save_peft(result.adapter, tmp, dtype=plan.out_dtype)
+        save_peft(extracted.adapter, tmp, dtype=extracted.out_dtype)
         report["timings"]["write_s"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total_s"] = round(time.perf_counter() - start, 4)
-        write_report(report, tmp)
-        if plot:
-            plot_energy(report, tmp / PLOT_NAME)
+        write_report_files(report, tmp, plot=plot)
     return report
 
 
@@ -137,18 +123,6 @@ def prune(
         report["timings"] = {"total_s": round(time.perf_counter() - start, 4)}
         write_report(report, tmp)
     return report
-
-
-def read_json(path: Path, *, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} not found", where=str(path), fix="check the path") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable {what} ({exc})", where=str(path), expected="a JSON object") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what} must be a JSON object", where=str(path), found=type(data).__name__)
-    return data
 
 
 def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] | None:

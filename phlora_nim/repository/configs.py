@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ class RepositorySettings:
         lora_cache_bytes: host LoRA cache budget; 0 = sized from the registered adapters.
         served_path: where Triton will see this repository (``lora_prefetch_dir`` is set under it);
             default: this folder for ``reference``, ``/models`` for ``tensorrtllm``.
-        extra: more ``tensorrt_llm`` parameters, written as given.
+        llm_parameters: more ``tensorrt_llm`` model parameters, written as given.
     """
 
     backend: str = "reference"
@@ -75,7 +74,7 @@ class RepositorySettings:
     max_lora_rank: int = 64
     lora_cache_bytes: int = 0
     served_path: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    llm_parameters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -105,7 +104,10 @@ class RepositorySettings:
         if not path.exists():
             return None
         try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if "extra" in data:  # what older versions named llm_parameters
+                data.setdefault("llm_parameters", data.pop("extra"))
+            return cls(**data)
         except (ValueError, TypeError) as exc:
             raise InputError(
                 f"unreadable repository settings ({exc})",
@@ -158,7 +160,7 @@ def lora_cache_parameters(state: RegistryState, settings: RepositorySettings) ->
     page width); the host budget holds every adapter twice over (pages are not packed tight).
     """
     ranks = sorted(e.max_rank for e in state.adapters.values()) or [8]
-    sizes = [int(e.extra.get("bytes", 0)) for e in state.adapters.values()]
+    sizes = [int(e.trtllm_layout.get("bytes", 0)) for e in state.adapters.values()]
     optimal = 1 << max(0, math.ceil(math.log2(max(1, ranks[len(ranks) // 2]))))
     biggest = max(ranks[-1], settings.max_lora_rank if settings.backend == "reference" else ranks[-1])
     # An explicit budget is taken as given.
@@ -217,7 +219,7 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
             dtype=settings.dtype,
             max_lora_rank=settings.max_lora_rank,
         )
-    params.update(settings.extra)
+    params.update(settings.llm_parameters)
     _params(config, params)
     return config
 
@@ -368,9 +370,3 @@ def write_repository(root: Path, settings: RepositorySettings, state: RegistrySt
     (root / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
     settings.save(root)
     return written
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a folder if present (adapter folders of removed or replaced adapters)."""
-    if path.exists():
-        shutil.rmtree(path)

@@ -19,16 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.converters.adapter import LoraAdapter
-from phlora_nim.converters.checkpoint import open_checkpoint
 from phlora_nim.converters.errors import InputError, OptionError, OutputError, PhloraError, raise_all
-from phlora_nim.converters.extract import DTYPES, ExtractionPlan, ExtractOptions, plan_extraction, run_extraction
+from phlora_nim.converters.extract import DTYPES, ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
+from phlora_nim.converters.json_files import read_json
 from phlora_nim.converters.names import validate_adapter_name
-from phlora_nim.converters.report import build_report, write_report
-from phlora_nim.jobs.adapter_jobs import read_json
-from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
+from phlora_nim.jobs.pipeline import (
+    Extracted,
+    Planned,
+    PlannedPair,
+    extract_adapter,
+    planned,
+    require_config,
+    write_report_files,
+)
 from phlora_nim.repository.configs import RepositorySettings, write_repository
 from phlora_nim.repository.layout import LLM_MODEL, PREFETCH_DIR, adapter_store_dir, prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState
@@ -162,6 +167,19 @@ def _replace_dir(source: Path, target: Path) -> None:
         os.replace(source, target)
 
 
+@dataclass(frozen=True)
+class StagedAdapter:
+    """One fine-tune's adapter, written into the staging folder, waiting to be registered."""
+
+    name: str
+    extracted: Extracted
+    layout: dict[str, Any]  # TensorRT-LLM facts recorded in the registry: modules, bytes, rows, tp
+    store: Path  # the NIM / PEFT store folder
+    tensors: Path  # the TensorRT-LLM npy pair
+    seconds: float
+    nbytes: int
+
+
 def convert(
     job: ConvertJob,
     *,
@@ -190,84 +208,105 @@ def convert(
     _check_repository(root)
     _check_settings(job)
     engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
-    with contextlib.ExitStack() as stack:
-        base = stack.enter_context(open_checkpoint(job.base))
-        pairs = [stack.enter_context(open_checkpoint(p)) for p in job.finetuned]
-        model_config = read_json(Path(job.base) / "config.json", what="base model config")
-        plans: list[ExtractionPlan] = []
-        problems: list[PhloraError] = []
-        for ft in pairs:
-            try:
-                plans.append(plan_extraction(base, ft, job.options))
-            except PhloraError as exc:
-                problems.append(exc)
-        raise_all(problems, summary="cannot convert every fine-tune")
-        for plan in plans:
-            for w in plan.warnings:
-                log.warning(w)
-        if on_plan:
-            on_plan(sum(len(p.targets) + len(p.extras) for p in plans))
+    with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
+        model_config = require_config(plan)
         root.mkdir(parents=True, exist_ok=True)
         with _staging(root) as stage:
-            staged: list[tuple[str, LoraAdapter, dict[str, Any], Path, Path, float, int]] = []
-            for name, ft_path, ft, plan in zip(names, job.finetuned, pairs, plans, strict=True):
+            staged = []
+            for name, pair in zip(names, plan.pairs, strict=True):
                 if on_adapter:
                     on_adapter(name)
-                start = time.perf_counter()
-                result = run_extraction(plan, base, ft, job.options, progress=progress)
-                adapter = result.adapter
-                lora = adapter_to_trtllm(adapter, config=model_config, dtype=job.settings.dtype, tp=job.tp)
-                if engine is not None:
-                    check_engine(lora, engine, where=str(job.engine_config))
-                report = build_report(result, job.options, base=str(job.base), finetuned=str(ft_path), command=command)
-                store, tensors = stage / f"{name}.store", stage / f"{name}.lora"
-                store.mkdir()
-                tensors.mkdir()
-                save_nim_adapter(adapter, store, dtype=plan.out_dtype)
-                write_report(report, store)
-                plot_energy(report, store / PLOT_NAME)
-                save_trtllm(lora, tensors, source=f"{name} ({ft_path})")
-                modules = sorted({TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]})
-                nbytes = int(lora.weights.nbytes + lora.config.nbytes)
-                extra = {"trtllm_modules": modules, "bytes": nbytes, "rows": lora.num_rows, "tp": job.tp}
-                staged.append((name, adapter, extra, store, tensors, time.perf_counter() - start, nbytes))
+                staged.append(
+                    _stage(
+                        job,
+                        plan,
+                        pair,
+                        name=name,
+                        stage=stage,
+                        model_config=model_config,
+                        engine=engine,
+                        command=command,
+                        progress=progress,
+                    )
+                )
             return _register(job, root, staged)
 
 
-def _register(
-    job: ConvertJob, root: Path, staged: list[tuple[str, LoraAdapter, dict[str, Any], Path, Path, float, int]]
-) -> list[Converted]:
+def _stage(
+    job: ConvertJob,
+    plan: Planned,
+    pair: PlannedPair,
+    *,
+    name: str,
+    stage: Path,
+    model_config: dict[str, Any],
+    engine: dict[str, Any] | None,
+    command: str | None,
+    progress: Callable[[str], None] | None,
+) -> StagedAdapter:
+    """Extract one adapter and write both its forms into ``stage``."""
+    start = time.perf_counter()
+    extracted = extract_adapter(plan, pair, command=command, progress=progress)
+    lora = adapter_to_trtllm(extracted.adapter, config=model_config, dtype=job.settings.dtype, tp=job.tp)
+    if engine is not None:
+        check_engine(lora, engine, where=str(job.engine_config))
+    store, tensors = stage / f"{name}.store", stage / f"{name}.lora"
+    store.mkdir()
+    tensors.mkdir()
+    save_nim_adapter(extracted.adapter, store, dtype=extracted.out_dtype)
+    write_report_files(extracted.report, store)
+    save_trtllm(lora, tensors, source=f"{name} ({pair.path})")
+    nbytes = int(lora.weights.nbytes + lora.config.nbytes)
+    layout = {
+        "trtllm_modules": sorted({TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]}),
+        "bytes": nbytes,
+        "rows": lora.num_rows,
+        "tp": job.tp,
+    }
+    return StagedAdapter(
+        name=name,
+        extracted=extracted,
+        layout=layout,
+        store=store,
+        tensors=tensors,
+        seconds=time.perf_counter() - start,
+        nbytes=nbytes,
+    )
+
+
+def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[Converted]:
     registry = Registry(root)
     done: list[Converted] = []
     with registry.locked() as state:
         entries = []
-        for (name, adapter, extra, *_), ft_path in zip(staged, job.finetuned, strict=True):
-            old = state.adapters.get(name)
+        for item in staged:
+            old = state.adapters.get(item.name)
             entry = Registry.add(
                 state,
-                name,
-                adapter,
+                item.name,
+                item.extracted.adapter,
                 dtype=job.settings.dtype,
-                sources={"base": str(Path(job.base).resolve()), "finetuned": str(Path(ft_path).resolve())},
+                sources={"base": str(Path(job.base).resolve()), "finetuned": str(item.extracted.finetuned.resolve())},
                 replace=job.replace,
-                extra=extra,
+                trtllm_layout=item.layout,
             )
             entries.append((entry, old))
-        for (entry, old), (name, _, _, store, tensors, seconds, nbytes) in zip(entries, staged, strict=True):
+        for (entry, old), item in zip(entries, staged, strict=True):
             unchanged = (
                 old is not None
                 and old.digest == entry.digest
                 and prefetch_dir(root, entry.task_id).is_dir()
-                and adapter_store_dir(root, name).is_dir()
+                and adapter_store_dir(root, item.name).is_dir()
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
                 if old is not None and old.task_id != entry.task_id:
                     stale = prefetch_dir(root, old.task_id)
                     state.after_commit.append(lambda stale=stale: shutil.rmtree(stale, ignore_errors=True))
-                _replace_dir(tensors, prefetch_dir(root, entry.task_id))
-                _replace_dir(store, adapter_store_dir(root, name))
-            report = read_json(adapter_store_dir(root, name) / "phlora_report.json", what="report")
-            done.append(Converted(entry=entry, report=report, adapter_bytes=nbytes, seconds=seconds))
+                _replace_dir(item.tensors, prefetch_dir(root, entry.task_id))
+                _replace_dir(item.store, adapter_store_dir(root, item.name))
+            done.append(
+                Converted(entry=entry, report=item.extracted.report, adapter_bytes=item.nbytes, seconds=item.seconds)
+            )
         write_repository(root, job.settings, state)
     return done
 
@@ -310,7 +349,7 @@ def engine_plan(state: RegistryState, *, dtype: str | None = None) -> dict[str, 
         )
     dtypes = sorted({e.dtype for e in state.adapters.values()})
     modules = sorted(
-        {m for e in state.adapters.values() for m in e.extra.get("trtllm_modules", [])},
+        {m for e in state.adapters.values() for m in e.trtllm_layout.get("trtllm_modules", [])},
         key=TRTLLM_MODULES.index,
     )
     max_rank = max(e.max_rank for e in state.adapters.values())

@@ -27,8 +27,8 @@ from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.names import validate_adapter_name
+from phlora_nim.repository.layout import REGISTRY_FILE
 
-REGISTRY_NAME = "phlora_registry.json"
 _FORMAT = "phlora-registry/1"
 TASK_ID_LIMIT = 2**31
 
@@ -63,7 +63,11 @@ def task_id_for(digest: str, taken: dict[int, str]) -> int:
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """One registered adapter."""
+    """One registered adapter.
+
+    ``trtllm_layout`` holds what laying it out for TensorRT-LLM gave: ``trtllm_modules``,
+    ``bytes`` (of the npy pair), ``rows`` and ``tp``.
+    """
 
     name: str
     task_id: int
@@ -73,11 +77,19 @@ class AdapterEntry:
     dtype: str
     sources: dict[str, str]
     created: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    trtllm_layout: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdapterEntry:
+        """An entry as stored; registries written by older versions name ``trtllm_layout`` ``extra``."""
+        data = dict(data)
+        if "extra" in data:
+            data.setdefault("trtllm_layout", data.pop("extra"))
+        return cls(**data)
 
 
 @dataclass
@@ -105,7 +117,7 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.path = self.root / REGISTRY_NAME
+        self.path = self.root / REGISTRY_FILE
 
     def read(self) -> RegistryState:
         """The registry's content (empty when there is no registry yet)."""
@@ -116,7 +128,7 @@ class Registry:
             if data.get("format") != _FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             return RegistryState(
-                adapters={name: AdapterEntry(**entry) for name, entry in data["adapters"].items()},
+                adapters={name: AdapterEntry.from_json(entry) for name, entry in data["adapters"].items()},
                 retired={int(k): v for k, v in data.get("retired", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -131,7 +143,7 @@ class Registry:
     def locked(self) -> Iterator[RegistryState]:
         """Hold the registry lock; yields the state, written back atomically if no exception."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{REGISTRY_NAME}.lock", "w") as lock:
+        with open(self.root / f".{REGISTRY_FILE}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
             yield state
@@ -153,7 +165,7 @@ class Registry:
         dtype: str,
         sources: dict[str, str],
         replace: bool = False,
-        extra: dict[str, Any] | None = None,
+        trtllm_layout: dict[str, Any] | None = None,
     ) -> AdapterEntry:
         """Register ``adapter`` as ``name`` (call inside :meth:`locked`).
 
@@ -190,7 +202,7 @@ class Registry:
             dtype=dtype,
             sources=dict(sources),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            extra=dict(extra or {}),
+            trtllm_layout=dict(trtllm_layout or {}),
         )
         entries[name] = entry
         return entry

@@ -1,0 +1,321 @@
+"""Commands on single adapters: ``extract``, ``inspect``, ``prune``, ``verify`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from phlora_nim.cli.app import (
+    BudgetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EnergyOpt,
+    ForceOpt,
+    MaxRankOpt,
+    RankOpt,
+    SnapOpt,
+    command_line,
+    err_console,
+    out_console,
+    rank_policy,
+    tensor_progress,
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``app``."""
+    app.command("extract")(extract_command)
+    app.command("inspect")(inspect_command)
+    app.command("prune")(prune_command)
+    app.command("export")(export_command)
+    app.command("verify")(verify_command)
+
+
+def extract_command(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint: HF model folder or .safetensors file.")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
+    device: DeviceOpt = "cpu",
+    extra: Annotated[
+        str,
+        typer.Option(
+            "--extra",
+            help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
+            "warn), save (as modules_to_save; not servable by vLLM/NIM/TensorRT-LLM) or error.",
+        ),
+    ] = "drop",
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            "--target-modules",
+            help="Regex over module paths to decompose instead of the architecture map, "
+            r"e.g. '.*\.(q_proj|v_proj)'.",
+        ),
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
+
+    Every linear module's delta ΔW = W_ft − W_base is decomposed by SVD and truncated. Writes a
+    PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
+    Default policy: --rank 16.
+    """
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.jobs.adapter_jobs import extract
+
+    options = ExtractOptions(
+        policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        exact=exact,
+        device=device,
+        non_linear_deltas=extra,
+        dtype=dtype,  # type: ignore[arg-type]
+        target_modules=target_modules,
+        seed=seed,
+    )
+    with tensor_progress("extract") as bar:
+        task = bar.add_task("planning", total=None)
+        report = extract(
+            base,
+            finetuned,
+            out,
+            options,
+            force=force,
+            command=command_line(),
+            plot=not no_plot,
+            on_plan=lambda n: bar.update(task, total=n, description=""),
+            progress=lambda name: bar.update(task, advance=1, description=name),
+        )
+    _print_extract_summary(report, out)
+
+
+def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
+    t = report["totals"]
+    out_console.print(
+        f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
+        f"{t['adapter_parameters']:,} parameters)"
+    )
+    out_console.print(
+        f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
+        f"(min module {t['min_energy_kept']:.2%}); {t['energy_kept_total']:.2%} of the whole fine-tune delta"
+    )
+    if "total_s" in report.get("timings", {}):
+        tm = report["timings"]
+        out_console.print(
+            f"time: {tm['total_s']:.2f} s (reading {tm.get('load_s', 0):.2f} s, "
+            f"decomposing {tm.get('decompose_s', 0):.2f} s)"
+        )
+
+
+def inspect_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="Folder written by `phlora-nim extract` or `prune`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw report as JSON.")] = False,
+    top: Annotated[int, typer.Option("--top", help="Rows to show, worst energy kept first (0 = all).")] = 20,
+) -> None:
+    """Print an adapter's extraction report: energy kept, ranks and error per module."""
+    from phlora_nim.converters.report import read_report
+
+    report = read_report(adapter_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return
+    t = report["totals"]
+    out_console.print(
+        f"[bold]{adapter_dir}[/]  family={report.get('family', '-')}  "
+        f"policy={report['policy']['kind']}  dtype={report.get('dtype', '-')}"
+    )
+    for key, value in t.items():
+        out_console.print(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
+    rows = sorted(report["modules"], key=lambda m: m["energy_kept"])
+    table = Table(title="modules (worst energy kept first)")
+    widest = max((len(m["name"]) for m in rows), default=6)
+    table.add_column("module", min_width=widest, no_wrap=True)
+    for col in ("shape", "rank", "energy", "rel.err", "σ1"):
+        table.add_column(col, justify="right")
+    for m in rows[: top or None]:
+        sv = m.get("top_singular_values") or [0.0]
+        table.add_row(
+            m["name"],
+            "×".join(map(str, m["shape"])),
+            str(m["rank"]),
+            f"{m['energy_kept']:.2%}",
+            f"{m['relative_error']:.4f}",
+            f"{sv[0]:.4g}",
+        )
+    out_console.print(table)
+    extras = [x for x in report.get("extras", []) if x["action"] != "unchanged"]
+    if extras:
+        out_console.print(
+            f"{len(extras)} non-linear tensors changed: "
+            + ", ".join(f"{x['name']} ({x['action']})" for x in extras[:8])
+        )
+
+
+def prune_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="Any PEFT LoRA adapter folder (ours or third-party).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    dtype: DtypeOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
+
+    QR of both factors and an SVD of the small r×r core give the exact SVD of the update; keeping
+    its top directions is the best lower-rank adapter (equal to extracting at that rank directly).
+    """
+    from phlora_nim.jobs.adapter_jobs import prune
+
+    report = prune(
+        adapter_dir,
+        out,
+        rank_policy(rank, energy, budget_params, max_rank, snap_ranks),
+        force=force,
+        command=command_line(),
+        dtype=dtype,
+    )
+    t = report["totals"]
+    out_console.print(
+        f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
+        f"parameters; {t['energy_kept_of_adapter']:.2%} of the adapter's update energy kept, "
+        f"min module {t['min_energy_kept']:.2%})"
+    )
+
+
+def export_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (ours or third-party).")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="trtllm (npy pair for TensorRT-LLM / Triton), nim (a folder in a NIM adapter store) or peft.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (for nim: the store; the adapter goes into OUT/NAME).")
+    ],
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Storage dtype. trtllm: the engine dtype (auto = the "
+            "engine config's, else float16); peft/nim: auto keeps the adapter's.",
+        ),
+    ] = "auto",
+    tp: Annotated[
+        int,
+        typer.Option("--tp", help="Tensor parallelism of the engine (interleaves fused qkv/gate_up rows per rank)."),
+    ] = 1,
+    engine_config: Annotated[
+        Path | None,
+        typer.Option("--engine-config", help="A TensorRT-LLM engine config.json: refuse what the engine would reject."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Adapter name in a NIM store (default: the adapter folder's name).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Base model config.json (or its folder), for fused modules at --tp > 1 "
+            "(default: found via the adapter's base_model_name_or_path).",
+        ),
+    ] = None,
+    with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
+
+    trtllm writes model.lora_weights.npy [1, N, D] and model.lora_config.npy [1, N, 3] (scales
+    folded into B, gate_proj → module 5, up_proj → 7, fused and MoE modules laid out as the runtime
+    expects); nim writes OUT/NAME with adapter_config.json, adapter_model.safetensors and
+    adapter_model.bin.
+    """
+    from phlora_nim.jobs.adapter_jobs import export
+
+    target = export(
+        adapter_dir,
+        out,
+        fmt=fmt,
+        dtype=dtype,
+        tp=tp,
+        engine_config=engine_config,
+        name=name,
+        config=config,
+        with_trtllm=with_trtllm,
+        force=force,
+    )
+    out_console.print(f"[bold green]wrote[/] {target} ({fmt})")
+
+
+def verify_command(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder.")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder.")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="Text file, one prompt per line (needs a tokenizer in the checkpoint); "
+            "default: random token sequences.",
+        ),
+    ] = None,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Fail (exit 1) if mean KL exceeds this.")] = None,
+    min_top1: Annotated[
+        float | None, typer.Option("--min-top1", help="Fail (exit 1) if top-1 agreement falls below this (0–1).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
+    base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
+    from phlora_nim.jobs.verify import verify_adapter
+
+    result = verify_adapter(base, finetuned, adapter, prompts=prompts)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    else:
+        _print_verify(result)
+    failed = []
+    logits = result.get("logits") or {}
+    if max_kl is not None and (not logits or logits["mean_kl"] > max_kl):
+        failed.append(f"mean KL {logits.get('mean_kl', 'n/a')} > --max-kl {max_kl}")
+    if min_top1 is not None and (not logits or logits["top1_agreement"] < min_top1):
+        failed.append(f"top-1 agreement {logits.get('top1_agreement', 'n/a')} < --min-top1 {min_top1}")
+    if failed:
+        err_console.print("[bold red]verify failed:[/] " + "; ".join(failed))
+        raise typer.Exit(1)
+
+
+def _print_verify(result: dict[str, Any]) -> None:
+    rec = result["reconstruction"]
+    out_console.print(
+        f"reconstruction: {rec['modules']} modules, relative Frobenius error mean "
+        f"{rec['mean_relative_error']:.4g}, max {rec['max_relative_error']:.4g} "
+        f"({rec['worst_module']})"
+    )
+    logits = result.get("logits")
+    if logits:
+        out_console.print(
+            f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
+            f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
+            f"(base alone: {logits['base_top1_agreement']:.2%})"
+        )
+    elif result.get("logits_skipped"):
+        out_console.print(f"logits: skipped ({result['logits_skipped']})")

@@ -1,0 +1,271 @@
+"""Commands on a Triton model repository: ``convert``, ``adapters``, ``remove`` and ``engine-plan``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from phlora_nim.cli.app import (
+    BudgetOpt,
+    DeviceOpt,
+    EnergyOpt,
+    MaxRankOpt,
+    RankOpt,
+    RepoOpt,
+    SnapOpt,
+    command_line,
+    out_console,
+    rank_policy,
+    tensor_progress,
+)
+
+if TYPE_CHECKING:
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import Converted, ConvertJob
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``app``."""
+    app.command("convert")(convert_command)
+    app.command("adapters")(adapters_command)
+    app.command("remove")(remove_command)
+    app.command("engine-plan")(engine_plan_command)
+
+
+def convert_command(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder (its tokenizer is served too).")],
+    finetuned: Annotated[
+        list[Path], typer.Option("--finetuned", help="Full fine-tune of the base; repeat for several.")
+    ],
+    model_repository: RepoOpt = Path("model_repository"),
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="Adapter name per --finetuned, in order (default: folder names)."),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference: the CPU reference "
+            "model with the same LoRA contract.",
+        ),
+    ] = "reference",
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    budget_params: BudgetOpt = None,
+    max_rank: MaxRankOpt = None,
+    snap_ranks: SnapOpt = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32)."
+        ),
+    ] = "float32",
+    engine_dir: Annotated[
+        str | None, typer.Option("--engine-dir", help="tensorrtllm: engine folder as Triton sees it (gpt_model_path).")
+    ] = None,
+    engine_config: Annotated[
+        Path | None,
+        typer.Option("--engine-config", help="An engine config.json: refuse adapters it would reject."),
+    ] = None,
+    served_path: Annotated[
+        str | None,
+        typer.Option(
+            "--served-path",
+            help="Where Triton will mount this repository (sets lora_prefetch_dir under it); default: "
+            "the repository's own path for reference, /models for tensorrtllm.",
+        ),
+    ] = None,
+    tokenizer_dir: Annotated[
+        str | None,
+        typer.Option("--tokenizer-dir", help="Tokenizer folder as Triton will see it (default: --base)."),
+    ] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor parallelism of the engine.")] = 1,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton max batch size.")] = 8,
+    max_lora_rank: Annotated[
+        int, typer.Option("--max-lora-rank", help="reference: largest rank accepted on requests.")
+    ] = 64,
+    lora_cache_mb: Annotated[
+        int, typer.Option("--lora-cache-mb", help="Host LoRA cache (0 = sized from the registered adapters).")
+    ] = 0,
+    decoupled: Annotated[
+        bool, typer.Option("--decoupled", help="Stream tokens (ModelStreamInfer) instead of one response.")
+    ] = False,
+    device: DeviceOpt = "cpu",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
+    ] = False,
+) -> None:
+    """Extract adapters from fine-tunes and register them in a Triton model repository.
+
+    For each --finetuned: extract the LoRA adapter (default --rank 16), lay it out as TensorRT-LLM
+    tensors in the engine dtype, and register it (name, content-derived task id, ranks, modules).
+    The repository gets the inflight_batcher_llm models (preprocessing, tensorrt_llm,
+    postprocessing, ensemble), LoRA cache parameters sized for the adapters, the prefetch folder
+    and a NIM adapter store. Nothing is changed if any step fails.
+    """
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.repository.convert import ConvertJob
+
+    options = ExtractOptions(
+        policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16), device=device
+    )
+    settings = _repository_settings(
+        base=base,
+        backend=backend,
+        dtype=dtype,
+        engine_dir=engine_dir,
+        served_path=served_path,
+        tokenizer_dir=tokenizer_dir,
+        max_batch_size=max_batch_size,
+        decoupled=decoupled,
+        max_lora_rank=max_lora_rank,
+        lora_cache_mb=lora_cache_mb,
+    )
+    job = ConvertJob(
+        base=base,
+        finetuned=tuple(finetuned),
+        names=tuple(name or ()),
+        repository=model_repository,
+        options=options,
+        settings=settings,
+        replace=replace,
+        tp=tp,
+        engine_config=engine_config,
+    )
+    done, seconds = _convert_with_progress(job)
+    _print_convert_summary(done, seconds, model_repository)
+
+
+def _repository_settings(
+    *,
+    base: Path,
+    backend: str,
+    dtype: str,
+    engine_dir: str | None,
+    served_path: str | None,
+    tokenizer_dir: str | None,
+    max_batch_size: int,
+    decoupled: bool,
+    max_lora_rank: int,
+    lora_cache_mb: int,
+) -> RepositorySettings:
+    """The repository settings of ``convert``'s options."""
+    from phlora_nim.repository.configs import RepositorySettings
+
+    return RepositorySettings(
+        backend=backend,
+        base=str(Path(base).resolve()),
+        dtype=dtype,
+        engine_dir=engine_dir,
+        served_path=served_path,
+        tokenizer_dir=tokenizer_dir,
+        max_batch_size=max_batch_size,
+        decoupled=decoupled,
+        max_lora_rank=max_lora_rank,
+        lora_cache_bytes=lora_cache_mb << 20,
+    )
+
+
+def _convert_with_progress(job: ConvertJob) -> tuple[list[Converted], float]:
+    """Run ``job`` behind a progress bar; returns what was registered and the wall time."""
+    from phlora_nim.repository.convert import convert
+
+    start = time.perf_counter()
+    with tensor_progress("convert") as bar:
+        task = bar.add_task("planning", total=None)
+        current = {"name": ""}
+        done = convert(
+            job,
+            command=command_line(),
+            on_plan=lambda n: bar.update(task, total=n, description=""),
+            on_adapter=lambda n: current.update(name=n),
+            progress=lambda t: bar.update(task, advance=1, description=f"{current['name']}: {t}"),
+        )
+    return done, time.perf_counter() - start
+
+
+def _print_convert_summary(done: list[Converted], seconds: float, repository: Path) -> None:
+    table = Table(title=f"registered in {repository}")
+    for col in ("adapter", "lora_task_id", "ranks", "energy kept", "MB"):
+        table.add_column(col)
+    for c in done:
+        ranks = sorted(set(c.entry.ranks.values()))
+        kept = c.report["totals"].get("energy_kept_linear")
+        table.add_row(
+            c.entry.name,
+            str(c.entry.task_id),
+            f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
+            f"{kept:.4f}" if isinstance(kept, float) else "–",
+            f"{c.adapter_bytes / 1e6:.2f}",
+        )
+    out_console.print(table)
+    total_mb = sum(c.adapter_bytes for c in done) / 1e6
+    out_console.print(
+        f"{len(done)} adapter{'' if len(done) == 1 else 's'}, {total_mb:.2f} MB of LoRA tensors in {seconds:.1f} s "
+        f"({total_mb / max(seconds, 1e-9):.2f} MB/s). Serve with: phlora-nim triton -m {repository}"
+    )
+
+
+def adapters_command(
+    model_repository: RepoOpt = Path("model_repository"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry entries as JSON.")] = False,
+) -> None:
+    """List the adapters registered in a model repository."""
+    from dataclasses import asdict
+
+    from phlora_nim.repository.convert import read_registry
+
+    state = read_registry(model_repository)
+    if as_json:
+        out_console.print_json(json.dumps({n: asdict(e) for n, e in sorted(state.adapters.items())}))
+        return
+    table = Table(title=f"{len(state.adapters)} adapters in {model_repository}")
+    for col in ("name", "lora_task_id", "max rank", "modules", "dtype", "MB", "created"):
+        table.add_column(col)
+    for e in sorted(state.adapters.values(), key=lambda e: e.name):
+        table.add_row(
+            e.name,
+            str(e.task_id),
+            str(e.max_rank),
+            " ".join(e.trtllm_layout.get("trtllm_modules", [])) or str(len(e.modules)),
+            e.dtype,
+            f"{int(e.trtllm_layout.get('bytes', 0)) / 1e6:.2f}",
+            e.created,
+        )
+    out_console.print(table)
+
+
+def remove_command(
+    name: Annotated[str, typer.Argument(help="Adapter to unregister.")],
+    model_repository: RepoOpt = Path("model_repository"),
+) -> None:
+    """Unregister an adapter and delete its files (its task id is never given to other weights)."""
+    from phlora_nim.repository.convert import remove_adapter
+
+    entry = remove_adapter(model_repository, name)
+    out_console.print(f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id})")
+
+
+def engine_plan_command(
+    model_repository: RepoOpt = Path("model_repository"),
+    checkpoint_dir: Annotated[
+        str, typer.Option("--checkpoint-dir", help="TensorRT-LLM checkpoint folder to show in the command.")
+    ] = "<trtllm_checkpoint_dir>",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Print the trtllm-build LoRA flags that fit every registered adapter."""
+    from phlora_nim.repository.convert import engine_plan, read_registry
+
+    plan = engine_plan(read_registry(model_repository))
+    if as_json:
+        out_console.print_json(json.dumps(plan))
+        return
+    command = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
+    out_console.print(shlex.join(command), soft_wrap=True, markup=False, highlight=False)

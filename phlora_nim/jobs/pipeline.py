@@ -1,0 +1,177 @@
+"""The one extraction pipeline behind ``extract`` and ``convert``: open → plan → run → report → plot.
+
+Every fine-tune is opened and planned before any heavy work, so bad input is refused (all problems
+at once) before a tensor is decomposed or a file written. Each step returns a frozen result; what
+a job writes, and where, stays with the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
+from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.converters.extract import (
+    ExtractionPlan,
+    ExtractionResult,
+    ExtractOptions,
+    plan_extraction,
+    run_extraction,
+)
+from phlora_nim.converters.report import build_report, write_report
+from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
+
+log = logging.getLogger("phlora_nim")
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """One fine-tune, opened, with its extraction plan."""
+
+    path: Path
+    checkpoint: Checkpoint
+    plan: ExtractionPlan
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The base and every fine-tune of one job, opened and planned (valid only inside :func:`planned`)."""
+
+    base_path: Path
+    base: Checkpoint
+    pairs: tuple[PlannedPair, ...]
+    options: ExtractOptions
+
+    @property
+    def tensor_count(self) -> int:
+        """Tensors :func:`extract_adapter` will process over all pairs (for a progress bar)."""
+        return sum(len(p.plan.targets) + len(p.plan.extras) for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """One fine-tune's adapter, with the report of how it was made."""
+
+    finetuned: Path
+    adapter: LoraAdapter
+    report: dict[str, Any]
+    out_dtype: torch.dtype
+    seconds: float
+
+
+@contextlib.contextmanager
+def planned(
+    base: Path,
+    finetuned: Sequence[Path],
+    options: ExtractOptions,
+    *,
+    on_plan: Callable[[int], None] | None = None,
+) -> Iterator[Planned]:
+    """Open ``base`` and every fine-tune and plan each extraction; the checkpoints close on exit.
+
+    Args:
+        base, finetuned: checkpoint folders or ``.safetensors`` files.
+        options: the extraction options every pair is planned with.
+        on_plan: called with the number of tensors to process once every pair is planned.
+
+    Raises:
+        PhloraError: unreadable or mismatched checkpoints, bad options (every pair's problems in
+            one error).
+    """
+    with contextlib.ExitStack() as stack:
+        base_ckpt = stack.enter_context(open_checkpoint(base))
+        opened = [(Path(p), stack.enter_context(open_checkpoint(p))) for p in finetuned]
+        pairs: list[PlannedPair] = []
+        problems: list[PhloraError] = []
+        for path, ckpt in opened:
+            try:
+                pairs.append(PlannedPair(path=path, checkpoint=ckpt, plan=plan_extraction(base_ckpt, ckpt, options)))
+            except PhloraError as exc:
+                problems.append(exc)
+        raise_all(problems, summary="cannot extract an adapter from every fine-tune")
+        for pair in pairs:
+            for warning in pair.plan.warnings:
+                log.warning(warning)
+        job = Planned(base_path=Path(base), base=base_ckpt, pairs=tuple(pairs), options=options)
+        if on_plan:
+            on_plan(job.tensor_count)
+        yield job
+
+
+def extract_adapter(
+    job: Planned,
+    pair: PlannedPair,
+    *,
+    command: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    dropped_hint: str = "",
+) -> Extracted:
+    """Run one planned extraction and build its report (nothing is written).
+
+    Args:
+        job, pair: from :func:`planned`.
+        command: the command line, recorded in the report.
+        progress: called per processed tensor.
+        dropped_hint: appended to the warning about dropped non-linear deltas (how to keep them).
+
+    Raises:
+        InputError: a delta holds NaN/Inf, ``--extra error`` with changed non-linear tensors.
+    """
+    start = time.perf_counter()
+    result = run_extraction(pair.plan, job.base, pair.checkpoint, job.options, progress=progress)
+    report = build_report(result, job.options, base=str(job.base_path), finetuned=str(pair.path), command=command)
+    _warn_dropped(result, report, hint=dropped_hint)
+    return Extracted(
+        finetuned=pair.path,
+        adapter=result.adapter,
+        report=report,
+        out_dtype=pair.plan.out_dtype,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def write_report_files(report: dict[str, Any], folder: Path, *, plot: bool = True) -> None:
+    """``phlora_report.json`` (and ``energy.png``) into an adapter folder being written."""
+    write_report(report, folder)
+    if plot:
+        plot_energy(report, Path(folder) / PLOT_NAME)
+
+
+def _warn_dropped(result: ExtractionResult, report: dict[str, Any], *, hint: str) -> None:
+    dropped = [x for x in result.extras if x.action == "dropped"]
+    if not dropped:
+        return
+    totals = report["totals"]
+    share = totals["dropped_extra_energy"] / max(totals["linear_delta_energy"] + totals["extra_delta_energy"], 1e-300)
+    log.warning(
+        "dropped the deltas of %d tensors outside linear modules (%s): %.3g%% of the fine-tune's delta energy.%s",
+        len(dropped),
+        ", ".join(sorted({x.plan.kind for x in dropped})),
+        100 * share,
+        f" {hint}" if hint else "",
+    )
+
+
+def require_config(job: Planned) -> dict[str, Any]:
+    """The base checkpoint's ``config.json`` (as opened), which serving needs.
+
+    Raises:
+        InputError: the base has no ``config.json`` (a bare ``.safetensors`` file, or a folder without one).
+    """
+    if job.base.config is None:
+        raise InputError(
+            "base model config not found",
+            where=str(job.base_path / "config.json"),
+            expected="the base model's folder with its config.json",
+            fix="pass --base the model folder (config.json, tokenizer, weights)",
+        )
+    return job.base.config
