@@ -15,8 +15,9 @@ from tritonclient.grpc import service_pb2
 
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes, LruSet
-from phlora_nim.router.rewrite import LoraTensors, RequestError, add_lora, check_request, make_raw, retarget, select
+from phlora_nim.router.rewrite import LoraTensors, UpstreamRequest, check_request, make_raw, retarget, select
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 from phlora_nim.router.tenants import key_digest, load_tenants, parse_tenants
 from phlora_nim.router.weights import WeightStore
@@ -110,10 +111,14 @@ TENSORS = LoraTensors(
 )
 
 
+def _sent(upstream: UpstreamRequest, task_id: int, tensors: LoraTensors | None = None) -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest.FromString(upstream.with_lora(task_id, tensors))
+
+
 @pytest.mark.parametrize("raw", [True, False])
 def test_task_id_follows_the_request_encoding(raw: bool) -> None:
-    request = _request(raw=raw)
-    add_lora(request, 42)
+    request = _sent(UpstreamRequest(_request(raw=raw)), 42)
+    assert request.model_name == "ensemble" and request.id == "7"
     assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id"]
     tid = request.inputs[2]
     assert tid.datatype == "UINT64" and list(tid.shape) == [1, 1]
@@ -124,8 +129,7 @@ def test_task_id_follows_the_request_encoding(raw: bool) -> None:
 
 
 def test_weights_turn_a_contents_request_into_raw_bytes() -> None:
-    request = _request(raw=False)
-    add_lora(request, 42, TENSORS)
+    request = _sent(UpstreamRequest(_request(raw=False)), 42, TENSORS)
     assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
     assert all(not t.HasField("contents") for t in request.inputs)
     raw = request.raw_input_contents
@@ -135,6 +139,26 @@ def test_weights_turn_a_contents_request_into_raw_bytes() -> None:
     assert raw[3] == TENSORS.weights and list(request.inputs[3].shape) == [1, 2, 4]
     assert request.inputs[3].datatype == "FP16" and request.inputs[4].datatype == "INT32"
     assert _request(raw=True).raw_input_contents[:2] == raw[:2]
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_attempts_leave_the_request_as_it_came(raw: bool) -> None:
+    """An id-only attempt, a resend with weights, then the id alone again: each is built from the
+    untouched request (never stacked), and the request is serialized once for all of them."""
+    request = _request(raw=raw)
+    before = request.SerializeToString()
+    upstream = UpstreamRequest(request)
+    assert [t.name for t in _sent(upstream, 42).inputs] == ["x", "text_input", "lora_task_id"]
+    resend = _sent(upstream, 42, TENSORS)
+    assert [t.name for t in resend.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
+    assert len(resend.raw_input_contents) == 5
+    again = _sent(upstream, 42)
+    assert [t.name for t in again.inputs] == ["x", "text_input", "lora_task_id"]
+    assert len(again.raw_input_contents) == (3 if raw else 0)
+    assert request.SerializeToString() == before  # the client's request is not rewritten
+    assert upstream.plain() is upstream.plain()  # serialized once, shared by every attempt
+    with pytest.raises(ValueError, match="tensors of task 42 appended to task 7"):
+        upstream.with_lora(7, TENSORS)
 
 
 def test_make_raw_covers_every_typed_field() -> None:
@@ -174,18 +198,6 @@ def test_selection_order_and_retarget() -> None:
     request.parameters["priority"].int64_param = 3
     out = retarget(request, "stream")
     assert out.model_name == "stream" and "lora_adapter" not in out.parameters and "priority" in out.parameters
-
-
-@pytest.mark.parametrize("raw", [True, False])
-def test_lora_inputs_are_replaced_not_stacked(raw: bool) -> None:
-    request = _request(raw=raw)
-    add_lora(request, 42)
-    add_lora(request, 42, TENSORS)  # a resend after a miss
-    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
-    assert len(request.raw_input_contents) == 5
-    add_lora(request, 42)
-    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id"]
-    assert len(request.raw_input_contents) == 3 and request.raw_input_contents[2] == struct.pack("<Q", 42)
 
 
 def _malformed(kind: str) -> service_pb2.ModelInferRequest:

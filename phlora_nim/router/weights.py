@@ -18,8 +18,9 @@ from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.formats.trtllm import NP_DTYPES, WEIGHTS_FILE, load_trtllm
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry
+from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes
-from phlora_nim.router.rewrite import LoraTensors, RequestError
+from phlora_nim.router.rewrite import LoraTensors
 
 # Triton datatype of lora_weights → numpy dtype name (NP_DTYPES key).
 DATATYPES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32"}

@@ -1,0 +1,114 @@
+"""Who may call what: API keys, the adapters and models a caller may see, and the checked plan of a request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from phlora_nim.repository.registry import AdapterEntry
+from phlora_nim.router.catalog import AdapterCatalog
+from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.errors import RequestError, shown
+from phlora_nim.router.replicas import ReplicaPool
+from phlora_nim.router.rewrite import Selection, UpstreamRequest, check_request, retarget, retryable, select
+from phlora_nim.router.tenants import Tenant, TenantTable
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request: what to send upstream, for which adapter, counted under which label."""
+
+    label: str
+    selection: Selection
+    entry: AdapterEntry | None
+    upstream: UpstreamRequest  # aimed at the upstream model, without LoRA inputs
+    retryable: bool  # safe to send again to another replica (not part of a sequence)
+
+    @property
+    def key(self) -> str | None:
+        return self.entry.name if self.entry else None
+
+
+class Access:
+    """The router's view of callers: authentication, visibility and request plans."""
+
+    def __init__(
+        self, *, config: RouterConfig, catalog: AdapterCatalog, pool: ReplicaPool, tenants: TenantTable | None
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.pool = pool
+        self.tenants = tenants
+
+    def authenticate(self, metadata: Mapping[str, str]) -> Tenant | None:
+        """The caller's tenant (None without tenancy).
+
+        Raises:
+            RequestError: UNAUTHENTICATED without a known key.
+        """
+        if self.tenants is None:
+            return None
+        tenant = self.tenants.authenticate(metadata.get("authorization"))
+        if tenant is None:
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key: send 'authorization: Bearer <key>'"
+            )
+        return tenant
+
+    def adapter_visible(self, name: str, tenant: Tenant | None) -> bool:
+        return name in self.catalog.adapters and (tenant is None or tenant.allows_adapter(name))
+
+    def model_visible(self, name: str, tenant: Tenant | None) -> bool:
+        known = self.pool.models is None or name in self.pool.models
+        return known and (tenant is None or tenant.allows_base_model(name))
+
+    def plan(self, request: service_pb2.ModelInferRequest, metadata_adapter: str | None, tenant: Tenant | None) -> Plan:
+        """Check ``request`` for ``tenant`` and aim it at the upstream model (in place).
+
+        Raises:
+            RequestError: INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED.
+        """
+        check_request(request)
+        selection = select(
+            request,
+            adapters=self.catalog.adapters,
+            metadata_adapter=metadata_adapter,
+            upstream_model=self.config.upstream_model,
+        )
+        name = selection.adapter
+        if name is None:
+            if not self.model_visible(request.model_name, tenant):
+                if tenant is not None and self.pool.models is not None and request.model_name in self.pool.models:
+                    raise RequestError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"model {shown(request.model_name)} is not allowed for this API key",
+                    )
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model or adapter {shown(request.model_name)}")
+            return Plan(
+                label=f"base:{request.model_name}",
+                selection=selection,
+                entry=None,
+                upstream=UpstreamRequest(request),
+                retryable=retryable(request),
+            )
+        if tenant is not None and not tenant.allows_adapter(name):
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED, f"adapter {shown(name)} is not allowed for this API key"
+            )
+        entry = self.catalog.adapters.get(name)
+        if entry is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown adapter {shown(name)} (not in the registry)")
+        if self.pool.models is not None and selection.model not in self.pool.models:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"unknown model {shown(selection.model)} for adapter {shown(name)}"
+            )
+        return Plan(
+            label=name,
+            selection=selection,
+            entry=entry,
+            upstream=UpstreamRequest(retarget(request, selection.model)),
+            retryable=retryable(request),
+        )
