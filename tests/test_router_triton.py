@@ -28,6 +28,7 @@ from router_fixtures.build import STANDIN_REPO, add_adapters, remove_adapter, st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.routing import rank_replicas
 from phlora_nim.router.tenants import key_digest
@@ -187,6 +188,56 @@ def test_eviction_upstream_never_serves_the_wrong_adapter(
         name, values, result, error = results.get(timeout=15)
         assert error is None, error
         assert result.as_numpy("y")[0].tolist() == shifted(OFFSET[name], values)
+
+
+def test_batched_requests_carry_the_adapter_per_row(router: RouterThread, triton: LocalTriton) -> None:
+    """TensorRT-LLM slices every input on dim 0: the LoRA inputs get one copy of the adapter per row."""
+    rows = [[1, 2, 3], [10, 20, 30]]
+    with contextlib.closing(grpcclient.InferenceServerClient(router.address)) as c:
+        for name in ("support-a", "legal", "faq", "support-a"):  # weights sent, evicted, sent again, id alone
+            x = grpcclient.InferInput("x", [2, 3], "INT32")
+            x.set_data_from_numpy(np.array(rows, np.int32))
+            got = c.infer(name, [x]).as_numpy("y").tolist()
+            assert got == [shifted(OFFSET[name], row) for row in rows]
+        assert c.infer("support-a", [x]).as_numpy("y").tolist() == [shifted(100, row) for row in rows]  # id only
+        eight = grpcclient.InferInput("x", [8, 1], "INT32")
+        eight.set_data_from_numpy(np.arange(8, dtype=np.int32).reshape(8, 1))
+        assert c.infer("ops", [eight]).as_numpy("y").reshape(-1).tolist() == [500 + k for k in range(8)]
+        nine = grpcclient.InferInput("x", [9, 1], "INT32")  # over max_batch_size 8: refused before any copy
+        nine.set_data_from_numpy(np.zeros((9, 1), np.int32))
+        assert "must be 1 to 8" in refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: c.infer("ops", [nine]))
+    request = service_pb2.ModelInferRequest(model_name="support-b")  # typed contents, batch 2
+    request.inputs.add(name="x", datatype="INT32", shape=[2, 2]).contents.int_contents.extend([1, 2, 3, 4])
+    with grpc.insecure_channel(router.address) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert np.frombuffer(response.raw_output_contents[0], "<i4").tolist() == [201, 202, 203, 204]
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    with contextlib.closing(grpcclient.InferenceServerClient(router.address)) as c:
+        c.start_stream(callback=lambda result, error: results.put((result, error)))
+        x = grpcclient.InferInput("x", [2, 3], "INT32")
+        x.set_data_from_numpy(np.array(rows, np.int32))
+        c.async_stream_infer("stream", [x], parameters={"lora_adapter": "ops"})
+        for k in range(3):
+            result, error = results.get(timeout=20)
+            assert error is None, error
+            assert result.as_numpy("y").tolist() == [shifted(500 + k, row) for row in rows]
+        c.stop_stream()
+
+
+def test_batch_of_a_large_adapter_beyond_the_message_limit(triton: LocalTriton, tmp_path: Path) -> None:
+    entry = add_adapters(tmp_path, {"wide": (600, "float16")})["wide"]
+    weights = np.zeros((1, 2, 40_000), np.float16)  # 160 KB: 8 copies exceed a 1 MB message
+    weights[0, 0, :600] = 1.0
+    np.save(prefetch_dir(tmp_path, entry.task_id) / "model.lora_weights.npy", weights)
+    with routed(config(tmp_path, triton.grpc_url, max_message_mb=1)) as (_, c):
+        eight = grpcclient.InferInput("x", [8, 1], "INT32")
+        eight.set_data_from_numpy(np.zeros((8, 1), np.int32))
+        message = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: c.infer("wide", [eight]))
+        assert "one copy of its weights per row" in message and "at most 6 rows" in message
+        four = grpcclient.InferInput("x", [4, 1], "INT32")
+        four.set_data_from_numpy(np.zeros((4, 1), np.int32))
+        assert c.infer("wide", [four]).as_numpy("y").reshape(-1).tolist() == [600] * 4  # weights sent
+        assert c.infer("wide", [eight]).as_numpy("y").reshape(-1).tolist() == [600] * 8  # the id alone fits
 
 
 # errors --------------------------------------------------------------------------------------

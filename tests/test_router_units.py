@@ -17,7 +17,15 @@ from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes, LruSet
-from phlora_nim.router.rewrite import LoraTensors, UpstreamRequest, check_request, make_raw, retarget, select
+from phlora_nim.router.rewrite import (
+    LoraTensors,
+    UpstreamRequest,
+    batch_size,
+    check_request,
+    make_raw,
+    retarget,
+    select,
+)
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 from phlora_nim.router.tenants import key_digest, load_tenants, parse_tenants
 from phlora_nim.router.weights import WeightStore
@@ -111,8 +119,10 @@ TENSORS = LoraTensors(
 )
 
 
-def _sent(upstream: UpstreamRequest, task_id: int, tensors: LoraTensors | None = None) -> service_pb2.ModelInferRequest:
-    return service_pb2.ModelInferRequest.FromString(upstream.with_lora(task_id, tensors))
+def _sent(
+    upstream: UpstreamRequest, task_id: int, tensors: LoraTensors | None = None, *, batch: int = 1
+) -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest.FromString(upstream.with_lora(task_id, tensors, batch=batch))
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -159,6 +169,33 @@ def test_attempts_leave_the_request_as_it_came(raw: bool) -> None:
     assert upstream.plain() is upstream.plain()  # serialized once, shared by every attempt
     with pytest.raises(ValueError, match="tensors of task 42 appended to task 7"):
         upstream.with_lora(7, TENSORS)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "max_batch", "expected"),
+    [
+        ([[2, 3], [2, 1]], 8, 2),
+        ([[5, 3]], 0, 1),  # a model without batching: dim 0 is not a batch
+        ([[], []], 8, 1),
+        ([[2, 3], [3, 1]], 8, "inputs disagree on the batch size \\(dim 0\\): 'x' 2, 'text_input' 3"),
+        ([[0, 3], [0, 1]], 8, "must be 1 to 8 for 'ensemble', found 0"),
+        ([[2**40, 1], [2**40, 1]], 8, "must be 1 to 8 for 'ensemble', found 1099511627776"),
+    ],
+)
+def test_batch_size_is_dim_0_of_every_input(shapes: list[list[int]], max_batch: int, expected: int | str) -> None:
+    request = _request(raw=True)
+    for tensor, shape in zip(request.inputs, shapes, strict=False):
+        del tensor.shape[:]
+        tensor.shape.extend(shape)
+    if isinstance(expected, int):
+        assert batch_size(request, max_batch_size=max_batch, model="ensemble") == expected
+        assert len(_sent(UpstreamRequest(request), 42, TENSORS, batch=expected).raw_input_contents[3]) == (
+            expected * len(TENSORS.weights)
+        )
+        return
+    with pytest.raises(RequestError, match=expected) as info:
+        batch_size(request, max_batch_size=max_batch, model="ensemble")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_make_raw_covers_every_typed_field() -> None:

@@ -22,10 +22,10 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.router.access import Plan
-from phlora_nim.router.errors import RequestError
+from phlora_nim.router.errors import RequestError, shown
 from phlora_nim.router.metrics import RouterMetrics
 from phlora_nim.router.replicas import Replica, ReplicaPool
-from phlora_nim.router.rewrite import LoraTensors
+from phlora_nim.router.rewrite import LoraTensors, batch_size
 from phlora_nim.router.weights import WeightStore
 
 log = logging.getLogger("phlora_nim.router")
@@ -100,10 +100,13 @@ class Delivery:
     deadline), raising ``RequestError`` DEADLINE_EXCEEDED once it has passed.
     """
 
-    def __init__(self, *, pool: ReplicaPool, store: WeightStore, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, *, pool: ReplicaPool, store: WeightStore, metrics: RouterMetrics, max_message_bytes: int
+    ) -> None:
         self.pool = pool
         self.store = store
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
 
     async def unary(self, plan: Plan, remaining: Callable[[], float | None]) -> bytes:
         """The upstream's serialized ``ModelInferResponse``."""
@@ -138,12 +141,15 @@ class Delivery:
                 serve, RESOURCE_EXHAUSTED when every replica's LoRA cache was full.
         """
         candidates = self._candidates(plan)
+        batch = await self._batch(plan)
         retried, full = False, []
         while candidates:
             replica = candidates.pop(0)
             attempt = _Attempt()
             try:
-                async with contextlib.aclosing(self._on(replica, plan, transport, remaining, attempt)) as answers:
+                async with contextlib.aclosing(
+                    self._on(replica, plan, batch, transport, remaining, attempt)
+                ) as answers:
                     async for answer in answers:
                         yield answer
                 return
@@ -168,6 +174,7 @@ class Delivery:
         self,
         replica: Replica,
         plan: Plan,
+        batch: int,
         transport: Transport[T],
         remaining: Callable[[], float | None],
         attempt: _Attempt,
@@ -184,7 +191,7 @@ class Delivery:
             task_id = plan.entry.task_id
             if replica.resident.touch(task_id):
                 try:
-                    payload = plan.upstream.with_lora(task_id)
+                    payload = plan.upstream.with_lora(task_id, batch=batch)
                     async with contextlib.aclosing(
                         self._send(transport, replica, payload, remaining, attempt, expect=MISS)
                     ) as answers:
@@ -198,7 +205,8 @@ class Delivery:
                 self.metrics.adapter_resends.labels(plan.label).inc()
                 log.debug("adapter %s evicted on %s: sending weights", plan.label, replica.address)
             tensors = await self._tensors(plan)
-            payload = plan.upstream.with_lora(task_id, tensors)
+            self._check_size(plan, tensors, batch)
+            payload = plan.upstream.with_lora(task_id, tensors, batch=batch)
             self.metrics.weight_sends.labels(replica.address).inc()
             self.metrics.weight_bytes.labels(plan.label).inc(tensors.nbytes)
             failed = False
@@ -250,6 +258,26 @@ class Delivery:
         else:
             replica.resident.discard(task_id)
         self.metrics.resident.labels(replica.address).set(len(replica.resident))
+
+    async def _batch(self, plan: Plan) -> int:
+        """Rows of an adapter request (1 for a base-model request, which gets no LoRA inputs)."""
+        if plan.entry is None:
+            return 1
+        info = await self.pool.model_info(plan.selection.model)
+        return batch_size(plan.upstream.request, max_batch_size=info.max_batch_size, model=plan.selection.model)
+
+    def _check_size(self, plan: Plan, tensors: LoraTensors, batch: int) -> None:
+        """Refuse a batch whose copies of the adapter would not fit in one upstream message (before building it)."""
+        needed = batch * tensors.nbytes + len(plan.upstream.plain())
+        if needed <= self.max_message_bytes:
+            return
+        rows = max(0, (self.max_message_bytes - len(plan.upstream.plain())) // max(1, tensors.nbytes))
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a batch of {batch} rows with adapter {shown(plan.label)} needs {needed / 2**20:.0f} MB upstream "
+            f"(one copy of its weights per row), more than the {self.max_message_bytes / 2**20:.0f} MB message "
+            f"limit: send at most {rows} rows per request",
+        )
 
     async def _tensors(self, plan: Plan) -> LoraTensors:
         assert plan.entry is not None
