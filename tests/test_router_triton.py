@@ -524,6 +524,44 @@ def test_bf16_upstream(repo_root: Path, tmp_path: Path) -> None:
             assert infer(c, name) == shifted(OFFSET[name])
 
 
+@contextlib.contextmanager
+def stopped(server: LocalTriton) -> Iterator[None]:
+    """tritonserver frozen with SIGSTOP (a hung replica: connections open, nothing answered), resumed after."""
+    assert server._process is not None
+    os.kill(server._process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server._process.pid, signal.SIGCONT)
+
+
+def test_hung_replica_requests_move_to_another(repo_root: Path, pair: list[LocalTriton]) -> None:
+    addresses = [s.grpc_url for s in pair]
+    name = "legal"
+    victim = next(s for s in pair if s.grpc_url == rank_replicas(name, addresses)[0])
+    with routed(config(repo_root, *addresses, attempt_timeout=1.0, health_interval=1.0)) as (running, c):
+        pool = running.router.pool
+        assert infer(c, name) == shifted(300)  # weights now on the victim
+        with stopped(victim):
+            started = time.monotonic()
+            assert infer(c, name, client_timeout=20) == shifted(300)  # sent to the victim, retried elsewhere
+            assert time.monotonic() - started < 8.0  # attempt timeout + probe, not the client's 20 s
+            assert not pool.replicas[victim.grpc_url].healthy
+        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
+        with stopped(victim):  # a stream is moved too while nothing was delivered
+            got = stream(running.address, [("s", {"parameters": {"lora_adapter": name}})], expect=3)
+            assert got["s"] == [shifted(300 + k) for k in range(3)]
+        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
+        before = served_by(pair)
+        # A slow request on a live replica stays there: it passes the probe, and is not run twice.
+        slow = c.infer(name, inputs(delay_ms=2500), client_timeout=20).as_numpy("y")[0].tolist()
+        assert slow == shifted(300)
+        wait_for(lambda: sum(served_by(pair).values()) > sum(before.values()))
+        assert pool.replicas[victim.grpc_url].healthy
+        after = served_by(pair)
+        assert {a: after[a] - before[a] for a in addresses} == {a: int(a == victim.grpc_url) for a in addresses}
+
+
 def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTriton]) -> None:
     addresses = [s.grpc_url for s in pair]
     with RouterThread(config(repo_root, *addresses)) as running:

@@ -24,6 +24,7 @@ from phlora_nim.router.rewrite import (
     check_request,
     make_raw,
     retarget,
+    retryable,
     select,
 )
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
@@ -196,6 +197,18 @@ def test_batch_size_is_dim_0_of_every_input(shapes: list[list[int]], max_batch: 
     with pytest.raises(RequestError, match=expected) as info:
         batch_size(request, max_batch_size=max_batch, model="ensemble")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [(None, None, True), ("int64_param", 0, True), ("string_param", "", True), ("int64_param", 5, False),
+     ("uint64_param", 5, False), ("string_param", "chat-1", False)],
+)  # fmt: skip
+def test_only_requests_outside_a_sequence_are_retried(field: str | None, value: object, expected: bool) -> None:
+    request = _request(raw=True)
+    if field is not None:
+        setattr(request.parameters["sequence_id"], field, value)
+    assert retryable(request) is expected
 
 
 def test_make_raw_covers_every_typed_field() -> None:
@@ -388,6 +401,7 @@ def test_fp32_weights_overflowing_fp16_are_refused(tmp_path: Path) -> None:
         ({"upstream_dns": "triton:99999"}, "--upstream-dns: not a host:port"),
         ({"upstreams": ("a:1",), "spill_factor": -1.0}, "--spill-factor"),
         ({"upstreams": ("a:1",), "health_interval": 0}, "--health-interval: must be positive"),
+        ({"upstreams": ("a:1",), "attempt_timeout": -1.0}, "--attempt-timeout: must be positive"),
         ({"upstreams": ("a:1",), "tls_cert": Path("/nonexistent.pem")}, "TLS needs a certificate and its key"),
         ({"upstreams": ("a:1",), "tenants": Path("/nonexistent.yaml")}, "--tenants: file not found"),
     ],

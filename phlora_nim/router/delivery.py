@@ -4,9 +4,9 @@ One path serves both unary and streaming inference; a :class:`Transport` says ho
 a replica and read its answers. For an adapter, a replica believed to hold it gets the id alone; a
 ``not found in cache`` answer (it evicted the adapter) sends the request once more with the
 weights. ``Cache is full`` moves the request to the next replica, and when every replica is full the
-client gets ``RESOURCE_EXHAUSTED``. A replica that is unavailable is taken out of rotation and the
-request is retried once on another, when nothing was delivered to the client yet and the request
-is not part of a stateful sequence.
+client gets ``RESOURCE_EXHAUSTED``. A replica that is unavailable, or hung (see :mod:`watchdog`), is
+taken out of rotation and the request is retried once on another, when nothing was delivered to the
+client yet and the request is not part of a stateful sequence.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.router.access import Plan
+from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError, shown
 from phlora_nim.router.metrics import RouterMetrics
 from phlora_nim.router.replicas import Replica, ReplicaPool
 from phlora_nim.router.rewrite import LoraTensors, batch_size
+from phlora_nim.router.watchdog import Watchdog
 from phlora_nim.router.weights import WeightStore
 
 log = logging.getLogger("phlora_nim.router")
@@ -43,6 +45,10 @@ class _Missed(Exception):
     """The replica no longer holds the adapter: send the weights."""
 
 
+class _Hung(Exception):
+    """The replica stopped answering and failed a readiness probe; the call was cancelled."""
+
+
 @dataclass
 class _Attempt:
     delivered: bool = False  # something went back to the client: the request can no longer move
@@ -51,8 +57,8 @@ class _Attempt:
 class Transport(Protocol[T]):
     """How one kind of call reaches a replica."""
 
-    def send(self, replica: Replica, payload: bytes, timeout: float | None) -> AsyncIterator[T]:
-        """The replica's answers; call-level failures raise ``grpc.aio.AioRpcError``."""
+    def send(self, replica: Replica, payload: bytes, timeout: float | None, dog: Watchdog) -> AsyncIterator[T]:
+        """The replica's answers, the call watched by ``dog``; call-level failures raise ``grpc.aio.AioRpcError``."""
         ...
 
     def error_of(self, answer: T) -> str:
@@ -63,8 +69,12 @@ class Transport(Protocol[T]):
 class Unary:
     """``ModelInfer``: one answer, kept as the upstream's bytes."""
 
-    async def send(self, replica: Replica, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
-        yield await replica.model_infer_raw(payload, timeout=timeout)
+    async def send(
+        self, replica: Replica, payload: bytes, timeout: float | None, dog: Watchdog
+    ) -> AsyncIterator[bytes]:
+        call = replica.model_infer_raw(payload, timeout=timeout)
+        dog.watch(call)
+        yield await call
 
     def error_of(self, answer: bytes) -> str:
         return ""
@@ -74,13 +84,15 @@ class Streaming:
     """``ModelStreamInfer`` with one request: any number of answers, errors in band."""
 
     async def send(
-        self, replica: Replica, payload: bytes, timeout: float | None
+        self, replica: Replica, payload: bytes, timeout: float | None, dog: Watchdog
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         call = replica.model_stream_raw(timeout=timeout)
+        dog.watch(call)
         try:
             await call.write(payload)
             await call.done_writing()
             async for answer in call:
+                dog.answered()
                 yield answer
         finally:
             call.cancel()
@@ -100,13 +112,12 @@ class Delivery:
     deadline), raising ``RequestError`` DEADLINE_EXCEEDED once it has passed.
     """
 
-    def __init__(
-        self, *, pool: ReplicaPool, store: WeightStore, metrics: RouterMetrics, max_message_bytes: int
-    ) -> None:
+    def __init__(self, *, config: RouterConfig, pool: ReplicaPool, store: WeightStore, metrics: RouterMetrics) -> None:
+        self.config = config
         self.pool = pool
         self.store = store
         self.metrics = metrics
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = config.max_message_bytes
 
     async def unary(self, plan: Plan, remaining: Callable[[], float | None]) -> bytes:
         """The upstream's serialized ``ModelInferResponse``."""
@@ -155,15 +166,19 @@ class Delivery:
                 return
             except _CacheFull:
                 full.append(replica.address)
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or exc.code().name
-                if code != grpc.StatusCode.UNAVAILABLE or attempt.delivered:
-                    raise RequestError(code, details) from None
-                self.pool.mark_down(replica, details)
-                if retried or not candidates or not plan.retryable:
+            except (grpc.aio.AioRpcError, _Hung) as exc:
+                if isinstance(exc, _Hung):
+                    code = grpc.StatusCode.UNAVAILABLE
+                    details = f"no answer in {self.config.attempt_timeout:g} s and its readiness probe failed"
+                else:
+                    code, details = exc.code(), exc.details() or exc.code().name
+                    if code != grpc.StatusCode.UNAVAILABLE or attempt.delivered:
+                        raise RequestError(code, details) from None
+                    self.pool.mark_down(replica, details)
+                if attempt.delivered or retried or not candidates or not plan.retryable:
                     raise RequestError(code, f"replica {replica.address} unavailable: {details}") from None
                 retried = True
-                log.info("retrying %s elsewhere: replica %s unavailable", plan.label, replica.address)
+                log.warning("retrying %s elsewhere: replica %s unavailable: %s", plan.label, replica.address, details)
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the LoRA cache is full on every replica tried ({', '.join(full)}): retry later",
@@ -232,8 +247,9 @@ class Delivery:
         """One upstream call; ``expect`` (MISS or FULL) as its first answer raises :class:`_Missed` /
         :class:`_CacheFull` instead of reaching the client."""
         missed = False
+        dog = Watchdog(self.config.attempt_timeout, lambda: self.pool.probe(replica))
         try:
-            async with contextlib.aclosing(transport.send(replica, payload, remaining())) as answers:
+            async with contextlib.aclosing(transport.send(replica, payload, remaining(), dog)) as answers:
                 async for answer in answers:
                     error = transport.error_of(answer)
                     if not attempt.delivered and expect and expect in error:
@@ -248,6 +264,13 @@ class Delivery:
             if not attempt.delivered and expect and expect in (exc.details() or ""):
                 raise _CacheFull if expect == FULL else _Missed from None
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if dog.hung and task is not None and not task.cancelling():  # our cancel, not the client's
+                raise _Hung from None
+            raise
+        finally:
+            dog.close()
         if missed:
             raise _Missed
 

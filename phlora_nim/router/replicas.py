@@ -92,6 +92,7 @@ class ReplicaPool:
         self.index: list[service_pb2.RepositoryIndexResponse.ModelIndex] = []
         self._infos: dict[str, ModelInfo] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: dict[str, asyncio.Future[None]] = {}
         self._healthy_count = -1
 
     # discovery -----------------------------------------------------------------------------
@@ -149,6 +150,16 @@ class ReplicaPool:
         await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
         await self._refresh_index()
         self._publish()
+
+    async def probe(self, replica: Replica) -> bool:
+        """Check ``replica`` now (one check shared by concurrent callers); a failure takes it out of rotation."""
+        task = self._probes.get(replica.address)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self.check(replica))
+            self._probes[replica.address] = task
+        await asyncio.shield(task)  # a caller giving up does not cancel the others' check
+        self._publish()
+        return replica.healthy
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         """Take a replica out of rotation now (a call to it failed as unavailable)."""

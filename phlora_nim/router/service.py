@@ -64,7 +64,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.tenants = tenants
         self.metrics = metrics
         self.access = Access(config=config, catalog=catalog, pool=pool, tenants=tenants)
-        self.delivery = Delivery(pool=pool, store=store, metrics=metrics, max_message_bytes=config.max_message_bytes)
+        self.delivery = Delivery(config=config, pool=pool, store=store, metrics=metrics)
         self._tenant_load: dict[str, int] = {}
 
     # common ----------------------------------------------------------------------------------
