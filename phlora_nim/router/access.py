@@ -11,7 +11,7 @@ from tritonclient.grpc import service_pb2
 from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
-from phlora_nim.router.errors import RequestError, shown
+from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.replicas import ReplicaPool
 from phlora_nim.router.rewrite import Selection, UpstreamRequest, check_request, retarget, retryable, select
 from phlora_nim.router.tenants import Tenant, TenantTable
@@ -69,7 +69,8 @@ class Access:
         """Check ``request`` for ``tenant`` and aim it at the upstream model (in place).
 
         Raises:
-            RequestError: INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED.
+            RequestError: INVALID_ARGUMENT for a malformed request; NOT_FOUND, with the same words,
+                for a name that does not exist or that the caller may not use.
         """
         check_request(request)
         selection = select(
@@ -81,12 +82,7 @@ class Access:
         name = selection.adapter
         if name is None:
             if not self.model_visible(request.model_name, tenant):
-                if tenant is not None and self.pool.models is not None and request.model_name in self.pool.models:
-                    raise RequestError(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"model {shown(request.model_name)} is not allowed for this API key",
-                    )
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model or adapter {shown(request.model_name)}")
+                raise unknown(request.model_name)
             return Plan(
                 label=f"base:{request.model_name}",
                 selection=selection,
@@ -94,17 +90,11 @@ class Access:
                 upstream=UpstreamRequest(request),
                 retryable=retryable(request),
             )
-        if tenant is not None and not tenant.allows_adapter(name):
-            raise RequestError(
-                grpc.StatusCode.PERMISSION_DENIED, f"adapter {shown(name)} is not allowed for this API key"
-            )
         entry = self.catalog.adapters.get(name)
-        if entry is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown adapter {shown(name)} (not in the registry)")
+        if entry is None or not self.adapter_visible(name, tenant):
+            raise unknown(name)  # another tenant's adapter looks exactly like a missing one
         if self.pool.models is not None and selection.model not in self.pool.models:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"unknown model {shown(selection.model)} for adapter {shown(name)}"
-            )
+            raise unknown(selection.model)
         return Plan(
             label=name,
             selection=selection,

@@ -22,7 +22,7 @@ from phlora_nim.router.access import Access
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.delivery import Delivery
-from phlora_nim.router.errors import RequestError
+from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.metrics import UNKNOWN, RouterMetrics
 from phlora_nim.router.replicas import ReplicaPool
 from phlora_nim.router.rewrite import ADAPTER_METADATA, LORA_INPUTS
@@ -238,7 +238,8 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._control(context, lambda stub, timeout: stub.ModelReady(request, timeout=timeout))
 
     async def _unknown(self, context: grpc.aio.ServicerContext, name: str) -> None:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model or adapter '{name}'")
+        error = unknown(name)
+        await context.abort(error.code, error.message)
 
     async def _describe(self, request: Any, context: grpc.aio.ServicerContext, method: str) -> Any:
         """ModelMetadata / ModelConfig: an adapter is described as the upstream model under the
