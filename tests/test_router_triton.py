@@ -257,6 +257,29 @@ def test_malformed_requests_are_invalid_arguments(client: grpcclient.InferenceSe
     refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: infer(client, "ensemble", parameters={"lora_adapter": 3}))
 
 
+def test_huge_client_values_are_cut_in_errors(router: RouterThread, client: grpcclient.InferenceServerClient) -> None:
+    """A 100 KB name echoed whole would exceed gRPC's trailer limit (the client then sees RESOURCE_EXHAUSTED)."""
+    huge = "m" * 100_000
+    messages = [
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, huge)),
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "ensemble", parameters={"lora_adapter": huge})),
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "ensemble", headers={"phlora-adapter": huge[:6000]})),
+        refused(grpc.StatusCode.NOT_FOUND, lambda: client.get_model_metadata(huge)),
+        refused(grpc.StatusCode.NOT_FOUND, lambda: client.get_model_config(huge)),
+    ]
+    odd = grpcclient.InferInput(huge, [1, 3], "INT32")  # Triton's own message echoes the input name
+    odd.set_data_from_numpy(np.array([X], np.int32))
+    messages.append(refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.infer("support-a", [odd])))
+    lora = grpcclient.InferInput("lora_weights" + huge, [1, 3], "INT32")
+    lora.set_data_from_numpy(np.array([X], np.int32))
+    messages.append(refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.infer("faq", [*inputs(), lora])))
+    assert not client.is_model_ready(huge)
+    for message in messages:
+        assert len(message) < 1200 and "mmmm" in message, message[:300]
+    got = stream(router.address, [("s", {"model": huge})], expect=1)
+    assert "NOT_FOUND" in got["errors"][0] and len(got["errors"][0]) < 1200
+
+
 def test_deadline_reaches_upstream(client: grpcclient.InferenceServerClient) -> None:
     started = time.monotonic()
     refused(

@@ -52,7 +52,12 @@ class Replica:
 
     def __init__(self, address: str, *, options: list[tuple[str, int]], residency_capacity: int) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=[*options, *_BACKOFF])
+        # Triton echoes client values (input names, datatypes) in its error messages, which travel in
+        # trailers: take them whatever their size (up to the message limit) and cut them before they
+        # go back to the client, rather than fail the call with RESOURCE_EXHAUSTED.
+        limit = dict(options).get("grpc.max_receive_message_length", 4 << 20)
+        trailers = [("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)]
+        self.channel = grpc.aio.insecure_channel(address, options=[*options, *trailers, *_BACKOFF])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         # ModelInfer answers go back to the client untouched: keep them as bytes (no parse, no re-encode).
         # Requests go out as bytes built by UpstreamRequest (serialized once, LoRA inputs appended).
