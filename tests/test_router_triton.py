@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import time
@@ -351,6 +352,26 @@ def test_registry_changes_apply_without_restart(repo_root: Path, client: grpccli
     remove_adapter(repo_root, "late")
     wait_for(lambda: not served(), timeout=5)
     refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "late"))
+
+
+def test_removed_adapter_files_never_show_a_path(
+    triton: LocalTriton, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files gone before the registry poll noticed: NOT_FOUND or UNAVAILABLE, the path only in the log."""
+    entries = add_adapters(tmp_path, {"gone": (700, "float16"), "lost": (800, "float16"), "bad": (900, "float16")})
+    folder = {name: prefetch_dir(tmp_path, e.task_id) for name, e in entries.items()}
+    with routed(config(tmp_path, triton.grpc_url, registry_interval=3600)) as (_, c):
+        remove_adapter(tmp_path, "gone")  # `phlora-nim remove`: the entry, then the files
+        shutil.rmtree(folder["gone"])
+        message = refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "gone"))
+        assert "adapter 'gone' was removed" in message
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "gone"))  # the registry was read again
+        (folder["lost"] / "model.lora_weights.npy").unlink()  # still registered, files gone
+        message += refused(grpc.StatusCode.UNAVAILABLE, lambda: infer(c, "lost"))
+        np.save(folder["bad"] / "model.lora_config.npy", np.zeros((1, 3, 3), np.int32))
+        message += refused(grpc.StatusCode.FAILED_PRECONDITION, lambda: infer(c, "bad"))
+        assert str(tmp_path) not in message and "/" not in message.replace("'", ""), message
+        assert str(folder["lost"]) in caplog.text and str(folder["bad"]) in caplog.text
 
 
 # streaming -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from phlora_nim.router.rewrite import (
 )
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 from phlora_nim.router.tenants import key_digest, load_tenants, parse_tenants
-from phlora_nim.router.weights import WeightStore
+from phlora_nim.router.weights import AdapterFilesError, WeightStore
 
 REPLICAS = [f"10.0.0.{i}:8001" for i in range(1, 6)]
 
@@ -371,23 +371,26 @@ def test_weights_are_converted_to_the_upstream_dtype(tmp_path: Path, stored: str
     assert store.get(entry, datatype) is tensors and store.loads == 1
 
 
-def test_broken_adapter_files_are_a_failed_precondition(tmp_path: Path) -> None:
+def test_broken_adapter_files_are_told_from_missing_ones(tmp_path: Path) -> None:
     entry = add_adapters(tmp_path, {"a": (100, "float16")})["a"]
     folder = tmp_path / "tensorrt_llm" / "lora_prefetch" / str(entry.task_id)
     np.save(folder / "model.lora_config.npy", np.zeros((1, 3, 3), np.int32))
-    with pytest.raises(RequestError, match="Expected dim1 lora_weights and lora_keys to have the same size") as info:
+    with pytest.raises(
+        AdapterFilesError, match="Expected dim1 lora_weights and lora_keys to have the same size"
+    ) as info:
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not info.value.missing and str(folder) in info.value.detail  # the path: for the log
     (folder / "model.lora_weights.npy").unlink()
-    with pytest.raises(RequestError, match="TensorRT-LLM LoRA file missing"):
+    with pytest.raises(AdapterFilesError, match="TensorRT-LLM LoRA file missing") as info:
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
+    assert info.value.missing
 
 
 def test_fp32_weights_overflowing_fp16_are_refused(tmp_path: Path) -> None:
     entry = add_adapters(tmp_path, {"a": (100, "float32")})["a"]
     folder = tmp_path / "tensorrt_llm" / "lora_prefetch" / str(entry.task_id)
     np.save(folder / "model.lora_weights.npy", np.full((1, 2, 8), 1e6, np.float32))
-    with pytest.raises(RequestError, match="overflow float16"):
+    with pytest.raises(AdapterFilesError, match="overflow float16"):
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
 
 

@@ -22,13 +22,14 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.router.access import Plan
+from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError, shown
 from phlora_nim.router.metrics import RouterMetrics
 from phlora_nim.router.replicas import Replica, ReplicaPool
 from phlora_nim.router.rewrite import LoraTensors, batch_size
 from phlora_nim.router.watchdog import Watchdog
-from phlora_nim.router.weights import WeightStore
+from phlora_nim.router.weights import AdapterFilesError, WeightStore
 
 log = logging.getLogger("phlora_nim.router")
 T = TypeVar("T")
@@ -112,11 +113,22 @@ class Delivery:
     deadline), raising ``RequestError`` DEADLINE_EXCEEDED once it has passed.
     """
 
-    def __init__(self, *, config: RouterConfig, pool: ReplicaPool, store: WeightStore, metrics: RouterMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        config: RouterConfig,
+        catalog: AdapterCatalog,
+        pool: ReplicaPool,
+        store: WeightStore,
+        metrics: RouterMetrics,
+        refresh_registry: Callable[[], object],
+    ) -> None:
         self.config = config
+        self.catalog = catalog
         self.pool = pool
         self.store = store
         self.metrics = metrics
+        self.refresh_registry = refresh_registry
         self.max_message_bytes = config.max_message_bytes
 
     async def unary(self, plan: Plan, remaining: Callable[[], float | None]) -> bytes:
@@ -306,6 +318,27 @@ class Delivery:
         assert plan.entry is not None
         datatype = await self.pool.lora_datatype(plan.selection.model)
         loop = asyncio.get_running_loop()
-        tensors = await loop.run_in_executor(None, self.store.get, plan.entry, datatype)
+        try:
+            tensors = await loop.run_in_executor(None, self.store.get, plan.entry, datatype)
+        except AdapterFilesError as exc:
+            raise self._unusable(exc) from None
         self.metrics.weight_cache_bytes.set(self.store.bytes)
         return tensors
+
+    def _unusable(self, exc: AdapterFilesError) -> RequestError:
+        """The client's answer for unusable adapter files: never a server path (those go to the log).
+
+        The registry is read again first: files are removed with the adapter's entry, and the
+        periodic check may not have seen the removal yet.
+        """
+        log.warning("cannot read the tensors of %s", exc.detail)
+        self.refresh_registry()
+        name = shown(exc.entry.name)
+        current = self.catalog.adapters.get(exc.entry.name)
+        if current is None or current.task_id != exc.entry.task_id:
+            return RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {name} was removed")
+        if exc.missing:
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"adapter {name} cannot be read now: retry later")
+        return RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"adapter {name} has invalid stored tensors (see the router's log)"
+        )

@@ -56,6 +56,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         store: WeightStore,
         tenants: TenantTable | None,
         metrics: RouterMetrics,
+        refresh_registry: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -64,7 +65,14 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.tenants = tenants
         self.metrics = metrics
         self.access = Access(config=config, catalog=catalog, pool=pool, tenants=tenants)
-        self.delivery = Delivery(config=config, pool=pool, store=store, metrics=metrics)
+        self.delivery = Delivery(
+            config=config,
+            catalog=catalog,
+            pool=pool,
+            store=store,
+            metrics=metrics,
+            refresh_registry=refresh_registry or catalog.refresh,
+        )
         self._tenant_load: dict[str, int] = {}
 
     # common ----------------------------------------------------------------------------------
