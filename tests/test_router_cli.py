@@ -32,6 +32,7 @@ FLAGS = [
     "--tls-key",
     "--max-message-mb",
     "--health-interval",
+    "--attempt-timeout",
     "--spill-factor",
 ]
 

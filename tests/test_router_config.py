@@ -24,12 +24,14 @@ def test_file_holds_every_option_and_finer_settings(tmp_path: Path) -> None:
         "spill_factor: 1\n"
         "residency_capacity: 32\n"
         "grace: 3\n"
+        "attempt-timeout: 45\n"
     )
     values = load_router_file(path)
     assert values["model_repository"] == tmp_path / "repo"  # relative to the file
     assert values["upstreams"] == ("triton-0:8001", "triton-1:8001")
     assert values["spill_factor"] == 1.0 and isinstance(values["spill_factor"], float)
     config = RouterConfig(**values)
+    assert config.attempt_timeout == 45.0
     assert config.port == 9001 and config.residency_capacity == 32 and config.tenants == tmp_path / "tenants.yaml"
 
 

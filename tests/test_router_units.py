@@ -15,11 +15,21 @@ from tritonclient.grpc import service_pb2
 
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes, LruSet
-from phlora_nim.router.rewrite import LoraTensors, RequestError, add_lora, check_request, make_raw, retarget, select
+from phlora_nim.router.rewrite import (
+    LoraTensors,
+    UpstreamRequest,
+    batch_size,
+    check_request,
+    make_raw,
+    retarget,
+    retryable,
+    select,
+)
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 from phlora_nim.router.tenants import key_digest, load_tenants, parse_tenants
-from phlora_nim.router.weights import WeightStore
+from phlora_nim.router.weights import AdapterFilesError, WeightStore
 
 REPLICAS = [f"10.0.0.{i}:8001" for i in range(1, 6)]
 
@@ -110,10 +120,16 @@ TENSORS = LoraTensors(
 )
 
 
+def _sent(
+    upstream: UpstreamRequest, task_id: int, tensors: LoraTensors | None = None, *, batch: int = 1
+) -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest.FromString(upstream.with_lora(task_id, tensors, batch=batch))
+
+
 @pytest.mark.parametrize("raw", [True, False])
 def test_task_id_follows_the_request_encoding(raw: bool) -> None:
-    request = _request(raw=raw)
-    add_lora(request, 42)
+    request = _sent(UpstreamRequest(_request(raw=raw)), 42)
+    assert request.model_name == "ensemble" and request.id == "7"
     assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id"]
     tid = request.inputs[2]
     assert tid.datatype == "UINT64" and list(tid.shape) == [1, 1]
@@ -124,8 +140,7 @@ def test_task_id_follows_the_request_encoding(raw: bool) -> None:
 
 
 def test_weights_turn_a_contents_request_into_raw_bytes() -> None:
-    request = _request(raw=False)
-    add_lora(request, 42, TENSORS)
+    request = _sent(UpstreamRequest(_request(raw=False)), 42, TENSORS)
     assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
     assert all(not t.HasField("contents") for t in request.inputs)
     raw = request.raw_input_contents
@@ -135,6 +150,65 @@ def test_weights_turn_a_contents_request_into_raw_bytes() -> None:
     assert raw[3] == TENSORS.weights and list(request.inputs[3].shape) == [1, 2, 4]
     assert request.inputs[3].datatype == "FP16" and request.inputs[4].datatype == "INT32"
     assert _request(raw=True).raw_input_contents[:2] == raw[:2]
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_attempts_leave_the_request_as_it_came(raw: bool) -> None:
+    """An id-only attempt, a resend with weights, then the id alone again: each is built from the
+    untouched request (never stacked), and the request is serialized once for all of them."""
+    request = _request(raw=raw)
+    before = request.SerializeToString()
+    upstream = UpstreamRequest(request)
+    assert [t.name for t in _sent(upstream, 42).inputs] == ["x", "text_input", "lora_task_id"]
+    resend = _sent(upstream, 42, TENSORS)
+    assert [t.name for t in resend.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
+    assert len(resend.raw_input_contents) == 5
+    again = _sent(upstream, 42)
+    assert [t.name for t in again.inputs] == ["x", "text_input", "lora_task_id"]
+    assert len(again.raw_input_contents) == (3 if raw else 0)
+    assert request.SerializeToString() == before  # the client's request is not rewritten
+    assert upstream.plain() is upstream.plain()  # serialized once, shared by every attempt
+    with pytest.raises(ValueError, match="tensors of task 42 appended to task 7"):
+        upstream.with_lora(7, TENSORS)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "max_batch", "expected"),
+    [
+        ([[2, 3], [2, 1]], 8, 2),
+        ([[5, 3]], 0, 1),  # a model without batching: dim 0 is not a batch
+        ([[], []], 8, 1),
+        ([[2, 3], [3, 1]], 8, "inputs disagree on the batch size \\(dim 0\\): 'x' 2, 'text_input' 3"),
+        ([[0, 3], [0, 1]], 8, "must be 1 to 8 for 'ensemble', found 0"),
+        ([[2**40, 1], [2**40, 1]], 8, "must be 1 to 8 for 'ensemble', found 1099511627776"),
+    ],
+)
+def test_batch_size_is_dim_0_of_every_input(shapes: list[list[int]], max_batch: int, expected: int | str) -> None:
+    request = _request(raw=True)
+    for tensor, shape in zip(request.inputs, shapes, strict=False):
+        del tensor.shape[:]
+        tensor.shape.extend(shape)
+    if isinstance(expected, int):
+        assert batch_size(request, max_batch_size=max_batch, model="ensemble") == expected
+        assert len(_sent(UpstreamRequest(request), 42, TENSORS, batch=expected).raw_input_contents[3]) == (
+            expected * len(TENSORS.weights)
+        )
+        return
+    with pytest.raises(RequestError, match=expected) as info:
+        batch_size(request, max_batch_size=max_batch, model="ensemble")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [(None, None, True), ("int64_param", 0, True), ("string_param", "", True), ("int64_param", 5, False),
+     ("uint64_param", 5, False), ("string_param", "chat-1", False)],
+)  # fmt: skip
+def test_only_requests_outside_a_sequence_are_retried(field: str | None, value: object, expected: bool) -> None:
+    request = _request(raw=True)
+    if field is not None:
+        setattr(request.parameters["sequence_id"], field, value)
+    assert retryable(request) is expected
 
 
 def test_make_raw_covers_every_typed_field() -> None:
@@ -174,18 +248,6 @@ def test_selection_order_and_retarget() -> None:
     request.parameters["priority"].int64_param = 3
     out = retarget(request, "stream")
     assert out.model_name == "stream" and "lora_adapter" not in out.parameters and "priority" in out.parameters
-
-
-@pytest.mark.parametrize("raw", [True, False])
-def test_lora_inputs_are_replaced_not_stacked(raw: bool) -> None:
-    request = _request(raw=raw)
-    add_lora(request, 42)
-    add_lora(request, 42, TENSORS)  # a resend after a miss
-    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id", "lora_weights", "lora_config"]
-    assert len(request.raw_input_contents) == 5
-    add_lora(request, 42)
-    assert [t.name for t in request.inputs] == ["x", "text_input", "lora_task_id"]
-    assert len(request.raw_input_contents) == 3 and request.raw_input_contents[2] == struct.pack("<Q", 42)
 
 
 def _malformed(kind: str) -> service_pb2.ModelInferRequest:
@@ -309,23 +371,26 @@ def test_weights_are_converted_to_the_upstream_dtype(tmp_path: Path, stored: str
     assert store.get(entry, datatype) is tensors and store.loads == 1
 
 
-def test_broken_adapter_files_are_a_failed_precondition(tmp_path: Path) -> None:
+def test_broken_adapter_files_are_told_from_missing_ones(tmp_path: Path) -> None:
     entry = add_adapters(tmp_path, {"a": (100, "float16")})["a"]
     folder = tmp_path / "tensorrt_llm" / "lora_prefetch" / str(entry.task_id)
     np.save(folder / "model.lora_config.npy", np.zeros((1, 3, 3), np.int32))
-    with pytest.raises(RequestError, match="Expected dim1 lora_weights and lora_keys to have the same size") as info:
+    with pytest.raises(
+        AdapterFilesError, match="Expected dim1 lora_weights and lora_keys to have the same size"
+    ) as info:
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not info.value.missing and str(folder) in info.value.detail  # the path: for the log
     (folder / "model.lora_weights.npy").unlink()
-    with pytest.raises(RequestError, match="TensorRT-LLM LoRA file missing"):
+    with pytest.raises(AdapterFilesError, match="TensorRT-LLM LoRA file missing") as info:
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
+    assert info.value.missing
 
 
 def test_fp32_weights_overflowing_fp16_are_refused(tmp_path: Path) -> None:
     entry = add_adapters(tmp_path, {"a": (100, "float32")})["a"]
     folder = tmp_path / "tensorrt_llm" / "lora_prefetch" / str(entry.task_id)
     np.save(folder / "model.lora_weights.npy", np.full((1, 2, 8), 1e6, np.float32))
-    with pytest.raises(RequestError, match="overflow float16"):
+    with pytest.raises(AdapterFilesError, match="overflow float16"):
         WeightStore(tmp_path, max_bytes=1 << 20).get(entry, "FP16")
 
 
@@ -339,6 +404,7 @@ def test_fp32_weights_overflowing_fp16_are_refused(tmp_path: Path) -> None:
         ({"upstream_dns": "triton:99999"}, "--upstream-dns: not a host:port"),
         ({"upstreams": ("a:1",), "spill_factor": -1.0}, "--spill-factor"),
         ({"upstreams": ("a:1",), "health_interval": 0}, "--health-interval: must be positive"),
+        ({"upstreams": ("a:1",), "attempt_timeout": -1.0}, "--attempt-timeout: must be positive"),
         ({"upstreams": ("a:1",), "tls_cert": Path("/nonexistent.pem")}, "TLS needs a certificate and its key"),
         ({"upstreams": ("a:1",), "tenants": Path("/nonexistent.yaml")}, "--tenants: file not found"),
     ],

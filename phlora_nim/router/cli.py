@@ -151,6 +151,14 @@ def serve(
         float | None,
         typer.Option("--health-interval", help="Seconds between readiness checks of each replica (default 2)."),
     ] = None,
+    attempt_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--attempt-timeout",
+            help="Seconds without an answer from a replica before it is probed; failing, it is taken out "
+            "and the request retried elsewhere if nothing was streamed yet (default 30).",
+        ),
+    ] = None,
     spill_factor: Annotated[
         float | None,
         typer.Option(
@@ -193,6 +201,7 @@ def serve(
         "tls_key": tls_key,
         "max_message_mb": max_message_mb,
         "health_interval": health_interval,
+        "attempt_timeout": attempt_timeout,
         "spill_factor": spill_factor,
         "workers": workers,
     }

@@ -42,6 +42,10 @@ class RouterConfig:
         tls_cert, tls_key: PEM files for TLS on the front (both or neither).
         max_message_mb: gRPC message limit, both ways, front and upstream.
         health_interval: seconds between readiness checks of each replica.
+        attempt_timeout: seconds a replica may go without answering a call before it is probed;
+            failing the probe it counts as hung: taken out of rotation, the request retried
+            elsewhere when nothing was delivered yet and it is not part of a sequence. A replica
+            passing the probe keeps the request (it is slow, not hung).
         spill_factor: ε of the bounded-load rule.
         residency_capacity: adapters remembered per replica as resident in its LoRA cache.
         weight_cache_mb: memory for adapter tensors converted to the upstream dtype.
@@ -64,6 +68,7 @@ class RouterConfig:
     tls_key: Path | None = None
     max_message_mb: int = 256
     health_interval: float = 2.0
+    attempt_timeout: float = 30.0
     spill_factor: float = 0.25
     residency_capacity: int = 8
     weight_cache_mb: int = 1024
@@ -99,6 +104,7 @@ class RouterConfig:
         positive = {
             "--dns-interval": self.dns_interval,
             "--health-interval": self.health_interval,
+            "--attempt-timeout": self.attempt_timeout,
             "--max-message-mb": self.max_message_mb,
             "registry_interval": self.registry_interval,
         }

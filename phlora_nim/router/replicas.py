@@ -14,21 +14,23 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from phlora_nim.router.config import RouterConfig, split_host_port
+from phlora_nim.router.errors import RequestError, shown
 from phlora_nim.router.lru import LruSet
 from phlora_nim.router.metrics import RouterMetrics
-from phlora_nim.router.rewrite import RequestError
 from phlora_nim.router.routing import choose_replicas
 
 log = logging.getLogger("phlora_nim.router")
 T = TypeVar("T")
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Reconnect quickly after a replica restarts (gRPC's default backoff grows to two minutes).
 _BACKOFF = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -37,18 +39,35 @@ _BACKOFF = [
 ]
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the router needs to know of an upstream model to shape LoRA inputs."""
+
+    max_batch_size: int  # 0: the model does not batch
+    lora_datatype: str | None  # of its lora_weights input (FP16, BF16, FP32); None: it takes no LoRA
+
+
 class Replica:
     """One Triton server: its channel, in-flight count and which adapters it was sent."""
 
     def __init__(self, address: str, *, options: list[tuple[str, int]], residency_capacity: int) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=[*options, *_BACKOFF])
+        # Triton echoes client values (input names, datatypes) in its error messages, which travel in
+        # trailers: take them whatever their size (up to the message limit) and cut them before they
+        # go back to the client, rather than fail the call with RESOURCE_EXHAUSTED.
+        limit = dict(options).get("grpc.max_receive_message_length", 4 << 20)
+        trailers = [("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)]
+        self.channel = grpc.aio.insecure_channel(address, options=[*options, *trailers, *_BACKOFF])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         # ModelInfer answers go back to the client untouched: keep them as bytes (no parse, no re-encode).
+        # Requests go out as bytes built by UpstreamRequest (serialized once, LoRA inputs appended).
         self.model_infer_raw = self.channel.unary_unary(
-            MODEL_INFER_METHOD,
-            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=None,
+            MODEL_INFER_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self.model_stream_raw = self.channel.stream_stream(
+            MODEL_STREAM_INFER_METHOD,
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
         )
         self.healthy = False
         self.in_flight = 0
@@ -76,8 +95,9 @@ class ReplicaPool:
         self.replicas: dict[str, Replica] = {}
         self.models: set[str] | None = None  # upstream model names, once a replica answered
         self.index: list[service_pb2.RepositoryIndexResponse.ModelIndex] = []
-        self._datatypes: dict[str, str] = {}
+        self._infos: dict[str, ModelInfo] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: dict[str, asyncio.Future[None]] = {}
         self._healthy_count = -1
 
     # discovery -----------------------------------------------------------------------------
@@ -124,7 +144,7 @@ class ReplicaPool:
             ready, reason = False, f"{exc.code().name}: {exc.details()}"
         if ready and not replica.healthy:
             replica.resident.clear()  # new or restarted: its LoRA cache is empty
-            self._datatypes.clear()
+            self._infos.clear()
             log.info("replica %s ready", replica.address)
         elif not ready and replica.healthy:
             log.warning("replica %s out of rotation: %s", replica.address, reason)
@@ -135,6 +155,16 @@ class ReplicaPool:
         await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
         await self._refresh_index()
         self._publish()
+
+    async def probe(self, replica: Replica) -> bool:
+        """Check ``replica`` now (one check shared by concurrent callers); a failure takes it out of rotation."""
+        task = self._probes.get(replica.address)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self.check(replica))
+            self._probes[replica.address] = task
+        await asyncio.shield(task)  # a caller giving up does not cancel the others' check
+        self._publish()
+        return replica.healthy
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         """Take a replica out of rotation now (a call to it failed as unavailable)."""
@@ -222,23 +252,35 @@ class ReplicaPool:
                 last = f"replica {replica.address}: {exc.details()}"
         raise RequestError(grpc.StatusCode.UNAVAILABLE, last)
 
+    async def model_info(self, model: str) -> ModelInfo:
+        """Batch limit and ``lora_weights`` datatype of ``model`` (from its config, cached)."""
+        if model in self._infos:
+            return self._infos[model]
+        response = await self.control(
+            lambda stub, timeout: stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout)
+        )
+        datatype = next(
+            (
+                model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_")
+                for t in response.config.input
+                if t.name == "lora_weights"
+            ),
+            None,
+        )
+        info = ModelInfo(max_batch_size=int(response.config.max_batch_size), lora_datatype=datatype)
+        self._infos[model] = info
+        return info
+
     async def lora_datatype(self, model: str) -> str:
         """Datatype of ``model``'s ``lora_weights`` input (FP16, BF16 or FP32), cached.
 
         Raises:
             RequestError: FAILED_PRECONDITION when the model takes no LoRA weights.
         """
-        if model in self._datatypes:
-            return self._datatypes[model]
-        response = await self.control(
-            lambda stub, timeout: stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout)
-        )
-        for tensor in response.config.input:
-            if tensor.name == "lora_weights":
-                datatype = model_config_pb2.DataType.Name(tensor.data_type).removeprefix("TYPE_")
-                self._datatypes[model] = datatype
-                return datatype
-        raise RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"upstream model '{model}' has no lora_weights input: it cannot serve adapters",
-        )
+        datatype = (await self.model_info(model)).lora_datatype
+        if datatype is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"upstream model {shown(model)} has no lora_weights input: it cannot serve adapters",
+            )
+        return datatype

@@ -2,11 +2,11 @@
 
 The router picks the adapter (model name, then the ``lora_adapter`` parameter, then the
 ``phlora-adapter`` metadata), points the request at the upstream model and appends
-``lora_task_id`` (UINT64 ``[1, 1]``) and, when a replica lacks the adapter, ``lora_weights``
-(``[1, N, D]`` in the engine dtype) and ``lora_config`` (INT32 ``[1, N, 3]``). Appended tensors
-follow the request's encoding: raw bytes when it uses ``raw_input_contents``, typed ``contents``
-otherwise; FP16 and BF16 have no typed field, so a request carrying weights is turned into raw
-bytes as a whole (Triton refuses a mix).
+``lora_task_id`` (UINT64 ``[B, 1]``) and, when a replica lacks the adapter, ``lora_weights``
+(``[B, N, D]`` in the engine dtype) and ``lora_config`` (INT32 ``[B, N, 3]``), B being the
+request's batch size. Appended tensors follow the request's encoding: raw bytes when it uses
+``raw_input_contents``, typed ``contents`` otherwise; FP16 and BF16 have no typed field, so a
+request carrying weights is turned into raw bytes as a whole (Triton refuses a mix).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
+
+from phlora_nim.router.errors import RequestError, shown
 
 LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")
 ADAPTER_PARAMETER = "lora_adapter"
@@ -37,15 +39,6 @@ _CONTENTS: dict[str, tuple[str, type]] = {
     "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
 }
-
-
-class RequestError(Exception):
-    """A request the router refuses or cannot serve: a gRPC status code and its message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -84,13 +77,13 @@ def check_request(request: service_pb2.ModelInferRequest) -> None:
         if tensor.name in LORA_INPUTS:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input '{tensor.name}' is set by the router: choose an adapter by model name, "
+                f"input {shown(tensor.name)} is set by the router: choose an adapter by model name, "
                 f"the '{ADAPTER_PARAMETER}' parameter or '{ADAPTER_METADATA}' metadata instead",
             )
         if "shared_memory_region" in tensor.parameters:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input '{tensor.name}' uses shared memory, which cannot cross the router: send the data inline",
+                f"input {shown(tensor.name)} uses shared memory, which cannot cross the router: send the data inline",
             )
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise RequestError(
@@ -147,18 +140,6 @@ def retarget(request: service_pb2.ModelInferRequest, model: str) -> service_pb2.
     return request
 
 
-def strip_lora(request: service_pb2.ModelInferRequest) -> None:
-    """Remove LoRA inputs appended by :func:`add_lora` (they are always last), in place."""
-    keep = len(request.inputs)
-    while keep and request.inputs[keep - 1].name in LORA_INPUTS:
-        keep -= 1
-    if keep == len(request.inputs):
-        return
-    del request.inputs[keep:]
-    if len(request.raw_input_contents) > keep:
-        del request.raw_input_contents[keep:]
-
-
 def _to_raw(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> bytes:
     if tensor.datatype == "BYTES":
         items = tensor.contents.bytes_contents
@@ -167,7 +148,8 @@ def _to_raw(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> bytes:
     if spec is None:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"input '{tensor.name}': datatype {tensor.datatype} has no typed contents; send it as raw bytes",
+            f"input {shown(tensor.name)}: datatype {shown(tensor.datatype)} has no typed contents; "
+            "send it as raw bytes",
         )
     field, dtype = spec
     return np.asarray(getattr(tensor.contents, field), dtype=dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes()
@@ -183,32 +165,118 @@ def make_raw(request: service_pb2.ModelInferRequest) -> None:
     request.raw_input_contents.extend(raw)
 
 
-def _append(request: service_pb2.ModelInferRequest, name: str, datatype: str, shape: tuple[int, ...]) -> None:
-    tensor = request.inputs.add()
-    tensor.name = name
-    tensor.datatype = datatype
-    tensor.shape.extend(shape)
+def batch_size(request: service_pb2.ModelInferRequest, *, max_batch_size: int, model: str) -> int:
+    """Rows of a request: dim 0, shared by all its inputs (1 for a model without batching).
 
-
-def add_lora(request: service_pb2.ModelInferRequest, task_id: int, tensors: LoraTensors | None = None) -> None:
-    """Set ``lora_task_id`` (and with ``tensors`` the weights and config) on ``request`` in place.
-
-    LoRA inputs set by an earlier call are replaced, so one request can be sent id-only, then again
-    with weights.
+    Raises:
+        RequestError: INVALID_ARGUMENT when inputs disagree on dim 0 or it is outside
+            1..``max_batch_size`` (checked here, before any LoRA input is built that large).
     """
-    strip_lora(request)
-    if tensors is not None:
-        if tensors.task_id != task_id:
+    if max_batch_size <= 0:
+        return 1
+    sizes = [(t.name, int(t.shape[0])) for t in request.inputs if len(t.shape)]
+    if not sizes:
+        return 1
+    if len({b for _, b in sizes}) > 1:
+        found = ", ".join(f"{shown(n)} {b}" for n, b in sizes[:4])
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on the batch size (dim 0): {found}")
+    batch = sizes[0][1]
+    if not 1 <= batch <= max_batch_size:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"batch size (dim 0 of the inputs) must be 1 to {max_batch_size} for {shown(model)}, found {batch}",
+        )
+    return batch
+
+
+def retryable(request: service_pb2.ModelInferRequest) -> bool:
+    """Whether sending the request again elsewhere is safe: not part of a stateful sequence."""
+    if "sequence_id" not in request.parameters:
+        return True
+    param = request.parameters["sequence_id"]
+    kind = param.WhichOneof("parameter_choice")
+    return kind is None or not getattr(param, kind)  # 0 or "" means no sequence, as in Triton
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_RAW_FIELD = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_RAW_TAG = _varint((_RAW_FIELD << 3) | 2)  # length-delimited
+
+
+def _raw_entry(chunk: bytes, repeat: int) -> list[bytes]:
+    """Wire-format pieces of one ``raw_input_contents`` entry holding ``chunk`` ``repeat`` times."""
+    return [_RAW_TAG, _varint(len(chunk) * repeat), *([chunk] * repeat)]
+
+
+class UpstreamRequest:
+    """A checked request aimed at the upstream model, serialized once.
+
+    LoRA inputs are appended per attempt to the serialized bytes: protobuf parsers append repeated
+    fields found later in a message, so ``bytes(request) + bytes(extra inputs)`` is the request
+    with those inputs added. The client's request is never changed after this is built, and its
+    payload is copied once per attempt (into the bytes sent), as serializing would do anyway;
+    adapter weights are framed by hand so they are copied once too.
+
+    Example:
+        >>> upstream = UpstreamRequest(service_pb2.ModelInferRequest(model_name="ensemble"))
+        >>> sent = service_pb2.ModelInferRequest.FromString(upstream.with_lora(7, batch=2))
+        >>> [(t.name, list(t.shape)) for t in sent.inputs]
+        [('lora_task_id', [2, 1])]
+    """
+
+    def __init__(self, request: service_pb2.ModelInferRequest) -> None:
+        self.request = request
+        self._plain: bytes | None = None
+        self._as_raw: bytes | None = None
+
+    @property
+    def model(self) -> str:
+        return self.request.model_name
+
+    def plain(self) -> bytes:
+        """The request as it came (retargeted), serialized."""
+        if self._plain is None:
+            self._plain = self.request.SerializeToString()
+        return self._plain
+
+    def _raw_base(self) -> bytes:
+        """The request with every input in ``raw_input_contents`` (Triton refuses a mix with weights)."""
+        if self.request.raw_input_contents or not self.request.inputs:
+            return self.plain()
+        if self._as_raw is None:
+            copy = service_pb2.ModelInferRequest()
+            copy.CopyFrom(self.request)  # typed contents: small by nature, copying them is cheap
+            make_raw(copy)
+            self._as_raw = copy.SerializeToString()
+        return self._as_raw
+
+    def with_lora(self, task_id: int, tensors: LoraTensors | None = None, *, batch: int = 1) -> bytes:
+        """The serialized request with ``lora_task_id`` (and ``tensors``) for ``batch`` rows.
+
+        TensorRT-LLM splits a batched request per row and slices every input on dim 0, so each
+        LoRA input carries one copy of the adapter per row: ``lora_task_id`` ``[batch, 1]``,
+        ``lora_weights`` ``[batch, N, D]``, ``lora_config`` ``[batch, N, 3]``.
+        """
+        if tensors is not None and tensors.task_id != task_id:
             raise ValueError(f"tensors of task {tensors.task_id} appended to task {task_id}")
-        make_raw(request)
-    raw = bool(request.raw_input_contents) or (tensors is not None)
-    _append(request, "lora_task_id", "UINT64", (1, 1))
-    if raw:
-        request.raw_input_contents.append(struct.pack("<Q", task_id))
-    else:
-        request.inputs[-1].contents.uint64_contents.append(task_id)
-    if tensors is not None:
-        _append(request, "lora_weights", tensors.datatype, tensors.weights_shape)
-        request.raw_input_contents.append(tensors.weights)
-        _append(request, "lora_config", "INT32", tensors.config_shape)
-        request.raw_input_contents.append(tensors.config)
+        raw = tensors is not None or bool(self.request.raw_input_contents)
+        extra = service_pb2.ModelInferRequest()
+        ids = extra.inputs.add(name="lora_task_id", datatype="UINT64", shape=[batch, 1])
+        if not raw:
+            ids.contents.uint64_contents.extend([task_id] * batch)
+            return self.plain() + extra.SerializeToString()
+        pieces = _raw_entry(struct.pack("<Q", task_id), batch)
+        if tensors is not None:
+            extra.inputs.add(name="lora_weights", datatype=tensors.datatype, shape=[batch, *tensors.weights_shape[1:]])
+            extra.inputs.add(name="lora_config", datatype="INT32", shape=[batch, *tensors.config_shape[1:]])
+            pieces += _raw_entry(tensors.weights, batch) + _raw_entry(tensors.config, batch)
+        base = self._raw_base() if tensors is not None else self.plain()
+        return b"".join([base, extra.SerializeToString(), *pieces])

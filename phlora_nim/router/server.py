@@ -132,6 +132,7 @@ class Router:
             store=self.store,
             tenants=self.tenants,
             metrics=self.metrics,
+            refresh_registry=self._refresh_registry,
         )
         add_inference_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -13,8 +13,9 @@ The file is YAML::
 
 A client sends ``authorization: Bearer <key>`` as gRPC metadata. Keys are kept only as SHA-256
 digests (``printf %s KEY | sha256sum`` gives the digest for the file). With a tenants file, an
-inference or model RPC without a known key fails with ``UNAUTHENTICATED``; an adapter outside the
-tenant's patterns fails with ``PERMISSION_DENIED`` and is left out of ``RepositoryIndex``.
+inference or model RPC without a known key fails with ``UNAUTHENTICATED``; an adapter or base model
+outside the tenant's patterns gets the answer of a name that does not exist (``NOT_FOUND``, same
+words; ``ModelReady`` false) and is left out of ``RepositoryIndex``, so names cannot be enumerated.
 Liveness, readiness and the health service stay open (probes carry no keys).
 
 Example:

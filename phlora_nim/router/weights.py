@@ -8,6 +8,7 @@ LRU bounded by bytes. bfloat16 files hold ``<V2`` (2-byte void) and are viewed b
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import grpc
 import numpy as np
 
 from phlora_nim.converters.errors import InputError
-from phlora_nim.converters.formats.trtllm import NP_DTYPES, WEIGHTS_FILE, load_trtllm
+from phlora_nim.converters.formats.trtllm import CONFIG_FILE, NP_DTYPES, WEIGHTS_FILE, load_trtllm
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry
+from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes
-from phlora_nim.router.rewrite import LoraTensors, RequestError
+from phlora_nim.router.rewrite import LoraTensors
 
 # Triton datatype of lora_weights → numpy dtype name (NP_DTYPES key).
 DATATYPES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32"}
@@ -52,6 +54,20 @@ def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id
     )
 
 
+class AdapterFilesError(Exception):
+    """An adapter's tensor files cannot be used.
+
+    ``detail`` names the files (server paths): for the router's log only, never for clients.
+    ``missing``: absent or unreadable (e.g. removed with ``phlora-nim remove``), else malformed.
+    """
+
+    def __init__(self, entry: AdapterEntry, detail: str, *, missing: bool) -> None:
+        super().__init__(detail)
+        self.entry = entry
+        self.detail = detail
+        self.missing = missing
+
+
 class WeightStore:
     """Converted adapter tensors by (task id, datatype), at most ``max_bytes`` in memory (thread-safe)."""
 
@@ -69,8 +85,8 @@ class WeightStore:
         """The tensors of ``entry`` in ``datatype`` (read on a miss; call from a worker thread).
 
         Raises:
-            RequestError: FAILED_PRECONDITION when the files are missing or malformed, or the
-                datatype is not one TensorRT-LLM takes.
+            AdapterFilesError: the files are missing, unreadable or malformed.
+            RequestError: FAILED_PRECONDITION when the datatype is not one TensorRT-LLM takes.
         """
         if datatype not in DATATYPES:
             raise RequestError(
@@ -82,15 +98,14 @@ class WeightStore:
             found = self._cache.get(key)
         if found is not None:
             return found
+        folder = prefetch_dir(self.root, entry.task_id)
         try:
-            tensors = read_lora_tensors(
-                prefetch_dir(self.root, entry.task_id),
-                stored_dtype=entry.dtype,
-                datatype=datatype,
-                task_id=entry.task_id,
-            )
-        except InputError as exc:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter '{entry.name}': {exc}") from None
+            tensors = read_lora_tensors(folder, stored_dtype=entry.dtype, datatype=datatype, task_id=entry.task_id)
+        except (InputError, OSError, ValueError) as exc:
+            # Removed (or being removed) while registered, or unreadable: a problem of the moment.
+            gone = not all(os.access(folder / name, os.R_OK) for name in (WEIGHTS_FILE, CONFIG_FILE))
+            missing = gone or isinstance(exc, OSError)
+            raise AdapterFilesError(entry, f"adapter {entry.name!r}: {exc}", missing=missing) from None
         with self._lock:
             self.loads += 1
             self._cache.put(key, tensors)

@@ -3,7 +3,9 @@
 A bounded LRU keyed by ``lora_task_id``; weights for a new id are stored (weights sent again for a
 cached id are ignored, as the runtime does); an id-only request for an id not in the cache fails
 with the runtime's message; a cache with no room fails with ``Cache is full``. What a request
-computed proves which weights were applied: ``y = x + round(sum(lora_weights))``.
+computed proves which weights were applied: ``y = x + round(sum(lora_weights))``. A batched request
+is resolved row by row, each row with its own slice (dim 0) of every LoRA input, as TensorRT-LLM
+splits a batch.
 """
 
 from __future__ import annotations
@@ -63,11 +65,22 @@ class LoraCache:
             self.entries.popitem(last=False)
         return total
 
-    def offset_of(self, request: Any) -> float:
-        """Read a request's LoRA inputs and resolve them (raises :class:`LoraError`)."""
-        task = read(request, "lora_task_id")
-        return self.resolve(
-            None if task is None else int(task.reshape(-1)[0]),
-            read(request, "lora_weights"),
-            read(request, "lora_config"),
+    def offsets_of(self, request: Any, rows: int) -> np.ndarray:
+        """Read a request's LoRA inputs and resolve them row by row: ``[rows, 1]`` offsets (raises
+        :class:`LoraError`)."""
+        task, weights, config = (read(request, n) for n in ("lora_task_id", "lora_weights", "lora_config"))
+        for name, tensor in (("lora_task_id", task), ("lora_weights", weights), ("lora_config", config)):
+            if tensor is not None and tensor.shape[0] != rows:
+                raise LoraError(f"{name} has {tensor.shape[0]} rows for a batch of {rows}")
+        return np.array(
+            [
+                [
+                    self.resolve(
+                        None if task is None else int(task[row].reshape(-1)[0]),
+                        None if weights is None else weights[row : row + 1],
+                        None if config is None else config[row : row + 1],
+                    )
+                ]
+                for row in range(rows)
+            ]
         )

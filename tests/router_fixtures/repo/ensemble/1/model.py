@@ -32,8 +32,8 @@ class TritonPythonModel:
                 delay = read(request, "delay_ms")
                 if delay is not None:
                     time.sleep(float(delay.reshape(-1)[0]) / 1000.0)
-                offset = self.cache.offset_of(request)
-                y = (x.astype(np.int64) + int(offset)).astype(np.int32)
+                offsets = self.cache.offsets_of(request, rows=x.shape[0])
+                y = (x.astype(np.int64) + offsets.astype(np.int64)).astype(np.int32)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("y", y)]))
             except LoraError as exc:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))

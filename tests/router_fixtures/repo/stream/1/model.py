@@ -30,14 +30,14 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 x = read(request, "x")
-                offset = self.cache.offset_of(request)
+                offsets = self.cache.offsets_of(request, rows=x.shape[0])
             except LoraError as exc:
                 sender.send(
                     pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))), flags=FINAL
                 )
                 continue
             for i in range(self.count):
-                y = (x.astype(np.int64) + int(offset) + i).astype(np.int32)
+                y = (x.astype(np.int64) + offsets.astype(np.int64) + i).astype(np.int32)
                 sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("y", y)]))
             sender.send(flags=FINAL)
         return None
