@@ -65,7 +65,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory, llama_finetunes):
         base=str(base),
         dtype="float32",
         max_queue_delay_us=20_000,  # wide batching window: poison and innocents share rounds
-        extra={"max_input_len": str(MAX_INPUT), "max_seq_len": str(MAX_SEQ)},
+        llm_parameters={"max_input_len": str(MAX_INPUT), "max_seq_len": str(MAX_SEQ)},
     )
     job = ConvertJob(
         base=base,

@@ -22,12 +22,14 @@ from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
 
 log = logging.getLogger("phlora_nim.extract")
 
 # What to do with deltas outside linear modules (``--extra``).
 NonLinearDeltas = Literal["drop", "save", "error"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Storage dtypes of adapters: the engine dtypes, float32 first.
+DTYPES: dict[str, torch.dtype] = {name: ENGINE_DTYPES[name].torch for name in ("float32", "float16", "bfloat16")}
 _CONFIG_KEYS_MUST_MATCH = (
     "model_type",
     "hidden_size",

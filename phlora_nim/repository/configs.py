@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
 from phlora_nim.repository.layout import (
     ENSEMBLE_MODEL,
     LLM_MODEL,
@@ -35,7 +36,8 @@ from phlora_nim.repository.layout import (
 from phlora_nim.repository.registry import RegistryState
 
 BACKENDS = ("tensorrtllm", "reference")
-LORA_DTYPES = {"float16": mc.TYPE_FP16, "bfloat16": mc.TYPE_BF16, "float32": mc.TYPE_FP32}
+# Engine dtype → Triton data type of lora_weights.
+LORA_DTYPES = {d.name: mc.DataType.Value(d.triton) for d in ENGINE_DTYPES.values()}
 _MiB = 1 << 20
 _DEFAULT_HOST_CACHE = 1 << 30  # TensorRT-LLM's default lora_cache_host_memory_bytes
 # The thin model.py files copied into every repository (package data beside this module).

@@ -16,15 +16,16 @@ import grpc
 import numpy as np
 
 from phlora_nim.converters.errors import InputError
-from phlora_nim.converters.formats.trtllm import CONFIG_FILE, NP_DTYPES, WEIGHTS_FILE, load_trtllm
+from phlora_nim.converters.formats.trtllm import load_trtllm
+from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes
 from phlora_nim.router.rewrite import LoraTensors
 
-# Triton datatype of lora_weights → numpy dtype name (NP_DTYPES key).
-DATATYPES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32"}
+# Triton datatype of lora_weights → engine dtype name (ENGINE_DTYPES key).
+DATATYPES = {d.wire: d.name for d in ENGINE_DTYPES.values()}
 
 
 def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id: int) -> LoraTensors:
@@ -35,7 +36,7 @@ def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id
     """
     lora = load_trtllm(folder, dtype=stored_dtype, mmap=True)  # the converters' own checks
     weights, config = lora.weights, lora.config
-    target = np.dtype(NP_DTYPES[DATATYPES[datatype]])
+    target = ENGINE_DTYPES[DATATYPES[datatype]].numpy
     with np.errstate(over="ignore"):  # checked just below
         converted = np.ascontiguousarray(weights, dtype=target)
     if converted.dtype != weights.dtype and not np.isfinite(converted.astype(np.float32)).all():

@@ -9,6 +9,7 @@ bounded in bytes where adapters in use are never evicted.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -16,36 +17,40 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import torch
 
-from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
+from phlora_nim.converters.trtllm_contract import (
+    ENGINE_DTYPES,
+    WEIGHTS_FILE,
+    LoraRequestError,
+    cache_full_message,
+    decode_row,
+    dtype_mismatch_message,
+    dtype_name_of,
+    module_name,
+    not_found_message,
+    row_problems,
+    tensor_problems,
+)
 
 log = logging.getLogger("phlora_nim.triton.lora_cache")
 
-_NP_TO_NAME = {
-    np.dtype(np.float16): "float16",
-    np.dtype(ml_dtypes.bfloat16): "bfloat16",
-    np.dtype(np.float32): "float32",
-}
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class LoraRequestError(Exception):
-    """A per-request LoRA failure; the message is TensorRT-LLM's text for the same failure."""
+__all__ = [
+    "CacheFullError",
+    "LoraCache",
+    "LoraRequestError",
+    "LoraTask",
+    "ModuleShape",
+    "cache_full_message",
+    "not_found_message",
+    "prefetch_folders",
+    "unpack_task",
+]
 
 
 class CacheFullError(LoraRequestError):
     """No room for an adapter: every cached adapter is in use (back-pressure, not a client error)."""
-
-
-def not_found_message(task_id: int) -> str:
-    return f"LoRA task {task_id} not found in cache. Please send LoRA weights with request"
-
-
-def cache_full_message(task_id: int) -> str:
-    return f"PEFT Cache is full. Could not store taskId={task_id}"
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,8 @@ class LoraTask:
         return max((a.shape[0] for a, _ in self.factors.values()), default=0)
 
 
-def _dtype_name(array: np.ndarray) -> str | None:
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2:  # bfloat16 as written by np.save
-        return "bfloat16"
-    return _NP_TO_NAME.get(array.dtype)
-
-
 def _as_torch(array: np.ndarray) -> torch.Tensor:
-    if array.dtype == ml_dtypes.bfloat16 or (array.dtype.kind == "V" and array.dtype.itemsize == 2):
+    if dtype_name_of(array) == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -107,49 +106,49 @@ def unpack_task(
     """
     weights = np.asarray(weights)
     config = np.asarray(config)
+    if weights.ndim == 2 and config.ndim == 2:  # in-process callers may leave out the batch dim
+        weights, config = weights[None], config[None]
+    if validate:
+        if dtype_name_of(weights) != dtype:
+            raise LoraRequestError(dtype_mismatch_message(dtype, weights.dtype))
+        if config.ndim == 3 and config.shape[2] == 4 and bool(np.any(config[..., 3])):
+            raise LoraRequestError("DoRA adapters (is_dora = 1) are not supported by this model")
+        problems = tensor_problems(weights, config)
+        if problems:
+            raise LoraRequestError(problems[0])
     if weights.ndim == 3 and weights.shape[0] == 1:
         weights = weights[0]
     if config.ndim == 3 and config.shape[0] == 1:
         config = config[0]
-    if validate:
-        if _dtype_name(weights) != dtype:
-            raise LoraRequestError(
-                f"Expected lora weights to be the same data type as base model ({dtype}, got {weights.dtype})"
-            )
-        if weights.ndim != 2 or config.ndim != 2 or config.shape[1] not in (3, 4):
-            raise LoraRequestError(
-                f"Expected lora_weights of shape [1, N, D] and lora_config [1, N, 3]; got {list(weights.shape)} "
-                f"and {list(config.shape)}"
-            )
-        if config.shape[1] == 4 and bool(np.any(config[:, 3])):
-            raise LoraRequestError("DoRA adapters (is_dora = 1) are not supported by this model")
-        if weights.shape[0] != config.shape[0]:
-            raise LoraRequestError("Expected dim1 lora_weights and lora_keys to have the same size")
-    values = _as_torch(weights).to(TORCH_DTYPES[dtype])
+
+    by_id = {key[0]: shape for key, shape in modules.items()}
+
+    def dims(module_id: int, layer: int) -> tuple[int, int] | None:
+        # "enabled" is per module type; the layer is checked on its own
+        shape = modules.get((module_id, layer)) or by_id.get(module_id)
+        return None if shape is None else (shape.in_dim, shape.out_dim)
+
+    # Unvalidated (prefetch) rows still need a module to land in.
+    problems = row_problems(
+        config,
+        int(weights.shape[1]) if validate else sys.maxsize,
+        dims=dims,
+        num_layers=num_layers if validate else None,
+        max_rank=max_rank if validate else None,
+    )
+    if problems:
+        raise LoraRequestError(problems[0].message)
+    values = _as_torch(weights).to(ENGINE_DTYPES[dtype].torch)
     factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     nbytes = 0
     for i in range(config.shape[0]):
         module_id, layer, rank = (int(x) for x in config[i, :3])
-        name = TRTLLM_MODULES[module_id] if 0 <= module_id < len(TRTLLM_MODULES) else f"id {module_id}"
-        if validate:
-            if not 0 <= layer < num_layers:
-                raise LoraRequestError(
-                    f"Expected layerId to be in the range [0, numModelLayers) (layer {layer}, {num_layers} layers)"
-                )
-            if not 0 < rank <= max_rank:
-                raise LoraRequestError(f"Invalid low_rank ({rank}). low_rank must be in range [1, {max_rank}]")
         shape = modules.get((module_id, layer))
-        if shape is None:
-            raise LoraRequestError(f"lora module {name} not enabled for this model")
-        need = rank * (shape.in_dim + shape.out_dim)
-        if validate and need > values.shape[1]:
-            raise LoraRequestError(
-                f"lora_weights has to few values for {name} (layer {layer}): expected {need}, found {values.shape[1]}"
-            )
-        row = values[i]
-        a = row[: rank * shape.in_dim].reshape(rank, shape.in_dim).clone()
-        b = row[rank * shape.in_dim : need].reshape(shape.out_dim, rank).clone()
-        if name == "mlp_gate_up":  # TensorRT-LLM order is [up; gate]; the HF module computes [gate; up]
+        if shape is None:  # unvalidated (prefetch): the runtime skips layers it does not hold
+            continue
+        a, b = decode_row(values[i], rank=rank, in_dim=shape.in_dim, out_dim=shape.out_dim)
+        a, b = a[0].clone(), b[0].clone()
+        if module_name(module_id) == "mlp_gate_up":  # TensorRT-LLM order [up; gate]; the HF module [gate; up]
             half = shape.out_dim // 2
             b = torch.cat([b[half:], b[:half]], dim=0)
         factors[(module_id, layer)] = (a, b)
@@ -245,6 +244,6 @@ def prefetch_folders(folder: Path) -> list[tuple[int, Path]]:
     found = []
     if Path(folder).is_dir():
         for sub in sorted(Path(folder).iterdir()):
-            if sub.is_dir() and sub.name.isdigit() and (sub / "model.lora_weights.npy").exists():
+            if sub.is_dir() and sub.name.isdigit() and (sub / WEIGHTS_FILE).exists():
                 found.append((int(sub.name), sub))
     return found

@@ -12,15 +12,14 @@ import re
 import shutil
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for
 
 FIXTURES = Path(__file__).resolve().parent
 STANDIN_REPO = FIXTURES / "repo"
-_NP = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 def adapter_tensors(offset: int, dtype: str, *, rows: int = 2, width: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +28,7 @@ def adapter_tensors(offset: int, dtype: str, *, rows: int = 2, width: int = 8) -
     weights[0, :, :4] = 0.25  # rows·1.0 in small values, the rest in one element
     weights[0, 0, 4] = offset - rows
     config = np.array([[[1, layer, 2] for layer in range(rows)]], dtype=np.int32)
-    return weights.astype(_NP[dtype]), config
+    return weights.astype(ENGINE_DTYPES[dtype].numpy), config
 
 
 def add_adapters(root: Path, adapters: dict[str, tuple[int, str]]) -> dict[str, AdapterEntry]:
@@ -44,8 +43,8 @@ def add_adapters(root: Path, adapters: dict[str, tuple[int, str]]) -> dict[str, 
             weights, config = adapter_tensors(offset, dtype)
             folder = prefetch_dir(root, task_id)
             folder.mkdir(parents=True, exist_ok=True)
-            np.save(folder / "model.lora_weights.npy", weights)  # bfloat16 lands as '<V2'
-            np.save(folder / "model.lora_config.npy", config)
+            np.save(folder / WEIGHTS_FILE, weights)  # bfloat16 lands as '<V2'
+            np.save(folder / CONFIG_FILE, config)
             state.adapters[name] = AdapterEntry(
                 name=name,
                 task_id=task_id,

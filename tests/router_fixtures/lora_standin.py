@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from phlora_nim.converters.trtllm_contract import ROWS_MISMATCH, cache_full_message, not_found_message
+
 
 def read(request: Any, name: str) -> np.ndarray | None:
     """An input of a Triton Python-backend request as numpy (BF16 through torch), None when absent."""
@@ -54,11 +56,11 @@ class LoraCache:
             self.entries.move_to_end(task_id)
             return self.entries[task_id]
         if weights is None:
-            raise LoraError(f"LoRA task {task_id} not found in cache. Please send LoRA weights with request")
+            raise LoraError(not_found_message(task_id))
         if weights.shape[-2] != config.shape[-2]:
-            raise LoraError("Expected dim1 lora_weights and lora_keys to have the same size")
+            raise LoraError(ROWS_MISMATCH)
         if self.capacity <= 0:
-            raise LoraError(f"PEFT Cache is full. Could not store taskId={task_id}")
+            raise LoraError(cache_full_message(task_id))
         total = float(np.round(np.asarray(weights, dtype=np.float64).sum()))
         self.entries[task_id] = total
         while len(self.entries) > self.capacity:

@@ -3,11 +3,21 @@
 Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_model.bin`` is read
 too, and written on request for servers that only read it). Keys are
 ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``…lora_B.weight`` ``[out, r]``.
+
+What we write is read the same by every loader. The loaders disagree on scaling when ranks differ
+per module: PEFT honours ``rank_pattern`` / ``alpha_pattern``; vLLM (``PEFTHelper``) applies one
+``lora_alpha / r`` and drops the patterns; TensorRT-LLM's HF loader (``LoraManager.load_from_hf``)
+applies ``lora_alpha / rank of each lora_A`` and ignores the patterns too. So every module is
+zero-padded to the adapter's largest rank R (extra zero rows of A, zero columns of B: B·A is
+unchanged), its scale is folded into B, and the config says ``r = lora_alpha = R`` with no patterns:
+scale 1 under every rule. The cost is storage at rank R for every module; the true ranks stay in
+``phlora_report.json``, and :func:`load_peft` trims the zero padding when reading back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,30 +35,32 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
 
-def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
-    """The ``adapter_config.json`` content for ``adapter``.
+def portable_rank(adapter: LoraAdapter) -> int:
+    """The one rank every module is written at: the largest (at least 1)."""
+    return max((w.rank for w in adapter.modules.values()), default=1)
 
-    ``lora_alpha`` is always explicit. Modules whose rank differs from the common ``r`` are listed in
-    ``rank_pattern`` and ``alpha_pattern`` by full module path.
+
+def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for ``adapter`` as :func:`save_peft` writes it.
+
+    ``r = lora_alpha = R`` (the largest rank), no rank/alpha patterns, no rsLoRA: every loader then
+    scales by 1, and the factors carry the true scale.
     """
-    r = adapter.default_rank()
-    default_alpha = _common_alpha(adapter, r)
-    rank_pattern = {n: w.rank for n, w in sorted(adapter.modules.items()) if w.rank != r}
-    alpha_pattern = {n: _num(w.alpha) for n, w in sorted(adapter.modules.items()) if w.alpha != default_alpha}
+    rank = portable_rank(adapter)
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
         "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": r,
-        "lora_alpha": _num(default_alpha),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "target_modules": adapter.leaf_names(),
         "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
         "bias": "none",
-        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), added once per call.
+        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), scaled like the update: by 1.
         "lora_bias": bool(adapter.lora_biases),
-        "use_rslora": adapter.use_rslora,
+        "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
         "lora_dropout": 0.0,
@@ -59,17 +71,18 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     }
 
 
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _common_alpha(adapter: LoraAdapter, r: int) -> float:
-    alphas = [w.alpha for w in adapter.modules.values() if w.rank == r]
-    return max(set(alphas), key=alphas.count) if alphas else float(r)
+def padded_factors(w: LoraWeights, rank: int, *, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[rank, in]`` and B ``[out, rank]`` with the scale folded into B, zero-padded: B·A = scale·b·a."""
+    a = torch.zeros(rank, w.a.shape[1], dtype=torch.float32)
+    b = torch.zeros(w.b.shape[0], rank, dtype=torch.float32)
+    a[: w.rank] = w.a.float()
+    b[:, : w.rank] = w.b.float() * w.scale(use_rslora=use_rslora)
+    return a.to(w.a.dtype), b.to(w.b.dtype)
 
 
 def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, write_bin: bool = False) -> None:
-    """Write ``adapter`` as a PEFT LoRA folder (the folder must exist; callers make it atomic).
+    """Write ``adapter`` as a PEFT LoRA folder every loader reads alike (the folder must exist;
+    callers make it atomic).
 
     Args:
         adapter: what to write.
@@ -77,10 +90,12 @@ def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None =
         dtype: storage dtype of the factors (default: as they are).
         write_bin: also write ``adapter_model.bin`` (NIM 1.x on TensorRT-LLM reads only that).
     """
+    rank = portable_rank(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for name, w in adapter.modules.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = _cast(w.a, dtype)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = _cast(w.b, dtype)
+        a, b = padded_factors(w, rank, use_rslora=adapter.use_rslora)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _cast(a, dtype)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _cast(b, dtype)
     for name, bias in adapter.lora_biases.items():
         tensors[f"{PREFIX}{name}.lora_B.bias"] = _cast(bias, dtype)
     for name, tensor in adapter.modules_to_save.items():
@@ -89,6 +104,21 @@ def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None =
     if write_bin:
         torch.save(tensors, Path(folder) / BIN_NAME)
     (Path(folder) / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n", encoding="utf-8")
+
+
+def trim_padding(w: LoraWeights, *, use_rslora: bool) -> LoraWeights:
+    """Drop trailing rank components that are zero in both A and B (padding), keeping the update.
+
+    Exact: a component with a zero A row and a zero B column adds nothing. At least rank 1 stays.
+    """
+    used = w.a.ne(0).any(dim=1) | w.b.ne(0).any(dim=0)
+    nonzero = torch.nonzero(used).flatten()
+    keep = max(int(nonzero[-1]) + 1 if nonzero.numel() else 1, 1)
+    if keep == w.rank:
+        return w
+    scale = w.scale(use_rslora=use_rslora)
+    alpha = scale * (math.sqrt(keep) if use_rslora else keep)
+    return LoraWeights(a=w.a[:keep].clone(), b=w.b[:, :keep].clone(), alpha=alpha)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -228,6 +258,7 @@ def load_peft(folder: Path) -> LoraAdapter:
                 saved[name] = tensor
     modules: dict[str, LoraWeights] = {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    use_rslora = bool(cfg.get("use_rslora", False))
     default_alpha = cfg.get("lora_alpha", cfg.get("r", 8))
     for name in sorted(set(a_parts) | set(b_parts)):
         a, b = a_parts.get(name), b_parts.get(name)
@@ -253,7 +284,7 @@ def load_peft(folder: Path) -> LoraAdapter:
             continue
         key = pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[key] if key is not None else default_alpha)
-        modules[name] = LoraWeights(a=a, b=b, alpha=alpha)
+        modules[name] = trim_padding(LoraWeights(a=a, b=b, alpha=alpha), use_rslora=use_rslora)
     if not modules and not problems:
         problems.append(
             InputError(
@@ -266,7 +297,7 @@ def load_peft(folder: Path) -> LoraAdapter:
     raise_all(problems, summary=f"{folder} is not a usable LoRA adapter")
     return LoraAdapter(
         modules=modules,
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_rslora=use_rslora,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         task_type=cfg.get("task_type"),
         modules_to_save=saved,

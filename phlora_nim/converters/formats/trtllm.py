@@ -23,20 +23,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, builtin_maps, find_map
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.converters.trtllm_contract import (
+    CONFIG_FILE,
+    DTYPE_MISMATCH,
+    ENGINE_DTYPES,
+    META_FILE,
+    WEIGHTS_FILE,
+    as_engine_array,
+    decode_row,
+    dtype_name_of,
+    encode_row,
+    pack_rows,
+    row_problems,
+    tensor_problems,
+)
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
 
-WEIGHTS_FILE = "model.lora_weights.npy"
-CONFIG_FILE = "model.lora_config.npy"
-META_FILE = "phlora_trtllm.json"
-NP_DTYPES: dict[str, Any] = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+__all__ = [
+    "CONFIG_FILE",
+    "META_FILE",
+    "TRTLLM_MODULES",
+    "WEIGHTS_FILE",
+    "TrtllmLora",
+    "adapter_to_trtllm",
+    "check_engine",
+    "load_trtllm",
+    "save_trtllm",
+    "trtllm_to_adapter",
+]
 
 
 @dataclass(frozen=True)
@@ -130,8 +150,8 @@ def adapter_to_trtllm(
         OptionError: bad dtype/tp, or a fused module whose rows do not split evenly over ``tp``.
         InputError: modules with no TensorRT-LLM equivalent.
     """
-    if dtype not in NP_DTYPES:
-        raise OptionError("unknown dtype", where="--dtype", expected=", ".join(NP_DTYPES), found=repr(dtype))
+    if dtype not in ENGINE_DTYPES:
+        raise OptionError("unknown dtype", where="--dtype", expected=", ".join(ENGINE_DTYPES), found=repr(dtype))
     if tp < 1:
         raise OptionError("tensor parallelism must be ≥ 1", where="--tp", found=str(tp))
     if adapter.modules_to_save or adapter.lora_biases:
@@ -162,7 +182,7 @@ def adapter_to_trtllm(
         expert = int(m.groupdict()["expert"]) if m is not None and m.groupdict().get("expert") else 0
         groups.setdefault((layer, TRTLLM_MODULE_IDS[spec.trtllm]), []).append((expert, path, spec))
     raise_all(problems, summary="cannot lay out the adapter for TensorRT-LLM")
-    rows: list[torch.Tensor] = []
+    rows: list[np.ndarray] = []
     meta_rows: list[dict[str, Any]] = []
     config_rows: list[list[int]] = []
     for (layer, module_id), members in sorted(groups.items()):
@@ -171,7 +191,7 @@ def adapter_to_trtllm(
         ws = [adapter.modules[p] for _, p, _ in members]
         rank = max(w.rank for w in ws)
         in_dim, out_dim = ws[0].a.shape[1], ws[0].b.shape[0]
-        a_parts, b_parts = [], []
+        pairs = []
         splits = _fused_splits(spec, config, out_dim)
         if tp > 1 and spec.trtllm in ("attn_qkv", "mlp_gate_up"):
             if splits is None:
@@ -197,9 +217,8 @@ def adapter_to_trtllm(
                 b = _swap_halves(b)
             if tp > 1 and splits is not None:
                 b = interleave_for_tp(b, splits, tp)
-            a_parts.append(a.reshape(-1))
-            b_parts.append(b.reshape(-1))
-        rows.append(torch.cat(a_parts + b_parts))
+            pairs.append((a.numpy(), b.numpy()))
+        rows.append(encode_row(pairs))
         config_rows.append([module_id, layer, rank])
         meta_rows.append(
             {
@@ -210,26 +229,13 @@ def adapter_to_trtllm(
                 "splits": splits,
             }
         )
-    width = max(r.numel() for r in rows)
-    weights = torch.zeros(1, len(rows), width)
-    for i, r in enumerate(rows):
-        weights[0, i, : r.numel()] = r
-    np_weights = _to_numpy(weights.to(_TORCH_DTYPES[dtype]), dtype)
     return TrtllmLora(
-        weights=np_weights, config=np.asarray([config_rows], dtype=np.int32), rows=tuple(meta_rows), dtype=dtype, tp=tp
+        weights=pack_rows(rows, dtype),
+        config=np.asarray([config_rows], dtype=np.int32),
+        rows=tuple(meta_rows),
+        dtype=dtype,
+        tp=tp,
     )
-
-
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def save_trtllm(lora: TrtllmLora, folder: Path, *, source: str | None = None) -> None:
@@ -273,58 +279,14 @@ def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -
     weights, config = arrays
     meta_path = folder / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
-    if weights.dtype == np.dtype("V2"):
-        weights = weights.view(
-            ml_dtypes.bfloat16 if (dtype or meta.get("dtype", "bfloat16")) == "bfloat16" else np.float16
-        )
-    problems: list[PhloraError] = []
-    if weights.ndim != 3 or weights.shape[0] != 1:
-        problems.append(
-            InputError(
-                "lora_weights has the wrong shape",
-                where=str(folder / WEIGHTS_FILE),
-                expected="[1, N, D]",
-                found=str(list(weights.shape)),
-            )
-        )
-    if config.ndim != 3 or config.shape[0] != 1 or config.shape[2] not in (3, 4):
-        problems.append(
-            InputError(
-                "lora_config has the wrong shape",
-                where=str(folder / CONFIG_FILE),
-                expected="[1, N, 3]",
-                found=str(list(config.shape)),
-            )
-        )
-    elif weights.ndim == 3 and weights.shape[1] != config.shape[1]:
-        problems.append(
-            InputError(
-                "Expected dim1 lora_weights and lora_keys to have the same size",
-                where=str(folder),
-                expected=f"N = {config.shape[1]} rows in both",
-                found=f"{weights.shape[1]} weight rows",
-            )
-        )
-    if config.dtype != np.int32:
-        problems.append(
-            InputError("lora_config must be int32", where=str(folder / CONFIG_FILE), found=str(config.dtype))
-        )
-    names = {np.dtype(np.float16): "float16", np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float32): "float32"}
-    if weights.dtype not in names:
-        problems.append(
-            InputError(
-                "lora_weights dtype is not an engine dtype",
-                where=str(folder / WEIGHTS_FILE),
-                expected="float16, bfloat16 or float32",
-                found=str(weights.dtype),
-            )
-        )
+    weights = as_engine_array(weights, dtype or meta.get("dtype", "bfloat16"))
+    problems: list[PhloraError] = [InputError(text, where=str(folder)) for text in tensor_problems(weights, config)]
     raise_all(problems, summary=f"{folder} is not a valid TensorRT-LLM LoRA")
     return TrtllmLora(
         weights=weights,
         config=config,
         rows=tuple(meta.get("rows", ())),
-        dtype=names[weights.dtype],
+        dtype=str(dtype_name_of(weights)),
         tp=int(meta.get("tp", 1)),
     )
 
@@ -342,15 +304,15 @@ def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
             found=f"{len(lora.rows)}",
             fix="read npy pairs exported by phlora-nim, or export again from the PEFT adapter",
         )
-    weights = _to_torch(lora.weights)[0].float()
+    weights = np.asarray(lora.weights, dtype=np.float32)[0]
     modules: dict[str, LoraWeights] = {}
     for i, meta in enumerate(lora.rows):
         module_id, _layer, rank = (int(x) for x in lora.config[0, i, :3])
         experts = len(meta["modules"])
         in_dim, out_dim = int(meta["in"]), int(meta["out"])
-        row = weights[i]
-        a_all = row[: experts * rank * in_dim].reshape(experts, rank, in_dim)
-        b_all = row[experts * rank * in_dim : experts * rank * (in_dim + out_dim)].reshape(experts, out_dim, rank)
+        a_all, b_all = decode_row(
+            torch.from_numpy(weights[i]), rank=rank, in_dim=in_dim, out_dim=out_dim, experts=experts
+        )
         for e, path in enumerate(meta["modules"]):
             b = b_all[e]
             if lora.tp > 1 and meta.get("splits"):
@@ -387,7 +349,7 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
     if engine_dtype and engine_dtype != lora.dtype:
         problems.append(
             InputError(
-                "Expected lora weights to be the same data type as base model",
+                DTYPE_MISMATCH,
                 where=f"{where} dtype",
                 expected=str(engine_dtype),
                 found=lora.dtype,
@@ -397,36 +359,18 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
     layers = pretrained.get("num_hidden_layers")
     max_rank = lora_cfg.get("max_lora_rank")
     targets = set(lora_cfg.get("lora_target_modules") or [])
-    for i in range(lora.num_rows):
-        module_id, layer, rank = (int(x) for x in lora.config[0, i, :3])
-        name = TRTLLM_MODULES[module_id] if 0 <= module_id < len(TRTLLM_MODULES) else f"id {module_id}"
-        if layers is not None and not 0 <= layer < layers:
-            problems.append(
-                InputError(
-                    "Expected layerId to be in the range [0, numModelLayers)",
-                    where=f"row {i} ({name})",
-                    expected=f"0 ≤ layer < {layers}",
-                    found=str(layer),
-                )
+
+    def dims(module_id: int, _layer: int) -> tuple[int, int] | None:
+        enabled = not targets or TRTLLM_MODULES[module_id] in targets if module_id < len(TRTLLM_MODULES) else False
+        return (0, 0) if enabled else None
+
+    for p in row_problems(lora.config[0], lora.weights.shape[2], dims=dims, num_layers=layers, max_rank=max_rank):
+        problems.append(
+            InputError(
+                p.message,
+                where=f"row {p.row} ({p.module}, layer {p.layer})",
+                fix="prune the adapter (`phlora-nim prune --rank`), or rebuild the engine with this module in "
+                "--lora_target_modules (see `phlora-nim engine-plan`)",
             )
-        if targets and name not in targets:
-            problems.append(
-                InputError(
-                    f"lora module {name} not enabled for this model",
-                    where=f"row {i}",
-                    expected=f"one of {sorted(targets)}",
-                    found=name,
-                    fix="rebuild the engine with this module in --lora_target_modules",
-                )
-            )
-        if max_rank is not None and rank > max_rank:
-            problems.append(
-                InputError(
-                    f"Invalid low_rank ({rank})",
-                    where=f"row {i} ({name}, layer {layer})",
-                    expected=f"rank ≤ max_lora_rank {max_rank}",
-                    found=str(rank),
-                    fix="prune the adapter (`phlora-nim prune --rank`) or rebuild the engine",
-                )
-            )
+        )
     raise_all(problems, summary=f"the engine {where} would reject this adapter")

@@ -1,0 +1,257 @@
+"""TensorRT-LLM's LoRA contract, in one place: file names, engine dtypes, the row layout, the checks
+the runtime makes and the words it makes them with.
+
+Everything that writes, reads, checks or serves ``lora_weights`` / ``lora_config`` imports from
+here: the converters (``formats/trtllm.py``), the CPU reference engine (``triton/lora_cache.py``),
+the router's weight store and the Triton config writer. Importing it costs numpy only (torch is
+imported where a torch dtype is asked for), so stand-in models can use the message texts too.
+
+Layout: ``lora_weights`` ``[1, N, D]`` in the engine dtype; row i is ``A.flatten() ++ B.flatten()``
+(PEFT layout, A ``[r, in]``, B ``[out, r]``; MoE rows stack the experts: A ``[E, r, in]`` then B
+``[E, out, r]``) zero-padded to ``D``. ``lora_config`` ``[1, N, 3]`` int32, row i =
+``[module_id, layer_idx, rank]``. Upstream: ``LoraCache::copyToPages`` (cpp/tensorrt_llm/runtime/
+loraCache.cpp) reads A as ``[rank, inDim]`` then B as ``[outDim, rank]`` from offset ``rank·inDim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_FILE = "model.lora_weights.npy"
+CONFIG_FILE = "model.lora_config.npy"
+META_FILE = "phlora_trtllm.json"  # our sidecar (module paths, dims, tp); TensorRT-LLM ignores it
+
+
+# --- engine dtypes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineDtype:
+    """One dtype an engine (and so its LoRA weights) can have, in every vocabulary that names it.
+
+    Args:
+        name: TensorRT-LLM's name (``pretrained_config.dtype``, ``--lora_plugin``).
+        numpy: the numpy dtype of arrays holding it (``ml_dtypes.bfloat16`` for bfloat16).
+        triton: Triton's ``DataType`` enum name in config.pbtxt.
+        wire: the KServe v2 datatype string of a tensor on the wire.
+        npy_readable: whether the runtime's npy reader (``lora_prefetch_dir``) can load it.
+    """
+
+    name: str
+    numpy: np.dtype
+    triton: str
+    wire: str
+    npy_readable: bool
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)
+
+    @property
+    def itemsize(self) -> int:
+        return self.numpy.itemsize
+
+
+# cpp/tensorrt_llm/runtime/utils/numpyUtils.cpp, typeFromNumpyDesc: "f2" and "f4" only, no bfloat16.
+ENGINE_DTYPES: dict[str, EngineDtype] = {
+    d.name: d
+    for d in (
+        EngineDtype("float16", np.dtype(np.float16), "TYPE_FP16", "FP16", True),
+        EngineDtype("bfloat16", np.dtype(ml_dtypes.bfloat16), "TYPE_BF16", "BF16", False),
+        EngineDtype("float32", np.dtype(np.float32), "TYPE_FP32", "FP32", True),
+    )
+}
+
+
+def engine_dtype(name: str) -> EngineDtype:
+    """The table entry for ``name`` (KeyError if it is not an engine dtype)."""
+    return ENGINE_DTYPES[name]
+
+
+def dtype_for_wire(datatype: str) -> EngineDtype | None:
+    """The engine dtype a KServe datatype string (``FP16`` …) stands for, or None."""
+    return next((d for d in ENGINE_DTYPES.values() if d.wire == datatype), None)
+
+
+def dtype_name_of(array: np.ndarray) -> str | None:
+    """The engine dtype name of an array; a 2-byte void (``np.save`` of bfloat16) counts as bfloat16."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+        return "bfloat16"
+    return next((d.name for d in ENGINE_DTYPES.values() if d.numpy == array.dtype), None)
+
+
+def as_engine_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array`` viewed as the engine dtype when it is stored as 2-byte void (bfloat16 or float16)."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+        return array.view(ENGINE_DTYPES[dtype].numpy if dtype in ("bfloat16", "float16") else ml_dtypes.bfloat16)
+    return array
+
+
+# --- the runtime's words ----------------------------------------------------------------------
+# Substrings a client or router matches on, and the messages of loraValidateRequestTensors
+# (cpp/tensorrt_llm/runtime/loraUtils.cpp), verbatim up to the details we append.
+
+MISS = "not found in cache"
+FULL = "Cache is full"
+DTYPE_MISMATCH = "Expected lora weights to be the same data type as base model"
+LAYER_OUT_OF_RANGE = "Expected layerId to be in the range [0, numModelLayers)"
+ROWS_MISMATCH = "Expected dim1 lora_weights and lora_keys to have the same size"
+
+
+class LoraRequestError(Exception):
+    """A per-request LoRA failure; the message is TensorRT-LLM's text for the same failure."""
+
+
+def not_found_message(task_id: int) -> str:
+    return f"LoRA task {task_id} {MISS}. Please send LoRA weights with request"
+
+
+def cache_full_message(task_id: int) -> str:
+    return f"PEFT {FULL}. Could not store taskId={task_id}"
+
+
+def dtype_mismatch_message(expected: str, found: object) -> str:
+    return f"{DTYPE_MISMATCH} ({expected}, got {found})"
+
+
+def layer_message(layer: int, num_layers: int) -> str:
+    return f"{LAYER_OUT_OF_RANGE} (layer {layer}, {num_layers} layers)"
+
+
+def rank_message(rank: int, max_rank: int) -> str:
+    return f"Invalid low_rank ({rank}). low_rank must be in range [1, {max_rank}]"
+
+
+def module_message(module: str) -> str:
+    return f"lora module {module} not enabled for this model"
+
+
+def too_few_values_message(module: str, layer: int, need: int, found: int) -> str:
+    return f"lora_weights has to few values for {module} (layer {layer}): expected {need}, found {found}"  # sic
+
+
+def module_name(module_id: int) -> str:
+    """The module's name, or ``id N`` for an id TensorRT-LLM does not define."""
+    return TRTLLM_MODULES[module_id] if 0 <= module_id < len(TRTLLM_MODULES) else f"id {module_id}"
+
+
+# --- the row codec ----------------------------------------------------------------------------
+
+
+def row_length(rank: int, in_dim: int, out_dim: int, *, experts: int = 1) -> int:
+    """Values one row needs: ``rank · (in + out)`` per expert (``flattenedInOutSize`` upstream)."""
+    return experts * rank * (in_dim + out_dim)
+
+
+def encode_row(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One row from the (A ``[r, in]``, B ``[out, r]``) pair of every expert (one pair if not MoE).
+
+    All A's first, then all B's (A ``[E, r, in]`` ++ B ``[E, out, r]``), as float32.
+    """
+    pairs = list(pairs)
+    parts = [np.asarray(a, dtype=np.float32).reshape(-1) for a, _ in pairs]
+    parts += [np.asarray(b, dtype=np.float32).reshape(-1) for _, b in pairs]
+    return np.concatenate(parts)
+
+
+def decode_row(row: Any, *, rank: int, in_dim: int, out_dim: int, experts: int = 1) -> tuple[Any, Any]:
+    """A ``[E, r, in]`` and B ``[E, out, r]`` read from a row (numpy array or torch tensor) by dims.
+
+    The dims are the reader's, not the writer's: a row laid out for other dims is read wrongly,
+    exactly as the runtime's cache reads it.
+    """
+    a_len = experts * rank * in_dim
+    a = row[:a_len].reshape(experts, rank, in_dim)
+    b = row[a_len : a_len + experts * out_dim * rank].reshape(experts, out_dim, rank)
+    return a, b
+
+
+def pack_rows(rows: list[np.ndarray], dtype: str) -> np.ndarray:
+    """``lora_weights`` ``[1, N, D]`` in the engine dtype: rows zero-padded to the longest."""
+    width = max((r.size for r in rows), default=0)
+    out = np.zeros((1, len(rows), width), dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[0, i, : r.size] = r
+    return out.astype(ENGINE_DTYPES[dtype].numpy)
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def tensor_problems(weights: np.ndarray, config: np.ndarray) -> list[str]:
+    """What is wrong with the shapes and types of a ``lora_weights`` / ``lora_config`` pair.
+
+    Shapes are ``[1, N, D]`` and ``[1, N, 3]`` (4 columns with DoRA); config int32; the weights an
+    engine dtype. Messages are the runtime's where it has one.
+    """
+    problems = []
+    if weights.ndim != 3 or weights.shape[0] != 1:
+        problems.append(f"lora_weights has the wrong shape: expected [1, N, D], found {list(weights.shape)}")
+    if config.ndim != 3 or config.shape[0] != 1 or config.shape[2] not in (3, 4):
+        problems.append(f"lora_config has the wrong shape: expected [1, N, 3], found {list(config.shape)}")
+    elif weights.ndim == 3 and weights.shape[1] != config.shape[1]:
+        problems.append(ROWS_MISMATCH)
+    if config.dtype != np.int32:
+        problems.append(f"lora_config must be int32, found {config.dtype}")
+    if dtype_name_of(weights) is None:
+        problems.append(f"lora_weights dtype is not an engine dtype (float16, bfloat16, float32): {weights.dtype}")
+    return problems
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A row the runtime would reject, with its message."""
+
+    row: int
+    module: str
+    layer: int
+    message: str
+
+
+def row_problems(
+    config_rows: np.ndarray,
+    width: int,
+    *,
+    dims: Callable[[int, int], tuple[int, int] | None],
+    num_layers: int | None,
+    max_rank: int | None,
+) -> list[RowProblem]:
+    """Every problem ``loraValidateRequestTensors`` would reject a row for, in its order of checks
+    (module, layer, rank, length); the runtime stops at the first.
+
+    Args:
+        config_rows: ``[N, 3|4]`` rows ``[module_id, layer, rank]``.
+        width: D, the padded row width of the request (the runtime checks a row's need against D,
+            not against the row's own length).
+        dims: (module id, layer) → the engine's (in, out) for that module, None when not built in.
+        num_layers: the engine's decoder layers (None: unknown, not checked).
+        max_rank: the engine's ``max_lora_rank`` (None: unknown).
+    """
+    found = []
+    for i, row in enumerate(np.asarray(config_rows)):
+        module_id, layer, rank = (int(x) for x in row[:3])
+        name = module_name(module_id)
+        shape = dims(module_id, layer)
+        if shape is None:
+            found.append(RowProblem(i, name, layer, module_message(name)))
+        if num_layers is not None and not 0 <= layer < num_layers:
+            found.append(RowProblem(i, name, layer, layer_message(layer, num_layers)))
+        if max_rank is not None and not 0 < rank <= max_rank:
+            found.append(RowProblem(i, name, layer, rank_message(rank, max_rank)))
+        elif shape is not None and row_length(rank, *shape) > width:
+            found.append(
+                RowProblem(i, name, layer, too_few_values_message(name, layer, row_length(rank, *shape), width))
+            )
+    return found
