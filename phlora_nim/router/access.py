@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -61,9 +62,15 @@ class Access:
     def adapter_visible(self, name: str, tenant: Tenant | None) -> bool:
         return name in self.catalog.adapters and (tenant is None or tenant.allows_adapter(name))
 
+    def exposed(self, model: str) -> bool:
+        """Whether clients may reach ``model`` at all (the upstream model and ``expose_models``)."""
+        return model == self.config.upstream_model or any(
+            fnmatch.fnmatchcase(model, p) for p in self.config.expose_models
+        )
+
     def model_visible(self, name: str, tenant: Tenant | None) -> bool:
         known = self.pool.models is None or name in self.pool.models
-        return known and (tenant is None or tenant.allows_base_model(name))
+        return known and self.exposed(name) and (tenant is None or tenant.allows_base_model(name))
 
     def plan(self, request: service_pb2.ModelInferRequest, metadata_adapter: str | None, tenant: Tenant | None) -> Plan:
         """Check ``request`` for ``tenant`` and aim it at the upstream model (in place).
@@ -93,7 +100,9 @@ class Access:
         entry = self.catalog.adapters.get(name)
         if entry is None or not self.adapter_visible(name, tenant):
             raise unknown(name)  # another tenant's adapter looks exactly like a missing one
-        if self.pool.models is not None and selection.model not in self.pool.models:
+        if not self.exposed(selection.model) or (
+            self.pool.models is not None and selection.model not in self.pool.models
+        ):
             raise unknown(selection.model)
         return Plan(
             label=name,

@@ -286,7 +286,11 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.RepositoryIndexResponse:
         tenant = await self._guard(context)
         upstream = await self._control(context, lambda stub, timeout: stub.RepositoryIndex(request, timeout=timeout))
-        models = [m for m in upstream.models if tenant is None or tenant.allows_base_model(m.name)]
+        models = [
+            m
+            for m in upstream.models
+            if self.access.exposed(m.name) and (tenant is None or tenant.allows_base_model(m.name))
+        ]
         models.extend(
             service_pb2.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
             for name in sorted(self.catalog.adapters)
