@@ -330,6 +330,8 @@ def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServ
     assert 'phlora_router_request_seconds_bucket{adapter="ops",le="+Inf"}' in text
     assert 'phlora_router_in_flight{adapter="ops"} 0.0' in text
     assert 'phlora_router_errors_total{adapter="(unknown)",code="NOT_FOUND"}' in text
+    assert 'phlora_router_all_errors_total{code="NOT_FOUND"}' in text
+    assert "# TYPE phlora_router_upstream_failures_total counter" in text
     assert "phlora_router_replica_weight_sends_total{replica=" in text
     assert "phlora_router_adapters 5.0" in text and "phlora_router_healthy_replicas 1.0" in text
     sent = [ln for ln in text.splitlines() if ln.startswith("phlora_router_weight_bytes_sent_total{")]
@@ -337,6 +339,31 @@ def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServ
     resident = [ln for ln in text.splitlines() if ln.startswith("phlora_router_replica_resident_adapters{")]
     assert resident and float(resident[0].rsplit(" ", 1)[1]) >= 1
     assert "# TYPE phlora_router_adapter_resends_total counter" in text
+
+
+def test_cache_misses_are_no_client_errors(router: RouterThread, triton: LocalTriton) -> None:
+    """Normal churn: an eviction is an upstream failure (Triton's TensorRT-LLM backend counts it in
+    nv_inference_request_failure; this stand-in's Python backend does not), counted by the router
+    apart from the per-code errors clients saw."""
+
+    def misses() -> float:
+        return sample(router, "phlora_router_upstream_failures_total", replica=triton.grpc_url, reason="cache_miss")
+
+    def client_errors() -> float:
+        return sum(sample(router, "phlora_router_all_errors_total", code=c.name) for c in grpc.StatusCode)
+
+    with contextlib.closing(grpcclient.InferenceServerClient(router.address)) as c:
+        for name in ADAPTERS:  # every adapter sent once: the router now believes each was sent
+            assert infer(c, name) == shifted(OFFSET[name])
+        before = (misses(), client_errors())
+        for name in list(ADAPTERS) * 2:  # 5 adapters through a 2-adapter cache: misses all along
+            assert infer(c, name) == shifted(OFFSET[name])
+        missed = misses() - before[0]
+        assert missed >= len(ADAPTERS)
+        assert client_errors() == before[1]  # clients saw no error
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "nope"))
+        assert sample(router, "phlora_router_all_errors_total", code="NOT_FOUND") >= 1
+        assert client_errors() == before[1] + 1
 
 
 # registry changes ----------------------------------------------------------------------------

@@ -121,6 +121,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         m.latency.labels(label).observe(time.perf_counter() - started)
         if code is not None:
             m.errors.labels(label, code.name).inc()
+            m.total_errors.labels(code.name).inc()
 
     # unary inference -------------------------------------------------------------------------
     async def ModelInfer(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
