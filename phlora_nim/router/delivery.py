@@ -307,10 +307,10 @@ class Delivery:
 
     def _check_size(self, plan: Plan, tensors: LoraTensors, batch: int) -> None:
         """Refuse a batch whose copies of the adapter would not fit in one upstream message (before building it)."""
-        needed = batch * tensors.nbytes + len(plan.upstream.plain())
+        needed = batch * tensors.nbytes + plan.upstream.nbytes
         if needed <= self.max_message_bytes:
             return
-        rows = max(0, (self.max_message_bytes - len(plan.upstream.plain())) // max(1, tensors.nbytes))
+        rows = max(0, (self.max_message_bytes - plan.upstream.nbytes) // max(1, tensors.nbytes))
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"a batch of {batch} rows with adapter {shown(plan.label)} needs {needed / 2**20:.0f} MB upstream "
