@@ -29,8 +29,9 @@ CHART = Path(__file__).resolve().parents[1] / "helm" / "phlora-nim"
 PROFILES = sorted(CHART.glob("profiles/*.yaml"))
 RELEASE, NAMESPACE = "demo", "ml"
 SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
+PROMETHEUS_RULE = "monitoring.coreos.com/v1/PrometheusRule"
 # Kinds whose schema is a CRD's, not Kubernetes'; they are checked by the assertions below instead.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 WORKLOAD_KINDS = {"Deployment", "Job", "Pod"}
 
 # Values sets beyond the profiles, each rendered, validated and checked like a profile.
@@ -285,6 +286,9 @@ BAD_VALUES = [
     ({"conversion": {"energy": 1.5}}, SCHEMA, r"/conversion/energy': maximum"),
     ({"modelRepository": {"source": "s3"}}, SCHEMA, r"/modelRepository/source': value must be one of"),
     ({"router": {"autoscaling": {"minReplicas": 0}}}, SCHEMA, r"/router/autoscaling/minReplicas': minimum"),
+    ({"metrics": {"prometheusRule": {"errorRatio": 0}}}, SCHEMA, r"/metrics/prometheusRule/errorRatio'"),
+    ({"metrics": {"prometheusRule": {"codes": ["OOPS"]}}}, SCHEMA, r"/metrics/prometheusRule/codes/0'"),
+    ({"metrics": {"prometheusRule": {"window": "five"}}}, SCHEMA, r"/metrics/prometheusRule/window'"),
     ({"backend": "nim"}, GUARD, r"set router\.enabled=false"),
     ({"backend": "nim", "router": {"enabled": False}}, GUARD, r"nim\.ngcApiKeySecret\.name"),
     ({"router": {"enabled": False}}, GUARD, r"backend=tensorrtllm needs the router"),
@@ -607,6 +611,51 @@ def test_service_monitor_only_when_the_cluster_serves_it(
     assert [m["spec"]["endpoints"][0]["path"] for m in nim] == ["/v1/metrics"]
     off = render(chart, {"metrics": {"serviceMonitor": {"enabled": False}}}, api_versions=[SERVICE_MONITOR])
     assert not [o for o in off if o["kind"] == "ServiceMonitor"]
+
+
+def test_prometheus_rule_alerts_on_what_clients_see(chart: helm.Chart) -> None:
+    """Off by default; on, only where the cluster serves PrometheusRule, alerting on the router's
+    client-visible error ratio and never on Triton's failure counter (which counts cache misses)."""
+    on = {"metrics": {"prometheusRule": {"enabled": True}}}
+    both = [SERVICE_MONITOR, PROMETHEUS_RULE]
+    assert not [o for o in render(chart, api_versions=both) if o["kind"] == "PrometheusRule"]
+    assert not [o for o in render(chart, on, api_versions=[SERVICE_MONITOR]) if o["kind"] == "PrometheusRule"]
+    rule = _one(render(chart, on, api_versions=both), "PrometheusRule", "router")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["namespace"] == NAMESPACE
+    (alert,) = rule["spec"]["groups"][0]["rules"]
+    expr = alert["expr"]
+    assert "nv_inference" not in expr
+    selector = f'namespace="{NAMESPACE}", job="{RELEASE}-phlora-nim-router"'
+    assert (
+        f'sum(rate(phlora_router_all_errors_total{{{selector}, code=~"UNAVAILABLE|INTERNAL|UNKNOWN|DEADLINE_EXCEEDED|'
+        f'FAILED_PRECONDITION|DATA_LOSS"}}[5m]))' in expr
+    )
+    assert f"/ sum(rate(phlora_router_all_requests_total{{{selector}}}[5m]))" in expr and expr.endswith("> 0.05")
+    assert alert["for"] == "10m" and alert["labels"] == {"severity": "warning"}
+    # the job label is the router Service's name (what the router's ServiceMonitor scrapes)
+    service = _one(render(chart), "Service", "router")
+    assert service["metadata"]["name"] == f"{RELEASE}-phlora-nim-router"
+    tuned = {
+        "metrics": {
+            "prometheusRule": {
+                "enabled": True,
+                "errorRatio": 0.01,
+                "window": "15m",
+                "for": "1h",
+                "codes": ["UNAVAILABLE"],
+                "severity": "page",
+                "labels": {"release": "kube-prometheus"},
+            }
+        }
+    }
+    rule = _one(render(chart, tuned, api_versions=both), "PrometheusRule", "router")
+    (alert,) = rule["spec"]["groups"][0]["rules"]
+    assert 'code=~"UNAVAILABLE"}[15m]' in alert["expr"] and alert["expr"].endswith("> 0.01")
+    assert alert["for"] == "1h" and alert["labels"] == {"severity": "page"}
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus"
+    nim = helm.values_from_yaml((CHART / "profiles" / "nim.yaml").read_text())
+    nim["metrics"] = on["metrics"]
+    assert not [o for o in render(chart, nim, api_versions=both) if o["kind"] == "PrometheusRule"]  # no router
 
 
 def test_network_policies_only_when_enabled(rendered: dict[str, list[dict[str, Any]]]) -> None:

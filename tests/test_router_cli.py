@@ -24,6 +24,7 @@ FLAGS = [
     "--upstream-dns",
     "--dns-interval",
     "--upstream-model",
+    "--expose-model",
     "--host",
     "--port",
     "--metrics-port",

@@ -25,13 +25,14 @@ def test_file_holds_every_option_and_finer_settings(tmp_path: Path) -> None:
         "residency_capacity: 32\n"
         "grace: 3\n"
         "attempt-timeout: 45\n"
+        "expose_models: ensemble_text\n"
     )
     values = load_router_file(path)
     assert values["model_repository"] == tmp_path / "repo"  # relative to the file
     assert values["upstreams"] == ("triton-0:8001", "triton-1:8001")
     assert values["spill_factor"] == 1.0 and isinstance(values["spill_factor"], float)
     config = RouterConfig(**values)
-    assert config.attempt_timeout == 45.0
+    assert config.attempt_timeout == 45.0 and config.expose_models == ("ensemble_text",)
     assert config.port == 9001 and config.residency_capacity == 32 and config.tenants == tmp_path / "tenants.yaml"
 
 
@@ -44,6 +45,7 @@ def test_file_holds_every_option_and_finer_settings(tmp_path: Path) -> None:
         ("port: '8001'\n", "wrong type"),
         ("port: true\n", "wrong type"),
         ("upstream: {a: 1}\n", "address or a list"),
+        ("expose_models: [1]\n", "model name or a list"),
         ("tenants: 3\n", "must be a path"),
     ],
 )

@@ -83,6 +83,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
 
 def config(root: Path, upstream: str, **kwargs: Any) -> RouterConfig:
     options: dict[str, Any] = {"port": 0, "metrics_port": 0, "health_interval": 0.5, "registry_interval": 0.2}
+    options["expose_models"] = ("stream",)
     options.update(kwargs)
     return RouterConfig(root, upstreams=(upstream,), **options)
 

@@ -74,6 +74,7 @@ def triton() -> Iterator[LocalTriton]:
 
 def config(root: Path, *upstreams: str, **kwargs: Any) -> RouterConfig:
     options: dict[str, Any] = {"port": 0, "metrics_port": 0, "health_interval": 0.5, "registry_interval": 0.2}
+    options["expose_models"] = ("stream",)  # the decoupled stand-in, beside the upstream model
     options.update(kwargs)
     return RouterConfig(root, upstreams=upstreams, **options)
 
@@ -329,6 +330,8 @@ def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServ
     assert 'phlora_router_request_seconds_bucket{adapter="ops",le="+Inf"}' in text
     assert 'phlora_router_in_flight{adapter="ops"} 0.0' in text
     assert 'phlora_router_errors_total{adapter="(unknown)",code="NOT_FOUND"}' in text
+    assert 'phlora_router_all_errors_total{code="NOT_FOUND"}' in text
+    assert "# TYPE phlora_router_upstream_failures_total counter" in text
     assert "phlora_router_replica_weight_sends_total{replica=" in text
     assert "phlora_router_adapters 5.0" in text and "phlora_router_healthy_replicas 1.0" in text
     sent = [ln for ln in text.splitlines() if ln.startswith("phlora_router_weight_bytes_sent_total{")]
@@ -336,6 +339,31 @@ def test_metrics_endpoint(router: RouterThread, client: grpcclient.InferenceServ
     resident = [ln for ln in text.splitlines() if ln.startswith("phlora_router_replica_resident_adapters{")]
     assert resident and float(resident[0].rsplit(" ", 1)[1]) >= 1
     assert "# TYPE phlora_router_adapter_resends_total counter" in text
+
+
+def test_cache_misses_are_no_client_errors(router: RouterThread, triton: LocalTriton) -> None:
+    """Normal churn: an eviction is an upstream failure (Triton's TensorRT-LLM backend counts it in
+    nv_inference_request_failure; this stand-in's Python backend does not), counted by the router
+    apart from the per-code errors clients saw."""
+
+    def misses() -> float:
+        return sample(router, "phlora_router_upstream_failures_total", replica=triton.grpc_url, reason="cache_miss")
+
+    def client_errors() -> float:
+        return sum(sample(router, "phlora_router_all_errors_total", code=c.name) for c in grpc.StatusCode)
+
+    with contextlib.closing(grpcclient.InferenceServerClient(router.address)) as c:
+        for name in ADAPTERS:  # every adapter sent once: the router now believes each was sent
+            assert infer(c, name) == shifted(OFFSET[name])
+        before = (misses(), client_errors())
+        for name in list(ADAPTERS) * 2:  # 5 adapters through a 2-adapter cache: misses all along
+            assert infer(c, name) == shifted(OFFSET[name])
+        missed = misses() - before[0]
+        assert missed >= len(ADAPTERS)
+        assert client_errors() == before[1]  # clients saw no error
+        refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "nope"))
+        assert sample(router, "phlora_router_all_errors_total", code="NOT_FOUND") >= 1
+        assert client_errors() == before[1] + 1
 
 
 # registry changes ----------------------------------------------------------------------------
@@ -535,6 +563,34 @@ def test_upstream_by_dns(repo_root: Path, triton: LocalTriton) -> None:
         assert infer(c, "legal") == shifted(300)
 
 
+def internal_models_look_missing(
+    running: RouterThread, c: grpcclient.InferenceServerClient, headers: dict[str, str]
+) -> None:
+    assert "'stream'" in refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "stream", headers=headers))
+    got = stream(running.address, [("s", {})], headers=headers, expect=1)  # the stream RPC too
+    assert "NOT_FOUND" in got["errors"][0] and "'stream'" in got["errors"][0]
+    adapter_on_it = {"parameters": {"lora_adapter": "faq"}}
+    refused(grpc.StatusCode.NOT_FOUND, lambda: infer(c, "stream", headers=headers, **adapter_on_it))
+    assert not c.is_model_ready("stream", headers=headers)
+    refused(grpc.StatusCode.NOT_FOUND, lambda: c.get_model_metadata("stream", headers=headers))
+    refused(grpc.StatusCode.NOT_FOUND, lambda: c.get_model_config("stream", headers=headers))
+    assert {m.name for m in c.get_model_repository_index(headers=headers).models} == {"ensemble", *ADAPTERS}
+    assert infer(c, "ensemble", headers=headers) == X and infer(c, "faq", headers=headers) == shifted(400)
+
+
+def test_only_exposed_models_are_reachable(repo_root: Path, triton: LocalTriton, tmp_path: Path) -> None:
+    """Without --expose-model only the upstream model and the adapters are reachable: internal models
+    (here 'stream' stands for preprocessing / tensorrt_llm) look missing, tenants' '*' patterns included."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants:\n  - {name: all, keys: [all-key], adapters: ['*']}\n")  # base_models: ['*']
+    with routed(config(repo_root, triton.grpc_url, expose_models=())) as (running, c):
+        internal_models_look_missing(running, c, {})
+    with routed(config(repo_root, triton.grpc_url, expose_models=(), tenants=tenants)) as (running, c):
+        internal_models_look_missing(running, c, {"authorization": "Bearer all-key"})
+    with routed(config(repo_root, triton.grpc_url, expose_models=("str*",))) as (running, c):
+        assert c.get_model_metadata("stream").name == "stream"
+
+
 # many replicas -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair() -> Iterator[list[LocalTriton]]:
@@ -613,9 +669,10 @@ def test_hung_replica_requests_move_to_another(repo_root: Path, pair: list[Local
     addresses = [s.grpc_url for s in pair]
     name = "legal"
     victim = next(s for s in pair if s.grpc_url == rank_replicas(name, addresses)[0])
-    with routed(config(repo_root, *addresses, attempt_timeout=1.0, health_interval=1.0)) as (running, c):
+    with routed(config(repo_root, *addresses, attempt_timeout=1.0, health_interval=2.0)) as (running, c):
         pool = running.router.pool
         assert infer(c, name) == shifted(300)  # weights now on the victim
+        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
         with stopped(victim):
             started = time.monotonic()
             assert infer(c, name, client_timeout=20) == shifted(300)  # sent to the victim, retried elsewhere

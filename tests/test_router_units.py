@@ -211,6 +211,25 @@ def test_only_requests_outside_a_sequence_are_retried(field: str | None, value: 
     assert retryable(request) is expected
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_received_bytes_are_forwarded_as_they_are(raw: bool) -> None:
+    """A base-model request goes on as the very bytes received; an adapter's gets the upstream model's
+    name appended (the last value wins) and its LoRA inputs, nothing re-serialized."""
+    request = _request(raw=raw, model="support")
+    wire = request.SerializeToString()
+    assert UpstreamRequest(request, wire=wire).plain() is wire
+    upstream = UpstreamRequest(request, wire=wire, model="ensemble")
+    assert upstream.plain().startswith(wire)
+    sent = service_pb2.ModelInferRequest.FromString(upstream.plain())
+    expected = service_pb2.ModelInferRequest.FromString(wire)
+    expected.model_name = "ensemble"
+    assert sent == expected and request.model_name == "support"
+    for tensors in (None, TENSORS):
+        with_lora = _sent(upstream, 42, tensors)
+        assert with_lora.model_name == "ensemble" and with_lora.id == "7"
+        assert [t.name for t in with_lora.inputs][:3] == ["x", "text_input", "lora_task_id"]
+
+
 def test_make_raw_covers_every_typed_field() -> None:
     request = service_pb2.ModelInferRequest()
     cases = {

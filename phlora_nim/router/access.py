@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,7 +14,15 @@ from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.replicas import ReplicaPool
-from phlora_nim.router.rewrite import Selection, UpstreamRequest, check_request, retarget, retryable, select
+from phlora_nim.router.rewrite import (
+    ADAPTER_PARAMETER,
+    Selection,
+    UpstreamRequest,
+    check_request,
+    retarget,
+    retryable,
+    select,
+)
 from phlora_nim.router.tenants import Tenant, TenantTable
 
 
@@ -61,12 +70,31 @@ class Access:
     def adapter_visible(self, name: str, tenant: Tenant | None) -> bool:
         return name in self.catalog.adapters and (tenant is None or tenant.allows_adapter(name))
 
+    def exposed(self, model: str) -> bool:
+        """Whether clients may reach ``model`` at all (the upstream model and ``expose_models``)."""
+        return model == self.config.upstream_model or any(
+            fnmatch.fnmatchcase(model, p) for p in self.config.expose_models
+        )
+
     def model_visible(self, name: str, tenant: Tenant | None) -> bool:
         known = self.pool.models is None or name in self.pool.models
-        return known and (tenant is None or tenant.allows_base_model(name))
+        return known and self.exposed(name) and (tenant is None or tenant.allows_base_model(name))
 
-    def plan(self, request: service_pb2.ModelInferRequest, metadata_adapter: str | None, tenant: Tenant | None) -> Plan:
-        """Check ``request`` for ``tenant`` and aim it at the upstream model (in place).
+    @staticmethod
+    def _upstream(request: service_pb2.ModelInferRequest, selection: Selection, wire: bytes | None) -> UpstreamRequest:
+        if ADAPTER_PARAMETER in request.parameters:  # the parameter is the router's: serialize without it
+            return UpstreamRequest(retarget(request, selection.model))
+        return UpstreamRequest(request, wire=wire, model=selection.model)
+
+    def plan(
+        self,
+        request: service_pb2.ModelInferRequest,
+        metadata_adapter: str | None,
+        tenant: Tenant | None,
+        *,
+        wire: bytes | None = None,
+    ) -> Plan:
+        """Check ``request`` (parsed from ``wire``, when given) for ``tenant`` and aim it at the upstream model.
 
         Raises:
             RequestError: INVALID_ARGUMENT for a malformed request; NOT_FOUND, with the same words,
@@ -87,18 +115,20 @@ class Access:
                 label=f"base:{request.model_name}",
                 selection=selection,
                 entry=None,
-                upstream=UpstreamRequest(request),
+                upstream=UpstreamRequest(request, wire=wire),
                 retryable=retryable(request),
             )
         entry = self.catalog.adapters.get(name)
         if entry is None or not self.adapter_visible(name, tenant):
             raise unknown(name)  # another tenant's adapter looks exactly like a missing one
-        if self.pool.models is not None and selection.model not in self.pool.models:
+        if not self.exposed(selection.model) or (
+            self.pool.models is not None and selection.model not in self.pool.models
+        ):
             raise unknown(selection.model)
         return Plan(
             label=name,
             selection=selection,
             entry=entry,
-            upstream=UpstreamRequest(retarget(request, selection.model)),
+            upstream=self._upstream(request, selection, wire),
             retryable=retryable(request),
         )

@@ -134,6 +134,14 @@ def serve(
     upstream_model: Annotated[
         str | None, typer.Option("--upstream-model", help="Triton model that serves the adapters (default ensemble).")
     ] = None,
+    expose_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expose-model",
+            help="Another Triton model clients may call (name or glob; repeat). Default: only the upstream model; "
+            "internal models (preprocessing, tensorrt_llm, ...) stay unknown to clients.",
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="gRPC port of the router (default 8001).")] = None,
     metrics_port: Annotated[
@@ -193,6 +201,7 @@ def serve(
         "upstream_dns": upstream_dns,
         "dns_interval": dns_interval,
         "upstream_model": upstream_model,
+        "expose_models": tuple(expose_model) if expose_model else None,
         "host": host,
         "port": port,
         "metrics_port": metrics_port,

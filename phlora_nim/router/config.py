@@ -35,7 +35,10 @@ class RouterConfig:
         upstreams: static Triton gRPC addresses (``host:port``).
         upstream_dns: a DNS name resolving to every replica (``name:port``, e.g. a headless Service).
         dns_interval: seconds between DNS resolutions.
-        upstream_model: the Triton model adapters are served by.
+        upstream_model: the Triton model adapters are served by; reachable by its name too.
+        expose_models: glob patterns of further Triton models clients may call (by name, or as the
+            model an adapter runs on); every other model (``preprocessing``, ``tensorrt_llm``,
+            ``postprocessing``...) is unknown to clients, whatever their tenant's patterns.
         host, port: where the router listens (port 0: any free port).
         metrics_port: Prometheus HTTP port on ``host`` (0: no metrics server).
         tenants: YAML file of API keys and tenants (None: no authentication).
@@ -60,6 +63,7 @@ class RouterConfig:
     upstream_dns: str | None = None
     dns_interval: float = 10.0
     upstream_model: str = "ensemble"
+    expose_models: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 9090
@@ -120,6 +124,12 @@ class RouterConfig:
             problems.append(OptionError("workers must be 1–64", where="--workers", found=str(self.workers)))
         if not self.upstream_model:
             problems.append(OptionError("must not be empty", where="--upstream-model"))
+        if not all(isinstance(p, str) and p for p in self.expose_models):
+            problems.append(
+                OptionError(
+                    "must be non-empty names or glob patterns", where="--expose-model", found=repr(self.expose_models)
+                )
+            )
         raise_all(problems, summary="invalid router options")
 
     @property
@@ -137,8 +147,11 @@ class RouterConfig:
 _PATH_FIELDS = {"model_repository", "tenants", "tls_cert", "tls_key"}
 
 
+_LIST_FIELDS = {"upstreams", "expose_models"}
+
+
 def _field_types() -> dict[str, type]:
-    hints = {"upstreams": tuple}
+    hints: dict[str, type] = dict.fromkeys(_LIST_FIELDS, tuple)
     for f in fields(RouterConfig):
         if f.name in hints:
             continue
@@ -154,6 +167,7 @@ def load_router_file(path: Path) -> dict[str, Any]:
 
         model_repository: /models
         upstream_dns: triton-headless.llm.svc.cluster.local:8001
+        expose_models: [ensemble_text]  # besides upstream_model (default ensemble)
         port: 8001
         metrics_port: 9090
         spill_factor: 0.25
@@ -161,7 +175,8 @@ def load_router_file(path: Path) -> dict[str, Any]:
         weight_cache_mb: 2048
         grace: 10
 
-    ``upstream`` (one address or a list) maps to the ``upstreams`` field. Relative paths are taken
+    ``upstream`` (one address or a list) maps to the ``upstreams`` field; ``expose_models`` takes one
+    name or a list. Relative paths are taken
     from the file's folder.
 
     Raises:
@@ -195,10 +210,11 @@ def load_router_file(path: Path) -> dict[str, Any]:
             )
             continue
         want = types[key]
-        if key == "upstreams":
+        if key in _LIST_FIELDS:
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                problems.append(InputError("must be an address or a list of them", where=f"{path}: {raw_key}"))
+                what = "an address" if key == "upstreams" else "a model name"
+                problems.append(InputError(f"must be {what} or a list of them", where=f"{path}: {raw_key}"))
                 continue
             values[key] = tuple(items)
         elif want is Path:

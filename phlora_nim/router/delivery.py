@@ -178,7 +178,9 @@ class Delivery:
                 return
             except _CacheFull:
                 full.append(replica.address)
+                self.metrics.upstream_failures.labels(replica.address, "cache_full").inc()
             except (grpc.aio.AioRpcError, _Hung) as exc:
+                hung = isinstance(exc, _Hung)
                 if isinstance(exc, _Hung):
                     code = grpc.StatusCode.UNAVAILABLE
                     details = f"no answer in {self.config.attempt_timeout:g} s and its readiness probe failed"
@@ -187,6 +189,7 @@ class Delivery:
                     if code != grpc.StatusCode.UNAVAILABLE or attempt.delivered:
                         raise RequestError(code, details) from None
                     self.pool.mark_down(replica, details)
+                self.metrics.upstream_failures.labels(replica.address, "hung" if hung else "unavailable").inc()
                 if attempt.delivered or retried or not candidates or not plan.retryable:
                     raise RequestError(code, f"replica {replica.address} unavailable: {details}") from None
                 retried = True
@@ -229,6 +232,7 @@ class Delivery:
                     pass
                 self._resident(replica, task_id, held=False)
                 self.metrics.cache_misses.labels(replica.address).inc()
+                self.metrics.upstream_failures.labels(replica.address, "cache_miss").inc()
                 self.metrics.adapter_resends.labels(plan.label).inc()
                 log.debug("adapter %s evicted on %s: sending weights", plan.label, replica.address)
             tensors = await self._tensors(plan)
@@ -303,10 +307,10 @@ class Delivery:
 
     def _check_size(self, plan: Plan, tensors: LoraTensors, batch: int) -> None:
         """Refuse a batch whose copies of the adapter would not fit in one upstream message (before building it)."""
-        needed = batch * tensors.nbytes + len(plan.upstream.plain())
+        needed = batch * tensors.nbytes + plan.upstream.nbytes
         if needed <= self.max_message_bytes:
             return
-        rows = max(0, (self.max_message_bytes - len(plan.upstream.plain())) // max(1, tensors.nbytes))
+        rows = max(0, (self.max_message_bytes - plan.upstream.nbytes) // max(1, tensors.nbytes))
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"a batch of {batch} rows with adapter {shown(plan.label)} needs {needed / 2**20:.0f} MB upstream "

@@ -3,7 +3,14 @@
 Per adapter (``adapter`` label: the adapter name, ``base:<model>`` for base-model requests,
 ``(unknown)`` before a name is known to be registered): requests, errors by gRPC code, latency,
 in-flight. Per replica (``replica`` label: host:port): in-flight, weight sends, cache misses,
-health. Totals: requests, in-flight, adapters served, healthy replicas, weight-cache bytes.
+health, upstream failures the client never saw. Totals: requests, errors by code, in-flight,
+adapters served, healthy replicas, weight-cache bytes.
+
+The router's errors are what clients see, hence the source of truth for alerts. Triton's own
+``nv_inference_request_failure`` also counts failures the router recovers from: each adapter
+evicted from a replica's LoRA cache answers ``not found in cache`` (a failure of the ensemble and of
+its ``tensorrt_llm`` step) before the router resends the weights, and ``Cache is full`` answers are
+spilled to another replica; ``phlora_router_upstream_failures`` counts upstream failures by reason.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ log = logging.getLogger("phlora_nim.router")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 UNKNOWN = "(unknown)"
+UPSTREAM_FAILURE_REASONS = ("cache_miss", "cache_full", "unavailable", "hung")
 
 
 class RouterMetrics:
@@ -94,6 +102,19 @@ class RouterMetrics:
             registry=r,
         )
         self.total_requests = Counter("phlora_router_all_requests", "Inference requests, all adapters.", registry=r)
+        self.total_errors = Counter(
+            "phlora_router_all_errors",
+            "Failed inference requests as clients saw them, all adapters, by gRPC code.",
+            ["code"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "phlora_router_upstream_failures",
+            "Upstream calls that failed, per replica and reason: cache_miss (weights resent) and cache_full "
+            "(spilled) never reach the client; unavailable and hung are retried elsewhere when safe.",
+            ["replica", "reason"],
+            registry=r,
+        )
         self.total_in_flight = Gauge(
             "phlora_router_all_in_flight", "Inference requests in flight, all.", multiprocess_mode="livesum", registry=r
         )
@@ -138,3 +159,6 @@ class RouterMetrics:
         for family in families:
             with contextlib.suppress(KeyError):
                 family.remove(replica)
+        for reason in UPSTREAM_FAILURE_REASONS:
+            with contextlib.suppress(KeyError):
+                self.upstream_failures.remove(replica, reason)

@@ -237,6 +237,9 @@ class ReplicaPool:
     async def control(self, call: Callable[[service_pb2_grpc.GRPCInferenceServiceStub, float], Awaitable[T]]) -> T:
         """Run a metadata RPC on the first healthy replica that answers.
 
+        A replica that does not answer within ``attempt_timeout`` (at most 10 s) and then fails a
+        readiness probe is hung: taken out of rotation, and the next one is asked.
+
         Raises:
             RequestError: UNAVAILABLE when none answers; the upstream status otherwise.
         """
@@ -244,10 +247,13 @@ class ReplicaPool:
         last = "no Triton replica is ready"
         for replica in replicas:
             try:
-                return await call(replica.stub, 10.0)
+                return await call(replica.stub, min(10.0, self.config.attempt_timeout))
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise RequestError(exc.code(), exc.details() or exc.code().name) from None
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and await self.probe(replica):
+                    raise RequestError(code, exc.details() or code.name) from None  # alive, merely slow
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise RequestError(code, exc.details() or code.name) from None
                 self.mark_down(replica, exc.details() or "unavailable")
                 last = f"replica {replica.address}: {exc.details()}"
         raise RequestError(grpc.StatusCode.UNAVAILABLE, last)

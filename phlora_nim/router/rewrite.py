@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.router.errors import RequestError, shown
@@ -132,6 +133,18 @@ def select(
     return Selection(None, "none", request.model_name)
 
 
+def parse(data: bytes) -> service_pb2.ModelInferRequest:
+    """A request as received on the wire.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT when the bytes are no ``ModelInferRequest``.
+    """
+    try:
+        return service_pb2.ModelInferRequest.FromString(data)
+    except DecodeError:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid ModelInferRequest") from None
+
+
 def retarget(request: service_pb2.ModelInferRequest, model: str) -> service_pb2.ModelInferRequest:
     """Aim ``request`` at ``model`` and drop the ``lora_adapter`` parameter (in place; returns it)."""
     request.model_name = model
@@ -211,51 +224,80 @@ _RAW_FIELD = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_
 _RAW_TAG = _varint((_RAW_FIELD << 3) | 2)  # length-delimited
 
 
+_MODEL_TAG = _varint((service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["model_name"].number << 3) | 2)
+
+
+def _model_field(model: str) -> bytes:
+    """``model_name`` on the wire: appended to a message, it replaces the name before it."""
+    encoded = model.encode()
+    return _MODEL_TAG + _varint(len(encoded)) + encoded
+
+
 def _raw_entry(chunk: bytes, repeat: int) -> list[bytes]:
     """Wire-format pieces of one ``raw_input_contents`` entry holding ``chunk`` ``repeat`` times."""
     return [_RAW_TAG, _varint(len(chunk) * repeat), *([chunk] * repeat)]
 
 
 class UpstreamRequest:
-    """A checked request aimed at the upstream model, serialized once.
+    """A checked request aimed at the upstream model, as bytes to send.
 
-    LoRA inputs are appended per attempt to the serialized bytes: protobuf parsers append repeated
-    fields found later in a message, so ``bytes(request) + bytes(extra inputs)`` is the request
-    with those inputs added. The client's request is never changed after this is built, and its
-    payload is copied once per attempt (into the bytes sent), as serializing would do anyway;
-    adapter weights are framed by hand so they are copied once too.
+    Protobuf parsers append repeated fields found later in a message and keep the last value of a
+    scalar one, so the request sent upstream is built by appending to the bytes the client sent:
+    the upstream model's name when it differs, then per attempt the LoRA inputs. A request is thus
+    forwarded without being re-serialized (a base-model request: the very bytes received), the
+    client's message is never changed after planning, and its payload is copied at most once per
+    attempt; adapter weights are framed by hand so they are copied once too.
+
+    Args:
+        request: the client's request, parsed and checked.
+        wire: the bytes it was parsed from (None: serialize ``request``, e.g. after removing a parameter).
+        model: the model to aim at, when not the request's own.
 
     Example:
-        >>> upstream = UpstreamRequest(service_pb2.ModelInferRequest(model_name="ensemble"))
+        >>> upstream = UpstreamRequest(service_pb2.ModelInferRequest(model_name="support"), model="ensemble")
         >>> sent = service_pb2.ModelInferRequest.FromString(upstream.with_lora(7, batch=2))
-        >>> [(t.name, list(t.shape)) for t in sent.inputs]
-        [('lora_task_id', [2, 1])]
+        >>> sent.model_name, [(t.name, list(t.shape)) for t in sent.inputs]
+        ('ensemble', [('lora_task_id', [2, 1])])
     """
 
-    def __init__(self, request: service_pb2.ModelInferRequest) -> None:
+    def __init__(
+        self, request: service_pb2.ModelInferRequest, *, wire: bytes | None = None, model: str | None = None
+    ) -> None:
         self.request = request
-        self._plain: bytes | None = None
-        self._as_raw: bytes | None = None
+        self.model = model or request.model_name
+        self._wire = wire
+        self._parts: list[bytes] | None = None
+        self._as_raw: list[bytes] | None = None
+
+    def _base(self) -> list[bytes]:
+        """Pieces of the request aimed at :attr:`model` (joined only when sent: one copy)."""
+        if self._parts is None:
+            base = self.request.SerializeToString() if self._wire is None else self._wire
+            self._parts = [base] if self.model == self.request.model_name else [base, _model_field(self.model)]
+        return self._parts
 
     @property
-    def model(self) -> str:
-        return self.request.model_name
+    def nbytes(self) -> int:
+        """Size of the request as sent, without LoRA inputs."""
+        return sum(len(part) for part in self._base())
 
     def plain(self) -> bytes:
-        """The request as it came (retargeted), serialized."""
-        if self._plain is None:
-            self._plain = self.request.SerializeToString()
-        return self._plain
+        """The request aimed at :attr:`model`, as bytes (a base-model request: the bytes received)."""
+        parts = self._base()
+        if len(parts) > 1:
+            self._parts = parts = [b"".join(parts)]
+        return parts[0]
 
-    def _raw_base(self) -> bytes:
+    def _raw_base(self) -> list[bytes]:
         """The request with every input in ``raw_input_contents`` (Triton refuses a mix with weights)."""
         if self.request.raw_input_contents or not self.request.inputs:
-            return self.plain()
+            return self._base()
         if self._as_raw is None:
             copy = service_pb2.ModelInferRequest()
             copy.CopyFrom(self.request)  # typed contents: small by nature, copying them is cheap
+            copy.model_name = self.model
             make_raw(copy)
-            self._as_raw = copy.SerializeToString()
+            self._as_raw = [copy.SerializeToString()]
         return self._as_raw
 
     def with_lora(self, task_id: int, tensors: LoraTensors | None = None, *, batch: int = 1) -> bytes:
@@ -272,11 +314,11 @@ class UpstreamRequest:
         ids = extra.inputs.add(name="lora_task_id", datatype="UINT64", shape=[batch, 1])
         if not raw:
             ids.contents.uint64_contents.extend([task_id] * batch)
-            return self.plain() + extra.SerializeToString()
+            return b"".join([*self._base(), extra.SerializeToString()])
         pieces = _raw_entry(struct.pack("<Q", task_id), batch)
         if tensors is not None:
             extra.inputs.add(name="lora_weights", datatype=tensors.datatype, shape=[batch, *tensors.weights_shape[1:]])
             extra.inputs.add(name="lora_config", datatype="INT32", shape=[batch, *tensors.config_shape[1:]])
             pieces += _raw_entry(tensors.weights, batch) + _raw_entry(tensors.config, batch)
-        base = self._raw_base() if tensors is not None else self.plain()
-        return b"".join([base, extra.SerializeToString(), *pieces])
+        base = self._raw_base() if tensors is not None else self._base()
+        return b"".join([*base, extra.SerializeToString(), *pieces])

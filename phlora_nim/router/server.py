@@ -55,12 +55,18 @@ class _HandlerTable:
 
 
 def add_inference_service(service: RouterService, server: grpc.aio.Server) -> None:
-    """Register the servicer with the generated handlers, except that ``ModelInfer`` answers with the
+    """Register the servicer with the generated handlers, except that inference requests reach it as
+    the bytes received (forwarded without re-serializing) and ``ModelInfer`` answers with the
     upstream's bytes as they came (its servicer method returns ``bytes``)."""
     table = _HandlerTable()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, table)
     table.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        service.ModelInfer, request_deserializer=service_pb2.ModelInferRequest.FromString, response_serializer=None
+        service.ModelInfer, request_deserializer=None, response_serializer=None
+    )
+    table.handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        service.ModelStreamInfer,
+        request_deserializer=None,
+        response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, table.handlers),))
     server.add_registered_method_handlers(INFERENCE_SERVICE, table.handlers)

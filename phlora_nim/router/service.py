@@ -25,7 +25,7 @@ from phlora_nim.router.delivery import Delivery
 from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.metrics import UNKNOWN, RouterMetrics
 from phlora_nim.router.replicas import ReplicaPool
-from phlora_nim.router.rewrite import ADAPTER_METADATA, LORA_INPUTS
+from phlora_nim.router.rewrite import ADAPTER_METADATA, LORA_INPUTS, parse
 from phlora_nim.router.tenants import Tenant, TenantTable
 from phlora_nim.router.weights import WeightStore
 
@@ -121,14 +121,17 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         m.latency.labels(label).observe(time.perf_counter() - started)
         if code is not None:
             m.errors.labels(label, code.name).inc()
+            m.total_errors.labels(code.name).inc()
 
     # unary inference -------------------------------------------------------------------------
-    async def ModelInfer(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
-        """Unary inference; the answer is the upstream's serialized ``ModelInferResponse``, passed through."""
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Unary inference on the request's bytes as received; the answer is the upstream's serialized
+        ``ModelInferResponse``, passed through."""
         started, label = time.perf_counter(), UNKNOWN
         try:
             tenant = self._authenticate(context)
-            plan = self.access.plan(request, self._metadata(context).get(ADAPTER_METADATA), tenant)
+            request = parse(data)
+            plan = self.access.plan(request, self._metadata(context).get(ADAPTER_METADATA), tenant, wire=data)
             label = plan.label
             with self._admit(tenant, label):
                 response = await self.delivery.unary(plan, self._deadline(context))
@@ -142,9 +145,11 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
     # streaming inference ---------------------------------------------------------------------
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """Streaming inference: requests (bytes as received) are served concurrently, answers and
+        per-request errors come back in band as they are ready."""
         try:
             tenant = self._authenticate(context)
         except RequestError as exc:
@@ -153,15 +158,15 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(request: service_pb2.ModelInferRequest) -> None:
-            async with contextlib.aclosing(self._stream_one(request, metadata_adapter, tenant, context)) as responses:
+        async def one(data: bytes) -> None:
+            async with contextlib.aclosing(self._stream_one(data, metadata_adapter, tenant, context)) as responses:
                 async for response in responses:
                     await out.put(response)
 
         async def reader() -> None:
             try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(one(request))
+                async for data in request_iterator:
+                    task = asyncio.create_task(one(data))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:
@@ -180,17 +185,19 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(
         self,
-        request: service_pb2.ModelInferRequest,
+        data: bytes,
         metadata_adapter: str | None,
         tenant: Tenant | None,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         started, label, code = time.perf_counter(), UNKNOWN, None
-        asked = service_pb2.ModelInferRequest(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
-        )
+        asked = service_pb2.ModelInferRequest()
         try:
-            plan = self.access.plan(request, metadata_adapter, tenant)
+            request = parse(data)
+            asked = service_pb2.ModelInferRequest(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
+            plan = self.access.plan(request, metadata_adapter, tenant, wire=data)
             label = plan.label
             with self._admit(tenant, label):
                 async with contextlib.aclosing(self.delivery.stream(plan, self._deadline(context))) as responses:
@@ -286,7 +293,11 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.RepositoryIndexResponse:
         tenant = await self._guard(context)
         upstream = await self._control(context, lambda stub, timeout: stub.RepositoryIndex(request, timeout=timeout))
-        models = [m for m in upstream.models if tenant is None or tenant.allows_base_model(m.name)]
+        models = [
+            m
+            for m in upstream.models
+            if self.access.exposed(m.name) and (tenant is None or tenant.allows_base_model(m.name))
+        ]
         models.extend(
             service_pb2.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
             for name in sorted(self.catalog.adapters)
