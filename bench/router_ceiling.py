@@ -26,15 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
+from router_overhead import inputs, router_process, throughput  # a sibling script: its folder is on sys.path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from router_fixtures.build import STANDIN_REPO, add_adapters  # noqa: E402
-from router_overhead import inputs, router_process, throughput  # noqa: E402
-
-from phlora_nim.triton.launcher import LocalTriton, free_port  # noqa: E402
+from phlora_nim.testing.standin import STANDIN_REPO, add_adapters
+from phlora_nim.triton.launcher import LocalTriton, free_port
 
 PROXY = """
 import asyncio, sys, grpc

@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,14 +41,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from router_fixtures.build import standin_repo  # noqa: E402
 
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS  # noqa: E402
 from phlora_nim.repository.layout import prefetch_dir  # noqa: E402
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for  # noqa: E402
 from phlora_nim.router import RouterConfig, RouterThread  # noqa: E402
+from phlora_nim.testing.standin import standin_repo  # noqa: E402
 from phlora_nim.triton.launcher import LocalTriton  # noqa: E402
 
 log = logging.getLogger("bench.router_cold_adapter")

@@ -29,10 +29,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from router_fixtures.build import STANDIN_REPO, add_adapters  # noqa: E402
-
+from phlora_nim.testing.standin import STANDIN_REPO, add_adapters  # noqa: E402
 from phlora_nim.triton.launcher import LocalTriton, free_port  # noqa: E402
 
 log = logging.getLogger("bench.router_overhead")

@@ -23,10 +23,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from router_fixtures.build import add_adapters, standin_repo
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from phlora_nim.router import RouterConfig, RouterThread
+from phlora_nim.testing.standin import add_adapters, standin_repo
 from phlora_nim.triton.launcher import LocalTriton
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,6 +1,6 @@
 """The router in front of the real tritonserver (CPU), driven by real ``tritonclient.grpc`` clients.
 
-The stand-in models in ``router_fixtures/repo`` implement TensorRT-LLM's LoRA cache protocol with a
+The stand-in models in ``phlora_nim/testing/standin_repo`` implement TensorRT-LLM's LoRA cache protocol with a
 2-adapter cache and answer ``y = x + offset``, each adapter's weights summing to its own offset: a
 response computed with any other adapter (or none) shows.
 """
@@ -25,7 +25,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from router_fixtures.build import STANDIN_REPO, add_adapters, remove_adapter, standin_repo
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -33,6 +32,7 @@ from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.routing import rank_replicas
 from phlora_nim.router.tenants import key_digest
+from phlora_nim.testing.standin import STANDIN_REPO, add_adapters, remove_adapter, standin_repo
 from phlora_nim.triton.launcher import LocalTriton, free_port
 
 pytestmark = pytest.mark.timeout(60)

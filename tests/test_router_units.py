@@ -10,7 +10,6 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from router_fixtures.build import add_adapters
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.converters.errors import InputError, OptionError
@@ -30,6 +29,7 @@ from phlora_nim.router.rewrite import (
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 from phlora_nim.router.tenants import key_digest, load_tenants, parse_tenants
 from phlora_nim.router.weights import AdapterFilesError, WeightStore
+from phlora_nim.testing.standin import add_adapters
 
 REPLICAS = [f"10.0.0.{i}:8001" for i in range(1, 6)]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from router_fixtures.build import STANDIN_REPO, add_adapters
 
+from phlora_nim.testing.standin import STANDIN_REPO, add_adapters
 from phlora_nim.triton.launcher import LocalTriton, free_port
 
 pytestmark = pytest.mark.slow

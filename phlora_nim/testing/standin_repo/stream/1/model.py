@@ -7,14 +7,11 @@ Same LoRA cache protocol as the ``ensemble`` stand-in; a failure is sent as the 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lora_standin import LoraCache, LoraError, read
+from phlora_nim.testing.lora_standin import LoraCache, LoraError, read
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

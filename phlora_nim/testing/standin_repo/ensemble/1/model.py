@@ -1,21 +1,18 @@
 """Stand-in for the ``ensemble`` of a TensorRT-LLM deployment: ``y = x + round(sum(lora_weights))``.
 
-Implements the LoRA cache protocol of the real engine (see ``lora_standin.py``). An optional
+Implements the LoRA cache protocol of the real engine (see ``phlora_nim.testing.lora_standin``). An optional
 ``delay_ms`` input makes a request slow (for in-flight limits).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lora_standin import LoraCache, LoraError, read
+from phlora_nim.testing.lora_standin import LoraCache, LoraError, read
 
 
 class TritonPythonModel:

@@ -1,4 +1,8 @@
-"""Build what the router tests serve: a registry of tiny adapters and variants of the stand-in repository.
+"""A stand-in LoRA deployment: what router tests and benchmarks serve, without an LLM.
+
+A Triton repository (``standin_repo/``: an ``ensemble`` and a decoupled ``stream`` model under the
+Python backend) that implements TensorRT-LLM's LoRA cache protocol with the runtime's messages, and
+a registry of tiny adapters for it.
 
 Every adapter's ``lora_weights`` sum to its ``offset`` (an integer exact in float16 and bfloat16),
 so the stand-in model's ``y = x + offset`` proves which adapter a response was computed with.
@@ -18,8 +22,7 @@ from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for
 
-FIXTURES = Path(__file__).resolve().parent
-STANDIN_REPO = FIXTURES / "repo"
+STANDIN_REPO = Path(__file__).resolve().parent / "standin_repo"
 
 
 def adapter_tensors(offset: int, dtype: str, *, rows: int = 2, width: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +69,9 @@ def remove_adapter(root: Path, name: str) -> None:
 def standin_repo(dest: Path, *, capacity: int = 2, weights_type: str = "TYPE_FP16") -> Path:
     """A copy of the stand-in repository with another cache capacity or ``lora_weights`` dtype.
 
-    The copy goes to ``dest/repo`` with the shared protocol module beside it, as in the fixtures.
+    The copy goes to ``dest/repo``.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(FIXTURES / "lora_standin.py", dest / "lora_standin.py")
     repo = dest / "repo"
     shutil.copytree(STANDIN_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
     for config in repo.glob("*/config.pbtxt"):
