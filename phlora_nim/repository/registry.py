@@ -118,6 +118,7 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / REGISTRY_FILE
+        self.lock_path = self.root / f".{REGISTRY_FILE}.lock"
 
     def read(self) -> RegistryState:
         """The registry's content (empty when there is no registry yet)."""
@@ -143,7 +144,7 @@ class Registry:
     def locked(self) -> Iterator[RegistryState]:
         """Hold the registry lock; yields the state, written back atomically if no exception."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{REGISTRY_FILE}.lock", "w") as lock:
+        with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
             yield state
