@@ -106,13 +106,19 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     }
     assert _snapshot(repo / LLM_MODEL / "lora_prefetch") == before
 
-    # remove: folders gone, id retired (never handed to other weights).
+    # remove: id retired (never handed to other weights); the files stay for routers that still
+    # route to it, until a registry write after the grace period.
     removed = state.adapters["legal"]
     code, out, _ = run_cli("remove", "legal", "-m", repo)
-    assert code == 0 and "removed legal" in out
+    assert code == 0 and "removed legal" in out and "after 60 s" in out
     after = Registry(repo).read()
     assert "legal" not in after.adapters and after.retired[removed.task_id] == removed.digest
-    assert not prefetch_dir(repo, removed.task_id).exists() and not adapter_store_dir(repo, "legal").exists()
+    assert prefetch_dir(repo, removed.task_id).exists() and adapter_store_dir(repo, "legal").exists()
+    assert {p.adapter for p in after.pending_deletions} == {"legal"}
+    gone = state.adapters["code"]
+    assert run_cli("remove", "code", "-m", repo, "--grace", "0")[0] == 0
+    assert not prefetch_dir(repo, gone.task_id).exists() and not adapter_store_dir(repo, "code").exists()
+    assert prefetch_dir(repo, removed.task_id).exists()  # legal's grace is not over
 
 
 def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, run_cli, tmp_path: Path) -> None:
@@ -128,7 +134,10 @@ def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, 
     assert run_cli(*args)[0] == 0
     state = Registry(repo).read()
     assert state.adapters["bot"].task_id != old.task_id and old.task_id in state.retired
-    assert not prefetch_dir(repo, old.task_id).exists() and prefetch_dir(repo, state.adapters["bot"].task_id).exists()
+    assert prefetch_dir(repo, state.adapters["bot"].task_id).exists()
+    # The old weights' tensors stay for the grace period (a router may still send them).
+    assert prefetch_dir(repo, old.task_id).exists()
+    assert [p.path for p in state.pending_deletions] == [f"tensorrt_llm/lora_prefetch/{old.task_id}"]
 
 
 def _engine_config(tmp_path: Path, **over: object) -> Path:

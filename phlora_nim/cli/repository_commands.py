@@ -24,6 +24,7 @@ from phlora_nim.cli.app import (
     rank_policy,
     tensor_progress,
 )
+from phlora_nim.repository.layout import DEFAULT_GRACE_S
 
 # The help panel of the options a later convert into the same repository need not repeat.
 _KEPT = "Repository settings (kept when not given)"
@@ -133,6 +134,12 @@ def convert_command(
     replace: Annotated[
         bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
     ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
+        ),
+    ] = DEFAULT_GRACE_S,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -171,6 +178,7 @@ def convert_command(
         settings=settings,
         keep_stored=keep_stored,
         replace=replace,
+        grace=grace,
         tp=tp,
         engine_config=engine_config,
     )
@@ -272,12 +280,23 @@ def adapters_command(
 def remove_command(
     name: Annotated[str, typer.Argument(help="Adapter to unregister.")],
     model_repository: RepoOpt = Path("model_repository"),
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            help="Seconds its files are kept for routers that have not yet re-read the registry; the first "
+            "convert or remove after that deletes them.",
+        ),
+    ] = DEFAULT_GRACE_S,
 ) -> None:
-    """Unregister an adapter and delete its files (its task id is never given to other weights)."""
+    """Unregister an adapter; its files go after a grace period (its task id is never given to other weights)."""
     from phlora_nim.repository.convert import remove_adapter
 
-    entry = remove_adapter(model_repository, name)
-    out_console.print(f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id})")
+    entry = remove_adapter(model_repository, name, grace=grace)
+    out_console.print(
+        f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id}); its files are deleted by the first "
+        f"convert or remove after {grace:g} s"
+    )
 
 
 def engine_plan_command(

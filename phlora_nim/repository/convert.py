@@ -37,6 +37,7 @@ from phlora_nim.jobs.pipeline import (
 )
 from phlora_nim.repository.configs import RepositorySettings, write_repository
 from phlora_nim.repository.layout import (
+    DEFAULT_GRACE_S,
     LLM_MODEL,
     PREFETCH_DIR,
     REGISTRY_FILE,
@@ -63,6 +64,8 @@ class ConvertJob:
         keep_stored: names of ``settings`` fields not given by the user: a repository that has
             settings keeps its values for them (``settings`` holds the defaults).
         replace: allow re-registering a name with different weights.
+        grace: seconds the files of a replaced adapter's old weights are kept (a router may still
+            route to them until it reads the new registry).
         tp: tensor parallelism of the engine (fused modules are interleaved per rank).
         engine_config: a TensorRT-LLM engine ``config.json`` every adapter must fit.
     """
@@ -75,6 +78,7 @@ class ConvertJob:
     settings: RepositorySettings
     keep_stored: frozenset[str] = frozenset()
     replace: bool = False
+    grace: float = DEFAULT_GRACE_S
     tp: int = 1
     engine_config: Path | None = None
 
@@ -91,6 +95,7 @@ class ConvertJob:
             )
         if self.tp < 1:
             raise OptionError("tensor parallelism must be ≥ 1", where="--tp", found=str(self.tp))
+        _check_grace(self.grace)
         unknown = self.keep_stored - {f.name for f in fields(RepositorySettings)} | (self.keep_stored & {"base"})
         if unknown:
             raise ValueError(f"not repository settings that can be kept: {sorted(unknown)}")
@@ -367,8 +372,7 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
                 if old is not None and old.task_id != entry.task_id:
-                    stale = prefetch_dir(root, old.task_id)
-                    state.after_commit.append(lambda stale=stale: shutil.rmtree(stale, ignore_errors=True))
+                    state.delete_later(root, prefetch_dir(root, old.task_id), grace=job.grace, adapter=old.name)
                 _replace_dir(item.tensors, prefetch_dir(root, entry.task_id))
                 _replace_dir(item.store, adapter_store_dir(root, item.name))
             done.append(
@@ -378,15 +382,23 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
     return done
 
 
-def remove_adapter(root: Path, name: str) -> AdapterEntry:
-    """Unregister ``name`` and delete its folders; its task id stays reserved."""
+def _check_grace(grace: float) -> None:
+    if not grace >= 0:
+        raise OptionError("the grace period must be ≥ 0 seconds", where="--grace", found=str(grace))
+
+
+def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> AdapterEntry:
+    """Unregister ``name``; its folders go ``grace`` seconds later, its task id stays reserved.
+
+    The folders are deleted by the first registry write (``convert`` or ``remove``) after the grace
+    period, so a router that has not yet re-read the registry still finds the files it routes to.
+    """
+    _check_grace(grace)
     read_registry(root)  # a clear error when ``root`` is not a repository
     with Registry(Path(root)).locked() as state:
         entry = Registry.remove(state, name)
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
-            # Deleted once the registry no longer lists the adapter: a router never finds it listed
-            # without its files.
-            state.after_commit.append(lambda folder=folder: shutil.rmtree(folder, ignore_errors=True))
+            state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)
         if settings is not None:
             write_repository(root, settings, state)
