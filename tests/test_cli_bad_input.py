@@ -84,6 +84,25 @@ def vocab_resized(base: Path, ft: Path, tmp: Path) -> list[str]:
     return ["--base", str(base), "--finetuned", str(other)]
 
 
+def same_as_base(base: Path, ft: Path, tmp: Path) -> list[str]:
+    return ["--base", str(base), "--finetuned", str(_copy(base, tmp / "same"))]
+
+
+def int_weight(base: Path, ft: Path, tmp: Path) -> list[str]:
+    other = _copy(ft, tmp / "other")
+    key = "model.layers.1.mlp.down_proj.weight"
+    _edit_weights(other, lambda t: t.update({key: t[key].to(torch.int32)}))
+    return ["--base", str(base), "--finetuned", str(other)]
+
+
+def config_without_field(base: Path, ft: Path, tmp: Path) -> list[str]:
+    other = _copy(base, tmp / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    return ["--base", str(other), "--finetuned", str(ft)]
+
+
 def plain(base: Path, ft: Path, tmp: Path) -> list[str]:
     return ["--base", str(base), "--finetuned", str(ft)]
 
@@ -97,6 +116,9 @@ CASES: list[tuple[str, Case, list[str], str]] = [
     ("corrupt safetensors", garbage_file, [], "corrupt or truncated"),
     ("NaN in a delta", nan_delta, [], "not finite"),
     ("vocabulary resized", vocab_resized, [], "vocabulary or size change"),
+    ("fine-tune identical to the base", same_as_base, [], "no module differs from the base"),
+    ("integer weight", int_weight, [], "down_proj.weight: weight tensor is not floating point"),
+    ("config.json without a needed field", config_without_field, [], "config field 'intermediate_size'"),
     ("rank zero", plain, ["--rank", "0"], "rank must be positive"),
     ("negative rank", plain, ["--rank", "-2"], "rank must be positive"),
     ("rank above module dims", plain, ["--rank", "1000"], "above some modules' dimensions"),

@@ -106,13 +106,19 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     }
     assert _snapshot(repo / LLM_MODEL / "lora_prefetch") == before
 
-    # remove: folders gone, id retired (never handed to other weights).
+    # remove: id retired (never handed to other weights); the files stay for routers that still
+    # route to it, until a registry write after the grace period.
     removed = state.adapters["legal"]
     code, out, _ = run_cli("remove", "legal", "-m", repo)
-    assert code == 0 and "removed legal" in out
+    assert code == 0 and "removed legal" in out and "after 60 s" in out
     after = Registry(repo).read()
     assert "legal" not in after.adapters and after.retired[removed.task_id] == removed.digest
-    assert not prefetch_dir(repo, removed.task_id).exists() and not adapter_store_dir(repo, "legal").exists()
+    assert prefetch_dir(repo, removed.task_id).exists() and adapter_store_dir(repo, "legal").exists()
+    assert {p.adapter for p in after.pending_deletions} == {"legal"}
+    gone = state.adapters["code"]
+    assert run_cli("remove", "code", "-m", repo, "--grace", "0")[0] == 0
+    assert not prefetch_dir(repo, gone.task_id).exists() and not adapter_store_dir(repo, "code").exists()
+    assert prefetch_dir(repo, removed.task_id).exists()  # legal's grace is not over
 
 
 def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, run_cli, tmp_path: Path) -> None:
@@ -128,7 +134,10 @@ def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, 
     assert run_cli(*args)[0] == 0
     state = Registry(repo).read()
     assert state.adapters["bot"].task_id != old.task_id and old.task_id in state.retired
-    assert not prefetch_dir(repo, old.task_id).exists() and prefetch_dir(repo, state.adapters["bot"].task_id).exists()
+    assert prefetch_dir(repo, state.adapters["bot"].task_id).exists()
+    # The old weights' tensors stay for the grace period (a router may still send them).
+    assert prefetch_dir(repo, old.task_id).exists()
+    assert [p.path for p in state.pending_deletions] == [f"tensorrt_llm/lora_prefetch/{old.task_id}"]
 
 
 def _engine_config(tmp_path: Path, **over: object) -> Path:
@@ -302,3 +311,105 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
     assert run_cli(*args, "--backend", "tensorrtllm", *served, "--tokenizer-dir", "/ckpt/base")[0] == 0
     for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
         assert _config(repo, model).parameters["tokenizer_dir"].string_value == "/ckpt/base"
+
+
+def _tree(root: Path) -> set[str]:
+    """Every path (files and folders) under ``root``: 'nothing left behind' is equality."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _identical_finetune(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
+    return ["--base", str(base), "--finetuned", str(_copy_checkpoint(base, tmp / "same-as-base"))], tmp / "repo"
+
+
+def _int32_weight(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = _copy_checkpoint(ft, tmp / "int-ft")
+    tensors = load_file(str(other / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = (tensors[key] * 100).to(torch.int32)
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    return ["--base", str(base), "--finetuned", str(other)], tmp / "repo"
+
+
+def _unrelated_folder(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
+    repo = tmp / "repo"
+    (repo / "my_model" / "1").mkdir(parents=True)
+    (repo / "notes.txt").write_text("not a phlora repository")
+    return ["--base", str(base), "--finetuned", str(ft)], repo
+
+
+def _base_config_without_hidden_size(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
+    other = _copy_checkpoint(base, tmp / "base-no-hidden")
+    cfg = json.loads((other / "config.json").read_text())
+    del cfg["hidden_size"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    return ["--base", str(other), "--finetuned", str(ft)], tmp / "repo"
+
+
+def _missing_base_into_existing_repository(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
+    from phlora_nim.repository.configs import RepositorySettings
+
+    repo = tmp / "repo"
+    repo.mkdir()
+    RepositorySettings(base=str(base)).save(repo)
+    return ["--base", str(tmp / "no-such-base"), "--finetuned", str(ft)], repo
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (_identical_finetune, r"same-as-base: no module differs from the base"),
+        (_int32_weight, r"q_proj.weight: weight tensor is not floating point.*int32 in the fine-tune"),
+        (_unrelated_folder, r"repo: the folder is neither empty nor a phlora-nim model repository.*notes.txt"),
+        (_base_config_without_hidden_size, r"base-no-hidden/config.json: config field 'hidden_size'"),
+        (_missing_base_into_existing_repository, r"no-such-base: base checkpoint not found"),
+    ],
+    ids=["identical fine-tune", "int32 weight", "unrelated folder", "config without hidden_size", "missing base"],
+)
+def test_convert_refuses_and_leaves_nothing(make, match: str, llama_finetunes, run_cli, tmp_path: Path) -> None:
+    import re
+
+    base, fts = llama_finetunes
+    args, repo = make(base, fts[0], tmp_path)
+    before, files = _tree(tmp_path), _snapshot(repo)
+    code, _, err = run_cli("convert", *args, "-m", repo, "-r", "4", "--backend", "tensorrtllm")
+    assert code == 2, err
+    assert re.search(match, err), err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert _tree(tmp_path) == before and _snapshot(repo) == files
+
+
+def test_later_converts_keep_the_repository_settings(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    from phlora_nim.repository.configs import RepositorySettings
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    first = ("--decoupled", "--lora-cache-mb", "64", "--max-batch-size", "4", "--dtype", "float16")
+    assert run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", repo, "-r", "4", *first)[0] == 0
+    # Neither flag again: both stay (and the dtype too).
+    assert run_cli("convert", "--base", base, "--finetuned", fts[1], "-m", repo, "-r", "4")[0] == 0
+    settings = RepositorySettings.load(repo)
+    assert settings is not None
+    assert (settings.decoupled, settings.lora_cache_bytes, settings.max_batch_size, settings.dtype) == (
+        True,
+        64 << 20,
+        4,
+        "float16",
+    )
+    assert _config(repo, LLM_MODEL).model_transaction_policy.decoupled
+    # Given explicitly: changed.
+    again = ("--no-decoupled", "--lora-cache-mb", "0")
+    assert run_cli("convert", "--base", base, "--finetuned", fts[1], "-m", repo, "-r", "4", *again)[0] == 0
+    settings = RepositorySettings.load(repo)
+    assert settings is not None and (settings.decoupled, settings.lora_cache_bytes) == (False, 0)
+    assert settings.max_batch_size == 4 and not _config(repo, LLM_MODEL).model_transaction_policy.decoupled

@@ -5,14 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.converters.errors import InputError
-from phlora_nim.repository.registry import TASK_ID_LIMIT, Registry, adapter_digest, task_id_for
+from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.repository.convert import remove_adapter
+from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
+from phlora_nim.repository.registry import (
+    TASK_ID_LIMIT,
+    AdapterEntry,
+    PendingDeletion,
+    Registry,
+    adapter_digest,
+    task_id_for,
+)
 
 
 def _adapter(seed: int) -> LoraAdapter:
@@ -147,3 +157,77 @@ def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
     settings = RepositorySettings.load(tmp_path)
     assert settings is not None and settings.llm_parameters == {"max_tokens": "7"}
     assert llm_config(settings, reg.read(), tmp_path).parameters["max_tokens"].string_value == "7"
+
+
+def _with_files(root: Path, names: dict[str, int]) -> dict[str, AdapterEntry]:
+    """Register adapters ``name → seed`` with their two folders, as convert leaves them."""
+    with Registry(root).locked() as state:
+        entries = {n: Registry.add(state, n, _adapter(seed), dtype="float16", sources={}) for n, seed in names.items()}
+    for entry in entries.values():
+        for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, entry.name)):
+            folder.mkdir(parents=True)
+            (folder / "weights").write_text(entry.name)
+    return entries
+
+
+def _folders(root: Path, entry: AdapterEntry) -> list[bool]:
+    return [prefetch_dir(root, entry.task_id).is_dir(), adapter_store_dir(root, entry.name).is_dir()]
+
+
+def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -> None:
+    """A router with the previous registry still finds the files; the first write after the grace deletes them."""
+    e = _with_files(tmp_path, {"a": 1, "b": 2})
+    remove_adapter(tmp_path, "a", grace=0.4)
+    state = Registry(tmp_path).read()
+    assert "a" not in state.adapters and state.retired[e["a"].task_id] == e["a"].digest
+    assert _folders(tmp_path, e["a"]) == [True, True]
+    assert sorted(p.path for p in state.pending_deletions) == [
+        "tensorrt_llm/adapters/a",
+        f"tensorrt_llm/lora_prefetch/{e['a'].task_id}",
+    ]
+    with Registry(tmp_path).locked():
+        pass  # a write before the deadline keeps them
+    assert _folders(tmp_path, e["a"]) == [True, True]
+    time.sleep(0.5)
+    remove_adapter(tmp_path, "b", grace=60)  # the next write after the deadline
+    assert _folders(tmp_path, e["a"]) == [False, False] and _folders(tmp_path, e["b"]) == [True, True]
+    state = Registry(tmp_path).read()
+    assert {p.adapter for p in state.pending_deletions} == {"b"} and len(state.retired) == 2
+
+
+def test_grace_zero_deletes_at_once_and_registering_again_keeps_the_files(tmp_path: Path) -> None:
+    e = _with_files(tmp_path, {"a": 1, "b": 2})
+    remove_adapter(tmp_path, "b", grace=0)
+    assert _folders(tmp_path, e["b"]) == [False, False]
+    remove_adapter(tmp_path, "a", grace=0.2)
+    with Registry(tmp_path).locked() as state:  # the same weights come back under the same name
+        assert Registry.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
+    time.sleep(0.3)
+    with Registry(tmp_path).locked():
+        pass
+    assert _folders(tmp_path, e["a"]) == [True, True]  # in use again: never deleted
+    assert Registry(tmp_path).read().pending_deletions == []
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc", ".", "tensorrt_llm/../.."])
+def test_pending_deletions_never_leave_the_repository(path: str, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (tmp_path / "outside").mkdir()
+    with Registry(root).locked():
+        pass
+    data = json.loads((root / "phlora_registry.json").read_text())
+    data["pending_deletions"] = [{"path": path, "delete_after": "2000-01-01T00:00:00+00:00", "adapter": "x"}]
+    (root / "phlora_registry.json").write_text(json.dumps(data))
+    assert Registry(root).read().pending_deletions == [
+        PendingDeletion(path=path, delete_after="2000-01-01T00:00:00+00:00", adapter="x")
+    ]
+    with pytest.raises(InputError, match="not a folder inside the repository"), Registry(root).locked():
+        pass
+    assert (tmp_path / "outside").is_dir() and root.is_dir()
+
+
+def test_grace_must_not_be_negative(tmp_path: Path) -> None:
+    _with_files(tmp_path, {"a": 1})
+    with pytest.raises(OptionError, match="--grace"):
+        remove_adapter(tmp_path, "a", grace=-1)
+    assert "a" in Registry(tmp_path).read().adapters

@@ -24,6 +24,10 @@ from phlora_nim.cli.app import (
     rank_policy,
     tensor_progress,
 )
+from phlora_nim.repository.layout import DEFAULT_GRACE_S
+
+# The help panel of the options a later convert into the same repository need not repeat.
+_KEPT = "Repository settings (kept when not given)"
 
 if TYPE_CHECKING:
     from phlora_nim.repository.configs import RepositorySettings
@@ -49,26 +53,33 @@ def convert_command(
         typer.Option("--name", help="Adapter name per --finetuned, in order (default: folder names)."),
     ] = None,
     backend: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--backend",
-            help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference: the CPU reference "
-            "model with the same LoRA contract.",
+            help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference (the default): the CPU "
+            "reference model with the same LoRA contract.",
+            rich_help_panel=_KEPT,
         ),
-    ] = "reference",
+    ] = None,
     rank: RankOpt = None,
     energy: EnergyOpt = None,
     budget_params: BudgetOpt = None,
     max_rank: MaxRankOpt = None,
     snap_ranks: SnapOpt = None,
     dtype: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--dtype", help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32)."
+            "--dtype",
+            help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32; default "
+            "float32).",
+            rich_help_panel=_KEPT,
         ),
-    ] = "float32",
+    ] = None,
     engine_dir: Annotated[
-        str | None, typer.Option("--engine-dir", help="tensorrtllm: engine folder as Triton sees it (gpt_model_path).")
+        str | None,
+        typer.Option(
+            "--engine-dir", help="tensorrtllm: engine folder as Triton sees it (gpt_model_path).", rich_help_panel=_KEPT
+        ),
     ] = None,
     engine_config: Annotated[
         Path | None,
@@ -80,27 +91,55 @@ def convert_command(
             "--served-path",
             help="Where Triton will mount this repository (sets lora_prefetch_dir under it); default: "
             "the repository's own path for reference, /models for tensorrtllm.",
+            rich_help_panel=_KEPT,
         ),
     ] = None,
     tokenizer_dir: Annotated[
         str | None,
-        typer.Option("--tokenizer-dir", help="Tokenizer folder as Triton will see it (default: --base)."),
+        typer.Option(
+            "--tokenizer-dir",
+            help="Tokenizer folder as Triton will see it (default: --base).",
+            rich_help_panel=_KEPT,
+        ),
     ] = None,
     tp: Annotated[int, typer.Option("--tp", help="Tensor parallelism of the engine.")] = 1,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton max batch size.")] = 8,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option("--max-batch-size", help="Triton max batch size (default 8).", rich_help_panel=_KEPT),
+    ] = None,
     max_lora_rank: Annotated[
-        int, typer.Option("--max-lora-rank", help="reference: largest rank accepted on requests.")
-    ] = 64,
+        int | None,
+        typer.Option(
+            "--max-lora-rank", help="reference: largest rank accepted on requests (default 64).", rich_help_panel=_KEPT
+        ),
+    ] = None,
     lora_cache_mb: Annotated[
-        int, typer.Option("--lora-cache-mb", help="Host LoRA cache (0 = sized from the registered adapters).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--lora-cache-mb",
+            help="Host LoRA cache (default 0 = sized from the registered adapters).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
     decoupled: Annotated[
-        bool, typer.Option("--decoupled", help="Stream tokens (ModelStreamInfer) instead of one response.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--decoupled/--no-decoupled",
+            help="Stream tokens (ModelStreamInfer) instead of one response (default: one response).",
+            rich_help_panel=_KEPT,
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "cpu",
     replace: Annotated[
         bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
     ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
+        ),
+    ] = DEFAULT_GRACE_S,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -109,6 +148,8 @@ def convert_command(
     The repository gets the inflight_batcher_llm models (preprocessing, tensorrt_llm,
     postprocessing, ensemble), LoRA cache parameters sized for the adapters, the prefetch folder
     and a NIM adapter store. Nothing is changed if any step fails.
+
+    Repository settings not given keep the values the repository was written with.
     """
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.repository.convert import ConvertJob
@@ -116,7 +157,7 @@ def convert_command(
     options = ExtractOptions(
         policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16), device=device
     )
-    settings = _repository_settings(
+    settings, keep_stored = _repository_settings(
         base=base,
         backend=backend,
         dtype=dtype,
@@ -135,7 +176,9 @@ def convert_command(
         repository=model_repository,
         options=options,
         settings=settings,
+        keep_stored=keep_stored,
         replace=replace,
+        grace=grace,
         tp=tp,
         engine_config=engine_config,
     )
@@ -146,31 +189,23 @@ def convert_command(
 def _repository_settings(
     *,
     base: Path,
-    backend: str,
-    dtype: str,
-    engine_dir: str | None,
-    served_path: str | None,
-    tokenizer_dir: str | None,
-    max_batch_size: int,
-    decoupled: bool,
-    max_lora_rank: int,
-    lora_cache_mb: int,
-) -> RepositorySettings:
-    """The repository settings of ``convert``'s options."""
+    lora_cache_mb: int | None,
+    **given: str | int | bool | None,
+) -> tuple[RepositorySettings, frozenset[str]]:
+    """The repository settings of ``convert``'s options, and the names of those not given (``None``).
+
+    Settings not given take their defaults here; an existing repository keeps its own values for them.
+    """
+    from dataclasses import fields
+
     from phlora_nim.repository.configs import RepositorySettings
 
-    return RepositorySettings(
-        backend=backend,
-        base=str(Path(base).resolve()),
-        dtype=dtype,
-        engine_dir=engine_dir,
-        served_path=served_path,
-        tokenizer_dir=tokenizer_dir,
-        max_batch_size=max_batch_size,
-        decoupled=decoupled,
-        max_lora_rank=max_lora_rank,
-        lora_cache_bytes=lora_cache_mb << 20,
-    )
+    values = {k: v for k, v in given.items() if v is not None}
+    if lora_cache_mb is not None:
+        values["lora_cache_bytes"] = lora_cache_mb << 20
+    settings = RepositorySettings(base=str(Path(base).resolve()), **values)  # type: ignore[arg-type]
+    keep = frozenset(f.name for f in fields(RepositorySettings)) - {"base"} - values.keys()
+    return settings, keep
 
 
 def _convert_with_progress(job: ConvertJob) -> tuple[list[Converted], float]:
@@ -245,12 +280,23 @@ def adapters_command(
 def remove_command(
     name: Annotated[str, typer.Argument(help="Adapter to unregister.")],
     model_repository: RepoOpt = Path("model_repository"),
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            help="Seconds its files are kept for routers that have not yet re-read the registry; the first "
+            "convert or remove after that deletes them.",
+        ),
+    ] = DEFAULT_GRACE_S,
 ) -> None:
-    """Unregister an adapter and delete its files (its task id is never given to other weights)."""
+    """Unregister an adapter; its files go after a grace period (its task id is never given to other weights)."""
     from phlora_nim.repository.convert import remove_adapter
 
-    entry = remove_adapter(model_repository, name)
-    out_console.print(f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id})")
+    entry = remove_adapter(model_repository, name, grace=grace)
+    out_console.print(
+        f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id}); its files are deleted by the first "
+        f"convert or remove after {grace:g} s"
+    )
 
 
 def engine_plan_command(

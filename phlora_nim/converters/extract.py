@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.converters.architecture import ArchitectureMap, custom_map, find_map
+from phlora_nim.converters.architecture import ArchitectureMap, custom_map, evaluate, find_map
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
@@ -205,6 +205,34 @@ def _same_config(base: Checkpoint, ft: Checkpoint) -> list[PhloraError]:
     return problems
 
 
+def _config_problems(ckpt: Checkpoint, amap: ArchitectureMap) -> list[PhloraError]:
+    """Every config.json field ``amap`` sizes modules (and counts layers) with, present in ``ckpt``'s config.
+
+    Without them, the module shapes checked here and the model served later would silently disagree.
+    """
+    if ckpt.config is None:
+        return []
+    exprs = [(f"module {m.name}", e) for m in amap.modules for e in (m.in_expr, m.out_expr) if e is not None]
+    if amap.num_layers:
+        exprs.append(("num_layers", amap.num_layers))
+    problems: dict[str, PhloraError] = {}
+    for what, expr in exprs:
+        try:
+            evaluate(expr, amap.resolved_config(ckpt.config), where=f"{amap.family}.yaml {what}")
+        except InputError as exc:
+            problems.setdefault(
+                exc.problem,
+                InputError(
+                    exc.problem,
+                    where=f"{ckpt.path}/config.json",
+                    expected=f"{exc.expected} (the {amap.family} architecture map needs it)",
+                    found=exc.found,
+                    fix="use the config.json saved with the checkpoint",
+                ),
+            )
+    return list(problems.values())
+
+
 def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -> ExtractionPlan:
     """Decide targets, sketch ranks and extras from metadata; reject bad input with one error.
 
@@ -222,6 +250,9 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         amap = custom_map(options.target_modules)
     else:
         amap = find_map(config)
+        if amap is not None:
+            for ckpt in (base, ft):
+                problems.extend(_config_problems(ckpt, amap))
         if amap is None:
             warnings.append(
                 f"unknown architecture {config.get('architectures') or config.get('model_type') or '(no config.json)'}:"
@@ -246,8 +277,20 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         if name not in base_names:
             continue
         bi, fi = base.info(name), ft.info(name)
-        if not fi.dtype.is_floating_point:
-            continue
+        if not (fi.dtype.is_floating_point and bi.dtype.is_floating_point):
+            if name.endswith(".weight"):
+                # A weight LoRA cannot carry (integer or quantized); skipping it would lose its delta.
+                problems.append(
+                    InputError(
+                        "weight tensor is not floating point",
+                        where=f"{ft.path} {name}",
+                        expected="float32, float16 or bfloat16 on both sides",
+                        found=f"{str(bi.dtype).removeprefix('torch.')} in the base, "
+                        f"{str(fi.dtype).removeprefix('torch.')} in the fine-tune",
+                        fix="pass unquantized checkpoints saved in a float dtype",
+                    )
+                )
+            continue  # integer buffers (position ids, masks) are not weights
         if fi.dtype not in DTYPES.values() or bi.dtype not in DTYPES.values():
             problems.append(
                 InputError(

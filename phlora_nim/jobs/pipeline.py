@@ -19,7 +19,7 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
-from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.extract import (
     ExtractionPlan,
     ExtractionResult,
@@ -124,10 +124,13 @@ def extract_adapter(
         dropped_hint: appended to the warning about dropped non-linear deltas (how to keep them).
 
     Raises:
-        InputError: a delta holds NaN/Inf, ``--extra error`` with changed non-linear tensors.
+        InputError: a delta holds NaN/Inf, ``--extra error`` with changed non-linear tensors, or
+            the fine-tune does not differ from the base.
+        OptionError: the rank policy keeps no module.
     """
     start = time.perf_counter()
     result = run_extraction(pair.plan, job.base, pair.checkpoint, job.options, progress=progress)
+    _check_not_empty(result, pair.path)
     report = build_report(result, job.options, base=str(job.base_path), finetuned=str(pair.path), command=command)
     _warn_dropped(result, report, hint=dropped_hint)
     return Extracted(
@@ -136,6 +139,30 @@ def extract_adapter(
         report=report,
         out_dtype=pair.plan.out_dtype,
         seconds=time.perf_counter() - start,
+    )
+
+
+def _check_not_empty(result: ExtractionResult, finetuned: Path) -> None:
+    """An adapter that changes nothing is a mistake (the base passed twice), not an adapter."""
+    adapter = result.adapter
+    if adapter.modules or adapter.modules_to_save or adapter.lora_biases:
+        return
+    if all(r.factors is None for r in result.modules):
+        changed = [x.plan.name for x in result.extras if x.action != "unchanged"]
+        raise InputError(
+            "no module differs from the base: there is no adapter to extract",
+            where=str(finetuned),
+            expected="a fine-tune whose linear weights differ from the base",
+            found=f"all {len(result.modules)} LoRA target modules identical to the base"
+            + (f" ({len(changed)} other tensors changed, e.g. {changed[0]})" if changed else ""),
+            fix="pass the fine-tuned checkpoint, not a copy of the base",
+        )
+    raise OptionError(
+        "the rank policy keeps no module",
+        where=str(finetuned),
+        expected="at least one module with rank ≥ 1",
+        found="rank 0 for every module",
+        fix="raise --budget-params or --energy",
     )
 
 

@@ -9,13 +9,14 @@ repository exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ from phlora_nim.jobs.pipeline import (
     write_report_files,
 )
 from phlora_nim.repository.configs import RepositorySettings, write_repository
-from phlora_nim.repository.layout import LLM_MODEL, PREFETCH_DIR, adapter_store_dir, prefetch_dir
+from phlora_nim.repository.layout import (
+    DEFAULT_GRACE_S,
+    LLM_MODEL,
+    PREFETCH_DIR,
+    REGISTRY_FILE,
+    SETTINGS_FILE,
+    adapter_store_dir,
+    prefetch_dir,
+)
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState
 
 log = logging.getLogger("phlora_nim")
@@ -52,7 +61,11 @@ class ConvertJob:
         repository: the Triton model repository folder.
         options: extraction options (rank policy, device …).
         settings: how the repository's models are generated (backend, engine dtype …).
+        keep_stored: names of ``settings`` fields not given by the user: a repository that has
+            settings keeps its values for them (``settings`` holds the defaults).
         replace: allow re-registering a name with different weights.
+        grace: seconds the files of a replaced adapter's old weights are kept (a router may still
+            route to them until it reads the new registry).
         tp: tensor parallelism of the engine (fused modules are interleaved per rank).
         engine_config: a TensorRT-LLM engine ``config.json`` every adapter must fit.
     """
@@ -63,7 +76,9 @@ class ConvertJob:
     repository: Path
     options: ExtractOptions
     settings: RepositorySettings
+    keep_stored: frozenset[str] = frozenset()
     replace: bool = False
+    grace: float = DEFAULT_GRACE_S
     tp: int = 1
     engine_config: Path | None = None
 
@@ -80,6 +95,10 @@ class ConvertJob:
             )
         if self.tp < 1:
             raise OptionError("tensor parallelism must be ≥ 1", where="--tp", found=str(self.tp))
+        _check_grace(self.grace)
+        unknown = self.keep_stored - {f.name for f in fields(RepositorySettings)} | (self.keep_stored & {"base"})
+        if unknown:
+            raise ValueError(f"not repository settings that can be kept: {sorted(unknown)}")
 
     def adapter_names(self) -> list[str]:
         return list(self.names) or [Path(p).resolve().name for p in self.finetuned]
@@ -112,13 +131,28 @@ def _check_names(job: ConvertJob) -> list[str]:
     return names
 
 
-def _check_settings(job: ConvertJob) -> None:
+def _settings(job: ConvertJob) -> RepositorySettings:
+    """The settings to write: the job's, with the stored ones where the user gave none.
+
+    Raises:
+        InputError: the base checkpoint does not exist.
+        OptionError: the repository serves adapters of another base or dtype.
+    """
+    if not Path(job.base).exists():
+        # Checked first: a missing base would otherwise read as "another base" below.
+        raise InputError(
+            "base checkpoint not found",
+            where=str(job.base),
+            expected="the base model's folder",
+            fix="check --base",
+        )
     old = RepositorySettings.load(job.repository)
     if old is None:
-        return
+        return job.settings
+    new = dataclasses.replace(job.settings, **{name: getattr(old, name) for name in job.keep_stored})
     for field, new_value, flag in (
         ("base", str(Path(job.settings.base).resolve()), "--base"),
-        ("dtype", job.settings.dtype, "--dtype"),
+        ("dtype", new.dtype, "--dtype"),
     ):
         old_value = getattr(old, field) if field != "base" else str(Path(old.base).resolve())
         if old_value != new_value:
@@ -129,11 +163,36 @@ def _check_settings(job: ConvertJob) -> None:
                 found=new_value,
                 fix=f"pass {flag} {old_value}, or convert into a new --model-repository",
             )
+    return new
+
+
+def _is_ours(root: Path) -> bool:
+    """An empty folder, a repository ``convert`` wrote, or one another ``convert`` is creating right now.
+
+    Another ``convert`` first stages inside ``tensorrt_llm/``, then takes the registry lock (its
+    file marks the folder as ours) before it moves anything into place.
+    """
+    registry = Registry(root)
+    if any(p.exists() for p in (registry.path, registry.lock_path, root / SETTINGS_FILE)):
+        return True
+    return all(
+        entry.name == LLM_MODEL and entry.is_dir() and all(p.name.startswith(".staging-") for p in entry.iterdir())
+        for entry in root.iterdir()
+    )
 
 
 def _check_repository(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise OutputError("model repository is not a folder", where=str(root), fix="choose another --model-repository")
+    if root.is_dir() and not _is_ours(root):
+        found = sorted(p.name for p in root.iterdir())
+        raise OutputError(
+            "the folder is neither empty nor a phlora-nim model repository",
+            where=str(root),
+            expected=f"an empty or new folder, or one holding {REGISTRY_FILE}",
+            found=f"{len(found)} other entries: {', '.join(found[:5])}{', …' if len(found) > 5 else ''}",
+            fix="choose a new --model-repository (it is created)",
+        )
     probe = root
     while not probe.exists():
         probe = probe.parent
@@ -141,6 +200,20 @@ def _check_repository(root: Path) -> None:
         raise OutputError(
             "model repository is not writable", where=str(probe), found="no write permission", fix="fix permissions"
         )
+
+
+@contextlib.contextmanager
+def _created_on_failure_removed(root: Path) -> Iterator[None]:
+    """Create ``root`` (and missing parents); on failure remove those left empty: nothing left behind."""
+    created = [p for p in (root, *root.absolute().parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in (root / PREFETCH_DIR, root / LLM_MODEL, *created):
+            with contextlib.suppress(OSError):  # not empty: another convert is filling it
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager
@@ -206,12 +279,11 @@ def convert(
     names = _check_names(job)
     root = Path(job.repository)
     _check_repository(root)
-    _check_settings(job)
+    job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
         model_config = require_config(plan)
-        root.mkdir(parents=True, exist_ok=True)
-        with _staging(root) as stage:
+        with _created_on_failure_removed(root), _staging(root) as stage:
             staged = []
             for name, pair in zip(names, plan.pairs, strict=True):
                 if on_adapter:
@@ -300,8 +372,7 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
                 if old is not None and old.task_id != entry.task_id:
-                    stale = prefetch_dir(root, old.task_id)
-                    state.after_commit.append(lambda stale=stale: shutil.rmtree(stale, ignore_errors=True))
+                    state.delete_later(root, prefetch_dir(root, old.task_id), grace=job.grace, adapter=old.name)
                 _replace_dir(item.tensors, prefetch_dir(root, entry.task_id))
                 _replace_dir(item.store, adapter_store_dir(root, item.name))
             done.append(
@@ -311,15 +382,23 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
     return done
 
 
-def remove_adapter(root: Path, name: str) -> AdapterEntry:
-    """Unregister ``name`` and delete its folders; its task id stays reserved."""
+def _check_grace(grace: float) -> None:
+    if not grace >= 0:
+        raise OptionError("the grace period must be ≥ 0 seconds", where="--grace", found=str(grace))
+
+
+def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> AdapterEntry:
+    """Unregister ``name``; its folders go ``grace`` seconds later, its task id stays reserved.
+
+    The folders are deleted by the first registry write (``convert`` or ``remove``) after the grace
+    period, so a router that has not yet re-read the registry still finds the files it routes to.
+    """
+    _check_grace(grace)
     read_registry(root)  # a clear error when ``root`` is not a repository
     with Registry(Path(root)).locked() as state:
         entry = Registry.remove(state, name)
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
-            # Deleted once the registry no longer lists the adapter: a router never finds it listed
-            # without its files.
-            state.after_commit.append(lambda folder=folder: shutil.rmtree(folder, ignore_errors=True))
+            state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)
         if settings is not None:
             write_repository(root, settings, state)

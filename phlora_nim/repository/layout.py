@@ -26,6 +26,9 @@ POSTPROCESSING_MODEL = "postprocessing"
 ENSEMBLE_MODEL = "ensemble"
 PREFETCH_DIR = f"{LLM_MODEL}/lora_prefetch"
 ADAPTER_STORE = f"{LLM_MODEL}/adapters"
+# Seconds the files of removed and replaced adapters outlive their registry entry: a router reads
+# the registry every second or so and may route to an adapter until it has.
+DEFAULT_GRACE_S = 60.0
 
 
 def prefetch_dir(root: Path, task_id: int) -> Path:

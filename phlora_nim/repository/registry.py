@@ -7,6 +7,10 @@ given to other weights: a collision is detected at registration and resolved by 
 
 Writers take an exclusive lock and replace the file atomically, so concurrent runs never corrupt
 it and a failed run leaves it as it was.
+
+Files of removed and replaced adapters outlive their registry entry by a grace period: a router
+polling the registry may still route a request to them for a few seconds. The registry lists them
+with a deadline; each later write deletes those past it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +33,9 @@ from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.names import validate_adapter_name
-from phlora_nim.repository.layout import REGISTRY_FILE
+from phlora_nim.repository.layout import REGISTRY_FILE, adapter_store_dir, prefetch_dir
+
+log = logging.getLogger("phlora_nim")
 
 _FORMAT = "phlora-registry/1"
 TASK_ID_LIMIT = 2**31
@@ -92,18 +100,60 @@ class AdapterEntry:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class PendingDeletion:
+    """A folder of a removed or replaced adapter, deleted by the first registry write after ``delete_after``."""
+
+    path: str  # relative to the repository root
+    delete_after: str  # ISO 8601, UTC
+    adapter: str
+
+    def due(self, now: dt.datetime) -> bool:
+        return dt.datetime.fromisoformat(self.delete_after) <= now
+
+
 @dataclass
 class RegistryState:
-    """What the registry file holds: live adapters, and every task id ever retired with its digest.
+    """What the registry file holds: live adapters, every task id ever retired with its digest, and
+    the folders waiting out their grace period.
 
     Retired ids stay reserved: a serving cache may still hold their old weights.
     """
 
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     retired: dict[int, str] = field(default_factory=dict)
+    pending_deletions: list[PendingDeletion] = field(default_factory=list)
     # Not stored: work to do once the new registry is in place, still under the lock (deleting the
     # files of removed adapters only after no reader can find them in the registry any more).
     after_commit: list[Callable[[], None]] = field(default_factory=list, compare=False, repr=False)
+
+    def delete_later(self, root: Path, folder: Path, *, grace: float, adapter: str) -> None:
+        """Delete ``folder`` (inside ``root``) at the first registry write ``grace`` seconds from now or later."""
+        if grace < 0:
+            raise ValueError(f"grace must be ≥ 0, not {grace}")
+        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=grace)
+        relative = Path(folder).relative_to(root).as_posix()
+        self.pending_deletions = [p for p in self.pending_deletions if p.path != relative]
+        self.pending_deletions.append(
+            PendingDeletion(path=relative, delete_after=deadline.isoformat(timespec="milliseconds"), adapter=adapter)
+        )
+
+    def take_due(self, root: Path) -> list[Path]:
+        """Drop the pending deletions that are due (or whose folder is in use again); returns the due folders."""
+        live = {prefetch_dir(".", e.task_id).as_posix() for e in self.adapters.values()}
+        live |= {adapter_store_dir(".", name).as_posix() for name in self.adapters}
+        now = dt.datetime.now(dt.timezone.utc)
+        due = [p for p in self.pending_deletions if p.path not in live and p.due(now)]
+        self.pending_deletions = [p for p in self.pending_deletions if p.path not in live and not p.due(now)]
+        return [_inside(root, p.path) for p in due]
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing paths that leave ``root`` (the registry file is data, not trusted)."""
+    path = (Path(root) / relative).resolve()
+    if not path.is_relative_to(Path(root).resolve()) or path == Path(root).resolve():
+        raise ValueError(f"pending deletion {relative!r} is not a folder inside the repository")
+    return path
 
 
 class Registry:
@@ -118,6 +168,7 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / REGISTRY_FILE
+        self.lock_path = self.root / f".{REGISTRY_FILE}.lock"
 
     def read(self) -> RegistryState:
         """The registry's content (empty when there is no registry yet)."""
@@ -130,6 +181,7 @@ class Registry:
             return RegistryState(
                 adapters={name: AdapterEntry.from_json(entry) for name, entry in data["adapters"].items()},
                 retired={int(k): v for k, v in data.get("retired", {}).items()},
+                pending_deletions=[PendingDeletion(**p) for p in data.get("pending_deletions", [])],
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(
@@ -141,20 +193,33 @@ class Registry:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[RegistryState]:
-        """Hold the registry lock; yields the state, written back atomically if no exception."""
+        """Hold the registry lock; yields the state, written back atomically if no exception.
+
+        The write also deletes the folders whose grace period is over.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{REGISTRY_FILE}.lock", "w") as lock:
+        with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
             yield state
+            try:
+                due = state.take_due(self.root)
+            except ValueError as exc:
+                raise InputError(
+                    str(exc), where=str(self.path), fix="remove that entry from pending_deletions"
+                ) from None
             payload = {
                 "format": _FORMAT,
                 "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
                 "retired": {str(k): v for k, v in sorted(state.retired.items())},
+                "pending_deletions": [asdict(p) for p in state.pending_deletions],
             }
             atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
             for action in state.after_commit:
                 action()
+            for folder in due:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.debug("deleted %s (grace period over)", folder)
 
     @staticmethod
     def add(
