@@ -29,7 +29,7 @@ from phlora_nim.converters.names import validate_adapter_name
 from phlora_nim.converters.report import build_report, write_report
 from phlora_nim.jobs.adapter_jobs import read_json
 from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
-from phlora_nim.repository.configs import RepositorySettings, write_repository
+from phlora_nim.repository.configs import RepositorySettings, require_engine_config, write_repository
 from phlora_nim.repository.layout import LLM_MODEL, PREFETCH_DIR, adapter_store_dir, prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState
 
@@ -189,6 +189,7 @@ def convert(
     root = Path(job.repository)
     _check_repository(root)
     _check_settings(job)
+    require_engine_config(job.settings.backend, job.engine_config)
     engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(job.base))
