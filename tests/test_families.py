@@ -134,13 +134,15 @@ def test_budget_policy_spends_budget_with_heterogeneous_ranks(model_pairs, tmp_p
     smallest_step = min(m["shape"][0] + m["shape"][1] for m in report["modules"])
     assert budget - spent < smallest_step
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert len({m["rank"] for m in report["modules"]}) > 1 and cfg["rank_pattern"]
-    assert all(cfg["alpha_pattern"][k] == v for k, v in cfg["rank_pattern"].items())
-    # PEFT builds each module at its own rank and loads every tensor.
+    ranks = {m["name"]: m["rank"] for m in report["modules"] if m["rank"]}
+    assert len(set(ranks.values())) > 1  # heterogeneous ranks, kept in the report
+    # Written portably: one rank (the largest), scale folded, no patterns; PEFT loads every tensor.
+    assert cfg["r"] == cfg["lora_alpha"] == max(ranks.values()) and not cfg["rank_pattern"]
     model = PeftModel.from_pretrained(_load(base), str(out))
-    for m in (m for m in report["modules"] if m["rank"]):
-        layer = model.get_submodule("base_model.model." + m["name"])
-        assert layer.r["default"] == m["rank"]
+    for name in ranks:
+        assert model.get_submodule("base_model.model." + name).r["default"] == cfg["r"]
+    # Reading it back trims the zero padding: the true ranks again.
+    assert load_peft(out).ranks() == ranks
 
 
 def test_snap_ranks_vllm(model_pairs, tmp_path: Path) -> None:
