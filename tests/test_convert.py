@@ -48,6 +48,8 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--dtype", "float16", "--backend", "tensorrtllm"]
+    f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
+    args += ["--engine-config", _engine_config(tmp_path, **f16)]
     for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
         args += ["--finetuned", ft, "--name", name]
     code, out, err = run_cli(*args)
@@ -172,6 +174,7 @@ def _engine_config(tmp_path: Path, **over: object) -> Path:
         (["--name", "ok", "--rank", "0"], "rank"),
         (["--name", "ok", "--dtype", "float64"], "unknown engine dtype"),
         (["--name", "ok", "--backend", "vllm"], "unknown backend"),
+        (["--name", "ok", "--backend", "tensorrtllm"], "needs the engine's config.json"),
         (["--name", "ok", "--engine-config", "ENGINE:lora_config__max_lora_rank=4"], "Invalid low_rank"),
         (
             ["--name", "ok", "--engine-config", "ENGINE:lora_config__lora_target_modules=attn_q"],
@@ -300,7 +303,8 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
     ]
     assert run_cli(*args, "--backend", "reference")[0] == 0
     before = _snapshot(repo)
-    served = ("--served-path", "/srv/models")
+    f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
+    served = ("--served-path", "/srv/models", "--engine-config", _engine_config(tmp_path, **f16))
     assert run_cli(*args, "--backend", "tensorrtllm", "--engine-dir", "/engines/llama", *served)[0] == 0
     after = _snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}

@@ -136,17 +136,15 @@ def test_budget_policy_spends_budget_with_heterogeneous_ranks(model_pairs, tmp_p
     smallest_step = min(m["shape"][0] + m["shape"][1] for m in report["modules"])
     assert budget - spent < smallest_step
     cfg = json.loads((out / "adapter_config.json").read_text())
-    ranks = {m["rank"] for m in report["modules"]}
-    assert len(ranks) > 1
-    # The PEFT folder is portable: one rank (the largest, smaller ranks zero-padded), no patterns.
-    assert cfg["r"] == cfg["lora_alpha"] == max(ranks) and not cfg.get("rank_pattern") and not cfg.get("alpha_pattern")
+    ranks = {m["name"]: m["rank"] for m in report["modules"] if m["rank"]}
+    assert len(set(ranks.values())) > 1  # heterogeneous ranks, kept in the report
+    # Written portably: one rank (the largest), scale folded, no patterns; PEFT loads every tensor.
+    assert cfg["r"] == cfg["lora_alpha"] == max(ranks.values()) and not cfg["rank_pattern"]
     model = PeftModel.from_pretrained(_load(base), str(out))
-    for m in (m for m in report["modules"] if m["rank"]):
-        layer = model.get_submodule("base_model.model." + m["name"])
-        assert layer.r["default"] == max(ranks)
-        # Only the module's own rank carries weight: the padded columns of B are zero.
-        b = layer.lora_B["default"].weight
-        assert torch.count_nonzero(b[:, m["rank"] :]) == 0
+    for name in ranks:
+        assert model.get_submodule("base_model.model." + name).r["default"] == cfg["r"]
+    # Reading it back trims the zero padding: the true ranks again.
+    assert load_peft(out).ranks() == ranks
 
 
 def test_snap_ranks_vllm(model_pairs, tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ def test_rows_hold_scaled_factors_and_module_ids(tmp_path: Path) -> None:
     )
     lora = adapter_to_trtllm(adapter, dtype="float32")
     weights, config = _rows(lora)
-    assert config.dtype == np.int32 and lora.weights.shape == (1, 3, 4 * (96 + 64))
+    # 3 rows plus zero rows for attn_k and attn_v beside layer 1's q_proj (attention takes all three)
+    assert config.dtype == np.int32 and lora.weights.shape == (1, 5, 4 * (96 + 64))
     by_key = {(int(m), int(layer)): (i, int(r)) for i, (m, layer, r) in enumerate(config)}
     for path, module, layer in (
         ("model.layers.0.mlp.gate_proj", "mlp_h_to_4h", 0),  # gate_proj → 5, not 7
@@ -123,9 +124,9 @@ def test_fused_modules_at_tensor_parallelism(tp: int, adapters) -> None:
         delta = adapter.modules[path].delta()
         if meta["trtllm"] == "attn_qkv":
             blocks = torch.split(delta, [heads * d, kv * d, kv * d])
-        elif meta["trtllm"] == "mlp_gate_up":
-            gate, up = delta.chunk(2)
-            blocks = (up, gate)  # TensorRT-LLM order: [up; gate]
+        elif meta.get("part"):  # gate_up_proj as mlp_h_to_4h (gate half) and mlp_gate (up half): split on their own
+            part, parts = meta["part"]
+            blocks = (delta.chunk(parts)[part],)
         else:
             blocks = (delta,)
             if meta["trtllm"] not in ("attn_dense", "mlp_4h_to_h"):

@@ -21,7 +21,7 @@ from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 
 _MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_layers", "defaults", "modules"}
-_MODULE_FIELDS = {"name", "match", "trtllm", "in", "out"}
+_MODULE_FIELDS = {"name", "match", "trtllm", "rows", "in", "out"}
 
 
 class Matcher(Protocol):
@@ -39,10 +39,20 @@ class ModuleSpec:
     trtllm: str | None
     in_expr: str | None
     out_expr: str | None
+    rows: tuple[str, ...] = ()
 
     @property
     def trtllm_id(self) -> int | None:
         return TRTLLM_MODULE_IDS.get(self.trtllm) if self.trtllm else None
+
+    @property
+    def trtllm_rows(self) -> tuple[str, ...]:
+        """The TensorRT-LLM modules this module's rows are written as, in the order of B's row blocks.
+
+        Usually just ``trtllm``. A fused module an engine does not take (Phi-3's ``gate_up_proj``)
+        lists the separate modules it does take; B's rows are split evenly among them.
+        """
+        return self.rows or ((self.trtllm,) if self.trtllm else ())
 
 
 @dataclass(frozen=True)
@@ -136,8 +146,12 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
             problems.append(f"modules[{i}] needs name and match, may have {sorted(_MODULE_FIELDS)}")
             continue
         trt = entry.get("trtllm")
-        if trt is not None and trt not in TRTLLM_MODULE_IDS:
-            problems.append(f"modules[{i}].trtllm {trt!r} is not a TensorRT-LLM module")
+        rows = tuple(entry.get("rows") or ())
+        for name in (trt, *rows) if trt is not None else rows:
+            if name not in TRTLLM_MODULE_IDS:
+                problems.append(f"modules[{i}] names {name!r}, not a TensorRT-LLM module")
+        if rows and trt is None:
+            problems.append(f"modules[{i}].rows needs trtllm (the fused module they stand for)")
         modules.append(
             ModuleSpec(
                 name=entry["name"],
@@ -145,6 +159,7 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
                 trtllm=trt,
                 in_expr=None if entry.get("in") is None else str(entry["in"]),
                 out_expr=None if entry.get("out") is None else str(entry["out"]),
+                rows=rows,
             )
         )
     if problems:

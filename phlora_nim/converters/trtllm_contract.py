@@ -15,8 +15,10 @@ loraCache.cpp) reads A as ``[rank, inDim]`` then B as ``[outDim, rank]`` from of
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
@@ -255,3 +257,187 @@ def row_problems(
                 RowProblem(i, name, layer, too_few_values_message(name, layer, row_length(rank, *shape), width))
             )
     return found
+
+
+# --- the engine's view of a model -------------------------------------------------------------
+
+
+def runtime_module_dims(
+    *,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    experts: int = 0,
+) -> dict[str, tuple[int, int]]:
+    """(in, out) of every LoRA module as the runtime sizes it, whatever the checkpoint says.
+
+    ``LoraModule::createLoraModules`` (cpp/tensorrt_llm/runtime/loraModule.cpp): attn_q/k/v out
+    are nH·d / nKV·d (fixed in 0.17), but **attn_dense is ``hidden × hidden``** even where
+    nH·d ≠ hidden (Gemma, Gemma 2, some Qwen3). MoE modules count all experts (``hidden·E``).
+    """
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    dims = {
+        "attn_qkv": (hidden, q_out + 2 * kv_out),
+        "attn_q": (hidden, q_out),
+        "attn_k": (hidden, kv_out),
+        "attn_v": (hidden, kv_out),
+        "attn_dense": (hidden, hidden),
+        "mlp_h_to_4h": (hidden, intermediate),
+        "mlp_gate": (hidden, intermediate),
+        "mlp_4h_to_h": (intermediate, hidden),
+        "mlp_gate_up": (hidden, 2 * intermediate),
+        "mlp_router": (hidden, 1),
+    }
+    if experts:
+        dims.update(
+            moe_h_to_4h=(hidden * experts, intermediate * experts),
+            moe_gate=(hidden * experts, intermediate * experts),
+            moe_4h_to_h=(intermediate * experts, hidden * experts),
+            moe_router=(hidden, experts),
+        )
+    return dims
+
+
+def hf_runtime_dims(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """:func:`runtime_module_dims` for a Hugging Face ``config.json``."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    return runtime_module_dims(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        intermediate=int(config.get("intermediate_size") or 0),
+        experts=int(config.get("num_local_experts") or config.get("num_experts") or 0),
+    )
+
+
+QKV = ("attn_q", "attn_k", "attn_v")
+MOE_SPLIT_MODULES = ("moe_h_to_4h", "moe_4h_to_h", "moe_gate")  # split per TP rank without knowing experts
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a built TensorRT-LLM engine accepts, read from its ``config.json``.
+
+    Fields follow ``gptJsonConfig.cpp`` (``parseJson``, ``parseLora``): ``build_config.lora_config``
+    (``max_lora_rank``, ``lora_target_modules``), ``build_config.plugin_config.lora_plugin``,
+    ``pretrained_config`` (``dtype``, ``mapping.tp_size``, dims); legacy engines (``version``
+    missing) keep them under ``builder_config`` and a top-level ``plugin_config``.
+    """
+
+    lora_plugin: str | None
+    dtype: str | None
+    tp: int
+    num_layers: int | None
+    max_rank: int | None
+    targets: tuple[str, ...]
+    dims: dict[str, tuple[int, int]]
+
+    def module_dims(self, name: str) -> tuple[int, int] | None:
+        """The engine's (in, out) for a built-in module; None when not built in (or dims unknown)."""
+        if self.targets and name not in self.targets:
+            return None
+        return self.dims.get(name, (0, 0))
+
+
+def engine_spec(engine_config: dict[str, Any]) -> EngineSpec:
+    """Read the LoRA-relevant fields of an engine ``config.json`` (new and legacy layouts)."""
+    legacy = engine_config.get("builder_config") or {}
+    build = engine_config.get("build_config") or {}
+    pretrained = engine_config.get("pretrained_config") or {}
+    lora_cfg = build.get("lora_config") or engine_config.get("lora_config") or legacy
+    plugin = build.get("plugin_config") or engine_config.get("plugin_config") or {}
+    mapping = pretrained.get("mapping") or {}
+    tp = mapping.get("tp_size") or legacy.get("tensor_parallel") or 1
+    lora_plugin = plugin.get("lora_plugin")
+    dtype = pretrained.get("dtype") or legacy.get("precision")
+    if lora_plugin and lora_plugin != "auto":
+        dtype = dtype or lora_plugin
+    dims: dict[str, tuple[int, int]] = {}
+    hidden, heads = pretrained.get("hidden_size"), pretrained.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads:
+        moe = pretrained.get("moe") or {}
+        dims = runtime_module_dims(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(pretrained.get("num_key_value_heads") or heads),
+            head_dim=int(pretrained.get("head_size") or hidden // heads),
+            intermediate=int(pretrained.get("intermediate_size") or 0),
+            experts=int(moe.get("num_experts") or 0),
+        )
+    return EngineSpec(
+        lora_plugin=lora_plugin,
+        dtype=dtype,
+        tp=int(tp),
+        num_layers=pretrained.get("num_hidden_layers", legacy.get("num_layers")),
+        max_rank=lora_cfg.get("max_lora_rank"),
+        targets=tuple(lora_cfg.get("lora_target_modules") or ()),
+        dims=dims,
+    )
+
+
+# --- the runtime's npy reader (lora_prefetch_dir) ---------------------------------------------
+
+# cpp/tensorrt_llm/runtime/utils/numpyUtils.cpp, typeFromNumpyDesc: the only descrs it knows.
+NPY_DESCRS = ("?", "u1", "i1", "i4", "i8", "f2", "f4")
+
+
+def npy_type_message(descr: str) -> str:
+    return f"numpy data type '{descr}' not supported"
+
+
+def incompatible_dtypes_message(found: str, expected: str) -> str:
+    """``BufferManager::copy`` when a prefetched adapter's dtype differs from the engine's."""
+    return f"Incompatible data types: {found} != {expected}"
+
+
+MAP_AT = "_Map_base::at"  # what std::unordered_map::at throws for a module the engine lacks (LoraCache::put)
+
+
+def npy_descr(path: str | Path) -> str:
+    """The ``descr`` of an npy file's header as written (``'<f2'``, ``'<V2'``, ``'|V2'`` …).
+
+    Raises:
+        ValueError: not an npy file.
+    """
+    with open(path, "rb") as f:
+        major, _minor = np.lib.format.read_magic(f)
+        size = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+        try:
+            header = ast.literal_eval(f.read(size).decode("latin1"))
+        except SyntaxError as exc:
+            raise ValueError(f"unreadable npy header ({exc})") from None
+    if not isinstance(header, dict) or "descr" not in header:
+        raise ValueError("npy header without descr")
+    return str(header["descr"])
+
+
+def runtime_npy_type(descr: str) -> str:
+    """The type the runtime's reader takes from a descr: one of :data:`NPY_DESCRS`.
+
+    ``parseNpyHeader`` drops one leading ``<``, ``>`` or ``=`` (not ``|``) and
+    ``typeFromNumpyDesc`` knows only :data:`NPY_DESCRS`: bfloat16 (``<V2`` from ml_dtypes,
+    ``|V2`` from TensorRT-LLM's own writer) and 1-byte types written as ``|i1`` are refused.
+
+    Raises:
+        LoraRequestError: ``numpy data type '…' not supported``.
+    """
+    kind = descr[1:] if descr[:1] in ("<", ">", "=") else descr
+    if kind not in NPY_DESCRS:
+        raise LoraRequestError(npy_type_message(kind))
+    return kind
+
+
+def read_runtime_npy(path: Path) -> np.ndarray:
+    """An npy file as the runtime's ``loadNpy`` reads it: refused where its reader refuses it.
+
+    Raises:
+        LoraRequestError: ``numpy data type '…' not supported``, or the file is unreadable.
+    """
+    try:
+        runtime_npy_type(npy_descr(path))
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, IndexError) as exc:
+        raise LoraRequestError(f"reading tensor failed ({path}: {exc})") from None

@@ -36,6 +36,12 @@ from phlora_nim.repository.layout import (
 from phlora_nim.repository.registry import RegistryState
 
 BACKENDS = ("tensorrtllm", "reference")
+# The TensorRT-LLM Triton backend release whose config.pbtxt names are written. v0.20.0 renamed
+# random_seed → seed and min_length → min_tokens (tensorrtllm_backend commit c2e65b8, 2025-05-13; the
+# templates moved to TensorRT-LLM's triton_backend/all_models/inflight_batcher_llm/ then).
+TRTLLM_RELEASES = ("0.20", "0.19")
+DEFAULT_TRTLLM_RELEASE = "0.20"
+SEED_INPUT = {"0.20": "seed", "0.19": "random_seed"}
 # Engine dtype → Triton data type of lora_weights.
 LORA_DTYPES = {d.name: mc.DataType.Value(d.triton) for d in ENGINE_DTYPES.values()}
 _MiB = 1 << 20
@@ -63,6 +69,11 @@ class RepositorySettings:
         served_path: where Triton will see this repository (``lora_prefetch_dir`` is set under it);
             default: this folder for ``reference``, ``/models`` for ``tensorrtllm``.
         llm_parameters: more ``tensorrt_llm`` model parameters, written as given.
+        trtllm_version: the TensorRT-LLM Triton backend release whose input names are written
+            (``0.20``: v0.20.0 and later, ``seed``; ``0.19``: earlier, ``random_seed``).
+        lora_prefetch: set ``lora_prefetch_dir`` so the server loads every adapter at start. Always
+            off for bfloat16: the runtime's npy reader has no bfloat16 (``numpy data type 'V2' not
+            supported`` stops the server), so adapters are sent by the router on first use instead.
     """
 
     backend: str = "reference"
@@ -77,8 +88,19 @@ class RepositorySettings:
     lora_cache_bytes: int = 0
     served_path: str | None = None
     llm_parameters: dict[str, str] = field(default_factory=dict)
+    trtllm_version: str = DEFAULT_TRTLLM_RELEASE
+    lora_prefetch: bool = True
 
     def __post_init__(self) -> None:
+        if self.trtllm_version not in TRTLLM_RELEASES:
+            raise OptionError(
+                "unknown TensorRT-LLM release for the Triton configs",
+                where="--trtllm-version",
+                expected=" or ".join(TRTLLM_RELEASES),
+                found=repr(self.trtllm_version),
+            )
+        if self.dtype in ENGINE_DTYPES and not ENGINE_DTYPES[self.dtype].npy_readable:
+            object.__setattr__(self, "lora_prefetch", False)
         if self.backend not in BACKENDS:
             raise OptionError(
                 "unknown backend", where="--backend", expected=" or ".join(BACKENDS), found=repr(self.backend)
@@ -147,12 +169,37 @@ def _params(config: mc.ModelConfig, values: dict[str, Any]) -> None:
 
 
 def lora_inputs(dtype: str, *, for_llm: bool) -> list[mc.ModelInput]:
-    """The three optional LoRA inputs, typed as TensorRT-LLM's ``tensorrt_llm`` model declares them."""
+    """The three optional LoRA inputs, typed as TensorRT-LLM's ``tensorrt_llm`` model declares them.
+
+    ``lora_weights`` takes the engine dtype (upstream ships TYPE_FP16 and asks bf16 users to edit it).
+    """
     return [
         _input("lora_task_id", mc.TYPE_UINT64, [1], optional=True, reshape=[] if for_llm else None),
-        _input("lora_weights", LORA_DTYPES[dtype], [-1, -1], optional=True, ragged=for_llm),
-        _input("lora_config", mc.TYPE_INT32, [-1, 3], optional=True, ragged=for_llm),
+        _input("lora_weights", LORA_DTYPES[dtype], [-1, -1], optional=True, ragged=True),
+        _input("lora_config", mc.TYPE_INT32, [-1, 3], optional=True, ragged=True),
     ]
+
+
+def require_engine_config(backend: str, engine_config: Path | None) -> None:
+    """``--backend tensorrtllm`` needs the engine's ``config.json`` to check adapters against.
+
+    TensorRT-LLM does not validate ``lora_prefetch_dir`` (``prefetchLoraWeights`` skips
+    ``loraValidateRequestTensors``): one adapter with a module, rank, dtype or tensor parallelism
+    the engine lacks stops the server at start with an unhelpful message.
+
+    Raises:
+        OptionError: ``tensorrtllm`` without an engine config.
+    """
+    if backend == "tensorrtllm" and engine_config is None:
+        raise OptionError(
+            "--backend tensorrtllm needs the engine's config.json: TensorRT-LLM does not check "
+            "prefetched adapters, so one the engine cannot take stops the server at start",
+            where="--engine-config",
+            expected="the config.json trtllm-build wrote beside the engine",
+            found="none given",
+            fix="build the engine with the flags `phlora-nim engine-plan` prints (convert with --backend "
+            "reference first to plan), then convert with --engine-config ENGINE_DIR/config.json",
+        )
 
 
 def lora_cache_parameters(state: RegistryState, settings: RepositorySettings) -> dict[str, str]:
@@ -181,16 +228,16 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
     config = mc.ModelConfig(name=LLM_MODEL, max_batch_size=settings.max_batch_size)
     config.input.extend(
         [
-            _input("input_ids", i32, [-1], ragged=True),
+            _input("input_ids", i32, [-1], optional=True, ragged=True),
             _input("input_lengths", i32, [1], reshape=[]),
             _input("request_output_len", i32, [1], reshape=[]),
             _input("end_id", i32, [1], optional=True, reshape=[]),
             _input("pad_id", i32, [1], optional=True, reshape=[]),
-            _input("streaming", boolean, [1], optional=True),
+            _input("streaming", boolean, [1], optional=True, reshape=[]),
             _input("temperature", f32, [1], optional=True, reshape=[]),
             _input("runtime_top_k", i32, [1], optional=True, reshape=[]),
             _input("runtime_top_p", f32, [1], optional=True, reshape=[]),
-            _input("random_seed", u64, [1], optional=True, reshape=[]),
+            _input(SEED_INPUT[settings.trtllm_version], u64, [1], optional=True, reshape=[]),
             *lora_inputs(settings.dtype, for_llm=True),
         ]
     )
@@ -199,9 +246,10 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
     served = settings.served_path or (str(Path(root).resolve()) if settings.backend == "reference" else "/models")
-    params: dict[str, Any] = {
-        **lora_cache_parameters(state, settings),
-        "lora_prefetch_dir": f"{served.rstrip('/')}/{PREFETCH_DIR}",
+    params: dict[str, Any] = {**lora_cache_parameters(state, settings)}
+    if settings.lora_prefetch:
+        params["lora_prefetch_dir"] = f"{served.rstrip('/')}/{PREFETCH_DIR}"
+    params |= {
         "max_beam_width": 1,
         "exclude_input_in_output": "true",
     }
@@ -235,7 +283,7 @@ def preprocessing_config(settings: RepositorySettings) -> mc.ModelConfig:
         [
             _output("INPUT_ID", i32, [-1]),
             _output("REQUEST_INPUT_LEN", i32, [1]),
-            _output("REQUEST_OUTPUT_LEN", i32, [1]),
+            _output("REQUEST_OUTPUT_LEN", i32, [-1]),
             _output("OUT_END_ID", i32, [1]),
             _output("OUT_PAD_ID", i32, [1]),
         ]
@@ -272,7 +320,7 @@ def ensemble_config(settings: RepositorySettings) -> mc.ModelConfig:
             _input("temperature", f32, [1], optional=True),
             _input("top_k", i32, [1], optional=True),
             _input("top_p", f32, [1], optional=True),
-            _input("random_seed", u64, [1], optional=True),
+            _input(SEED_INPUT[settings.trtllm_version], u64, [1], optional=True),
             *lora_inputs(settings.dtype, for_llm=False),
         ]
     )
@@ -301,7 +349,7 @@ def ensemble_config(settings: RepositorySettings) -> mc.ModelConfig:
             "temperature": "temperature",
             "runtime_top_k": "top_k",
             "runtime_top_p": "top_p",
-            "random_seed": "random_seed",
+            SEED_INPUT[settings.trtllm_version]: SEED_INPUT[settings.trtllm_version],
             "lora_task_id": "lora_task_id",
             "lora_weights": "lora_weights",
             "lora_config": "lora_config",

@@ -21,15 +21,19 @@ import numpy as np
 import torch
 
 from phlora_nim.converters.trtllm_contract import (
+    CONFIG_FILE,
     ENGINE_DTYPES,
+    MAP_AT,
     WEIGHTS_FILE,
     LoraRequestError,
     cache_full_message,
     decode_row,
     dtype_mismatch_message,
     dtype_name_of,
+    incompatible_dtypes_message,
     module_name,
     not_found_message,
+    read_runtime_npy,
     row_problems,
     tensor_problems,
 )
@@ -45,6 +49,7 @@ __all__ = [
     "cache_full_message",
     "not_found_message",
     "prefetch_folders",
+    "read_prefetch_folder",
     "unpack_task",
 ]
 
@@ -108,6 +113,9 @@ def unpack_task(
     config = np.asarray(config)
     if weights.ndim == 2 and config.ndim == 2:  # in-process callers may leave out the batch dim
         weights, config = weights[None], config[None]
+    if not validate and dtype_name_of(weights) != dtype:
+        # LoraCache::copyToPages → BufferManager::copy checks only that the dtypes agree
+        raise LoraRequestError(incompatible_dtypes_message(str(dtype_name_of(weights) or weights.dtype), dtype))
     if validate:
         if dtype_name_of(weights) != dtype:
             raise LoraRequestError(dtype_mismatch_message(dtype, weights.dtype))
@@ -136,8 +144,11 @@ def unpack_task(
         num_layers=num_layers if validate else None,
         max_rank=max_rank if validate else None,
     )
-    if problems:
+    if problems and validate:
         raise LoraRequestError(problems[0].message)
+    if problems:  # LoraCache::put looks the module up with unordered_map::at
+        p = problems[0]
+        raise LoraRequestError(f"{MAP_AT} (row {p.row}: lora module {p.module} is not in the engine)")
     values = _as_torch(weights).to(ENGINE_DTYPES[dtype].torch)
     factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     nbytes = 0
@@ -247,3 +258,13 @@ def prefetch_folders(folder: Path) -> list[tuple[int, Path]]:
             if sub.is_dir() and sub.name.isdigit() and (sub / WEIGHTS_FILE).exists():
                 found.append((int(sub.name), sub))
     return found
+
+
+def read_prefetch_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_weights`` and ``lora_config`` of one prefetch folder, read as the runtime reads them.
+
+    Raises:
+        LoraRequestError: what the runtime's npy reader says (``numpy data type 'V2' not supported``
+            for bfloat16, which it cannot read at all).
+    """
+    return read_runtime_npy(Path(folder) / WEIGHTS_FILE), read_runtime_npy(Path(folder) / CONFIG_FILE)

@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from phlora_nim.converters.architecture import find_map
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
+from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES, LoraRequestError, hf_runtime_dims, module_name
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 from phlora_nim.triton.limits import EngineLimits
 from phlora_nim.triton.lora_cache import (
     LoraCache,
-    LoraRequestError,
     LoraTask,
     ModuleShape,
     prefetch_folders,
+    read_prefetch_folder,
     unpack_task,
 )
 
@@ -63,12 +63,16 @@ class _BatchLora:
 
 
 class MultiLoraLinear(nn.Module):
-    """``base(x)`` plus, for each batch row, that row's ``x Aᵀ Bᵀ``."""
+    """``base(x)`` plus, for each batch row, that row's ``x Aᵀ Bᵀ``.
 
-    def __init__(self, base: nn.Linear, key: tuple[int, int], state: _LoraState) -> None:
+    A linear may take several TensorRT-LLM modules, each on a block of its outputs (Phi-3's
+    ``gate_up_proj``: ``mlp_h_to_4h`` on the gate half, ``mlp_gate`` on the up half).
+    """
+
+    def __init__(self, base: nn.Linear, parts: list[tuple[tuple[int, int], slice]], state: _LoraState) -> None:
         super().__init__()
         self.base = base
-        self.key = key
+        self.parts = parts
         self._state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +80,18 @@ class MultiLoraLinear(nn.Module):
         batch = self._state.batch
         if batch is None:
             return y
-        stack = batch.stacks.get(self.key)
-        if stack is None:
-            return y
-        rows, a_t, b_t = stack
-        delta = torch.bmm(torch.bmm(x[rows], a_t), b_t)
-        return y.index_add(0, rows, delta)
+        for key, block in self.parts:
+            stack = batch.stacks.get(key)
+            if stack is None:
+                continue
+            rows, a_t, b_t = stack
+            delta = torch.bmm(torch.bmm(x[rows], a_t), b_t)
+            if block.stop - block.start != y.shape[-1]:
+                full = delta.new_zeros((*delta.shape[:-1], y.shape[-1]))
+                full[..., block] = delta
+                delta = full
+            y = y.index_add(0, rows, delta)
+        return y
 
 
 class _LoraState:
@@ -143,6 +153,7 @@ class ReferenceEngine:
         self.cache = LoraCache(cache_bytes)
         self._state = _LoraState()
         self._lock = threading.Lock()
+        self._layer_dims: dict[tuple[int, int], tuple[int, int]] = {}  # the wrapped layer's own (in, out)
         config = model.config.to_dict()
         self.limits = limits or EngineLimits.from_parameters({}, config)
         self.num_layers = int(config["num_hidden_layers"])
@@ -180,41 +191,68 @@ class ReferenceEngine:
         return engine
 
     def _wrap(self, config: dict[str, Any]) -> dict[tuple[int, int], ModuleShape]:
+        """Wrap every LoRA-able linear; the dims a row is read with are the runtime's, not the layer's.
+
+        ``LoraModule::createLoraModules`` sizes modules from the model config (attn_dense is
+        ``hidden × hidden`` even where o_proj takes nH·d inputs), and the cache reads rows by those
+        dims; :meth:`unpack` refuses rows the layer cannot apply as written.
+        """
         amap = find_map(config)
         if amap is None:
             raise ValueError(f"no architecture map for model_type {config.get('model_type')!r}")
+        runtime = hf_runtime_dims(amap.resolved_config(config))
         found: dict[tuple[int, int], ModuleShape] = {}
         targets = []
         for path, module in self.model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             hit = amap.match(path)
-            if hit is None or hit[1] is None or hit[0].trtllm is None:
+            if hit is None or hit[1] is None or not hit[0].trtllm_rows:
                 continue
-            key = (TRTLLM_MODULE_IDS[hit[0].trtllm], hit[1])
-            found[key] = ModuleShape(key[0], module.in_features, module.out_features)
-            targets.append((path, module, key))
-        for path, module, key in targets:
+            names = hit[0].trtllm_rows
+            width = module.out_features // len(names)
+            parts = []
+            for k, name in enumerate(names):
+                key = (TRTLLM_MODULE_IDS[name], hit[1])
+                in_dim, out_dim = runtime.get(name, (module.in_features, width))
+                found[key] = ModuleShape(key[0], in_dim, out_dim)
+                self._layer_dims[key] = (module.in_features, width)
+                parts.append((key, slice(k * width, (k + 1) * width)))
+            targets.append((path, module, parts))
+        for path, module, parts in targets:
             parent_path, _, child = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            setattr(parent, child, MultiLoraLinear(module, key, self._state))
+            setattr(parent, child, MultiLoraLinear(module, parts, self._state))
         return found
 
     def prefetch(self, folder: Path) -> int:
-        """Load every ``<task_id>/`` npy pair of a prefetch folder into the cache; returns the count."""
+        """Load every ``<task_id>/`` npy pair of a prefetch folder into the cache; returns the count.
+
+        As ``PeftCacheManager::prefetchLoraWeights``: files are read by the runtime's npy reader
+        (no bfloat16), nothing is validated, and any failure stops the model from loading.
+
+        Raises:
+            LoraRequestError: the runtime's message (``numpy data type 'V2' not supported``,
+                ``Incompatible data types``, ``_Map_base::at``), prefixed with the folder.
+        """
         count = 0
         for task_id, sub in prefetch_folders(folder):
             try:
-                weights = np.load(sub / "model.lora_weights.npy", mmap_mode="r")
-                config = np.load(sub / "model.lora_config.npy")
+                weights, config = read_prefetch_folder(sub)
                 self.cache.insert(self.unpack(task_id, weights, config, validate=False))
-                count += 1
-            except (LoraRequestError, OSError, ValueError) as exc:
-                log.warning("skipped prefetch folder %s: %s", sub, exc)
+            except LoraRequestError as exc:
+                raise LoraRequestError(f"lora_prefetch_dir {sub}: {exc}") from None
+            count += 1
         return count
 
     def unpack(self, task_id: int, weights: np.ndarray, config: np.ndarray, *, validate: bool = True) -> LoraTask:
-        return unpack_task(
+        """Rows → factors as the runtime reads them; rows the layer cannot apply as read are refused.
+
+        Raises:
+            LoraRequestError: the runtime's message, or (where the runtime would silently apply a
+                wrong delta, e.g. attn_dense laid out for nH·d ≠ hidden) one saying so.
+        """
+        task = unpack_task(
             task_id,
             weights,
             config,
@@ -224,6 +262,15 @@ class ReferenceEngine:
             max_rank=self.max_lora_rank,
             validate=validate,
         )
+        for key, (a, b) in task.factors.items():
+            layer_in, layer_out = self._layer_dims[key]
+            if a.shape[1] != layer_in or b.shape[0] != layer_out:
+                raise LoraRequestError(
+                    f"lora module {module_name(key[0])} (layer {key[1]}): TensorRT-LLM reads this row as "
+                    f"A [{a.shape[0]}, {a.shape[1]}], B [{b.shape[0]}, {a.shape[0]}] but the layer maps {layer_in} "
+                    f"inputs to {layer_out} outputs; the runtime would apply a wrong delta without an error"
+                )
+        return task
 
     def resolve(
         self, task_id: int | None, weights: np.ndarray | None = None, config: np.ndarray | None = None

@@ -19,6 +19,7 @@ paths, dims, tensor parallelism); TensorRT-LLM ignores it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,24 @@ from phlora_nim.converters.trtllm_contract import (
     DTYPE_MISMATCH,
     ENGINE_DTYPES,
     META_FILE,
+    MOE_SPLIT_MODULES,
+    QKV,
     WEIGHTS_FILE,
     as_engine_array,
     decode_row,
     dtype_name_of,
     encode_row,
+    engine_spec,
+    hf_runtime_dims,
+    module_name,
     pack_rows,
+    row_length,
     row_problems,
     tensor_problems,
 )
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
+
+log = logging.getLogger("phlora_nim.converters.trtllm")
 
 __all__ = [
     "CONFIG_FILE",
@@ -68,6 +77,8 @@ class TrtllmLora:
     rows: tuple[dict[str, Any], ...]
     dtype: str
     tp: int
+    dropped: tuple[str, ...] = ()  # modules left out: the runtime would apply them wrongly
+    dropped_energy: float = 0.0  # their share of the adapter's update energy ‖ΔW‖²
 
     @property
     def num_rows(self) -> int:
@@ -92,11 +103,11 @@ def _infer_map(paths: list[str], config: dict[str, Any] | None) -> ArchitectureM
     )
 
 
-def _fused_splits(spec: ModuleSpec, config: dict[str, Any] | None, out_dim: int) -> list[int] | None:
+def _fused_splits(module: str, config: dict[str, Any] | None, out_dim: int) -> list[int] | None:
     """Row blocks of a fused module's B, in TensorRT-LLM order (after the gate/up swap)."""
-    if spec.trtllm == "mlp_gate_up":
+    if module == "mlp_gate_up":
         return [out_dim // 2, out_dim // 2]
-    if spec.trtllm == "attn_qkv":
+    if module == "attn_qkv":
         if not config:
             return None
         heads = config.get("num_attention_heads")
@@ -131,23 +142,111 @@ def _swap_halves(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[half:], b[:half]], dim=0)
 
 
+def _energy(w: LoraWeights, *, use_rslora: bool) -> float:
+    """‖scale·B·A‖²_F in float64, through the r×r Gram matrices (never the dense product)."""
+    a, b = w.a.double(), w.b.double()
+    return float(w.scale(use_rslora=use_rslora) ** 2 * torch.trace((b.T @ b) @ (a @ a.T)))
+
+
+def _misread_dense(adapter: LoraAdapter, amap: ArchitectureMap) -> list[str]:
+    """o_proj modules the runtime would read wrongly: attn_dense is ``hidden × hidden`` there.
+
+    ``LoraModule::createLoraModules`` sizes attn_dense A as ``[r, hidden]``; where the model's
+    o_proj takes num_heads × head_dim ≠ hidden inputs (Gemma, Gemma 2, some Qwen3), the cache
+    slices the row at ``r·hidden`` and applies a wrong delta with no error.
+    """
+    found = []
+    for path, w in adapter.modules.items():
+        hit = amap.match(path)
+        if hit is not None and hit[0].trtllm == "attn_dense" and w.a.shape[1] != w.b.shape[0]:
+            found.append(path)
+    return sorted(found)
+
+
+def _drop_misread_dense(adapter: LoraAdapter, amap: ArchitectureMap, *, strict: bool) -> tuple[list[str], float]:
+    """The o_proj paths to leave out and the share of the adapter's update energy they carry."""
+    paths = _misread_dense(adapter, amap)
+    if not paths:
+        return [], 0.0
+    total = sum(_energy(w, use_rslora=adapter.use_rslora) for w in adapter.modules.values()) or 1.0
+    lost = sum(_energy(adapter.modules[p], use_rslora=adapter.use_rslora) for p in paths)
+    w0 = adapter.modules[paths[0]]
+    hidden, width = w0.b.shape[0], w0.a.shape[1]
+    problem = (
+        f"TensorRT-LLM reads attn_dense (o_proj) LoRA as A [rank, hidden_size={hidden}] "
+        f"(LoraModule::createLoraModules), but this model's o_proj takes num_heads × head_dim = {width} inputs: "
+        f"its rows would apply a wrong delta without any error"
+    )
+    if strict:
+        raise OptionError(
+            problem,
+            where=paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else ""),
+            expected="o_proj input width = hidden_size",
+            found=f"{width} ≠ {hidden}",
+            fix="drop --strict to leave o_proj out (its update energy is reported), serve this adapter "
+            "through PEFT on vLLM, or extract without o_proj (--target-modules)",
+        )
+    share = lost / total
+    log.warning(
+        "%s. Left out o_proj in %d layers: the adapter loses %.2f%% of its update energy (‖ΔW‖²).",
+        problem,
+        len(paths),
+        100 * share,
+    )
+    return paths, share
+
+
+def _zero_qkv_rows(
+    groups: dict[tuple[int, int], list[tuple[int, str, ModuleSpec, int, int]]],
+    adapter: LoraAdapter,
+    config: dict[str, Any] | None,
+) -> list[tuple[int, int, int, int]]:
+    """(layer, module id, in, out) of zero rows for q/k/v modules missing beside present ones.
+
+    TensorRT-LLM's attention runs q/k/v LoRA as one plugin call with all three or none
+    (``Attention.forward`` asserts it); its HF loader fills the missing ones with zeros
+    (``LoraManager.load_from_hf``). Rank 1 zeros: the cheapest row the runtime takes.
+    """
+    dims = hf_runtime_dims(config) if config and config.get("hidden_size") else {}
+    by_layer: dict[int, dict[str, int]] = {}
+    for (layer, module_id), members in groups.items():
+        name = TRTLLM_MODULES[module_id]
+        if name in QKV:
+            by_layer.setdefault(layer, {})[name] = adapter.modules[members[0][1]].a.shape[1]
+    zeros = []
+    for layer, present in sorted(by_layer.items()):
+        hidden = next(iter(present.values()))
+        for name in QKV:
+            if name not in present:
+                in_dim, out_dim = dims.get(name, (hidden, hidden))
+                zeros.append((layer, TRTLLM_MODULE_IDS[name], in_dim, out_dim))
+    return zeros
+
+
 def adapter_to_trtllm(
     adapter: LoraAdapter,
     *,
     config: dict[str, Any] | None = None,
     dtype: str = "float16",
     tp: int = 1,
+    strict: bool = False,
 ) -> TrtllmLora:
     """Lay a LoRA adapter out as TensorRT-LLM's ``lora_weights`` / ``lora_config`` tensors.
+
+    Writes only what the engine computes correctly: o_proj is left out (with a warning giving the
+    energy lost) where its input width is not the hidden size, Phi-3's ``gate_up_proj`` becomes the
+    ``mlp_h_to_4h`` + ``mlp_gate`` pair, and q/k/v missing beside present ones get zero rows.
 
     Args:
         adapter: any LoRA adapter (scales are folded into B).
         config: the base model's ``config.json`` (needed for fused ``qkv_proj`` at ``tp > 1``).
         dtype: engine dtype: ``float16``, ``bfloat16`` or ``float32``.
         tp: tensor parallelism of the engine.
+        strict: refuse, rather than leave out, modules the runtime would read wrongly.
 
     Raises:
-        OptionError: bad dtype/tp, or a fused module whose rows do not split evenly over ``tp``.
+        OptionError: bad dtype/tp, fused rows that do not split evenly over ``tp``, expert rows at
+            ``tp > 1``, or (``strict``) an o_proj the runtime misreads.
         InputError: modules with no TensorRT-LLM equivalent.
     """
     if dtype not in ENGINE_DTYPES:
@@ -163,11 +262,14 @@ def adapter_to_trtllm(
         )
     paths = sorted(adapter.modules)
     amap = _infer_map(paths, config)
-    groups: dict[tuple[int, int], list[tuple[int, str, ModuleSpec]]] = {}
+    dropped, dropped_energy = _drop_misread_dense(adapter, amap, strict=strict)
+    left_out = set(dropped)
+    # (layer, module id) → members (expert, path, spec, part, parts)
+    groups: dict[tuple[int, int], list[tuple[int, str, ModuleSpec, int, int]]] = {}
     problems: list[PhloraError] = []
     for path in paths:
         hit = amap.match(path)
-        if hit is None or hit[0].trtllm is None or hit[1] is None:
+        if hit is None or not hit[0].trtllm_rows or hit[1] is None:
             problems.append(
                 InputError(
                     "module has no TensorRT-LLM LoRA module",
@@ -177,23 +279,45 @@ def adapter_to_trtllm(
                 )
             )
             continue
+        if path in left_out:
+            continue
         spec, layer = hit
         m = spec.pattern.fullmatch(path)
         expert = int(m.groupdict()["expert"]) if m is not None and m.groupdict().get("expert") else 0
-        groups.setdefault((layer, TRTLLM_MODULE_IDS[spec.trtllm]), []).append((expert, path, spec))
+        parts = spec.trtllm_rows
+        for k, module in enumerate(parts):
+            groups.setdefault((layer, TRTLLM_MODULE_IDS[module]), []).append((expert, path, spec, k, len(parts)))
     raise_all(problems, summary="cannot lay out the adapter for TensorRT-LLM")
+    if not groups:
+        raise InputError(
+            "nothing of the adapter is left for TensorRT-LLM",
+            where=", ".join(paths[:3]),
+            expected="at least one module the runtime applies correctly",
+            fix="serve this adapter through PEFT (vLLM)",
+        )
+    experts = sorted({TRTLLM_MODULES[mid] for _, mid in groups} & set(MOE_SPLIT_MODULES))
+    if tp > 1 and experts:
+        # LoraCache::copyToPages splits every row by its module's TP split dim with no notion of experts:
+        # a rank gets whole experts' blocks instead of every expert's slice (correct only at TP 1).
+        raise OptionError(
+            "TensorRT-LLM cannot split expert (MoE) LoRA rows over tensor-parallel ranks",
+            where="--tp",
+            expected="--tp 1 for adapters with expert modules",
+            found=f"--tp {tp} with {', '.join(experts)} rows",
+            fix="serve MoE adapters from a tp_size 1 engine, or extract attention-only adapters (--target-modules)",
+        )
     rows: list[np.ndarray] = []
     meta_rows: list[dict[str, Any]] = []
     config_rows: list[list[int]] = []
     for (layer, module_id), members in sorted(groups.items()):
         members.sort()
-        spec = members[0][2]
-        ws = [adapter.modules[p] for _, p, _ in members]
+        module = TRTLLM_MODULES[module_id]
+        ws = [adapter.modules[p] for _, p, _, _, _ in members]
         rank = max(w.rank for w in ws)
-        in_dim, out_dim = ws[0].a.shape[1], ws[0].b.shape[0]
-        pairs = []
-        splits = _fused_splits(spec, config, out_dim)
-        if tp > 1 and spec.trtllm in ("attn_qkv", "mlp_gate_up"):
+        parts = members[0][4]
+        in_dim, out_dim = ws[0].a.shape[1], ws[0].b.shape[0] // parts
+        splits = _fused_splits(module, config, out_dim)
+        if tp > 1 and module in ("attn_qkv", "mlp_gate_up"):
             if splits is None:
                 raise OptionError(
                     "fused qkv_proj needs the model config to interleave for --tp",
@@ -207,34 +331,43 @@ def adapter_to_trtllm(
                     expected=f"blocks {splits} divisible by {tp}",
                     found=str(tp),
                 )
-        for w in ws:
+        pairs = []
+        for (_, _, _, part, _), w in zip(members, ws, strict=True):
             # Heterogeneous expert ranks: zero-pad to the row's rank (the product is unchanged).
             a = torch.zeros(rank, in_dim)
             b = torch.zeros(out_dim, rank)
             a[: w.rank] = w.a.float()
-            b[:, : w.rank] = w.b.float() * w.scale(use_rslora=adapter.use_rslora)
-            if spec.trtllm == "mlp_gate_up":
+            b[:, : w.rank] = w.b.float().chunk(parts, dim=0)[part] * w.scale(use_rslora=adapter.use_rslora)
+            if module == "mlp_gate_up":
                 b = _swap_halves(b)
             if tp > 1 and splits is not None:
                 b = interleave_for_tp(b, splits, tp)
             pairs.append((a.numpy(), b.numpy()))
         rows.append(encode_row(pairs))
         config_rows.append([module_id, layer, rank])
-        meta_rows.append(
-            {
-                "modules": [p for _, p, _ in members],
-                "in": in_dim,
-                "out": out_dim,
-                "trtllm": spec.trtllm,
-                "splits": splits,
-            }
-        )
+        meta: dict[str, Any] = {
+            "modules": [p for _, p, _, _, _ in members],
+            "in": in_dim,
+            "out": out_dim,
+            "trtllm": module,
+            "splits": splits,
+        }
+        if parts > 1:
+            meta["part"] = [members[0][3], parts]
+        meta_rows.append(meta)
+    for layer, module_id, in_dim, out_dim in _zero_qkv_rows(groups, adapter, config):
+        rows.append(np.zeros(row_length(1, in_dim, out_dim), dtype=np.float32))
+        config_rows.append([module_id, layer, 1])
+        meta_rows.append({"modules": [], "in": in_dim, "out": out_dim, "trtllm": TRTLLM_MODULES[module_id]})
+    order = sorted(range(len(rows)), key=lambda i: (config_rows[i][1], config_rows[i][0]))
     return TrtllmLora(
-        weights=pack_rows(rows, dtype),
-        config=np.asarray([config_rows], dtype=np.int32),
-        rows=tuple(meta_rows),
+        weights=pack_rows([rows[i] for i in order], dtype),
+        config=np.asarray([[config_rows[i] for i in order]], dtype=np.int32),
+        rows=tuple(meta_rows[i] for i in order),
         dtype=dtype,
         tp=tp,
+        dropped=tuple(dropped),
+        dropped_energy=dropped_energy,
     )
 
 
@@ -243,7 +376,10 @@ def save_trtllm(lora: TrtllmLora, folder: Path, *, source: str | None = None) ->
     folder = Path(folder)
     np.save(folder / WEIGHTS_FILE, lora.weights)  # bfloat16 is written as descr '<V2', as TensorRT-LLM does
     np.save(folder / CONFIG_FILE, lora.config)
-    meta = {"format": "phlora-trtllm/1", "dtype": lora.dtype, "tp": lora.tp, "source": source, "rows": list(lora.rows)}
+    meta: dict[str, Any] = {"format": "phlora-trtllm/1", "dtype": lora.dtype, "tp": lora.tp, "source": source}
+    if lora.dropped:
+        meta["left_out"] = {"modules": list(lora.dropped), "energy_share": lora.dropped_energy}
+    meta["rows"] = list(lora.rows)
     (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
 
@@ -294,7 +430,9 @@ def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -
 def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
     """Turn the npy pair back into a PEFT-layout adapter (alpha = r: scales are already in B).
 
-    Needs the sidecar rows (module paths and dims), written by :func:`save_trtllm`.
+    Needs the sidecar rows (module paths and dims), written by :func:`save_trtllm`. Zero rows
+    added for q/k/v are skipped; a module written as several rows (Phi-3's gate_up_proj) is put
+    back together.
     """
     if len(lora.rows) != lora.num_rows:
         raise InputError(
@@ -306,9 +444,12 @@ def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
         )
     weights = np.asarray(lora.weights, dtype=np.float32)[0]
     modules: dict[str, LoraWeights] = {}
+    parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = {}
     for i, meta in enumerate(lora.rows):
         module_id, _layer, rank = (int(x) for x in lora.config[0, i, :3])
         experts = len(meta["modules"])
+        if not experts:
+            continue
         in_dim, out_dim = int(meta["in"]), int(meta["out"])
         a_all, b_all = decode_row(
             torch.from_numpy(weights[i]), rank=rank, in_dim=in_dim, out_dim=out_dim, experts=experts
@@ -319,52 +460,102 @@ def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
                 b = deinterleave_for_tp(b, meta["splits"], lora.tp)
             if TRTLLM_MODULES[module_id] == "mlp_gate_up":
                 b = _swap_halves(b)
+            if meta.get("part"):
+                k, n = meta["part"]
+                parts.setdefault(path, {})[int(k)] = (a_all[e].clone(), b.clone(), int(n))
+                continue
             modules[path] = LoraWeights(a=a_all[e].clone(), b=b.clone(), alpha=float(rank))
+    for path, pieces in parts.items():
+        n = next(iter(pieces.values()))[2]
+        if sorted(pieces) != list(range(n)):
+            raise InputError(
+                "a module written as several rows is missing some",
+                where=f"{source} {path}",
+                expected=f"{n} rows",
+                found=f"parts {sorted(pieces)}",
+                fix="export the adapter again",
+            )
+        a = pieces[0][0]
+        b = torch.cat([pieces[k][1] for k in range(n)], dim=0)
+        modules[path] = LoraWeights(a=a, b=b, alpha=float(a.shape[0]))
     return LoraAdapter(modules=modules)
 
 
 def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str) -> None:
-    """Refuse what a TensorRT-LLM engine would reject: dtype, layers, modules, rank.
+    """Refuse what a TensorRT-LLM engine would reject, or silently mishandle: dtype, tensor
+    parallelism, layers, modules, rank, row length, dims, and expert rows at TP > 1.
+
+    The runtime does not check prefetched adapters (``PeftCacheManager::prefetchLoraWeights``
+    skips ``loraValidateRequestTensors``): one it cannot take stops the server at start, so every
+    adapter written for ``lora_prefetch_dir`` goes through here first.
 
     Args:
         lora: the laid-out adapter.
         engine_config: the engine's ``config.json``.
         where: the engine config path, for messages.
     """
-    build = engine_config.get("build_config") or {}
-    pretrained = engine_config.get("pretrained_config") or {}
-    lora_cfg = build.get("lora_config") or engine_config.get("lora_config") or {}
-    plugin = build.get("plugin_config") or engine_config.get("plugin_config") or {}
-    problems: list[PhloraError] = []
-    lora_plugin = plugin.get("lora_plugin")
-    if not lora_plugin:
+    spec = engine_spec(engine_config)
+    if not spec.lora_plugin:
         raise InputError(
             "the engine was built without LoRA support",
             where=f"{where} plugin_config.lora_plugin",
             expected="a dtype such as float16",
-            found=repr(lora_plugin),
+            found=repr(spec.lora_plugin),
             fix="rebuild with trtllm-build --lora_plugin <dtype> (see `phlora-nim engine-plan`)",
         )
-    engine_dtype = pretrained.get("dtype") if lora_plugin == "auto" else lora_plugin
-    if engine_dtype and engine_dtype != lora.dtype:
+    problems: list[PhloraError] = []
+    # The runtime compares with the model dtype; a LoRA plugin built for another dtype cannot take it either.
+    wanted = sorted({d for d in (spec.dtype, spec.lora_plugin) if d and d != "auto"})
+    if any(d != lora.dtype for d in wanted):
         problems.append(
             InputError(
                 DTYPE_MISMATCH,
-                where=f"{where} dtype",
-                expected=str(engine_dtype),
+                where=f"{where} pretrained_config.dtype / plugin_config.lora_plugin",
+                expected=" and ".join(wanted),
                 found=lora.dtype,
-                fix=f"export with --dtype {engine_dtype}",
+                fix=f"export with --dtype {spec.dtype or wanted[0]}",
             )
         )
-    layers = pretrained.get("num_hidden_layers")
-    max_rank = lora_cfg.get("max_lora_rank")
-    targets = set(lora_cfg.get("lora_target_modules") or [])
+    if spec.tp != lora.tp:
+        problems.append(
+            InputError(
+                "the adapter is laid out for another tensor parallelism than the engine's",
+                where=f"{where} pretrained_config.mapping.tp_size",
+                expected=f"--tp {spec.tp}",
+                found=f"--tp {lora.tp}",
+                fix=f"convert or export with --tp {spec.tp}",
+            )
+        )
+    built_qkv = [m for m in QKV if m in spec.targets]
+    if built_qkv and len(built_qkv) < len(QKV):
+        problems.append(
+            InputError(
+                "the engine lists only some of attn_q/attn_k/attn_v: TensorRT-LLM's attention needs all three or none",
+                where=f"{where} build_config.lora_config.lora_target_modules",
+                expected=", ".join(QKV),
+                found=", ".join(built_qkv),
+                fix="rebuild with the modules `phlora-nim engine-plan` prints",
+            )
+        )
+    if spec.tp > 1:
+        moe = sorted({TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]} & set(MOE_SPLIT_MODULES))
+        if moe:
+            problems.append(
+                InputError(
+                    "TensorRT-LLM cannot split expert (MoE) LoRA rows over tensor-parallel ranks",
+                    where=f"{where} pretrained_config.mapping.tp_size",
+                    expected="tp_size 1 for adapters with expert modules",
+                    found=f"tp_size {spec.tp} and {', '.join(moe)} rows",
+                    fix="serve MoE adapters from a tp_size 1 engine, or extract attention-only adapters",
+                )
+            )
 
     def dims(module_id: int, _layer: int) -> tuple[int, int] | None:
-        enabled = not targets or TRTLLM_MODULES[module_id] in targets if module_id < len(TRTLLM_MODULES) else False
-        return (0, 0) if enabled else None
+        return spec.module_dims(module_name(module_id)) if module_id < len(TRTLLM_MODULES) else None
 
-    for p in row_problems(lora.config[0], lora.weights.shape[2], dims=dims, num_layers=layers, max_rank=max_rank):
+    for p in row_problems(
+        lora.config[0], lora.weights.shape[2], dims=dims, num_layers=spec.num_layers, max_rank=spec.max_rank
+    ):
         problems.append(
             InputError(
                 p.message,
@@ -373,4 +564,21 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
                 "--lora_target_modules (see `phlora-nim engine-plan`)",
             )
         )
+    for i, meta in enumerate(lora.rows):
+        engine_dims = spec.dims.get(str(meta.get("trtllm")))
+        experts = len(meta.get("modules") or ())
+        if not engine_dims or not experts:  # unknown dims, or a zero row: only its length matters
+            continue
+        factor = experts if meta["trtllm"] in MOE_SPLIT_MODULES else 1
+        laid_out = (int(meta["in"]) * factor, int(meta["out"]) * factor)
+        if laid_out != engine_dims:
+            problems.append(
+                InputError(
+                    "the row is laid out for other dims than the engine reads: it would apply a wrong delta",
+                    where=f"row {i} ({meta['trtllm']}, {meta['modules'][0]})",
+                    expected=f"[in, out] = {list(engine_dims)} (LoraModule::createLoraModules)",
+                    found=str(list(laid_out)),
+                    fix="convert against this engine's base model",
+                )
+            )
     raise_all(problems, summary=f"the engine {where} would reject this adapter")

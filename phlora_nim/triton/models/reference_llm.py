@@ -87,7 +87,9 @@ class ReferenceLlmModel:
         out_len = self._input(request, "request_output_len")
         end_id, pad_id = self._input(request, "end_id"), self._input(request, "pad_id")
         temperature, top_k = self._input(request, "temperature"), self._input(request, "runtime_top_k")
-        top_p, seed = self._input(request, "runtime_top_p"), self._input(request, "random_seed")
+        top_p = self._input(request, "runtime_top_p")
+        seed = self._input(request, "seed")  # v0.20+ name; random_seed before
+        seed = self._input(request, "random_seed") if seed is None else seed
         streaming = self._input(request, "streaming")
         task_ids = self._input(request, "lora_task_id")
         weights, lconfig = self._input(request, "lora_weights"), self._input(request, "lora_config")
