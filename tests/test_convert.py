@@ -417,3 +417,34 @@ def test_later_converts_keep_the_repository_settings(llama_finetunes, run_cli, t
     settings = RepositorySettings.load(repo)
     assert settings is not None and (settings.decoupled, settings.lora_cache_bytes) == (False, 0)
     assert settings.max_batch_size == 4 and not _config(repo, LLM_MODEL).model_transaction_policy.decoupled
+
+
+def test_llm_parameters_and_trtllm_version_reach_the_configs_and_are_kept(
+    llama_finetunes, run_cli, tmp_path: Path
+) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    first = ("convert", "--base", base, "--finetuned", fts[0], "--name", "a", "-m", repo, "-r", "2")
+    code, _, err = run_cli(*first, "--llm-parameter", "max_input_len=8", "--trtllm-version", "0.19")
+    assert code == 0, err
+    llm = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert 'key: "max_input_len"' in llm and 'string_value: "8"' in llm
+    assert "random_seed" in llm and '"seed"' not in llm
+    # A later convert without the flags keeps them.
+    assert run_cli("convert", "--base", base, "--finetuned", fts[1], "--name", "b", "-m", repo, "-r", "2")[0] == 0
+    llm = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert 'key: "max_input_len"' in llm and "random_seed" in llm
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--llm-parameter", "max_input_len"], "--llm-parameter: not a KEY=VALUE pair"),
+        (["--trtllm-version", "0.7"], "unknown TensorRT-LLM release"),
+    ],
+)
+def test_bad_repository_options_are_refused(llama_finetunes, run_cli, tmp_path: Path, args, match) -> None:
+    base, fts = llama_finetunes
+    code, _, err = run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", tmp_path / "r", "-r", "2", *args)
+    assert code == 2 and match in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

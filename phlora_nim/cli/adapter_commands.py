@@ -19,6 +19,7 @@ from phlora_nim.cli.app import (
     MaxRankOpt,
     RankOpt,
     SnapOpt,
+    StrictOpt,
     command_line,
     err_console,
     out_console,
@@ -239,6 +240,7 @@ def export_command(
         ),
     ] = None,
     with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
+    strict: Annotated[bool, StrictOpt] = False,
     force: ForceOpt = False,
 ) -> None:
     """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
@@ -260,6 +262,7 @@ def export_command(
         name=name,
         config=config,
         with_trtllm=with_trtllm,
+        strict=strict,
         force=force,
     )
     out_console.print(f"[bold green]wrote[/] {target} ({fmt})")

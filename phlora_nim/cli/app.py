@@ -96,6 +96,11 @@ DtypeOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N] for the decomposition.")]
+StrictOpt = typer.Option(
+    "--strict",
+    help="TensorRT-LLM rows: refuse a module the engine would compute wrongly (o_proj where heads × head_dim ≠ "
+    "hidden size) instead of leaving it out with a warning giving the energy lost.",
+)
 RepoOpt = Annotated[
     Path,
     typer.Option("--model-repository", "-m", help="Triton model repository folder (created if missing)."),

@@ -19,6 +19,7 @@ from phlora_nim.cli.app import (
     RankOpt,
     RepoOpt,
     SnapOpt,
+    StrictOpt,
     command_line,
     out_console,
     rank_policy,
@@ -83,7 +84,10 @@ def convert_command(
     ] = None,
     engine_config: Annotated[
         Path | None,
-        typer.Option("--engine-config", help="An engine config.json: refuse adapters it would reject."),
+        typer.Option(
+            "--engine-config",
+            help="The engine's config.json: refuse adapters it would reject (required with --backend tensorrtllm).",
+        ),
     ] = None,
     served_path: Annotated[
         str | None,
@@ -130,6 +134,25 @@ def convert_command(
             show_default=False,
         ),
     ] = None,
+    trtllm_version: Annotated[
+        str | None,
+        typer.Option(
+            "--trtllm-version",
+            help="TensorRT-LLM Triton backend release whose input names are written: 0.20 (v0.20.0 and later: "
+            "seed, min_tokens; the default) or 0.19 (random_seed, min_length).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    llm_parameter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--llm-parameter",
+            help="KEY=VALUE parameter of the tensorrt_llm model, repeatable (e.g. max_input_len=1024, "
+            "max_seq_len=2048, max_num_tokens=8192 for the reference model's limits).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    strict: Annotated[bool, StrictOpt] = False,
     device: DeviceOpt = "cpu",
     replace: Annotated[
         bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
@@ -168,6 +191,8 @@ def convert_command(
         decoupled=decoupled,
         max_lora_rank=max_lora_rank,
         lora_cache_mb=lora_cache_mb,
+        trtllm_version=trtllm_version,
+        llm_parameters=_key_values(llm_parameter, flag="--llm-parameter"),
     )
     job = ConvertJob(
         base=base,
@@ -181,16 +206,32 @@ def convert_command(
         grace=grace,
         tp=tp,
         engine_config=engine_config,
+        strict=strict,
     )
     done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
+
+
+def _key_values(items: list[str] | None, *, flag: str) -> dict[str, str] | None:
+    """``KEY=VALUE`` options as a dict (None when none was given: the repository keeps its own)."""
+    from phlora_nim.converters.errors import OptionError
+
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError("not a KEY=VALUE pair", where=flag, expected="e.g. max_input_len=1024", found=repr(item))
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _repository_settings(
     *,
     base: Path,
     lora_cache_mb: int | None,
-    **given: str | int | bool | None,
+    **given: str | int | bool | dict[str, str] | None,
 ) -> tuple[RepositorySettings, frozenset[str]]:
     """The repository settings of ``convert``'s options, and the names of those not given (``None``).
 

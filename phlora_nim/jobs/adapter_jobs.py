@@ -148,6 +148,7 @@ def export(
     name: str | None = None,
     config: Path | None = None,
     with_trtllm: bool = False,
+    strict: bool = False,
     force: bool = False,
 ) -> Path:
     """Write a PEFT LoRA adapter as ``peft``, ``trtllm`` (npy pair) or ``nim`` (store folder).
@@ -175,7 +176,7 @@ def export(
         trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
     lora = None
     if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
-        lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp)
+        lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp, strict=strict)
         if engine is not None:
             check_engine(lora, engine, where=str(engine_config))
     with atomic_dir(target, force=force) as tmp:

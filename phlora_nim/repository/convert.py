@@ -68,6 +68,8 @@ class ConvertJob:
             route to them until it reads the new registry).
         tp: tensor parallelism of the engine (fused modules are interleaved per rank).
         engine_config: a TensorRT-LLM engine ``config.json`` every adapter must fit.
+        strict: refuse a module the engine would compute wrongly (o_proj where heads × head_dim ≠
+            hidden size) instead of leaving it out of the TensorRT-LLM rows with a warning.
     """
 
     base: Path
@@ -81,6 +83,7 @@ class ConvertJob:
     grace: float = DEFAULT_GRACE_S
     tp: int = 1
     engine_config: Path | None = None
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not self.finetuned:
@@ -320,7 +323,9 @@ def _stage(
     """Extract one adapter and write both its forms into ``stage``."""
     start = time.perf_counter()
     extracted = extract_adapter(plan, pair, command=command, progress=progress)
-    lora = adapter_to_trtllm(extracted.adapter, config=model_config, dtype=job.settings.dtype, tp=job.tp)
+    lora = adapter_to_trtllm(
+        extracted.adapter, config=model_config, dtype=job.settings.dtype, tp=job.tp, strict=job.strict
+    )
     if engine is not None:
         check_engine(lora, engine, where=str(job.engine_config))
     store, tensors = stage / f"{name}.store", stage / f"{name}.lora"
