@@ -46,8 +46,9 @@ from tritonclient.utils import InferenceServerException
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.repository.configs import RepositorySettings
-from phlora_nim.repository.convert import ConvertJob, convert, remove_adapter
+from phlora_nim.repository.convert import ConvertJob, convert
 from phlora_nim.repository.layout import adapter_store_dir
+from phlora_nim.repository.maintenance import remove_adapter
 from phlora_nim.triton.launcher import LocalTriton, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

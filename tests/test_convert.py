@@ -386,7 +386,7 @@ def test_convert_refuses_and_leaves_nothing(make, match: str, llama_finetunes, r
     base, fts = llama_finetunes
     args, repo = make(base, fts[0], tmp_path)
     before, files = _tree(tmp_path), _snapshot(repo)
-    code, _, err = run_cli("convert", *args, "-m", repo, "-r", "4", "--backend", "tensorrtllm")
+    code, _, err = run_cli("convert", *args, "-m", repo, "-r", "4")
     assert code == 2, err
     assert re.search(match, err), err
     assert "Traceback" not in err and err.count("error:") == 1

@@ -13,8 +13,8 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.repository.convert import remove_adapter
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
+from phlora_nim.repository.maintenance import remove_adapter
 from phlora_nim.repository.registry import (
     TASK_ID_LIMIT,
     AdapterEntry,

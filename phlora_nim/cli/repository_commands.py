@@ -296,7 +296,7 @@ def adapters_command(
     """List the adapters registered in a model repository."""
     from dataclasses import asdict
 
-    from phlora_nim.repository.convert import read_registry
+    from phlora_nim.repository.maintenance import read_registry
 
     state = read_registry(model_repository)
     if as_json:
@@ -331,7 +331,7 @@ def remove_command(
     ] = DEFAULT_GRACE_S,
 ) -> None:
     """Unregister an adapter; its files go after a grace period (its task id is never given to other weights)."""
-    from phlora_nim.repository.convert import remove_adapter
+    from phlora_nim.repository.maintenance import remove_adapter
 
     entry = remove_adapter(model_repository, name, grace=grace)
     out_console.print(
@@ -348,7 +348,7 @@ def engine_plan_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Print the trtllm-build LoRA flags that fit every registered adapter."""
-    from phlora_nim.repository.convert import engine_plan, read_registry
+    from phlora_nim.repository.maintenance import engine_plan, read_registry
 
     plan = engine_plan(read_registry(model_repository))
     if as_json:
