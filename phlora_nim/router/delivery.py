@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2
 
+from phlora_nim.converters.trtllm_contract import FULL, MISS  # the runtime's texts, matched as substrings
 from phlora_nim.router.access import Plan
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
@@ -33,9 +34,6 @@ from phlora_nim.router.weights import AdapterFilesError, WeightStore
 
 log = logging.getLogger("phlora_nim.router")
 T = TypeVar("T")
-
-MISS = "not found in cache"
-FULL = "Cache is full"
 
 
 class _CacheFull(Exception):
