@@ -12,8 +12,6 @@ import logging
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,22 +222,8 @@ class LoraCache:
             self._tasks[task.task_id] = task
             return task
 
-    @contextmanager
-    def in_use(self, task_ids: list[int]) -> Iterator[None]:
-        """Pin adapters for the duration of a batch."""
-        with self._lock:
-            for tid in task_ids:
-                self._in_use[tid] = self._in_use.get(tid, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                for tid in task_ids:
-                    self._in_use[tid] -= 1
-                    if not self._in_use[tid]:
-                        del self._in_use[tid]
-
     def pin(self, task_id: int) -> None:
+        """Mark an adapter in use (never evicted) until :meth:`unpin`; calls nest."""
         with self._lock:
             self._in_use[task_id] = self._in_use.get(task_id, 0) + 1
 
