@@ -54,21 +54,12 @@ def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -
 @pytest.mark.timeout(300)
 def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
     port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("phlora-nim")),
-        "triton",
-        "-m",
-        str(converted_repository),
-        "--grpc-port",
-        str(port),
-        "--http-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--exit-timeout",
-        "5",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _triton_command(converted_repository, port, "--exit-timeout", "5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 180
@@ -88,6 +79,13 @@ def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path)
     assert "successfully loaded 'tensorrt_llm'" in stderr  # the log is streamed
     with contextlib.closing(socket.socket()) as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+
+
+def _triton_command(repository: Path, grpc_port: int, *extra: str) -> list[str]:
+    """``phlora-nim triton`` on free ports (gRPC on ``grpc_port``)."""
+    exe = str(Path(sys.executable).with_name("phlora-nim"))
+    ports = ["--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    return [exe, "triton", "-m", str(repository), *ports, *extra]
 
 
 def _ready(client: grpcclient.InferenceServerClient) -> bool:
@@ -131,19 +129,9 @@ def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_rep
 @pytest.mark.timeout(300)
 def test_cli_exits_when_the_server_dies_and_cleans_up(converted_repository: Path) -> None:
     port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("phlora-nim")),
-        "triton",
-        "-m",
-        str(converted_repository),
-        "--grpc-port",
-        str(port),
-        "--http-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _triton_command(converted_repository, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 180
