@@ -55,7 +55,7 @@ def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -
 def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
     port = free_port()
     process = subprocess.Popen(
-        _triton_command(converted_repository, port, "--exit-timeout", "5"),
+        _triton_command(converted_repository, port, "--exit-timeout", "20"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
