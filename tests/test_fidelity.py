@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,7 @@ def test_bench_tiny_runs_end_to_end_and_served_answers_equal_peft(tmp_path: Path
     spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
     assert spec and spec.loader
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up
     spec.loader.exec_module(bench)
     code = bench.main(["--tiny", "--work", str(tmp_path), "--threads", "1"])
     results = json.loads((tmp_path / "results.json").read_text())

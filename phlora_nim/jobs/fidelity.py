@@ -238,7 +238,7 @@ def finetune_on_task(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % 10 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f", task.name, step + 1, steps, loss_value)
     model.eval()
