@@ -76,6 +76,46 @@ def test_probe_full_rank_adapter_is_the_finetune_and_merge_restores_weights(line
         assert not all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_shared_prefix_cache_gives_the_same_log_probs(linear_pair) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from phlora_nim.jobs.verify import common_prefix, log_probs
+
+    model = AutoModelForCausalLM.from_pretrained(linear_pair[1]).eval()
+    prefix = [5, 9, 11, 4, 30, 7]
+    seqs = [[*prefix, 12, 13, 14], [*prefix, 40, 41], [*prefix, 50, 51, 52, 53, 54]]
+    starts = [7, 6, 8]
+    assert common_prefix(seqs, starts) == 6
+    plain = log_probs(model, seqs, starts=starts, batch_size=2)
+    cached = log_probs(model, seqs, starts=starts, batch_size=2, shared_prefix=6)
+    for a, b in zip(plain, cached, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+
+
+def test_forced_exact_match_equals_greedy_generation(linear_pair) -> None:
+    """One teacher-forced pass says whether greedy decoding yields a continuation exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phlora_nim.jobs.fidelity import FidelityProbe, exact_match, greedy_generate, task_probe, toy_task
+
+    base, ft = linear_pair
+    tok = AutoTokenizer.from_pretrained(ft)
+    model = AutoModelForCausalLM.from_pretrained(ft).eval()
+    base_model = AutoModelForCausalLM.from_pretrained(base).eval()
+    prompts = [[3 + i, 7 + 2 * i, 4] for i in range(12)]
+    own = greedy_generate(model, prompts, 4, pad_id=0, eos_id=2)
+    own = [[*c, 2] if len(c) < 4 else c for c in own]
+    probe = FidelityProbe.build(base_model, model, prompts, continuations=own)
+    assert probe.measure_all(None, model=model)[2] == 1.0
+    wrong = [[*c[:-1], (c[-1] + 1) % 96] for c in own]
+    probe = FidelityProbe.build(base_model, model, prompts, continuations=wrong)
+    assert probe.measure_all(None, model=model)[2] == 0.0
+    words = [tok.convert_ids_to_tokens(i) for i in range(3, 15)]
+    task = toy_task(words, "shift0", 0, n_test=24)
+    gen, _ = exact_match(model, tok, task.test, task.max_new_tokens)
+    assert task_probe(base_model, model, tok, task).measure_all(None, model=model)[2] == gen
+
+
 def test_tasks_are_split_without_overlap() -> None:
     from phlora_nim.jobs.fidelity import addition_task, spelled_digits_task
 
@@ -105,7 +145,9 @@ def test_bench_tiny_runs_end_to_end_and_served_answers_equal_peft(tmp_path: Path
             key=lambda r: r["params"],
         )
         assert svd[0]["energy_kept"] < svd[-1]["energy_kept"]
-        assert results["accuracy"][task]["finetuned"] >= results["accuracy"][task]["base"]
+        acc = results["accuracy"][task]
+        assert acc["finetuned"] >= acc["base"]
+        assert acc["finetuned"] == acc["finetuned_generated"] and acc["base"] == acc["base_generated"]
     served = results["served"]
     assert served and {r["adapter"] for r in served} == {
         "shift1-svd",

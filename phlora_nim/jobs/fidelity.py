@@ -21,7 +21,7 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import encode_prompt
-from phlora_nim.jobs.verify import compare_log_probs, log_probs, merged
+from phlora_nim.jobs.verify import common_prefix, compare_log_probs, log_probs, merged
 
 log = logging.getLogger("phlora_nim.fidelity")
 
@@ -77,9 +77,11 @@ def token_ids(tokenizer: Any) -> tuple[int, int | None]:
 class FidelityProbe:
     """The fine-tune's behaviour on a prompt set, against which adapters on the base are measured.
 
-    Each prompt is extended by the fine-tuned model's own greedy continuation; the scored positions
-    are those predicting that continuation (how the fine-tune answers), so KL and top-1 measure
-    the adapter where the fine-tune's behaviour lies, not on shared prompt text.
+    Each prompt is extended by a continuation: the fine-tuned model's own greedy answer (default), or
+    given ones (a task's right answers). The scored positions are those predicting the continuation,
+    so KL and top-1 measure the adapter where the fine-tune's behaviour lies, not on shared prompt
+    text. One forward pass per adapter also gives exact match: greedy decoding yields the
+    continuation exactly when every scored position's argmax is its next token.
     """
 
     base_model: Any
@@ -87,6 +89,7 @@ class FidelityProbe:
     starts: list[int]
     reference: list[torch.Tensor]
     continuations: list[list[int]]
+    shared_prefix: int = 0
 
     @property
     def tokens(self) -> int:
@@ -102,31 +105,49 @@ class FidelityProbe:
         continuation: int = 16,
         pad_id: int = 0,
         eos_id: int | None = None,
+        continuations: Sequence[list[int]] | None = None,
     ) -> FidelityProbe:
-        conts = greedy_generate(finetuned_model, prompts, continuation, pad_id=pad_id, eos_id=eos_id)
+        if continuations is None:
+            conts = greedy_generate(finetuned_model, prompts, continuation, pad_id=pad_id, eos_id=eos_id)
+            continuations = [[*c, eos_id] if eos_id is not None and len(c) < continuation else list(c) for c in conts]
         sequences, starts, kept = [], [], []
-        for p, c in zip(prompts, conts, strict=True):
-            answer = [*c, eos_id] if eos_id is not None and len(c) < continuation else list(c)
-            if not answer:
-                answer = [pad_id]
+        for p, c in zip(prompts, continuations, strict=True):
+            answer = list(c) or [pad_id]
             # Feed prompt + answer[:-1]: position len(p)-1+j predicts answer[j].
             sequences.append([*p, *answer[:-1]])
             starts.append(len(p) - 1)
             kept.append(answer)
-        reference = log_probs(finetuned_model, sequences, starts=starts)
-        return cls(base_model, sequences, starts, reference, kept)
+        prefix = common_prefix(sequences, starts)
+        reference = log_probs(finetuned_model, sequences, starts=starts, shared_prefix=prefix)
+        return cls(base_model, sequences, starts, reference, kept, prefix)
+
+    def _log_probs(self, model: Any) -> list[torch.Tensor]:
+        return log_probs(model, self.sequences, starts=self.starts, shared_prefix=self.shared_prefix)
 
     def measure_model(self, model: Any) -> tuple[float, float]:
         """(mean KL(fine-tuned ‖ model), top-1 agreement) over the scored positions."""
-        kl, top1, _ = compare_log_probs(self.reference, log_probs(model, self.sequences, starts=self.starts))
+        kl, top1, _ = compare_log_probs(self.reference, self._log_probs(model))
         return kl, top1
 
     def measure(self, adapter: LoraAdapter | None) -> tuple[float, float]:
         """The same for base + ``adapter`` (merged into the base model's weights, then restored)."""
-        if adapter is None:
-            return self.measure_model(self.base_model)
-        with merged(self.base_model, adapter) as model:
-            return self.measure_model(model)
+        return self.measure_all(adapter)[:2]
+
+    def measure_all(self, adapter: LoraAdapter | None, model: Any = None) -> tuple[float, float, float]:
+        """(KL, top-1, share of prompts whose greedy answer is exactly the continuation) of base +
+        ``adapter`` (or of ``model``), in one forward pass."""
+        ctx = contextlib.nullcontext(model) if model is not None else self._with(adapter)
+        with ctx as m:
+            logps = self._log_probs(m)
+        kl, top1, _ = compare_log_probs(self.reference, logps)
+        exact = sum(
+            bool((lp.argmax(-1) == torch.tensor(c[: lp.shape[0]])).all())
+            for lp, c in zip(logps, self.continuations, strict=True)
+        )
+        return kl, top1, exact / max(1, len(logps))
+
+    def _with(self, adapter: LoraAdapter | None) -> contextlib.AbstractContextManager[Any]:
+        return merged(self.base_model, adapter) if adapter is not None else contextlib.nullcontext(self.base_model)
 
 
 def probe_for_checkpoints(
@@ -192,11 +213,16 @@ def toy_task(words: Sequence[str], name: str, shift: int, *, seed: int = 0, n_te
 TASKS: dict[str, Callable[..., Task]] = {"add": addition_task, "spell": spelled_digits_task}
 
 
-def _example(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
-    prompt = encode_prompt(tokenizer, question)
+def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
     ans = list(tokenizer(answer, add_special_tokens=False).input_ids)
     if tokenizer.eos_token_id is not None:
         ans.append(int(tokenizer.eos_token_id))
+    return ans
+
+
+def _example(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+    prompt = encode_prompt(tokenizer, question)
+    ans = _answer_ids(tokenizer, answer)
     return [*prompt, *ans], [-100] * len(prompt) + ans
 
 
@@ -292,15 +318,18 @@ class SweepRow:
         return self.params * 2 / 1e6
 
 
-def measure_adapter(
-    probe: FidelityProbe, tokenizer: Any, task: Task, adapter: LoraAdapter | None
-) -> tuple[float, float, float]:
-    """(KL, top-1, exact-match accuracy on ``task.test``) of base + ``adapter``."""
-    kl, top1 = probe.measure(adapter)
-    ctx = merged(probe.base_model, adapter) if adapter is not None else contextlib.nullcontext(probe.base_model)
-    with ctx as model:
-        acc, _ = exact_match(model, tokenizer, task.test, task.max_new_tokens)
-    return kl, top1, acc
+def measure_adapter(probe: FidelityProbe, adapter: LoraAdapter | None) -> tuple[float, float, float]:
+    """(KL, top-1, exact-match accuracy) of base + ``adapter`` on a probe whose continuations are the
+    task's right answers (see :func:`task_probe`)."""
+    return probe.measure_all(adapter)
+
+
+def task_probe(base_model: Any, finetuned_model: Any, tokenizer: Any, task: Task) -> FidelityProbe:
+    """A probe on ``task.test`` scored along the right answers (answer tokens and the end token)."""
+    pad, eos = token_ids(tokenizer)
+    prompts = [encode_prompt(tokenizer, q) for q, _ in task.test]
+    answers = [_answer_ids(tokenizer, a) for _, a in task.test]
+    return FidelityProbe.build(base_model, finetuned_model, prompts, pad_id=pad, eos_id=eos, continuations=answers)
 
 
 @contextlib.contextmanager
@@ -349,7 +378,7 @@ def sweep(
         start = time.perf_counter()
         chosen = reassign(result, point.policy)
         totals = summary_energy(chosen)
-        kl, top1, acc = measure_adapter(probe, tokenizer, task, chosen.adapter)
+        kl, top1, acc = measure_adapter(probe, chosen.adapter)
         ranks = [r.rank for r in chosen.modules if r.factors is not None]
         add(
             SweepRow(
@@ -373,7 +402,7 @@ def sweep(
             continue
         start = time.perf_counter()
         pruned, records = prune_adapter(chosen.adapter, half)
-        kl, top1, acc = measure_adapter(probe, tokenizer, task, pruned)
+        kl, top1, acc = measure_adapter(probe, pruned)
         # The kept share of the adapter's own update; for a plain-SVD adapter (exactly ΔW_r) that
         # is energy of ΔW itself, so it is reported against ‖ΔW‖² there only.
         kept_of_adapter = sum(float(r["energy_kept"]) * float(r["delta_energy"]) for r in records)  # type: ignore[arg-type]

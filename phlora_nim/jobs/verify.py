@@ -74,28 +74,53 @@ def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None
 
 @torch.no_grad()
 def log_probs(
-    model: Any, sequences: Sequence[list[int]], *, starts: Sequence[int] | None = None, batch_size: int = 16
+    model: Any,
+    sequences: Sequence[list[int]],
+    *,
+    starts: Sequence[int] | None = None,
+    batch_size: int = 16,
+    shared_prefix: int = 0,
 ) -> list[torch.Tensor]:
     """Next-token log-probabilities of ``model`` at the scored positions of each sequence.
 
     Position p scores the token after p; sequence i is scored from ``starts[i]`` (default 0) to its
     end. Sequences are right-padded into batches, which leaves a causal model's real positions as
-    they are alone.
+    they are alone. With ``shared_prefix`` = P > 0 (every sequence starts with the same P tokens and
+    no position before P is scored), the prefix runs once per batch and its KV cache is shared:
+    a chat template's system prompt is then paid for once.
     """
     out: list[torch.Tensor] = []
+    prefix = list(sequences[0][:shared_prefix]) if shared_prefix else []
     for lo in range(0, len(sequences), batch_size):
         chunk = sequences[lo : lo + batch_size]
-        width = max(len(s) for s in chunk)
+        width = max(len(s) for s in chunk) - len(prefix)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        att = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)
         for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
+            ids[i, : len(s) - len(prefix)] = torch.tensor(s[len(prefix) :])
             att[i, : len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=att).logits
+        if prefix:
+            cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(chunk))
+            positions = torch.arange(len(prefix), len(prefix) + width).expand(len(chunk), -1)
+            logits = model(
+                input_ids=ids, attention_mask=att, past_key_values=cache, position_ids=positions, use_cache=True
+            ).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=att).logits
         for i, s in enumerate(chunk):
-            first = starts[lo + i] if starts is not None else 0
-            out.append(torch.log_softmax(logits[i, first : len(s)].float(), -1))
+            first = (starts[lo + i] if starts is not None else 0) - len(prefix)
+            out.append(torch.log_softmax(logits[i, first : len(s) - len(prefix)].float(), -1))
     return out
+
+
+def common_prefix(sequences: Sequence[list[int]], starts: Sequence[int]) -> int:
+    """Tokens every sequence starts with, up to the first scored position."""
+    limit = min(min(starts), *(len(s) for s in sequences))
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
 
 
 def compare_log_probs(ref: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> tuple[float, float, int]:
