@@ -26,6 +26,14 @@ from phlora_nim.cli.app import (
     rank_policy,
     tensor_progress,
 )
+from phlora_nim.cli.fidelity_options import (
+    CalibrationOpt,
+    PromptsOpt,
+    TargetKlOpt,
+    TargetTop1Opt,
+    calibration_file,
+    fidelity_target,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -68,6 +76,10 @@ def extract_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
     force: ForceOpt = False,
+    target_kl: TargetKlOpt = None,
+    target_top1: TargetTop1Opt = None,
+    prompts: PromptsOpt = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
 
@@ -78,8 +90,20 @@ def extract_command(
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.jobs.adapter_jobs import extract
 
+    target, ceiling = fidelity_target(
+        target_kl,
+        target_top1,
+        prompts,
+        rank=rank,
+        energy=energy,
+        budget=budget_params,
+        max_rank=max_rank,
+        snap=snap_ranks,
+    )
     options = ExtractOptions(
-        policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        policy=ceiling or rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        target=target,
+        calibration=calibration_file(calibration),
         exact=exact,
         device=device,
         non_linear_deltas=extra,
@@ -113,12 +137,46 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
         f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
         f"(min module {t['min_energy_kept']:.2%}); {t['energy_kept_total']:.2%} of the whole fine-tune delta"
     )
+    search = report.get("fidelity_target")
+    if search:
+        _print_search(search)
+    if "output_energy_kept_linear" in t:
+        out_console.print(
+            f"activation-aware: {t['output_energy_kept_linear']:.2%} of the output change on the calibration "
+            f"prompts (energy above is of ΔW itself)"
+        )
     if "total_s" in report.get("timings", {}):
         tm = report["timings"]
         out_console.print(
             f"time: {tm['total_s']:.2f} s (reading {tm.get('load_s', 0):.2f} s, "
             f"decomposing {tm.get('decompose_s', 0):.2f} s)"
         )
+
+
+def _print_search(search: dict[str, Any]) -> None:
+    target = search["target"]
+    goal = " and ".join(
+        ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
+        + ([f"top-1 ≥ {target['min_top1']:g}"] if target["min_top1"] is not None else [])
+    )
+    table = Table(title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']}")
+    for col in ("step", "budget", "parameters", "KL", "top-1", ""):
+        table.add_column(col, justify="right")
+    for i, s in enumerate(search["steps"], 1):
+        table.add_row(
+            str(i),
+            f"{s['budget']:,}",
+            f"{s['params']:,}",
+            f"{s['kl']:.4g}",
+            f"{s['top1']:.2%}",
+            "meets" if s["met"] else "misses",
+        )
+    out_console.print(table)
+    chosen, base = search["chosen"], search["base_alone"]
+    out_console.print(
+        f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
+        f"{chosen['top1']:.2%} (base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+    )
 
 
 def inspect_command(

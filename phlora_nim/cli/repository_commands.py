@@ -25,6 +25,14 @@ from phlora_nim.cli.app import (
     rank_policy,
     tensor_progress,
 )
+from phlora_nim.cli.fidelity_options import (
+    CalibrationOpt,
+    PromptsOpt,
+    TargetKlOpt,
+    TargetTop1Opt,
+    calibration_file,
+    fidelity_target,
+)
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
 
 # The help panel of the options a later convert into the same repository need not repeat.
@@ -163,6 +171,10 @@ def convert_command(
             "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
         ),
     ] = DEFAULT_GRACE_S,
+    target_kl: TargetKlOpt = None,
+    target_top1: TargetTop1Opt = None,
+    prompts: PromptsOpt = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -177,8 +189,21 @@ def convert_command(
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.repository.convert import ConvertJob
 
+    target, ceiling = fidelity_target(
+        target_kl,
+        target_top1,
+        prompts,
+        rank=rank,
+        energy=energy,
+        budget=budget_params,
+        max_rank=max_rank,
+        snap=snap_ranks,
+    )
     options = ExtractOptions(
-        policy=rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16), device=device
+        policy=ceiling or rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        device=device,
+        target=target,
+        calibration=calibration_file(calibration),
     )
     settings, keep_stored = _repository_settings(
         base=base,

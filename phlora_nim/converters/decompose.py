@@ -67,8 +67,10 @@ class Factors:
         stored in fp16/bf16.
         """
         root = self.S[:rank].clamp_min(0).sqrt()
-        a = (root[:, None] * self.Vh[:rank]).contiguous()
-        b = (self.U[:, :rank] * root[None, :]).contiguous()
+        # Row-major strides even for rank 1: LAPACK's column-major U makes a [out, 1] slice with a
+        # stride of ``out`` on its size-1 axis, which .contiguous() accepts but byte views refuse.
+        a = (root[:, None] * self.Vh[:rank]).clone(memory_format=torch.contiguous_format)
+        b = (self.U[:, :rank] * root[None, :]).clone(memory_format=torch.contiguous_format)
         return a, b
 
     def compact(self) -> Factors:

@@ -7,12 +7,14 @@ heavy work; :func:`run_extraction` streams one tensor pair at a time through the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -21,8 +23,12 @@ from phlora_nim.converters.architecture import ArchitectureMap, custom_map, eval
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
-from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
 from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
+from phlora_nim.converters.whitening import WhitenedFactors, weight_captured, whitened_decompose
+
+if TYPE_CHECKING:
+    from phlora_nim.converters.calibration import InputStatistics
 
 log = logging.getLogger("phlora_nim.extract")
 
@@ -55,6 +61,9 @@ class ExtractOptions:
         dtype: storage dtype of the adapter; ``auto`` keeps the fine-tuned checkpoint's.
         target_modules: regex over module paths, overriding the architecture map.
         seed: seed of the randomized sketches.
+        calibration: a prompts file: decompose ΔW weighted by the base model's input activations
+            on them (whitened SVD) instead of plain SVD.
+        target: pick the smallest budget meeting this fidelity (``policy`` is then the ceiling).
     """
 
     policy: RankPolicy
@@ -64,6 +73,8 @@ class ExtractOptions:
     dtype: str = "auto"
     target_modules: str | None = None
     seed: int = 0
+    calibration: Path | None = None
+    target: FidelityTarget | None = None
 
     def __post_init__(self) -> None:
         if self.non_linear_deltas not in ("drop", "save", "error"):
@@ -413,6 +424,7 @@ def run_extraction(
     options: ExtractOptions,
     *,
     progress: Callable[[str], None] | None = None,
+    statistics: InputStatistics | None = None,
 ) -> ExtractionResult:
     """Stream every planned tensor pair through the decomposition and assemble the adapter.
 
@@ -424,6 +436,8 @@ def run_extraction(
         base, ft: the opened checkpoints the plan was made for.
         options: the same options.
         progress: called with each tensor name once it is done.
+        statistics: input second moments of the base model: modules with one are decomposed
+            activation-aware (whitened SVD), the others by plain SVD.
 
     Returns:
         The adapter and per-module measurements.
@@ -479,14 +493,25 @@ def run_extraction(
         if energy == 0.0:
             results.append(ModuleResult(plan=t, factors=None, load_s=t1 - t0))
         else:
-            f = decompose(
-                delta,
-                t.sketch_rank,
-                exact=options.exact,
-                device=options.device,
-                seed=module_seed(t.module, options.seed),
-                total_energy=energy,
-            )
+            chol = statistics.cholesky(t.module) if statistics is not None else None
+            if chol is not None:
+                f = whitened_decompose(
+                    delta,
+                    chol,
+                    t.sketch_rank,
+                    exact=options.exact,
+                    device=options.device,
+                    seed=module_seed(t.module, options.seed),
+                )
+            else:
+                f = decompose(
+                    delta,
+                    t.sketch_rank,
+                    exact=options.exact,
+                    device=options.device,
+                    seed=module_seed(t.module, options.seed),
+                    total_energy=energy,
+                )
             fixed = options.policy.fixed_rank(t.short_side)
             lora = None
             if fixed is not None:
@@ -549,12 +574,14 @@ def run_extraction(
 
 
 def summary_energy(result: ExtractionResult) -> dict[str, Any]:
-    """Totals in float64: energy kept over linear modules, and over the whole delta."""
-    linear = sum(r.factors.total_energy for r in result.modules if r.factors is not None)
-    kept = sum(r.factors.captured(r.rank) for r in result.modules if r.factors is not None and r.rank)
+    """Totals in float64: energy kept over linear modules, and over the whole delta (weight space, also
+    for activation-aware factors, whose output-space share is reported beside it)."""
+    pairs = [weight_captured(r.factors, r.rank) for r in result.modules if r.factors is not None]
+    linear = sum(total for _, total in pairs)
+    kept = sum(k for k, _ in pairs)
     extra = sum(x.energy for x in result.extras if not x.plan.resized)
     saved = sum(x.energy for x in result.extras if x.action == "saved" and not x.plan.resized)
-    return {
+    totals = {
         "linear_delta_energy": linear,
         "linear_kept_energy": kept,
         "energy_kept_linear": kept / linear if linear else 1.0,
@@ -562,3 +589,36 @@ def summary_energy(result: ExtractionResult) -> dict[str, Any]:
         "extra_kept_energy": saved,
         "energy_kept_total": (kept + saved) / (linear + extra) if (linear + extra) else 1.0,
     }
+    whitened = [r for r in result.modules if isinstance(r.factors, WhitenedFactors)]
+    if whitened:
+        # E‖ΔW x‖² on the calibration inputs: the share the adapter reproduces of the output change.
+        out_total = sum(r.factors.total_energy for r in whitened if r.factors is not None)
+        out_kept = sum(r.factors.captured(r.rank) for r in whitened if r.factors is not None)
+        totals["activation_aware_modules"] = len(whitened)
+        totals["output_energy_kept_linear"] = out_kept / out_total if out_total else 1.0
+    return totals
+
+
+def reassign(result: ExtractionResult, policy: RankPolicy) -> ExtractionResult:
+    """The same extraction truncated by another policy, from the spectra already computed.
+
+    ``result`` must hold the factors (an extraction whose policy left ranks to be assigned across
+    modules, e.g. :func:`~phlora_nim.converters.rank_policy.search_policy`); ranks above what was
+    computed are capped there. Extras and saved tensors are kept as they are.
+    """
+    live = [r for r in result.modules if r.factors is not None]
+    if any(r.lora is not None for r in live):
+        raise ValueError("reassign needs an extraction that kept its factors (a budget or energy policy)")
+    ranks = policy.assign([(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live])  # type: ignore[misc]
+    new_ranks = {id(r): min(rank, r.factors.available_rank) for r, rank in zip(live, ranks, strict=True)}  # type: ignore[union-attr]
+    modules_out: list[ModuleResult] = []
+    weights: dict[str, LoraWeights] = {}
+    for r in result.modules:
+        rank = new_ranks.get(id(r), 0)
+        modules_out.append(dataclasses.replace(r, rank=rank))
+        if rank and r.factors is not None:
+            a, b = r.factors.lora(rank)
+            dtype = result.plan.out_dtype
+            weights[r.plan.module] = LoraWeights(a=a.to(dtype), b=b.to(dtype), alpha=float(rank))
+    adapter = dataclasses.replace(result.adapter, modules=weights)
+    return dataclasses.replace(result, adapter=adapter, modules=modules_out)

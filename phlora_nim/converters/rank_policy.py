@@ -156,3 +156,68 @@ def allocate_budget(modules: list[tuple[Factors, int, int]], budget: int) -> lis
         if ranks[i] < cap and ranks[i] < len(sq[i]):
             heapq.heappush(heap, (-sq[i][ranks[i]] / cost, i))
     return ranks
+
+
+# The budget of a search's starting point: every module at its cap (the spectra are computed once to it).
+UNBOUNDED_BUDGET = 2**62
+
+
+@dataclass(frozen=True)
+class FidelityTarget:
+    """Pick the smallest global budget whose adapter reaches this fidelity to the fine-tune.
+
+    Fidelity is measured on prompts (``prompts``, else the generic ones shipped with phlora-nim):
+    ``max_kl`` bounds the mean KL(fine-tuned ‖ base+adapter) per scored token, ``min_top1`` the
+    share of tokens whose most likely next token agrees. Bisection over the budget stops when the
+    bracket is within ``tolerance`` (relative) or after ``max_steps`` evaluations.
+    """
+
+    max_kl: float | None = None
+    min_top1: float | None = None
+    prompts: str | None = None
+    tolerance: float = 0.05
+    max_steps: int = 14
+
+    def __post_init__(self) -> None:
+        if self.max_kl is None and self.min_top1 is None:
+            raise OptionError(
+                "a fidelity target needs a bound",
+                where="--target-kl / --target-top1",
+                expected="at least one of them",
+                found="none",
+            )
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise OptionError(
+                "KL target must be positive",
+                where="--target-kl",
+                expected="a number > 0 (nats per token), e.g. 0.05",
+                found=str(self.max_kl),
+            )
+        if self.min_top1 is not None and not 0.0 < self.min_top1 <= 1.0:
+            raise OptionError(
+                "top-1 target must be a share of tokens",
+                where="--target-top1",
+                expected="a number in (0, 1], e.g. 0.95",
+                found=str(self.min_top1),
+            )
+        if not 0.0 < self.tolerance < 1.0 or self.max_steps < 2:
+            raise OptionError(
+                "bad search settings",
+                where="fidelity target",
+                expected="0 < tolerance < 1 and max_steps ≥ 2",
+                found=f"tolerance={self.tolerance}, max_steps={self.max_steps}",
+            )
+
+    def met(self, kl: float, top1: float) -> bool:
+        return (self.max_kl is None or kl <= self.max_kl) and (self.min_top1 is None or top1 >= self.min_top1)
+
+    def describe(self) -> str:
+        parts = ([f"KL ≤ {self.max_kl:g}"] if self.max_kl is not None else []) + (
+            [f"top-1 ≥ {self.min_top1:g}"] if self.min_top1 is not None else []
+        )
+        return " and ".join(parts)
+
+
+def search_policy(max_rank: int | None, snap: Literal["vllm"] | None = None) -> RankPolicy:
+    """The budget policy a fidelity search starts from: every module at its cap."""
+    return RankPolicy(budget_params=UNBOUNDED_BUDGET, max_rank=max_rank, snap=snap)

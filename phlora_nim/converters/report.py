@@ -9,6 +9,7 @@ from typing import Any
 
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, summary_energy
+from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 
 REPORT_NAME = "phlora_report.json"
 _TOP_SINGULAR = 16
@@ -47,11 +48,21 @@ def build_report(
         else:
             f = r.factors
             curve = (f.S[:_CURVE_POINTS].double().pow(2).cumsum(0) / f.total_energy).clamp(max=1.0)
+            kept = weight_energy(f, r.rank)
+            if isinstance(f, WhitenedFactors):
+                # Weight-space figures stay what they say; the output-space ones go beside them.
+                entry.update(
+                    activation_aware=True,
+                    output_energy_kept=f.energy(r.rank),
+                    output_relative_error=f.relative_error(r.rank),
+                    output_delta_energy=f.total_energy,
+                )
+                curve = (f.weight_gain[:_CURVE_POINTS].cumsum(0) / max(f.weight_total, 1e-300)).clamp(0.0, 1.0)
             entry.update(
                 zero_delta=False,
-                energy_kept=f.energy(r.rank),
-                relative_error=f.relative_error(r.rank),
-                delta_energy=f.total_energy,
+                energy_kept=kept,
+                relative_error=(1.0 - kept) ** 0.5,
+                delta_energy=f.weight_total if isinstance(f, WhitenedFactors) else f.total_energy,
                 top_singular_values=[round(float(s), 8) for s in f.S[:_TOP_SINGULAR]],
                 energy_curve=[round(float(c), 6) for c in curve],
                 method="exact" if f.exact else f"randomized ({f.power_iterations} Krylov steps)",
@@ -100,7 +111,8 @@ def build_report(
             "max_rank": pol.max_rank,
             "snap": pol.snap,
         },
-        "method": "exact SVD" if options.exact else "randomized block Krylov SVD",
+        "method": ("exact SVD" if options.exact else "randomized block Krylov SVD")
+        + (" of ΔW·L, activation-aware (whitened by the base's input statistics)" if options.calibration else ""),
         "dtype": str(result.plan.out_dtype).removeprefix("torch."),
         "extra": options.non_linear_deltas,
         "warnings": list(result.plan.warnings),

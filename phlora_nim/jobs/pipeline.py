@@ -8,6 +8,7 @@ a job writes, and where, stays with the job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.calibration import InputStatistics, base_input_statistics
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.extract import (
@@ -50,6 +52,7 @@ class Planned:
     base: Checkpoint
     pairs: tuple[PlannedPair, ...]
     options: ExtractOptions
+    statistics: InputStatistics | None = None  # base model's input moments (--calibration)
 
     @property
     def tensor_count(self) -> int:
@@ -101,7 +104,11 @@ def planned(
         for pair in pairs:
             for warning in pair.plan.warnings:
                 log.warning(warning)
-        job = Planned(base_path=Path(base), base=base_ckpt, pairs=tuple(pairs), options=options)
+        statistics = None
+        if options.calibration is not None:
+            modules = sorted({t.module for pair in pairs for t in pair.plan.targets})
+            statistics = base_input_statistics(Path(base), options.calibration, modules)
+        job = Planned(base_path=Path(base), base=base_ckpt, pairs=tuple(pairs), options=options, statistics=statistics)
         if on_plan:
             on_plan(job.tensor_count)
         yield job
@@ -129,9 +136,22 @@ def extract_adapter(
         OptionError: the rank policy keeps no module.
     """
     start = time.perf_counter()
-    result = run_extraction(pair.plan, job.base, pair.checkpoint, job.options, progress=progress)
+    if job.options.target is not None:
+        from phlora_nim.jobs.target_kl import run_to_target
+
+        outcome = run_to_target(job, pair, progress=progress)
+        result, options = outcome.result, dataclasses.replace(job.options, policy=outcome.policy)
+    else:
+        result = run_extraction(
+            pair.plan, job.base, pair.checkpoint, job.options, progress=progress, statistics=job.statistics
+        )
+        outcome, options = None, job.options
     _check_not_empty(result, pair.path)
-    report = build_report(result, job.options, base=str(job.base_path), finetuned=str(pair.path), command=command)
+    report = build_report(result, options, base=str(job.base_path), finetuned=str(pair.path), command=command)
+    if outcome is not None and job.options.target is not None:
+        report["fidelity_target"] = outcome.report(job.options.target)
+    if job.statistics is not None:
+        report["calibration"] = {"prompts": str(job.options.calibration), **job.statistics.summary()}
     _warn_dropped(result, report, hint=dropped_hint)
     return Extracted(
         finetuned=pair.path,

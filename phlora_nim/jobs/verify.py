@@ -7,13 +7,17 @@ the fine-tuned model's: mean KL divergence and top-1 agreement per token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
 from phlora_nim.converters.errors import InputError
@@ -59,32 +63,95 @@ def reconstruction_errors(base: Path, finetuned: Path, adapter_dir: Path) -> dic
     }
 
 
-def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None, *, seed: int) -> list[torch.Tensor]:
+def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None, *, seed: int) -> list[list[int]]:
     if prompts is None:
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randint(0, vocab, (1, 48), generator=gen) for _ in range(8)]
-    if not prompts.exists():
-        raise InputError("prompts file not found", where=str(prompts), fix="check the path")
-    lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise InputError("prompts file is empty", where=str(prompts), expected="one prompt per line")
-    from transformers import AutoTokenizer
+        return [torch.randint(0, vocab, (48,), generator=gen).tolist() for _ in range(8)]
+    lines = read_prompts(prompts)
+    tok = load_tokenizer(finetuned, base, purpose="--prompts")
+    return [tok(line, return_tensors="pt").input_ids[0, :512].tolist() for line in lines]
 
-    for folder in (finetuned, base):
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder))
-            break
-        except (OSError, ValueError):
-            continue
-    else:
-        raise InputError(
-            "no tokenizer to encode --prompts",
-            where=f"{finetuned} and {base}",
-            expected="tokenizer files saved with the model",
-            found="none",
-            fix="save the tokenizer beside the model, or omit --prompts to use random tokens",
-        )
-    return [tok(line, return_tensors="pt").input_ids[:, :512] for line in lines]
+
+@torch.no_grad()
+def log_probs(
+    model: Any,
+    sequences: Sequence[list[int]],
+    *,
+    starts: Sequence[int] | None = None,
+    batch_size: int = 16,
+    shared_prefix: int = 0,
+) -> list[torch.Tensor]:
+    """Next-token log-probabilities of ``model`` at the scored positions of each sequence.
+
+    Position p scores the token after p; sequence i is scored from ``starts[i]`` (default 0) to its
+    end. Sequences are right-padded into batches, which leaves a causal model's real positions as
+    they are alone. With ``shared_prefix`` = P > 0 (every sequence starts with the same P tokens and
+    no position before P is scored), the prefix runs once per batch and its KV cache is shared:
+    a chat template's system prompt is then paid for once.
+    """
+    out: list[torch.Tensor] = []
+    prefix = list(sequences[0][:shared_prefix]) if shared_prefix else []
+    for lo in range(0, len(sequences), batch_size):
+        chunk = sequences[lo : lo + batch_size]
+        width = max(len(s) for s in chunk) - len(prefix)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        att = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s) - len(prefix)] = torch.tensor(s[len(prefix) :])
+            att[i, : len(s)] = 1
+        if prefix:
+            cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(chunk))
+            positions = torch.arange(len(prefix), len(prefix) + width).expand(len(chunk), -1)
+            logits = model(
+                input_ids=ids, attention_mask=att, past_key_values=cache, position_ids=positions, use_cache=True
+            ).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=att).logits
+        for i, s in enumerate(chunk):
+            first = (starts[lo + i] if starts is not None else 0) - len(prefix)
+            out.append(torch.log_softmax(logits[i, first : len(s) - len(prefix)].float(), -1))
+    return out
+
+
+def common_prefix(sequences: Sequence[list[int]], starts: Sequence[int]) -> int:
+    """Tokens every sequence starts with, up to the first scored position."""
+    limit = min(min(starts), *(len(s) for s in sequences))
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
+
+
+def compare_log_probs(ref: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> tuple[float, float, int]:
+    """(mean KL(ref ‖ other) per position, top-1 agreement, positions) over matching log-prob rows."""
+    kl_sum, agree, n = 0.0, 0, 0
+    for p, q in zip(ref, other, strict=True):
+        kl_sum += float((p.exp() * (p - q)).sum(-1).double().sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += p.shape[0]
+    return (kl_sum / n, agree / n, n) if n else (0.0, 1.0, 0)
+
+
+@contextlib.contextmanager
+def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
+    """``model`` with the adapter's updates added to its weights (restored exactly on exit).
+
+    Mathematically what PEFT computes (x Wᵀ + x Aᵀ Bᵀ), in one matmul per module: fast enough to
+    evaluate many adapters of one base in a search.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, w in adapter.modules.items():
+                weight = model.get_submodule(name).weight
+                saved.append((weight, weight.detach().clone()))
+                weight.add_(w.delta(use_rslora=adapter.use_rslora).to(weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
 
 
 def logit_agreement(
@@ -97,22 +164,12 @@ def logit_agreement(
     ft_model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     batches = _token_batches(finetuned, base, ft_model.config.vocab_size, prompts, seed=seed)
-    with torch.no_grad():
-        ft_logp = [torch.log_softmax(ft_model(input_ids=x).logits.float(), -1) for x in batches]
-        base_logp = [torch.log_softmax(base_model(input_ids=x).logits.float(), -1) for x in batches]
-        adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
-        ad_logp = [torch.log_softmax(adapted(input_ids=x).logits.float(), -1) for x in batches]
-
-    def compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float, int]:
-        kl_sum, agree, n = 0.0, 0, 0
-        for p, q in zip(ref, other, strict=True):
-            kl_sum += float((p.exp() * (p - q)).sum(-1).double().sum())
-            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-            n += p.shape[0] * p.shape[1]
-        return kl_sum / n, agree / n, n
-
-    kl, top1, n = compare(ft_logp, ad_logp)
-    base_kl, base_top1, _ = compare(ft_logp, base_logp)
+    ft_logp = log_probs(ft_model, batches, batch_size=1)
+    base_logp = log_probs(base_model, batches, batch_size=1)
+    adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    ad_logp = log_probs(adapted, batches, batch_size=1)
+    kl, top1, n = compare_log_probs(ft_logp, ad_logp)
+    base_kl, base_top1, _ = compare_log_probs(ft_logp, base_logp)
     return {
         "tokens": n,
         "mean_kl": kl,

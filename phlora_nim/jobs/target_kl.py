@@ -1,0 +1,192 @@
+"""Rank chosen by fidelity: the smallest global budget whose adapter meets a KL / top-1 target.
+
+The fine-tune is decomposed once, at the policy's cap (``--max-rank``); each candidate budget is
+then a truncation of those spectra by the existing budget policy (rank increments where they buy
+the most energy per parameter), merged into the base model and measured against the fine-tune on
+prompts (:class:`~phlora_nim.jobs.fidelity.FidelityProbe`). Bisection over the budget, on a log
+scale, keeps the passing budget above and the failing one below until they are within the target's
+tolerance; no second pass over the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.calibration import read_prompts
+from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.extract import ExtractionResult, reassign
+from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
+
+log = logging.getLogger("phlora_nim.target")
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One evaluated budget."""
+
+    budget: int
+    params: int
+    kl: float
+    top1: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The chosen budget, its truncation of the extraction, and every step tried."""
+
+    budget: int
+    result: ExtractionResult
+    policy: RankPolicy
+    steps: tuple[SearchStep, ...]
+    tokens: int
+    prompts: str
+    base_kl: float
+    base_top1: float
+
+    def report(self, target: FidelityTarget) -> dict[str, Any]:
+        """The ``fidelity_target`` section of ``phlora_report.json``."""
+        chosen = next(s for s in self.steps if s.budget == self.budget)
+        return {
+            "target": {"max_kl": target.max_kl, "min_top1": target.min_top1},
+            "prompts": self.prompts,
+            "scored_tokens": self.tokens,
+            "base_alone": {"kl": self.base_kl, "top1": self.base_top1},
+            "chosen": dataclasses.asdict(chosen),
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+        }
+
+
+def _caps(result: ExtractionResult, ceiling: RankPolicy) -> list[tuple[int, int]]:
+    return [
+        (min(ceiling.cap(r.plan.short_side), r.factors.available_rank), r.plan.in_dim + r.plan.out_dim)
+        for r in result.modules
+        if r.factors is not None
+    ]
+
+
+def search_budget(
+    result: ExtractionResult,
+    ceiling: RankPolicy,
+    target: FidelityTarget,
+    measure: Callable[[LoraAdapter], tuple[float, float]],
+    *,
+    on_step: Callable[[SearchStep], None] | None = None,
+) -> tuple[int, ExtractionResult, list[SearchStep]]:
+    """Bisect the global budget for the smallest one whose adapter meets ``target``.
+
+    Args:
+        result: an extraction that kept its factors up to ``ceiling``'s caps.
+        ceiling: the policy bounding every module's rank (``max_rank``, ``snap``).
+        measure: (KL, top-1) of an adapter against the fine-tune.
+
+    Returns:
+        (chosen budget, the extraction truncated to it, the steps tried in order).
+
+    Raises:
+        OptionError: even every module at its cap misses the target.
+    """
+    caps = _caps(result, ceiling)
+    if not caps:
+        raise OptionError("nothing to search: the fine-tune changed no linear module", where="--target-kl")
+    steps: list[SearchStep] = []
+    measured: dict[int, tuple[float, float]] = {}  # by parameter count: budgets that give the same adapter
+
+    def evaluate(budget: int) -> tuple[SearchStep, ExtractionResult]:
+        policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
+        candidate = reassign(result, policy)
+        params = candidate.adapter.num_parameters()
+        if params not in measured:
+            measured[params] = measure(candidate.adapter)
+        kl, top1 = measured[params]
+        step = SearchStep(budget=budget, params=params, kl=kl, top1=top1, met=target.met(kl, top1))
+        steps.append(step)
+        log.info(
+            "budget %s → %s params: KL %.4g, top-1 %.2f%% %s",
+            f"{budget:,}",
+            f"{params:,}",
+            kl,
+            100 * top1,
+            "meets" if step.met else "misses",
+        )
+        if on_step:
+            on_step(step)
+        return step, candidate
+
+    top = sum(cap * cost for cap, cost in caps)
+    top_step, top_result = evaluate(top)
+    if not top_step.met:
+        raise OptionError(
+            "the fidelity target is out of reach at the rank cap",
+            where="--target-kl/--target-top1",
+            expected=target.describe(),
+            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} with every module at rank ≤ "
+            f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters)",
+            fix="raise --max-rank, loosen the target, or keep the non-linear deltas (--extra save) "
+            "if the fine-tune changed embeddings or norms",
+        )
+    lo = min(cost for _, cost in caps)  # one rank-1 increment on the cheapest module
+    hi, best = top, top_result
+    low_step, low_result = evaluate(lo)
+    if low_step.met:
+        return lo, low_result, steps
+    while hi / lo > 1 + target.tolerance and len(measured) < target.max_steps:
+        mid = round(math.sqrt(lo * hi))
+        if mid <= lo or mid >= hi:
+            break
+        step, candidate = evaluate(mid)
+        if step.met:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return hi, best, steps
+
+
+def run_to_target(
+    job: Any,  # pipeline.Planned
+    pair: Any,  # pipeline.PlannedPair
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> SearchOutcome:
+    """Extract ``pair`` once at the cap, then bisect the budget against ``job.options.target``."""
+    from phlora_nim.converters.extract import run_extraction
+    from phlora_nim.converters.rank_policy import search_policy
+    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
+
+    given = job.options.policy
+    # The given policy's cap bounds the search (--max-rank, or --rank as a ceiling); decompose once to it.
+    ceiling = search_policy(given.rank if given.kind == "rank" else given.max_rank, given.snap)
+    options = dataclasses.replace(job.options, policy=ceiling)
+    target: FidelityTarget = options.target
+    prompts_file = Path(target.prompts) if target.prompts else generic_prompts_path()
+    prompts = read_prompts(prompts_file, where="--prompts")
+    result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
+    probe = probe_for_checkpoints(job.base_path, pair.path, prompts)
+    base_kl, base_top1 = probe.measure(None)
+    log.info(
+        "fidelity target %s on %d prompts (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
+        target.describe(),
+        len(prompts),
+        probe.tokens,
+        base_kl,
+        100 * base_top1,
+    )
+    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure)
+    policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
+    return SearchOutcome(
+        budget=budget,
+        result=chosen,
+        policy=policy,
+        steps=tuple(steps),
+        tokens=probe.tokens,
+        prompts=str(prompts_file) if target.prompts else f"(generic, shipped) {prompts_file.name}",
+        base_kl=base_kl,
+        base_top1=base_top1,
+    )

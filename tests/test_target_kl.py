@@ -1,0 +1,151 @@
+"""--target-kl / --target-top1: the smallest budget meeting a fidelity target, by bisection."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.rank_policy import FidelityTarget
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A toy Llama with a tokenizer whose fine-tune changed linear weights only: full rank is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from phlora_nim.demo.toy_models import finetune, make_pair
+
+    root = tmp_path_factory.mktemp("target")
+    base, _ = make_pair("llama", root, steps=1, tokenizer=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ft = root / "linear-ft"
+    finetune(model, steps=25, seed=4, linear_only=True).save_pretrained(ft)
+    from phlora_nim.demo.toy_models import save_tokenizer
+
+    save_tokenizer(ft, model.config.vocab_size)
+    return base, ft
+
+
+@pytest.fixture(scope="module")
+def probe_and_extraction(pair):
+    from phlora_nim.converters.calibration import read_prompts
+    from phlora_nim.converters.checkpoint import open_checkpoint
+    from phlora_nim.converters.extract import ExtractOptions, plan_extraction, run_extraction
+    from phlora_nim.converters.rank_policy import search_policy
+    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
+
+    base, ft = pair
+    options = ExtractOptions(policy=search_policy(None), exact=True)
+    with open_checkpoint(base) as b, open_checkpoint(ft) as f:
+        result = run_extraction(plan_extraction(b, f, options), b, f, options)
+    probe = probe_for_checkpoints(base, ft, read_prompts(generic_prompts_path()))
+    return probe, result, options.policy
+
+
+def test_search_picks_a_budget_that_meets_the_target_and_the_next_smaller_tried_one_does_not(
+    probe_and_extraction,
+) -> None:
+    from phlora_nim.jobs.target_kl import search_budget
+
+    probe, result, ceiling = probe_and_extraction
+    base_kl, _ = probe.measure(None)
+    full_kl, _ = probe.measure(result.adapter)
+    assert full_kl < 1e-4 < base_kl  # linear-only fine-tune: the full-rank adapter is the fine-tune
+    target = FidelityTarget(max_kl=math.sqrt(base_kl * 1e-3) / 3, tolerance=0.02)
+    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure)
+    kl, _ = probe.measure(chosen.adapter)
+    assert kl <= target.max_kl
+    assert chosen.adapter.num_parameters() <= budget
+    below = [s for s in steps if s.budget < budget]
+    assert below, "the search tried nothing smaller"
+    assert not max(below, key=lambda s: s.budget).met
+    # Bisection: far fewer evaluations than budgets.
+    assert len(steps) <= target.max_steps + 2
+
+
+def test_top1_target_and_both_together(probe_and_extraction) -> None:
+    from phlora_nim.jobs.target_kl import search_budget
+
+    probe, result, ceiling = probe_and_extraction
+    _, base_top1 = probe.measure(None)
+    goal = (1 + base_top1) / 2
+    budget, chosen, _ = search_budget(result, ceiling, FidelityTarget(min_top1=goal), probe.measure)
+    assert probe.measure(chosen.adapter)[1] >= goal
+    both = FidelityTarget(min_top1=goal, max_kl=1e-3)
+    budget2, _, _ = search_budget(result, ceiling, both, probe.measure)
+    assert budget2 >= budget * (1 - 0.05)  # both bounds need at least what one needs (bracket tolerance)
+
+
+def test_cli_extract_and_convert_with_target_kl(pair, tmp_path: Path, run_cli) -> None:
+    base, ft = pair
+    code, out, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", "--target-kl", "0.01", "--no-plot"
+    )
+    assert code == 0, err
+    assert "budget search for KL ≤ 0.01" in out and "chosen budget" in out
+    report = json.loads((tmp_path / "a" / "phlora_report.json").read_text())
+    search = report["fidelity_target"]
+    assert search["chosen"]["met"] and search["chosen"]["kl"] <= 0.01
+    assert report["policy"]["kind"] == "budget" and report["policy"]["budget_params"] == search["chosen"]["budget"]
+    assert report["totals"]["adapter_parameters"] == search["chosen"]["params"]
+    assert {"budget", "params", "kl", "top1", "met"} <= set(search["steps"][0])
+    smaller = [s for s in search["steps"] if s["budget"] < search["chosen"]["budget"]]
+    assert smaller and not max(smaller, key=lambda s: s["budget"])["met"]
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the red cat\none small bird\nking queen knight\n")
+    code, out, err = run_cli(
+        "convert", "--base", base, "--finetuned", ft, "--name", "t", "-m", tmp_path / "repo",
+        "--target-top1", "0.9", "--prompts", prompts,
+    )  # fmt: skip
+    assert code == 0, err
+    store = json.loads((tmp_path / "repo" / "tensorrt_llm" / "adapters" / "t" / "phlora_report.json").read_text())
+    assert store["fidelity_target"]["chosen"]["top1"] >= 0.9
+    assert store["fidelity_target"]["prompts"] == str(prompts)
+
+
+def test_unreachable_target_is_an_option_error(pair, tmp_path: Path, run_cli) -> None:
+    base, ft = pair
+    code, _, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", "--target-kl", "1e-9", "--max-rank", "1"
+    )
+    assert code == 2
+    assert "out of reach" in err and "raise --max-rank" in err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--target-kl", "0"], "KL target must be positive"),
+        (["--target-kl", "-1"], "KL target must be positive"),
+        (["--target-top1", "1.5"], "top-1 target must be a share"),
+        (["--target-top1", "0"], "top-1 target must be a share"),
+        (["--target-kl", "0.1", "--rank", "4"], "chooses the ranks itself"),
+        (["--target-kl", "0.1", "--energy", "0.9"], "chooses the ranks itself"),
+        (["--prompts", "PROMPTS"], "--prompts needs a fidelity target"),
+        (["--target-kl", "0.1", "--prompts", "MISSING"], "prompts file not found"),
+    ],
+)
+def test_bad_target_options(pair, tmp_path: Path, run_cli, args: list[str], match: str) -> None:
+    base, ft = pair
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    args = [str(prompts) if a == "PROMPTS" else str(tmp_path / "missing.txt") if a == "MISSING" else a for a in args]
+    code, _, err = run_cli("extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", *args)
+    assert code == 2, err
+    assert match in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_fidelity_target_validation() -> None:
+    with pytest.raises(OptionError, match="needs a bound"):
+        FidelityTarget()
+    with pytest.raises(OptionError, match="bad search settings"):
+        FidelityTarget(max_kl=0.1, tolerance=0)
+    assert FidelityTarget(max_kl=0.1, min_top1=0.9).met(0.05, 0.95)
+    assert not FidelityTarget(max_kl=0.1, min_top1=0.9).met(0.05, 0.85)
