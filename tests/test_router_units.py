@@ -431,3 +431,36 @@ def test_fp32_weights_overflowing_fp16_are_refused(tmp_path: Path) -> None:
 def test_router_options_are_checked(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(OptionError, match=match):
         RouterConfig(tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_readiness_answer_older_than_a_mark_down_does_not_put_the_replica_back(tmp_path: Path) -> None:
+    """A health check that started before the replica was taken out of rotation must not undo that."""
+    import asyncio
+
+    from phlora_nim.router.metrics import RouterMetrics
+    from phlora_nim.router.replicas import ReplicaPool
+
+    class SlowReadyStub:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def ServerReady(self, request: object, timeout: float) -> service_pb2.ServerReadyResponse:
+            await self.release.wait()
+            return service_pb2.ServerReadyResponse(ready=True)
+
+    async def scenario() -> bool:
+        pool = ReplicaPool(RouterConfig(tmp_path, upstreams=("127.0.0.1:1",)), RouterMetrics())
+        await pool.refresh_members()  # nothing listens on port 1: the first check fails at once
+        replica = pool.replicas["127.0.0.1:1"]
+        replica.stub = stub = SlowReadyStub()  # type: ignore[assignment]
+        replica.healthy = True
+        check = asyncio.ensure_future(pool.check(replica))
+        await asyncio.sleep(0)  # the check is waiting for its answer …
+        pool.mark_down(replica, "no answer in 1 s")  # … when a call finds the replica hung
+        stub.release.set()
+        await check
+        healthy = replica.healthy
+        await pool.stop()
+        return healthy
+
+    assert asyncio.run(scenario()) is False

@@ -70,6 +70,7 @@ class Replica:
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
         )
         self.healthy = False
+        self.downs = 0  # times taken out of rotation: a check that started before the last one is stale
         self.in_flight = 0
         self.resident: LruSet[int] = LruSet(residency_capacity)
 
@@ -137,17 +138,22 @@ class ReplicaPool:
     # health ----------------------------------------------------------------------------------
     async def check(self, replica: Replica) -> None:
         timeout = min(2.0, self.config.health_interval)
+        downs = replica.downs
         try:
             ready = (await replica.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)).ready
             reason = "ServerReady false"
         except grpc.aio.AioRpcError as exc:
             ready, reason = False, f"{exc.code().name}: {exc.details()}"
+        if ready and replica.downs != downs:
+            return  # taken out of rotation while this check was under way: its "ready" is older news
         if ready and not replica.healthy:
             replica.resident.clear()  # new or restarted: its LoRA cache is empty
             self._infos.clear()
             log.info("replica %s ready", replica.address)
         elif not ready and replica.healthy:
             log.warning("replica %s out of rotation: %s", replica.address, reason)
+        if not ready:
+            replica.downs += 1
         replica.healthy = ready
         self.metrics.replica_healthy.labels(replica.address).set(1 if ready else 0)
 
@@ -171,6 +177,7 @@ class ReplicaPool:
         if replica.healthy:
             log.warning("replica %s out of rotation: %s", replica.address, reason)
         replica.healthy = False
+        replica.downs += 1
         self.metrics.replica_healthy.labels(replica.address).set(0)
         self._publish()
 
