@@ -31,8 +31,7 @@ from phlora_nim.cli.fidelity_options import (
     PromptsOpt,
     TargetKlOpt,
     TargetTop1Opt,
-    calibration_file,
-    fidelity_target,
+    extraction_options,
 )
 
 
@@ -87,27 +86,22 @@ def extract_command(
     PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
     Default policy: --rank 16.
     """
-    from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.jobs.adapter_jobs import extract
 
-    target, ceiling = fidelity_target(
-        target_kl,
-        target_top1,
-        prompts,
+    options = extraction_options(
         rank=rank,
         energy=energy,
         budget=budget_params,
         max_rank=max_rank,
         snap=snap_ranks,
-    )
-    options = ExtractOptions(
-        policy=ceiling or rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
-        target=target,
-        calibration=calibration_file(calibration),
+        target_kl=target_kl,
+        target_top1=target_top1,
+        prompts=prompts,
+        calibration=calibration,
         exact=exact,
         device=device,
         non_linear_deltas=extra,
-        dtype=dtype,  # type: ignore[arg-type]
+        dtype=dtype,
         target_modules=target_modules,
         seed=seed,
     )

@@ -10,6 +10,7 @@ import typer
 from phlora_nim.converters.errors import OptionError
 
 if TYPE_CHECKING:
+    from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
 
 _PANEL = "Fidelity (instead of a rank policy)"
@@ -97,3 +98,34 @@ def calibration_file(calibration: Path | None) -> Path | None:
 
         read_prompts(calibration, where="--calibration")
     return calibration
+
+
+def extraction_options(
+    *,
+    rank: int | None,
+    energy: float | None,
+    budget: int | None,
+    max_rank: int | None,
+    snap: str | None,
+    target_kl: float | None,
+    target_top1: float | None,
+    prompts: Path | None,
+    calibration: Path | None,
+    **more: object,
+) -> ExtractOptions:
+    """``ExtractOptions`` from the rank-policy, fidelity and calibration options of ``extract`` / ``convert``.
+
+    ``more``: further ``ExtractOptions`` fields (device, exact, dtype …).
+    """
+    from phlora_nim.cli.app import rank_policy
+    from phlora_nim.converters.extract import ExtractOptions
+
+    target, ceiling = fidelity_target(
+        target_kl, target_top1, prompts, rank=rank, energy=energy, budget=budget, max_rank=max_rank, snap=snap
+    )
+    return ExtractOptions(
+        policy=ceiling or rank_policy(rank, energy, budget, max_rank, snap, default_rank=16),
+        target=target,
+        calibration=calibration_file(calibration),
+        **more,  # type: ignore[arg-type]
+    )

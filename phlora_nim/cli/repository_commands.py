@@ -22,7 +22,6 @@ from phlora_nim.cli.app import (
     StrictOpt,
     command_line,
     out_console,
-    rank_policy,
     tensor_progress,
 )
 from phlora_nim.cli.fidelity_options import (
@@ -30,8 +29,7 @@ from phlora_nim.cli.fidelity_options import (
     PromptsOpt,
     TargetKlOpt,
     TargetTop1Opt,
-    calibration_file,
-    fidelity_target,
+    extraction_options,
 )
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
 
@@ -186,24 +184,19 @@ def convert_command(
 
     Repository settings not given keep the values the repository was written with.
     """
-    from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.repository.convert import ConvertJob
 
-    target, ceiling = fidelity_target(
-        target_kl,
-        target_top1,
-        prompts,
+    options = extraction_options(
         rank=rank,
         energy=energy,
         budget=budget_params,
         max_rank=max_rank,
         snap=snap_ranks,
-    )
-    options = ExtractOptions(
-        policy=ceiling or rank_policy(rank, energy, budget_params, max_rank, snap_ranks, default_rank=16),
+        target_kl=target_kl,
+        target_top1=target_top1,
+        prompts=prompts,
+        calibration=calibration,
         device=device,
-        target=target,
-        calibration=calibration_file(calibration),
     )
     settings, keep_stored = _repository_settings(
         base=base,
