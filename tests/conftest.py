@@ -74,3 +74,20 @@ def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetun
     )
     convert(job)
     return root
+
+
+def make_linear_finetune(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *, steps: int, seed: int
+) -> tuple[Path, Path]:
+    """A toy Llama with a tokenizer and a fine-tune of its linear weights only (a full-rank adapter is exact)."""
+    from transformers import AutoModelForCausalLM
+
+    from phlora_nim.demo.toy_models import finetune, make_pair, save_tokenizer
+
+    root = tmp_path_factory.mktemp(name)
+    base, _ = make_pair("llama", root, steps=1, tokenizer=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ft = root / "linear-ft"
+    finetune(model, steps=steps, seed=seed, linear_only=True).save_pretrained(ft)
+    save_tokenizer(ft, model.config.vocab_size)
+    return base, ft

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_linear_finetune
 
 from phlora_nim.converters.rank_policy import RankPolicy, search_policy
 
@@ -18,17 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def linear_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A toy Llama and a fine-tune of its linear weights only (a full-rank adapter is exact)."""
-    from transformers import AutoModelForCausalLM
-
-    from phlora_nim.demo.toy_models import finetune, make_pair, save_tokenizer
-
-    root = tmp_path_factory.mktemp("fid")
-    base, _ = make_pair("llama", root, steps=1, tokenizer=True)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    ft = root / "linear-ft"
-    finetune(model, steps=20, seed=5, linear_only=True).save_pretrained(ft)
-    save_tokenizer(ft, model.config.vocab_size)
-    return base, ft
+    return make_linear_finetune(tmp_path_factory, "fid", steps=20, seed=5)
 
 
 def _ceiling(base: Path, ft: Path, **kw):

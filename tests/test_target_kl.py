@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import make_linear_finetune
 
 from phlora_nim.converters.errors import OptionError
 from phlora_nim.converters.rank_policy import FidelityTarget
@@ -15,19 +16,7 @@ from phlora_nim.converters.rank_policy import FidelityTarget
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A toy Llama with a tokenizer whose fine-tune changed linear weights only: full rank is exact."""
-    from transformers import AutoModelForCausalLM
-
-    from phlora_nim.demo.toy_models import finetune, make_pair
-
-    root = tmp_path_factory.mktemp("target")
-    base, _ = make_pair("llama", root, steps=1, tokenizer=True)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    ft = root / "linear-ft"
-    finetune(model, steps=25, seed=4, linear_only=True).save_pretrained(ft)
-    from phlora_nim.demo.toy_models import save_tokenizer
-
-    save_tokenizer(ft, model.config.vocab_size)
-    return base, ft
+    return make_linear_finetune(tmp_path_factory, "target", steps=25, seed=4)
 
 
 @pytest.fixture(scope="module")
