@@ -316,3 +316,47 @@ def test_unknown_release_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(OptionError, match="--trtllm-version"):
         RepositorySettings(base=str(tmp_path), trtllm_version="0.18")
+
+
+# Parameters the real ``tensorrt_llm`` backend reads with no default (outside try/catch): a
+# missing one throws ``Cannot find parameter with name: …`` (``ModelState::GetParameter``) and the
+# model fails to load. Upstream's template always carries them (empty when unused).
+_REQUIRED_0_20 = {
+    # TensorRT-LLM triton_backend/inflight_batcher_llm/src/model_instance_state.cc,
+    # ModelInstanceState::getBatchingTypeFromParams
+    "gpt_model_type",
+    # same file, ModelInstanceState::getGuidedDecodingConfigFromParams (all three, unguarded)
+    "tokenizer_dir",
+    "xgrammar_tokenizer_info_path",
+    "guided_decoding_backend",
+}
+REQUIRED_LLM_PARAMETERS = {
+    "0.20": _REQUIRED_0_20,
+    # tensorrtllm_backend inflight_batcher_llm/src/model_instance_state.cc: getBatchingTypeFromParams
+    # reads gpt_model_type unguarded; getGuidedDecodingConfigFromParams (the same three reads) is in
+    # the releases since guided decoding came to the C++ backend, 0.19 included. Writing the three
+    # (empty) is harmless where a release does not read them: unknown parameters are ignored.
+    "0.19": _REQUIRED_0_20,
+}
+# Our preprocessing / postprocessing (phlora_nim/triton/models/text.py, _TokenizerModel.initialize)
+# index params["tokenizer_dir"]; every other parameter has a default there.
+REQUIRED_TEXT_PARAMETERS = {"tokenizer_dir"}
+
+
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_tensorrt_llm_config_carries_every_parameter_the_backend_requires(release: str, tmp_path: Path) -> None:
+    config = llm_config(_settings(tmp_path, release), RegistryState(), tmp_path)
+    missing = REQUIRED_LLM_PARAMETERS[release] - set(config.parameters)
+    assert not missing, f"the tensorrt_llm backend would fail to load: {sorted(missing)} absent"
+    assert config.parameters["gpt_model_type"].string_value == "inflight_fused_batching"
+    # Empty (as upstream's filled template leaves them) turns guided decoding off.
+    for name in ("guided_decoding_backend", "xgrammar_tokenizer_info_path"):
+        assert config.parameters[name].string_value == "", name
+
+
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_text_models_carry_every_parameter_they_index(release: str, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, release)
+    for config in (preprocessing_config(settings), postprocessing_config(settings)):
+        assert set(config.parameters) >= REQUIRED_TEXT_PARAMETERS, config.name
+        assert config.parameters["tokenizer_dir"].string_value == str(tmp_path), config.name

@@ -261,6 +261,11 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
             batch_scheduler_policy="guaranteed_no_evict",
             kv_cache_free_gpu_mem_fraction="0.85",
             enable_chunked_context="true",
+            # Read with no default (ModelInstanceState::getGuidedDecodingConfigFromParams): absent,
+            # the model fails to load; empty, as upstream's template leaves them, guided decoding is off.
+            tokenizer_dir="",
+            guided_decoding_backend="",
+            xgrammar_tokenizer_info_path="",
         )
     else:
         config.backend = "python"
