@@ -464,3 +464,30 @@ def test_a_readiness_answer_older_than_a_mark_down_does_not_put_the_replica_back
         return healthy
 
     assert asyncio.run(scenario()) is False
+
+
+# The runtime's own texts (TensorRT-LLM cpp/tensorrt_llm/runtime/loraCache.cpp
+# LoraCache::claimPagesWithEvict, batch_manager/peftCacheManager.cpp PeftCacheManager::addRequestPeft,
+# common/assert.h TLLM_CHECK), as the tensorrt_llm backend puts them in an error response.
+@pytest.mark.parametrize(
+    "text, full",
+    [
+        ("[TensorRT-LLM][ERROR] PEFT Cache is full. Could not store taskId=77", True),
+        ("Cache is full. There are no done tasks to evict", True),
+        (
+            "[TensorRT-LLM][ERROR] Assertion failed: pageIds.has_value() "
+            "(/src/tensorrt_llm/cpp/tensorrt_llm/runtime/loraCache.cpp:318)",
+            True,
+        ),
+        ("[TensorRT-LLM][ERROR] Assertion failed: Expected layerId to be in the range", False),
+        ("LoRA task 77 not found in cache. Please send LoRA weights with request", False),
+    ],
+)
+def test_every_cache_full_text_is_back_pressure(text: str, full: bool) -> None:
+    from phlora_nim.converters.trtllm_contract import FULL, MISS, is_cache_full
+    from phlora_nim.router.delivery import _answers
+
+    assert is_cache_full(text) is full
+    assert _answers(FULL, text) is full  # another replica, else RESOURCE_EXHAUSTED; never INTERNAL
+    assert _answers(MISS, text) is ("not found in cache" in text)
+    assert _answers("", text) is False

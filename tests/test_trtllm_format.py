@@ -246,3 +246,11 @@ def test_bfloat16_values_survive_v2_storage(tmp_path: Path) -> None:
     lora = load_trtllm(tmp_path)
     assert lora.weights.dtype == ml_dtypes.bfloat16 and lora.dtype == "bfloat16"
     assert float(np.asarray(lora.weights, dtype=np.float32)[0, 0, 0]) == 1.5
+
+
+def test_rank_and_cache_full_texts_are_the_runtimes() -> None:
+    # loraUtils.cpp loraValidateRequestTensors; peftCacheManager.cpp PeftCacheManager::addRequestPeft.
+    from phlora_nim.converters.trtllm_contract import cache_full_message, rank_message
+
+    assert rank_message(96, 64) == "Invalid low_rank (96). low_rank must be smaller than mMaxLowRank (64)"
+    assert cache_full_message(12) == "PEFT Cache is full. Could not store taskId=12"

@@ -106,7 +106,15 @@ def as_engine_array(array: np.ndarray, dtype: str) -> np.ndarray:
 # (cpp/tensorrt_llm/runtime/loraUtils.cpp), verbatim up to the details we append.
 
 MISS = "not found in cache"
+# LoraCache::claimPagesWithEvict (cpp/tensorrt_llm/runtime/loraCache.cpp) throws LoraCacheFullException
+# "Cache is full. There are no done tasks to evict"; PeftCacheManager::addRequestPeft
+# (cpp/tensorrt_llm/batch_manager/peftCacheManager.cpp) rethrows it as cache_full_message below.
 FULL = "Cache is full"
+# When the evicted tasks free fewer pages than needed, claimPagesWithEvict's second claimPages
+# returns nullopt and TLLM_CHECK(pageIds.has_value()) fails (common/assert.h → throwRuntimeError,
+# "Assertion failed: <expression>"): the same back-pressure as a full cache, in other words.
+PAGES_NOT_CLAIMED = "Assertion failed: pageIds.has_value()"
+CACHE_FULL_TEXTS = (FULL, PAGES_NOT_CLAIMED)
 DTYPE_MISMATCH = "Expected lora weights to be the same data type as base model"
 LAYER_OUT_OF_RANGE = "Expected layerId to be in the range [0, numModelLayers)"
 ROWS_MISMATCH = "Expected dim1 lora_weights and lora_keys to have the same size"
@@ -124,6 +132,11 @@ def cache_full_message(task_id: int) -> str:
     return f"PEFT {FULL}. Could not store taskId={task_id}"
 
 
+def is_cache_full(text: str) -> bool:
+    """Whether a runtime error text means the LoRA cache had no room (retry elsewhere, or later)."""
+    return any(marker in text for marker in CACHE_FULL_TEXTS)
+
+
 def dtype_mismatch_message(expected: str, found: object) -> str:
     return f"{DTYPE_MISMATCH} ({expected}, got {found})"
 
@@ -133,7 +146,8 @@ def layer_message(layer: int, num_layers: int) -> str:
 
 
 def rank_message(rank: int, max_rank: int) -> str:
-    return f"Invalid low_rank ({rank}). low_rank must be in range [1, {max_rank}]"
+    # loraValidateRequestTensors (cpp/tensorrt_llm/runtime/loraUtils.cpp), verbatim.
+    return f"Invalid low_rank ({rank}). low_rank must be smaller than mMaxLowRank ({max_rank})"
 
 
 def module_message(module: str) -> str:

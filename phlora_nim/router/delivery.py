@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2
 
-from phlora_nim.converters.trtllm_contract import FULL, MISS  # the runtime's texts, matched as substrings
+from phlora_nim.converters.trtllm_contract import FULL, MISS, is_cache_full  # the runtime's texts
 from phlora_nim.router.access import Plan
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
@@ -46,6 +46,13 @@ class _Missed(Exception):
 
 class _Hung(Exception):
     """The replica stopped answering and failed a readiness probe; the call was cancelled."""
+
+
+def _answers(expect: str, text: str) -> bool:
+    """Whether an upstream error text is the awaited MISS or FULL (FULL: any cache-full text)."""
+    if not expect:
+        return False
+    return is_cache_full(text) if expect == FULL else expect in text
 
 
 @dataclass
@@ -266,7 +273,7 @@ class Delivery:
             async with contextlib.aclosing(transport.send(replica, payload, remaining(), dog)) as answers:
                 async for answer in answers:
                     error = transport.error_of(answer)
-                    if not attempt.delivered and expect and expect in error:
+                    if not attempt.delivered and _answers(expect, error):
                         if expect == FULL:
                             raise _CacheFull
                         missed = True  # read on: the upstream call ends by itself after its final answer
@@ -275,7 +282,7 @@ class Delivery:
                     attempt.delivered = True
                     yield answer
         except grpc.aio.AioRpcError as exc:
-            if not attempt.delivered and expect and expect in (exc.details() or ""):
+            if not attempt.delivered and _answers(expect, exc.details() or ""):
                 raise _CacheFull if expect == FULL else _Missed from None
             raise
         except asyncio.CancelledError:
