@@ -49,7 +49,7 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     repo = tmp_path / "repo"
     args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--dtype", "float16", "--backend", "tensorrtllm"]
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
-    args += ["--engine-config", _engine_config(tmp_path, **f16)]
+    args += ["--engine-config", _engine_config(tmp_path, **f16, plugin_config__use_paged_context_fmha=True)]
     for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
         args += ["--finetuned", ft, "--name", name]
     code, out, err = run_cli(*args)
@@ -72,6 +72,7 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     # Every config parses into Triton's ModelConfig; LoRA inputs typed to the engine dtype.
     llm = _config(repo, LLM_MODEL)
     assert llm.backend == "tensorrtllm"
+    assert llm.parameters["enable_chunked_context"].string_value == "true"  # the engine has paged context FMHA
     inputs = {i.name: i for i in llm.input}
     assert inputs["lora_weights"].data_type == mc.TYPE_FP16 and inputs["lora_weights"].optional
     assert inputs["lora_task_id"].data_type == mc.TYPE_UINT64

@@ -360,3 +360,21 @@ def test_text_models_carry_every_parameter_they_index(release: str, tmp_path: Pa
     for config in (preprocessing_config(settings), postprocessing_config(settings)):
         assert set(config.parameters) >= REQUIRED_TEXT_PARAMETERS, config.name
         assert config.parameters["tokenizer_dir"].string_value == str(tmp_path), config.name
+
+
+@pytest.mark.parametrize(
+    "engine, chunked",
+    [
+        ({"build_config": {"plugin_config": {"use_paged_context_fmha": True}}}, "true"),
+        ({"build_config": {"plugin_config": {"use_paged_context_fmha": False}}}, "false"),
+        ({"build_config": {"plugin_config": {}}}, "false"),
+        ({"plugin_config": {"use_paged_context_fmha": True}}, "true"),  # legacy layout
+        (None, "false"),  # no engine read: never claim a build flag we did not see
+    ],
+)
+def test_chunked_context_only_for_a_paged_context_fmha_engine(engine, chunked: str, tmp_path: Path) -> None:
+    from phlora_nim.repository.configs import with_engine
+
+    settings = with_engine(_settings(tmp_path, "0.20"), engine)
+    config = llm_config(settings, RegistryState(), tmp_path)
+    assert config.parameters["enable_chunked_context"].string_value == chunked

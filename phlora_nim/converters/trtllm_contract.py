@@ -348,6 +348,9 @@ class EngineSpec:
     max_rank: int | None
     targets: tuple[str, ...]
     dims: dict[str, tuple[int, int]]
+    # plugin_config.use_paged_context_fmha: chunked context needs it (ModelInstanceState logs
+    # "requires building the model with use_paged_context_fmha"; the executor refuses it otherwise).
+    paged_context_fmha: bool = False
 
     def module_dims(self, name: str) -> tuple[int, int] | None:
         """The engine's (in, out) for a built-in module; None when not built in (or dims unknown)."""
@@ -388,6 +391,7 @@ def engine_spec(engine_config: dict[str, Any]) -> EngineSpec:
         num_layers=pretrained.get("num_hidden_layers", legacy.get("num_layers")),
         max_rank=lora_cfg.get("max_lora_rank"),
         targets=tuple(lora_cfg.get("lora_target_modules") or ()),
+        paged_context_fmha=bool(plugin.get("use_paged_context_fmha")),
         dims=dims,
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
+from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES, engine_spec
 from phlora_nim.repository.layout import (
     ENSEMBLE_MODEL,
     LLM_MODEL,
@@ -71,6 +71,8 @@ class RepositorySettings:
         llm_parameters: more ``tensorrt_llm`` model parameters, written as given.
         trtllm_version: the TensorRT-LLM Triton backend release whose input names are written
             (``0.20``: v0.20.0 and later, ``seed``; ``0.19``: earlier, ``random_seed``).
+        chunked_context: write ``enable_chunked_context`` true; only for an engine built with paged
+            context FMHA (``plugin_config.use_paged_context_fmha``), set by :func:`with_engine`.
         lora_prefetch: set ``lora_prefetch_dir`` so the server loads every adapter at start. Always
             off for bfloat16: the runtime's npy reader has no bfloat16 (``numpy data type 'V2' not
             supported`` stops the server), so adapters are sent by the router on first use instead.
@@ -90,6 +92,7 @@ class RepositorySettings:
     llm_parameters: dict[str, str] = field(default_factory=dict)
     trtllm_version: str = DEFAULT_TRTLLM_RELEASE
     lora_prefetch: bool = True
+    chunked_context: bool = False
 
     def __post_init__(self) -> None:
         if self.trtllm_version not in TRTLLM_RELEASES:
@@ -202,6 +205,14 @@ def require_engine_config(backend: str, engine_config: Path | None) -> None:
         )
 
 
+def with_engine(settings: RepositorySettings, engine_config: dict[str, Any] | None) -> RepositorySettings:
+    """``settings`` with what the engine's ``config.json`` decides: chunked context only when the
+    engine was built with ``use_paged_context_fmha`` (the executor refuses it otherwise)."""
+    if engine_config is None:
+        return settings
+    return replace(settings, chunked_context=engine_spec(engine_config).paged_context_fmha)
+
+
 def lora_cache_parameters(state: RegistryState, settings: RepositorySettings) -> dict[str, str]:
     """LoRA cache parameters fitting every registered adapter.
 
@@ -260,7 +271,7 @@ def llm_config(settings: RepositorySettings, state: RegistryState, root: Path) -
             gpt_model_path=settings.engine_dir or "/engines/base",
             batch_scheduler_policy="guaranteed_no_evict",
             kv_cache_free_gpu_mem_fraction="0.85",
-            enable_chunked_context="true",
+            enable_chunked_context=str(settings.chunked_context).lower(),
             # Read with no default (ModelInstanceState::getGuidedDecodingConfigFromParams): absent,
             # the model fails to load; empty, as upstream's template leaves them, guided decoding is off.
             tokenizer_dir="",

@@ -35,7 +35,7 @@ from phlora_nim.jobs.pipeline import (
     require_config,
     write_report_files,
 )
-from phlora_nim.repository.configs import RepositorySettings, require_engine_config, write_repository
+from phlora_nim.repository.configs import RepositorySettings, require_engine_config, with_engine, write_repository
 from phlora_nim.repository.layout import (
     DEFAULT_GRACE_S,
     LLM_MODEL,
@@ -286,6 +286,7 @@ def convert(
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     require_engine_config(job.settings.backend, job.engine_config)
     engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
+    job = dataclasses.replace(job, settings=with_engine(job.settings, engine))
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
         model_config = require_config(plan)
         with _created_on_failure_removed(root), _staging(root) as stage:
