@@ -42,6 +42,22 @@ def test_port_taken_is_a_clear_error(tmp_path: Path, run_cli) -> None:
         assert code == 2 and "port already in use" in err and "Traceback" not in err
 
 
+def test_a_missing_lora_prefetch_dir_is_refused_before_the_server_starts(tmp_path: Path, run_cli) -> None:
+    from phlora_nim.repository.configs import RepositorySettings, write_repository
+    from phlora_nim.repository.registry import RegistryState
+    from phlora_nim.triton.launcher import check_prefetch_dirs
+
+    here = tmp_path / "here"
+    write_repository(here, RepositorySettings(base=str(tmp_path)), RegistryState())
+    check_prefetch_dirs(here)  # the folder convert writes exists
+    moved = tmp_path / "moved"
+    write_repository(moved, RepositorySettings(base=str(tmp_path), served_path="/nowhere/repo"), RegistryState())
+    with pytest.raises(InputError, match=r"lora_prefetch_dir does not exist.*'/nowhere/repo/"):
+        LocalTriton(moved).start()
+    code, _, err = run_cli("triton", "-m", moved, "--grpc-port", free_port(), "--http-port", free_port())
+    assert code == 2 and "lora_prefetch_dir does not exist" in err and "Traceback" not in err
+
+
 def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -> None:
     broken = tmp_path / "repo" / "broken"
     (broken / "1").mkdir(parents=True)

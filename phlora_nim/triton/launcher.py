@@ -112,6 +112,36 @@ def _backend_dir(install: TritonInstall) -> Path:
     return target
 
 
+def check_prefetch_dirs(repository: Path) -> None:
+    """Refuse a model whose ``lora_prefetch_dir`` does not exist.
+
+    TensorRT-LLM's ``PeftCacheManager::prefetchLoraWeights`` skips a missing folder without a word,
+    so every request for a prefetched adapter would fail with "not found in cache" instead.
+
+    Raises:
+        InputError: a ``config.pbtxt`` names a ``lora_prefetch_dir`` that is not a folder.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    for path in sorted(Path(repository).glob("*/config.pbtxt")):
+        try:
+            config = text_format.Parse(path.read_text(encoding="utf-8"), mc.ModelConfig())
+        except text_format.ParseError:
+            continue  # Triton reports an unreadable config itself, with its position
+        value = config.parameters["lora_prefetch_dir"].string_value if "lora_prefetch_dir" in config.parameters else ""
+        if value and not Path(value).is_dir():
+            raise InputError(
+                "lora_prefetch_dir does not exist: the runtime would skip it silently and no adapter "
+                "would be preloaded",
+                where=f"{path} (parameters.lora_prefetch_dir)",
+                expected="an existing folder of <task_id>/model.lora_{weights,config}.npy",
+                found=repr(value),
+                fix="run `phlora-nim convert` again for this repository (it writes the folder and the "
+                "path), or set --served-path to where this server sees the repository",
+            )
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True when nothing listens on ``host:port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -267,6 +297,7 @@ class LocalTriton:
                 expected="a folder written by `phlora-nim convert`",
                 fix="run `phlora-nim convert … --model-repository DIR` first",
             )
+        check_prefetch_dirs(self.model_repository)
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
             if not port_is_free(port, self.host):
                 raise OptionError(
