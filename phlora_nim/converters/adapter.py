@@ -39,8 +39,9 @@ class LoraAdapter:
     """A LoRA adapter: factors per module path (e.g. ``model.layers.0.self_attn.q_proj``).
 
     ``modules_to_save`` holds full tensors that replace base tensors (PEFT's modules_to_save),
-    ``lora_biases`` bias *deltas* of LoRA-targeted modules, stored as ``lora_B.bias`` (PEFT's
-    ``lora_bias``; scaled like the LoRA update, so exact when ``scale`` is 1).
+    ``lora_biases`` the bias *changes* of LoRA-targeted modules, as added to the base bias (PEFT
+    stores ``lora_B.bias`` and scales it like the update; :func:`~phlora_nim.converters.formats.peft.load_peft`
+    applies that scale on reading, and ``save_peft`` writes at scale 1).
     """
 
     modules: dict[str, LoraWeights]
