@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, adapter_digest
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
 from phlora_nim.repository.maintenance import remove_adapter
@@ -20,7 +20,7 @@ from phlora_nim.repository.registry import (
     AdapterEntry,
     PendingDeletion,
     Registry,
-    adapter_digest,
+    RegistryState,
     task_id_for,
 )
 
@@ -36,12 +36,17 @@ def _adapter(seed: int) -> LoraAdapter:
     )
 
 
+def _add(state: RegistryState, name: str, adapter: LoraAdapter, **kwargs) -> AdapterEntry:
+    """Register ``adapter`` the way conversion does: by its digest and ranks."""
+    return state.add(name, adapter_digest(adapter), adapter.ranks(), **kwargs)
+
+
 def test_task_ids_come_from_content_and_are_stable(tmp_path: Path) -> None:
     ids = []
     for root in (tmp_path / "r1", tmp_path / "r2"):
         reg = Registry(root)
         with reg.locked() as state:
-            ids.append(reg.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id)
+            ids.append(_add(state, "a", _adapter(1), dtype="float16", sources={}).task_id)
     assert ids[0] == ids[1] and 0 < ids[0] < TASK_ID_LIMIT
     # A fixed adapter has a fixed id on every machine: the digest covers exact bytes.
     assert adapter_digest(_adapter(1)) == adapter_digest(_adapter(1)) != adapter_digest(_adapter(2))
@@ -63,13 +68,13 @@ def test_collision_is_detected_and_probed_away() -> None:
 def test_same_name_other_weights_needs_replace_and_retires_the_old_id(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        old = reg.add(state, "bot", _adapter(1), dtype="float16", sources={})
-        assert reg.add(state, "bot", _adapter(1), dtype="float16", sources={}) == old  # idempotent
+        old = _add(state, "bot", _adapter(1), dtype="float16", sources={})
+        assert _add(state, "bot", _adapter(1), dtype="float16", sources={}) == old  # idempotent
     with pytest.raises(InputError, match="already registered with different weights"), reg.locked() as state:
-        reg.add(state, "bot", _adapter(2), dtype="float16", sources={})
+        _add(state, "bot", _adapter(2), dtype="float16", sources={})
     assert reg.read().adapters["bot"].digest == old.digest  # failed run left the file as it was
     with reg.locked() as state:
-        new = reg.add(state, "bot", _adapter(2), dtype="float16", sources={}, replace=True)
+        new = _add(state, "bot", _adapter(2), dtype="float16", sources={}, replace=True)
     state = reg.read()
     assert new.task_id != old.task_id and state.retired[old.task_id] == old.digest
 
@@ -77,9 +82,9 @@ def test_same_name_other_weights_needs_replace_and_retires_the_old_id(tmp_path: 
 def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatch) -> None:
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        gone = reg.add(state, "gone", _adapter(1), dtype="float16", sources={})
+        gone = _add(state, "gone", _adapter(1), dtype="float16", sources={})
     with reg.locked() as state:
-        reg.remove(state, "gone")
+        state.remove("gone")
     # Force the next adapter's first probe onto the retired id: it must move on.
     import phlora_nim.repository.registry as registry
 
@@ -91,14 +96,14 @@ def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(registry, "task_id_for", first_probe_collides)
     with reg.locked() as state:
-        fresh = reg.add(state, "fresh", _adapter(2), dtype="float16", sources={})
+        fresh = _add(state, "fresh", _adapter(2), dtype="float16", sources={})
     assert fresh.task_id != gone.task_id
 
 
 def test_remove_unknown_and_corrupt_registry(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     with pytest.raises(InputError, match="no adapter named 'x'"), reg.locked() as state:
-        reg.remove(state, "x")
+        state.remove("x")
     (tmp_path / "phlora_registry.json").write_text("{broken")
     with pytest.raises(InputError, match="unreadable adapter registry"):
         reg.read()
@@ -108,7 +113,7 @@ def _writer(root: str, worker: int) -> None:
     reg = Registry(Path(root))
     for i in range(5):
         with reg.locked() as state:
-            reg.add(state, f"w{worker}-{i}", _adapter(100 * worker + i), dtype="float16", sources={})
+            _add(state, f"w{worker}-{i}", _adapter(100 * worker + i), dtype="float16", sources={})
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
@@ -128,10 +133,10 @@ def test_after_commit_runs_once_the_new_registry_is_readable(tmp_path: Path) -> 
     """Files of a removed adapter go only after no reader can find it listed."""
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        Registry.add(state, "a", _adapter(1), dtype="float16", sources={})
+        _add(state, "a", _adapter(1), dtype="float16", sources={})
     seen: list[list[str]] = []
     with reg.locked() as state:
-        Registry.remove(state, "a")
+        state.remove("a")
         state.after_commit.append(lambda: seen.append(sorted(Registry(tmp_path).read().adapters)))
         assert seen == []
     assert seen == [[]]
@@ -143,7 +148,7 @@ def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
 
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        Registry.add(state, "a", _adapter(1), dtype="float16", sources={}, trtllm_layout={"bytes": 123})
+        _add(state, "a", _adapter(1), dtype="float16", sources={}, trtllm_layout={"bytes": 123})
     data = json.loads(reg.path.read_text())
     assert data["adapters"]["a"]["trtllm_layout"] == {"bytes": 123}
     data["adapters"]["a"]["extra"] = data["adapters"]["a"].pop("trtllm_layout")
@@ -162,7 +167,7 @@ def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
 def _with_files(root: Path, names: dict[str, int]) -> dict[str, AdapterEntry]:
     """Register adapters ``name → seed`` with their two folders, as convert leaves them."""
     with Registry(root).locked() as state:
-        entries = {n: Registry.add(state, n, _adapter(seed), dtype="float16", sources={}) for n, seed in names.items()}
+        entries = {n: _add(state, n, _adapter(seed), dtype="float16", sources={}) for n, seed in names.items()}
     for entry in entries.values():
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, entry.name)):
             folder.mkdir(parents=True)
@@ -201,7 +206,7 @@ def test_grace_zero_deletes_at_once_and_registering_again_keeps_the_files(tmp_pa
     assert _folders(tmp_path, e["b"]) == [False, False]
     remove_adapter(tmp_path, "a", grace=0.2)
     with Registry(tmp_path).locked() as state:  # the same weights come back under the same name
-        assert Registry.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
+        assert _add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
     time.sleep(0.3)
     with Registry(tmp_path).locked():
         pass

@@ -27,7 +27,7 @@ def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> 
     check_grace(grace)
     read_registry(root)  # a clear error when ``root`` is not a repository
     with Registry(Path(root)).locked() as state:
-        entry = Registry.remove(state, name)
+        entry = state.remove(name)
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
             state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)

@@ -27,9 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.names import validate_adapter_name
@@ -39,23 +36,6 @@ log = logging.getLogger("phlora_nim")
 
 _FORMAT = "phlora-registry/1"
 TASK_ID_LIMIT = 2**31
-
-
-def adapter_digest(adapter: LoraAdapter) -> str:
-    """SHA-256 over every tensor (name, dtype, shape, bytes) in a canonical order."""
-    h = hashlib.sha256()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, w in adapter.modules.items():
-        tensors[f"{name}.lora_A"] = w.a
-        tensors[f"{name}.lora_B"] = w.b
-        tensors[f"{name}.scale"] = torch.tensor([w.scale(use_rslora=adapter.use_rslora)], dtype=torch.float64)
-    tensors.update({f"{k}.bias": v for k, v in adapter.lora_biases.items()})
-    tensors.update({f"{k}.saved": v for k, v in adapter.modules_to_save.items()})
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def task_id_for(digest: str, taken: dict[int, str]) -> int:
@@ -147,6 +127,72 @@ class RegistryState:
         self.pending_deletions = [p for p in self.pending_deletions if p.path not in live and not p.due(now)]
         return [_inside(root, p.path) for p in due]
 
+    def add(
+        self,
+        name: str,
+        digest: str,
+        ranks: dict[str, int],
+        *,
+        dtype: str,
+        sources: dict[str, str],
+        replace: bool = False,
+        trtllm_layout: dict[str, Any] | None = None,
+    ) -> AdapterEntry:
+        """Register the weights with ``digest`` (``adapter_digest``) and per-module ``ranks`` as
+        ``name`` (on the state :meth:`Registry.locked` yields).
+
+        Re-registering identical weights under the same name is a no-op; different weights under an
+        existing name need ``replace``.
+
+        Raises:
+            InputError: a bad name, or a name already bound to other weights without ``replace``.
+        """
+        validate_adapter_name(name)
+        entries = self.adapters
+        old = entries.get(name)
+        if old is not None and old.digest == digest:
+            return old
+        if old is not None and not replace:
+            raise InputError(
+                f"adapter {name!r} is already registered with different weights",
+                where=f"registry {name}",
+                expected="a new name",
+                found=f"task id {old.task_id}, digest {old.digest[:12]}…",
+                fix="pass --replace to swap the weights (they get a new task id), or choose another name",
+            )
+        taken = dict(self.retired)
+        taken.update({e.task_id: e.digest for n, e in entries.items() if n != name})
+        if old is not None:
+            self.retired[old.task_id] = old.digest
+        entry = AdapterEntry(
+            name=name,
+            task_id=task_id_for(digest, taken),
+            digest=digest,
+            ranks=dict(ranks),
+            modules=sorted(ranks),
+            dtype=dtype,
+            sources=dict(sources),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            trtllm_layout=dict(trtllm_layout or {}),
+        )
+        entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> AdapterEntry:
+        """Drop ``name``; its task id stays reserved for its weights."""
+        try:
+            entry = self.adapters.pop(name)
+        except KeyError:
+            known = ", ".join(sorted(self.adapters)[:10]) or "none"
+            raise InputError(
+                f"no adapter named {name!r}",
+                where="registry",
+                found=f"registered: {known}",
+                fix="list them with `phlora-nim adapters`",
+            ) from None
+        self.retired[entry.task_id] = entry.digest
+        return entry
+
 
 def _inside(root: Path, relative: str) -> Path:
     """``root / relative``, refusing paths that leave ``root`` (the registry file is data, not trusted)."""
@@ -162,7 +208,7 @@ class Registry:
     Example:
         >>> reg = Registry(Path("model_repository"))  # doctest: +SKIP
         >>> with reg.locked() as state:  # doctest: +SKIP
-        ...     reg.add(state, "support", adapter, dtype="float16", sources={"finetuned": "ckpt/support"})
+        ...     state.add("support", digest, ranks, dtype="float16", sources={"finetuned": "ckpt/support"})
     """
 
     def __init__(self, root: Path) -> None:
@@ -220,70 +266,3 @@ class Registry:
             for folder in due:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.debug("deleted %s (grace period over)", folder)
-
-    @staticmethod
-    def add(
-        state: RegistryState,
-        name: str,
-        adapter: LoraAdapter,
-        *,
-        dtype: str,
-        sources: dict[str, str],
-        replace: bool = False,
-        trtllm_layout: dict[str, Any] | None = None,
-    ) -> AdapterEntry:
-        """Register ``adapter`` as ``name`` (call inside :meth:`locked`).
-
-        Re-registering identical weights under the same name is a no-op; different weights under an
-        existing name need ``replace``.
-
-        Raises:
-            InputError: a bad name, or a name already bound to other weights without ``replace``.
-        """
-        validate_adapter_name(name)
-        digest = adapter_digest(adapter)
-        entries = state.adapters
-        old = entries.get(name)
-        if old is not None and old.digest == digest:
-            return old
-        if old is not None and not replace:
-            raise InputError(
-                f"adapter {name!r} is already registered with different weights",
-                where=f"registry {name}",
-                expected="a new name",
-                found=f"task id {old.task_id}, digest {old.digest[:12]}…",
-                fix="pass --replace to swap the weights (they get a new task id), or choose another name",
-            )
-        taken = dict(state.retired)
-        taken.update({e.task_id: e.digest for n, e in entries.items() if n != name})
-        if old is not None:
-            state.retired[old.task_id] = old.digest
-        entry = AdapterEntry(
-            name=name,
-            task_id=task_id_for(digest, taken),
-            digest=digest,
-            ranks=adapter.ranks(),
-            modules=sorted(adapter.modules),
-            dtype=dtype,
-            sources=dict(sources),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            trtllm_layout=dict(trtllm_layout or {}),
-        )
-        entries[name] = entry
-        return entry
-
-    @staticmethod
-    def remove(state: RegistryState, name: str) -> AdapterEntry:
-        """Drop ``name``; its task id stays reserved for its weights (call inside :meth:`locked`)."""
-        try:
-            entry = state.adapters.pop(name)
-        except KeyError:
-            known = ", ".join(sorted(state.adapters)[:10]) or "none"
-            raise InputError(
-                f"no adapter named {name!r}",
-                where="registry",
-                found=f"registered: {known}",
-                fix="list them with `phlora-nim adapters`",
-            ) from None
-        state.retired[entry.task_id] = entry.digest
-        return entry
