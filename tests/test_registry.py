@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import multiprocessing
-import time
 from pathlib import Path
 
 import pytest
@@ -179,10 +179,24 @@ def _folders(root: Path, entry: AdapterEntry) -> list[bool]:
     return [prefetch_dir(root, entry.task_id).is_dir(), adapter_store_dir(root, entry.name).is_dir()]
 
 
+class _Clock:
+    """A registry clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+    def __call__(self) -> dt.datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += dt.timedelta(seconds=seconds)
+
+
 def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -> None:
     """A router with the previous registry still finds the files; the first write after the grace deletes them."""
     e = _with_files(tmp_path, {"a": 1, "b": 2})
-    remove_adapter(tmp_path, "a", grace=0.4)
+    clock = _Clock()
+    remove_adapter(tmp_path, "a", grace=0.4, now=clock)
     state = Registry(tmp_path).read()
     assert "a" not in state.adapters and state.retired[e["a"].task_id] == e["a"].digest
     assert _folders(tmp_path, e["a"]) == [True, True]
@@ -190,11 +204,12 @@ def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -
         "tensorrt_llm/adapters/a",
         f"tensorrt_llm/lora_prefetch/{e['a'].task_id}",
     ]
-    with Registry(tmp_path).locked():
+    clock.advance(0.399)
+    with Registry(tmp_path, now=clock).locked():
         pass  # a write before the deadline keeps them
     assert _folders(tmp_path, e["a"]) == [True, True]
-    time.sleep(0.5)
-    remove_adapter(tmp_path, "b", grace=60)  # the next write after the deadline
+    clock.advance(0.001)
+    remove_adapter(tmp_path, "b", grace=60, now=clock)  # the next write at the deadline
     assert _folders(tmp_path, e["a"]) == [False, False] and _folders(tmp_path, e["b"]) == [True, True]
     state = Registry(tmp_path).read()
     assert {p.adapter for p in state.pending_deletions} == {"b"} and len(state.retired) == 2
@@ -202,13 +217,14 @@ def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -
 
 def test_grace_zero_deletes_at_once_and_registering_again_keeps_the_files(tmp_path: Path) -> None:
     e = _with_files(tmp_path, {"a": 1, "b": 2})
-    remove_adapter(tmp_path, "b", grace=0)
+    clock = _Clock()
+    remove_adapter(tmp_path, "b", grace=0, now=clock)
     assert _folders(tmp_path, e["b"]) == [False, False]
-    remove_adapter(tmp_path, "a", grace=0.2)
-    with Registry(tmp_path).locked() as state:  # the same weights come back under the same name
+    remove_adapter(tmp_path, "a", grace=0.2, now=clock)
+    with Registry(tmp_path, now=clock).locked() as state:  # the same weights come back under the same name
         assert _add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
-    time.sleep(0.3)
-    with Registry(tmp_path).locked():
+    clock.advance(3600)
+    with Registry(tmp_path, now=clock).locked():
         pass
     assert _folders(tmp_path, e["a"]) == [True, True]  # in use again: never deleted
     assert Registry(tmp_path).read().pending_deletions == []

@@ -38,6 +38,11 @@ _FORMAT = "phlora-registry/1"
 TASK_ID_LIMIT = 2**31
 
 
+def utc_now() -> dt.datetime:
+    """The registry's default clock."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
 def task_id_for(digest: str, taken: dict[int, str]) -> int:
     """The first probe ``h(digest, k)`` in [1, 2^31) not held by *other* weights."""
     for k in range(1_000):
@@ -106,12 +111,14 @@ class RegistryState:
     # Not stored: work to do once the new registry is in place, still under the lock (deleting the
     # files of removed adapters only after no reader can find them in the registry any more).
     after_commit: list[Callable[[], None]] = field(default_factory=list, compare=False, repr=False)
+    # Not stored: the clock grace deadlines are set and checked by (tests drive their own).
+    now: Callable[[], dt.datetime] = field(default=utc_now, compare=False, repr=False)
 
     def delete_later(self, root: Path, folder: Path, *, grace: float, adapter: str) -> None:
         """Delete ``folder`` (inside ``root``) at the first registry write ``grace`` seconds from now or later."""
         if grace < 0:
             raise ValueError(f"grace must be ≥ 0, not {grace}")
-        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=grace)
+        deadline = self.now() + dt.timedelta(seconds=grace)
         relative = Path(folder).relative_to(root).as_posix()
         self.pending_deletions = [p for p in self.pending_deletions if p.path != relative]
         self.pending_deletions.append(
@@ -122,7 +129,7 @@ class RegistryState:
         """Drop the pending deletions that are due (or whose folder is in use again); returns the due folders."""
         live = {prefetch_dir(".", e.task_id).as_posix() for e in self.adapters.values()}
         live |= {adapter_store_dir(".", name).as_posix() for name in self.adapters}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = self.now()
         due = [p for p in self.pending_deletions if p.path not in live and p.due(now)]
         self.pending_deletions = [p for p in self.pending_deletions if p.path not in live and not p.due(now)]
         return [_inside(root, p.path) for p in due]
@@ -211,8 +218,9 @@ class Registry:
         ...     state.add("support", digest, ranks, dtype="float16", sources={"finetuned": "ckpt/support"})
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, now: Callable[[], dt.datetime] = utc_now) -> None:
         self.root = Path(root)
+        self.now = now
         self.path = self.root / REGISTRY_FILE
         self.lock_path = self.root / f".{REGISTRY_FILE}.lock"
 
@@ -247,6 +255,7 @@ class Registry:
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
+            state.now = self.now
             yield state
             try:
                 due = state.take_due(self.root)
