@@ -123,3 +123,14 @@ def test_converters_never_import_the_serving_side() -> None:
                     offending.append(f"{path.relative_to(root)}: {name}")
     assert len(list(root.rglob("*.py"))) > 10
     assert offending == []
+
+
+def test_the_router_does_not_import_torch() -> None:
+    """Every router worker would otherwise load torch (seconds and ~190 MB each) for nothing."""
+    code = (
+        "import sys, phlora_nim.router, phlora_nim.router.server, phlora_nim.router.cli\n"
+        "torch = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not torch, torch[:5]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -113,3 +113,44 @@ def test_prune_cli_on_third_party_adapter(run_cli, tmp_path: Path) -> None:
     assert cfg["r"] == 3 and cfg["lora_alpha"] == 3
     report = json.loads((tmp_path / "dst" / "phlora_report.json").read_text())
     assert report["kind"] == "prune" and all(m["rank"] == 3 for m in report["modules"])
+
+
+def _peft_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model, str(adapter)).eval()(ids).logits
+
+
+def test_lora_bias_with_alpha_not_r_keeps_outputs_through_export_and_prune(tmp_path: Path) -> None:
+    """PEFT scales ``lora_B.bias`` with the update (``LoraLayer`` Linear.forward in
+    src/peft/tuners/lora/layer.py: ``lora_B(lora_A(dropout(x))) * scaling``, the bias inside lora_B).
+    Re-written at scale 1 (export, prune), the bias must carry the old scale."""
+    from peft import LoraConfig, get_peft_model
+
+    from phlora_nim.demo.toy_models import build_model
+
+    build_model("qwen2").save_pretrained(tmp_path / "base")  # q/k/v carry biases, as lora_bias needs
+    peft_model = get_peft_model(
+        build_model("qwen2"),
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False),
+    )
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # nonzero B weights and biases
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(3, 90, (2, 12), generator=gen)
+    expected = _peft_logits(tmp_path / "base", tmp_path / "src", ids)
+    base_only = build_model("qwen2")(ids).logits.detach()
+    assert not torch.allclose(expected, base_only, atol=1e-3)  # the adapter (bias included) matters
+    jobs.export(tmp_path / "src", tmp_path / "exported", fmt="peft")
+    jobs.prune(tmp_path / "src", tmp_path / "pruned", RankPolicy(rank=4))
+    for folder in ("exported", "pruned"):
+        cfg = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert cfg["r"] == cfg["lora_alpha"] == 4 and cfg["lora_bias"] is True
+        got = _peft_logits(tmp_path / "base", tmp_path / folder, ids)
+        assert torch.allclose(got, expected, atol=1e-5), (folder, float((got - expected).abs().max()))

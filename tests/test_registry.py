@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import multiprocessing
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, adapter_digest
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
 from phlora_nim.repository.maintenance import remove_adapter
@@ -20,7 +20,7 @@ from phlora_nim.repository.registry import (
     AdapterEntry,
     PendingDeletion,
     Registry,
-    adapter_digest,
+    RegistryState,
     task_id_for,
 )
 
@@ -36,12 +36,17 @@ def _adapter(seed: int) -> LoraAdapter:
     )
 
 
+def _add(state: RegistryState, name: str, adapter: LoraAdapter, **kwargs) -> AdapterEntry:
+    """Register ``adapter`` the way conversion does: by its digest and ranks."""
+    return state.add(name, adapter_digest(adapter), adapter.ranks(), **kwargs)
+
+
 def test_task_ids_come_from_content_and_are_stable(tmp_path: Path) -> None:
     ids = []
     for root in (tmp_path / "r1", tmp_path / "r2"):
         reg = Registry(root)
         with reg.locked() as state:
-            ids.append(reg.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id)
+            ids.append(_add(state, "a", _adapter(1), dtype="float16", sources={}).task_id)
     assert ids[0] == ids[1] and 0 < ids[0] < TASK_ID_LIMIT
     # A fixed adapter has a fixed id on every machine: the digest covers exact bytes.
     assert adapter_digest(_adapter(1)) == adapter_digest(_adapter(1)) != adapter_digest(_adapter(2))
@@ -63,13 +68,13 @@ def test_collision_is_detected_and_probed_away() -> None:
 def test_same_name_other_weights_needs_replace_and_retires_the_old_id(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        old = reg.add(state, "bot", _adapter(1), dtype="float16", sources={})
-        assert reg.add(state, "bot", _adapter(1), dtype="float16", sources={}) == old  # idempotent
+        old = _add(state, "bot", _adapter(1), dtype="float16", sources={})
+        assert _add(state, "bot", _adapter(1), dtype="float16", sources={}) == old  # idempotent
     with pytest.raises(InputError, match="already registered with different weights"), reg.locked() as state:
-        reg.add(state, "bot", _adapter(2), dtype="float16", sources={})
+        _add(state, "bot", _adapter(2), dtype="float16", sources={})
     assert reg.read().adapters["bot"].digest == old.digest  # failed run left the file as it was
     with reg.locked() as state:
-        new = reg.add(state, "bot", _adapter(2), dtype="float16", sources={}, replace=True)
+        new = _add(state, "bot", _adapter(2), dtype="float16", sources={}, replace=True)
     state = reg.read()
     assert new.task_id != old.task_id and state.retired[old.task_id] == old.digest
 
@@ -77,9 +82,9 @@ def test_same_name_other_weights_needs_replace_and_retires_the_old_id(tmp_path: 
 def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatch) -> None:
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        gone = reg.add(state, "gone", _adapter(1), dtype="float16", sources={})
+        gone = _add(state, "gone", _adapter(1), dtype="float16", sources={})
     with reg.locked() as state:
-        reg.remove(state, "gone")
+        state.remove("gone")
     # Force the next adapter's first probe onto the retired id: it must move on.
     import phlora_nim.repository.registry as registry
 
@@ -91,14 +96,14 @@ def test_removed_ids_are_never_given_to_other_weights(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(registry, "task_id_for", first_probe_collides)
     with reg.locked() as state:
-        fresh = reg.add(state, "fresh", _adapter(2), dtype="float16", sources={})
+        fresh = _add(state, "fresh", _adapter(2), dtype="float16", sources={})
     assert fresh.task_id != gone.task_id
 
 
 def test_remove_unknown_and_corrupt_registry(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     with pytest.raises(InputError, match="no adapter named 'x'"), reg.locked() as state:
-        reg.remove(state, "x")
+        state.remove("x")
     (tmp_path / "phlora_registry.json").write_text("{broken")
     with pytest.raises(InputError, match="unreadable adapter registry"):
         reg.read()
@@ -108,7 +113,7 @@ def _writer(root: str, worker: int) -> None:
     reg = Registry(Path(root))
     for i in range(5):
         with reg.locked() as state:
-            reg.add(state, f"w{worker}-{i}", _adapter(100 * worker + i), dtype="float16", sources={})
+            _add(state, f"w{worker}-{i}", _adapter(100 * worker + i), dtype="float16", sources={})
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
@@ -128,10 +133,10 @@ def test_after_commit_runs_once_the_new_registry_is_readable(tmp_path: Path) -> 
     """Files of a removed adapter go only after no reader can find it listed."""
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        Registry.add(state, "a", _adapter(1), dtype="float16", sources={})
+        _add(state, "a", _adapter(1), dtype="float16", sources={})
     seen: list[list[str]] = []
     with reg.locked() as state:
-        Registry.remove(state, "a")
+        state.remove("a")
         state.after_commit.append(lambda: seen.append(sorted(Registry(tmp_path).read().adapters)))
         assert seen == []
     assert seen == [[]]
@@ -143,7 +148,7 @@ def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
 
     reg = Registry(tmp_path)
     with reg.locked() as state:
-        Registry.add(state, "a", _adapter(1), dtype="float16", sources={}, trtllm_layout={"bytes": 123})
+        _add(state, "a", _adapter(1), dtype="float16", sources={}, trtllm_layout={"bytes": 123})
     data = json.loads(reg.path.read_text())
     assert data["adapters"]["a"]["trtllm_layout"] == {"bytes": 123}
     data["adapters"]["a"]["extra"] = data["adapters"]["a"].pop("trtllm_layout")
@@ -162,7 +167,7 @@ def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
 def _with_files(root: Path, names: dict[str, int]) -> dict[str, AdapterEntry]:
     """Register adapters ``name → seed`` with their two folders, as convert leaves them."""
     with Registry(root).locked() as state:
-        entries = {n: Registry.add(state, n, _adapter(seed), dtype="float16", sources={}) for n, seed in names.items()}
+        entries = {n: _add(state, n, _adapter(seed), dtype="float16", sources={}) for n, seed in names.items()}
     for entry in entries.values():
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, entry.name)):
             folder.mkdir(parents=True)
@@ -174,10 +179,24 @@ def _folders(root: Path, entry: AdapterEntry) -> list[bool]:
     return [prefetch_dir(root, entry.task_id).is_dir(), adapter_store_dir(root, entry.name).is_dir()]
 
 
+class _Clock:
+    """A registry clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+    def __call__(self) -> dt.datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += dt.timedelta(seconds=seconds)
+
+
 def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -> None:
     """A router with the previous registry still finds the files; the first write after the grace deletes them."""
     e = _with_files(tmp_path, {"a": 1, "b": 2})
-    remove_adapter(tmp_path, "a", grace=0.4)
+    clock = _Clock()
+    remove_adapter(tmp_path, "a", grace=0.4, now=clock)
     state = Registry(tmp_path).read()
     assert "a" not in state.adapters and state.retired[e["a"].task_id] == e["a"].digest
     assert _folders(tmp_path, e["a"]) == [True, True]
@@ -185,11 +204,12 @@ def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -
         "tensorrt_llm/adapters/a",
         f"tensorrt_llm/lora_prefetch/{e['a'].task_id}",
     ]
-    with Registry(tmp_path).locked():
+    clock.advance(0.399)
+    with Registry(tmp_path, now=clock).locked():
         pass  # a write before the deadline keeps them
     assert _folders(tmp_path, e["a"]) == [True, True]
-    time.sleep(0.5)
-    remove_adapter(tmp_path, "b", grace=60)  # the next write after the deadline
+    clock.advance(0.001)
+    remove_adapter(tmp_path, "b", grace=60, now=clock)  # the next write at the deadline
     assert _folders(tmp_path, e["a"]) == [False, False] and _folders(tmp_path, e["b"]) == [True, True]
     state = Registry(tmp_path).read()
     assert {p.adapter for p in state.pending_deletions} == {"b"} and len(state.retired) == 2
@@ -197,13 +217,14 @@ def test_removed_adapters_files_outlive_the_entry_by_the_grace(tmp_path: Path) -
 
 def test_grace_zero_deletes_at_once_and_registering_again_keeps_the_files(tmp_path: Path) -> None:
     e = _with_files(tmp_path, {"a": 1, "b": 2})
-    remove_adapter(tmp_path, "b", grace=0)
+    clock = _Clock()
+    remove_adapter(tmp_path, "b", grace=0, now=clock)
     assert _folders(tmp_path, e["b"]) == [False, False]
-    remove_adapter(tmp_path, "a", grace=0.2)
-    with Registry(tmp_path).locked() as state:  # the same weights come back under the same name
-        assert Registry.add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
-    time.sleep(0.3)
-    with Registry(tmp_path).locked():
+    remove_adapter(tmp_path, "a", grace=0.2, now=clock)
+    with Registry(tmp_path, now=clock).locked() as state:  # the same weights come back under the same name
+        assert _add(state, "a", _adapter(1), dtype="float16", sources={}).task_id == e["a"].task_id
+    clock.advance(3600)
+    with Registry(tmp_path, now=clock).locked():
         pass
     assert _folders(tmp_path, e["a"]) == [True, True]  # in use again: never deleted
     assert Registry(tmp_path).read().pending_deletions == []

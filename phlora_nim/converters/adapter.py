@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -39,8 +40,9 @@ class LoraAdapter:
     """A LoRA adapter: factors per module path (e.g. ``model.layers.0.self_attn.q_proj``).
 
     ``modules_to_save`` holds full tensors that replace base tensors (PEFT's modules_to_save),
-    ``lora_biases`` bias *deltas* of LoRA-targeted modules, stored as ``lora_B.bias`` (PEFT's
-    ``lora_bias``; scaled like the LoRA update, so exact when ``scale`` is 1).
+    ``lora_biases`` the bias *changes* of LoRA-targeted modules, as added to the base bias (PEFT
+    stores ``lora_B.bias`` and scales it like the update; :func:`~phlora_nim.converters.formats.peft.load_peft`
+    applies that scale on reading, and ``save_peft`` writes at scale 1).
     """
 
     modules: dict[str, LoraWeights]
@@ -63,6 +65,26 @@ class LoraAdapter:
 
     def num_parameters(self) -> int:
         return sum(w.a.numel() + w.b.numel() for w in self.modules.values())
+
+
+def adapter_digest(adapter: LoraAdapter) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) in a canonical order.
+
+    The registry keys task ids on it (``RegistryState.add``), so identical weights get one id.
+    """
+    h = hashlib.sha256()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in adapter.modules.items():
+        tensors[f"{name}.lora_A"] = w.a
+        tensors[f"{name}.lora_B"] = w.b
+        tensors[f"{name}.scale"] = torch.tensor([w.scale(use_rslora=adapter.use_rslora)], dtype=torch.float64)
+    tensors.update({f"{k}.bias": v for k, v in adapter.lora_biases.items()})
+    tensors.update({f"{k}.saved": v for k, v in adapter.modules_to_save.items()})
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:

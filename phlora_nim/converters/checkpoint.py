@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from safetensors import SafetensorError, safe_open
 
 from phlora_nim.converters.errors import InputError
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FIX_REEXPORT = "re-download or re-save the checkpoint (save_pretrained writes a valid one)"
 
 
@@ -343,8 +341,3 @@ class DeltaReader:
             blk.sub_(b2[i : i + rows])
             total += float(torch.linalg.vector_norm(blk, dim=1).double().pow(2).sum())
         return total
-
-    def iter_deltas(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, ΔW)`` for each name, reusing one buffer."""
-        for name in names:
-            yield name, self.delta(name)

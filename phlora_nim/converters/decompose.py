@@ -1,9 +1,10 @@
-"""Low-rank decomposition of weight deltas: randomized SVD with adaptive power iterations.
+"""Low-rank decomposition of weight deltas: randomized block Krylov SVD with an adaptive stop.
 
-The randomized path follows Halko, Martinsson & Tropp (2011): a Gaussian range finder with
-oversampling, then subspace (power) iterations until the energy captured by the top ``rank``
-directions stops growing. Flat spectra need more iterations than fast-decaying ones, so the count
-adapts per matrix instead of being fixed. Compute is float32; energies are float64.
+The randomized path starts as Halko, Martinsson & Tropp (2011) do, with a Gaussian range finder
+and oversampling, then grows a block Krylov basis (Musco & Musco, 2015) one block per step until
+the energy captured by the top ``rank`` directions stops growing. Flat spectra need more steps than
+fast-decaying ones, so the count adapts per matrix instead of being fixed. Compute is float32;
+energies are float64.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Factors:
         S: ``[l]`` singular values, descending (float32).
         Vh: ``[l, in]`` orthonormal rows (float32).
         total_energy: ‖ΔW‖²_F accumulated in float64 over the *whole* delta.
-        power_iterations: subspace iterations used (0 for an exact SVD).
+        power_iterations: Krylov blocks added after the first (0 for a direct exact SVD); the
+            field keeps its name for the reports that read it.
         exact: True when computed by a full SVD.
     """
 

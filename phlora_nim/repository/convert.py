@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
@@ -361,10 +362,10 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
         entries = []
         for item in staged:
             old = state.adapters.get(item.name)
-            entry = Registry.add(
-                state,
+            entry = state.add(
                 item.name,
-                item.extracted.adapter,
+                adapter_digest(item.extracted.adapter),
+                item.extracted.adapter.ranks(),
                 dtype=job.settings.dtype,
                 sources={"base": str(Path(job.base).resolve()), "finetuned": str(item.extracted.finetuned.resolve())},
                 replace=job.replace,

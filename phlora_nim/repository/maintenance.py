@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from phlora_nim.converters.extract import DTYPES
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES
 from phlora_nim.repository.configs import RepositorySettings, write_repository
 from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir, prefetch_dir
-from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState
+from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState, utc_now
 
 
 def check_grace(grace: float) -> None:
@@ -18,7 +20,9 @@ def check_grace(grace: float) -> None:
         raise OptionError("the grace period must be ≥ 0 seconds", where="--grace", found=str(grace))
 
 
-def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> AdapterEntry:
+def remove_adapter(
+    root: Path, name: str, *, grace: float = DEFAULT_GRACE_S, now: Callable[[], dt.datetime] = utc_now
+) -> AdapterEntry:
     """Unregister ``name``; its folders go ``grace`` seconds later, its task id stays reserved.
 
     The folders are deleted by the first registry write (``convert`` or ``remove``) after the grace
@@ -26,8 +30,8 @@ def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> 
     """
     check_grace(grace)
     read_registry(root)  # a clear error when ``root`` is not a repository
-    with Registry(Path(root)).locked() as state:
-        entry = Registry.remove(state, name)
+    with Registry(Path(root), now=now).locked() as state:
+        entry = state.remove(name)
         for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
             state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)

@@ -27,9 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_write_text
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.names import validate_adapter_name
@@ -41,21 +38,9 @@ _FORMAT = "phlora-registry/1"
 TASK_ID_LIMIT = 2**31
 
 
-def adapter_digest(adapter: LoraAdapter) -> str:
-    """SHA-256 over every tensor (name, dtype, shape, bytes) in a canonical order."""
-    h = hashlib.sha256()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, w in adapter.modules.items():
-        tensors[f"{name}.lora_A"] = w.a
-        tensors[f"{name}.lora_B"] = w.b
-        tensors[f"{name}.scale"] = torch.tensor([w.scale(use_rslora=adapter.use_rslora)], dtype=torch.float64)
-    tensors.update({f"{k}.bias": v for k, v in adapter.lora_biases.items()})
-    tensors.update({f"{k}.saved": v for k, v in adapter.modules_to_save.items()})
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def utc_now() -> dt.datetime:
+    """The registry's default clock."""
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def task_id_for(digest: str, taken: dict[int, str]) -> int:
@@ -126,12 +111,14 @@ class RegistryState:
     # Not stored: work to do once the new registry is in place, still under the lock (deleting the
     # files of removed adapters only after no reader can find them in the registry any more).
     after_commit: list[Callable[[], None]] = field(default_factory=list, compare=False, repr=False)
+    # Not stored: the clock grace deadlines are set and checked by (tests drive their own).
+    now: Callable[[], dt.datetime] = field(default=utc_now, compare=False, repr=False)
 
     def delete_later(self, root: Path, folder: Path, *, grace: float, adapter: str) -> None:
         """Delete ``folder`` (inside ``root``) at the first registry write ``grace`` seconds from now or later."""
         if grace < 0:
             raise ValueError(f"grace must be ≥ 0, not {grace}")
-        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=grace)
+        deadline = self.now() + dt.timedelta(seconds=grace)
         relative = Path(folder).relative_to(root).as_posix()
         self.pending_deletions = [p for p in self.pending_deletions if p.path != relative]
         self.pending_deletions.append(
@@ -142,10 +129,76 @@ class RegistryState:
         """Drop the pending deletions that are due (or whose folder is in use again); returns the due folders."""
         live = {prefetch_dir(".", e.task_id).as_posix() for e in self.adapters.values()}
         live |= {adapter_store_dir(".", name).as_posix() for name in self.adapters}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = self.now()
         due = [p for p in self.pending_deletions if p.path not in live and p.due(now)]
         self.pending_deletions = [p for p in self.pending_deletions if p.path not in live and not p.due(now)]
         return [_inside(root, p.path) for p in due]
+
+    def add(
+        self,
+        name: str,
+        digest: str,
+        ranks: dict[str, int],
+        *,
+        dtype: str,
+        sources: dict[str, str],
+        replace: bool = False,
+        trtllm_layout: dict[str, Any] | None = None,
+    ) -> AdapterEntry:
+        """Register the weights with ``digest`` (``adapter_digest``) and per-module ``ranks`` as
+        ``name`` (on the state :meth:`Registry.locked` yields).
+
+        Re-registering identical weights under the same name is a no-op; different weights under an
+        existing name need ``replace``.
+
+        Raises:
+            InputError: a bad name, or a name already bound to other weights without ``replace``.
+        """
+        validate_adapter_name(name)
+        entries = self.adapters
+        old = entries.get(name)
+        if old is not None and old.digest == digest:
+            return old
+        if old is not None and not replace:
+            raise InputError(
+                f"adapter {name!r} is already registered with different weights",
+                where=f"registry {name}",
+                expected="a new name",
+                found=f"task id {old.task_id}, digest {old.digest[:12]}…",
+                fix="pass --replace to swap the weights (they get a new task id), or choose another name",
+            )
+        taken = dict(self.retired)
+        taken.update({e.task_id: e.digest for n, e in entries.items() if n != name})
+        if old is not None:
+            self.retired[old.task_id] = old.digest
+        entry = AdapterEntry(
+            name=name,
+            task_id=task_id_for(digest, taken),
+            digest=digest,
+            ranks=dict(ranks),
+            modules=sorted(ranks),
+            dtype=dtype,
+            sources=dict(sources),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            trtllm_layout=dict(trtllm_layout or {}),
+        )
+        entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> AdapterEntry:
+        """Drop ``name``; its task id stays reserved for its weights."""
+        try:
+            entry = self.adapters.pop(name)
+        except KeyError:
+            known = ", ".join(sorted(self.adapters)[:10]) or "none"
+            raise InputError(
+                f"no adapter named {name!r}",
+                where="registry",
+                found=f"registered: {known}",
+                fix="list them with `phlora-nim adapters`",
+            ) from None
+        self.retired[entry.task_id] = entry.digest
+        return entry
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -162,11 +215,12 @@ class Registry:
     Example:
         >>> reg = Registry(Path("model_repository"))  # doctest: +SKIP
         >>> with reg.locked() as state:  # doctest: +SKIP
-        ...     reg.add(state, "support", adapter, dtype="float16", sources={"finetuned": "ckpt/support"})
+        ...     state.add("support", digest, ranks, dtype="float16", sources={"finetuned": "ckpt/support"})
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, now: Callable[[], dt.datetime] = utc_now) -> None:
         self.root = Path(root)
+        self.now = now
         self.path = self.root / REGISTRY_FILE
         self.lock_path = self.root / f".{REGISTRY_FILE}.lock"
 
@@ -201,6 +255,7 @@ class Registry:
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
+            state.now = self.now
             yield state
             try:
                 due = state.take_due(self.root)
@@ -220,70 +275,3 @@ class Registry:
             for folder in due:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.debug("deleted %s (grace period over)", folder)
-
-    @staticmethod
-    def add(
-        state: RegistryState,
-        name: str,
-        adapter: LoraAdapter,
-        *,
-        dtype: str,
-        sources: dict[str, str],
-        replace: bool = False,
-        trtllm_layout: dict[str, Any] | None = None,
-    ) -> AdapterEntry:
-        """Register ``adapter`` as ``name`` (call inside :meth:`locked`).
-
-        Re-registering identical weights under the same name is a no-op; different weights under an
-        existing name need ``replace``.
-
-        Raises:
-            InputError: a bad name, or a name already bound to other weights without ``replace``.
-        """
-        validate_adapter_name(name)
-        digest = adapter_digest(adapter)
-        entries = state.adapters
-        old = entries.get(name)
-        if old is not None and old.digest == digest:
-            return old
-        if old is not None and not replace:
-            raise InputError(
-                f"adapter {name!r} is already registered with different weights",
-                where=f"registry {name}",
-                expected="a new name",
-                found=f"task id {old.task_id}, digest {old.digest[:12]}…",
-                fix="pass --replace to swap the weights (they get a new task id), or choose another name",
-            )
-        taken = dict(state.retired)
-        taken.update({e.task_id: e.digest for n, e in entries.items() if n != name})
-        if old is not None:
-            state.retired[old.task_id] = old.digest
-        entry = AdapterEntry(
-            name=name,
-            task_id=task_id_for(digest, taken),
-            digest=digest,
-            ranks=adapter.ranks(),
-            modules=sorted(adapter.modules),
-            dtype=dtype,
-            sources=dict(sources),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            trtllm_layout=dict(trtllm_layout or {}),
-        )
-        entries[name] = entry
-        return entry
-
-    @staticmethod
-    def remove(state: RegistryState, name: str) -> AdapterEntry:
-        """Drop ``name``; its task id stays reserved for its weights (call inside :meth:`locked`)."""
-        try:
-            entry = state.adapters.pop(name)
-        except KeyError:
-            known = ", ".join(sorted(state.adapters)[:10]) or "none"
-            raise InputError(
-                f"no adapter named {name!r}",
-                where="registry",
-                found=f"registered: {known}",
-                fix="list them with `phlora-nim adapters`",
-            ) from None
-        state.retired[entry.task_id] = entry.digest
-        return entry

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from phlora_nim.converters.errors import InputError
-from phlora_nim.converters.formats.trtllm import load_trtllm
+from phlora_nim.converters.formats.trtllm_files import load_trtllm
 from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry

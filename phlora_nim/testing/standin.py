@@ -63,7 +63,7 @@ def add_adapters(root: Path, adapters: dict[str, tuple[int, str]]) -> dict[str, 
 
 def remove_adapter(root: Path, name: str) -> None:
     with Registry(root).locked() as state:
-        Registry.remove(state, name)
+        state.remove(name)
 
 
 def standin_repo(dest: Path, *, capacity: int = 2, weights_type: str = "TYPE_FP16") -> Path:

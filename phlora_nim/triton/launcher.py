@@ -245,10 +245,6 @@ class LocalTriton:
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
 
-    @property
-    def log_text(self) -> str:
-        return "".join(self._lines)
-
     def problems(self) -> list[str]:
         """Error and warning lines of the log, without the harmless CPU-only ones."""
         return [

@@ -58,7 +58,8 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
         "target_modules": adapter.leaf_names(),
         "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
         "bias": "none",
-        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), scaled like the update: by 1.
+        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), scaled like the update: by 1,
+        # so they are written as the changes they are.
         "lora_bias": bool(adapter.lora_biases),
         "use_rslora": False,
         "use_dora": False,
@@ -301,5 +302,22 @@ def load_peft(folder: Path) -> LoraAdapter:
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         task_type=cfg.get("task_type"),
         modules_to_save=saved,
-        lora_biases=biases,
+        lora_biases=bias_deltas(biases, modules, use_rslora=use_rslora),
     )
+
+
+def bias_deltas(
+    biases: dict[str, torch.Tensor], modules: dict[str, LoraWeights], *, use_rslora: bool
+) -> dict[str, torch.Tensor]:
+    """The bias changes that stored ``lora_B.bias`` tensors make: each times its module's scale.
+
+    PEFT's Linear forward (src/peft/tuners/lora/layer.py) adds ``lora_B(lora_A(x)) * scaling``, the
+    bias inside ``lora_B``; :class:`LoraAdapter` keeps the change itself, so writing it again at scale
+    1 (:func:`save_peft`) or pruning (which keeps biases) stays exact.
+    """
+    out = {}
+    for name, bias in biases.items():
+        w = modules.get(name)
+        scale = 1.0 if w is None else w.scale(use_rslora=use_rslora)
+        out[name] = bias if scale == 1.0 else (bias.float() * scale).to(bias.dtype)
+    return out

@@ -14,14 +14,12 @@ Layout rules beyond the plain case, each from the runtime's code:
 
 A sidecar ``phlora_trtllm.json`` records what is needed to read the rows back exactly (module
 paths, dims, tensor parallelism); TensorRT-LLM ignores it.
+Reading and writing the files (numpy only, what the router needs) is in ``trtllm_files``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ import torch
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, builtin_maps, find_map
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.converters.formats.trtllm_files import TrtllmLora, load_trtllm, save_trtllm
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
     DTYPE_MISMATCH,
@@ -38,9 +37,7 @@ from phlora_nim.converters.trtllm_contract import (
     MOE_SPLIT_MODULES,
     QKV,
     WEIGHTS_FILE,
-    as_engine_array,
     decode_row,
-    dtype_name_of,
     encode_row,
     engine_spec,
     hf_runtime_dims,
@@ -48,7 +45,6 @@ from phlora_nim.converters.trtllm_contract import (
     pack_rows,
     row_length,
     row_problems,
-    tensor_problems,
 )
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
 
@@ -66,23 +62,6 @@ __all__ = [
     "save_trtllm",
     "trtllm_to_adapter",
 ]
-
-
-@dataclass(frozen=True)
-class TrtllmLora:
-    """The npy pair plus the sidecar metadata describing each row."""
-
-    weights: np.ndarray  # [1, N, D]
-    config: np.ndarray  # [1, N, 3] int32
-    rows: tuple[dict[str, Any], ...]
-    dtype: str
-    tp: int
-    dropped: tuple[str, ...] = ()  # modules left out: the runtime would apply them wrongly
-    dropped_energy: float = 0.0  # their share of the adapter's update energy ‖ΔW‖²
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.config.shape[1])
 
 
 def _infer_map(paths: list[str], config: dict[str, Any] | None) -> ArchitectureMap:
@@ -368,62 +347,6 @@ def adapter_to_trtllm(
         tp=tp,
         dropped=tuple(dropped),
         dropped_energy=dropped_energy,
-    )
-
-
-def save_trtllm(lora: TrtllmLora, folder: Path, *, source: str | None = None) -> None:
-    """Write the npy pair (and the sidecar) into an existing folder."""
-    folder = Path(folder)
-    np.save(folder / WEIGHTS_FILE, lora.weights)  # bfloat16 is written as descr '<V2', as TensorRT-LLM does
-    np.save(folder / CONFIG_FILE, lora.config)
-    meta: dict[str, Any] = {"format": "phlora-trtllm/1", "dtype": lora.dtype, "tp": lora.tp, "source": source}
-    if lora.dropped:
-        meta["left_out"] = {"modules": list(lora.dropped), "energy_share": lora.dropped_energy}
-    meta["rows"] = list(lora.rows)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-
-
-def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -> TrtllmLora:
-    """Read and validate the npy pair (bfloat16 arrive as ``<V2`` and are viewed back).
-
-    Args:
-        folder: holding ``model.lora_weights.npy`` and ``model.lora_config.npy``.
-        dtype: for a ``<V2`` file without sidecar: the 2-byte float it holds (default bfloat16).
-        mmap: map the files read-only instead of reading them (serving: pages come in on use).
-    """
-    folder = Path(folder)
-    arrays = []
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        path = folder / name
-        if not path.exists():
-            raise InputError(
-                "TensorRT-LLM LoRA file missing",
-                where=str(path),
-                expected=f"{WEIGHTS_FILE} and {CONFIG_FILE}",
-                found="no such file",
-                fix="export with `phlora-nim export --format trtllm`",
-            )
-        try:
-            arrays.append(np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None))
-        except (OSError, ValueError, EOFError) as exc:
-            raise InputError(
-                f"corrupt or truncated npy file ({exc})",
-                where=str(path),
-                expected="an array written by numpy.save",
-                fix="re-export the adapter",
-            ) from None
-    weights, config = arrays
-    meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
-    weights = as_engine_array(weights, dtype or meta.get("dtype", "bfloat16"))
-    problems: list[PhloraError] = [InputError(text, where=str(folder)) for text in tensor_problems(weights, config)]
-    raise_all(problems, summary=f"{folder} is not a valid TensorRT-LLM LoRA")
-    return TrtllmLora(
-        weights=weights,
-        config=config,
-        rows=tuple(meta.get("rows", ())),
-        dtype=str(dtype_name_of(weights)),
-        tp=int(meta.get("tp", 1)),
     )
 
 
