@@ -29,7 +29,9 @@ from phlora_nim.cli.app import (
 from phlora_nim.cli.fidelity_options import (
     CalibrationOpt,
     PromptsOpt,
+    SelfProbesOpt,
     TargetKlOpt,
+    TargetRecoveryOpt,
     TargetTop1Opt,
     extraction_options,
 )
@@ -75,9 +77,11 @@ def extract_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
     force: ForceOpt = False,
+    target_recovery: TargetRecoveryOpt = None,
     target_kl: TargetKlOpt = None,
     target_top1: TargetTop1Opt = None,
     prompts: PromptsOpt = None,
+    self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
@@ -96,6 +100,8 @@ def extract_command(
         snap=snap_ranks,
         target_kl=target_kl,
         target_top1=target_top1,
+        target_recovery=target_recovery,
+        self_probes=self_probes,
         prompts=prompts,
         calibration=calibration,
         exact=exact,
@@ -150,11 +156,16 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
 def _print_search(search: dict[str, Any]) -> None:
     target = search["target"]
     goal = " and ".join(
-        ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
+        ([f"recovery ≥ {target['min_recovery']:g}"] if target.get("min_recovery") is not None else [])
+        + ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
         + ([f"top-1 ≥ {target['min_top1']:g}"] if target["min_top1"] is not None else [])
     )
-    table = Table(title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']}")
-    for col in ("step", "budget", "parameters", "KL", "top-1", ""):
+    base = search["base_alone"]
+    table = Table(
+        title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']} "
+        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+    )
+    for col in ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", ""):
         table.add_column(col, justify="right")
     for i, s in enumerate(search["steps"], 1):
         table.add_row(
@@ -163,13 +174,16 @@ def _print_search(search: dict[str, Any]) -> None:
             f"{s['params']:,}",
             f"{s['kl']:.4g}",
             f"{s['top1']:.2%}",
+            f"{s['recovery_kl']:.1%}",
+            f"{s['recovery_top1']:.1%}",
             "meets" if s["met"] else "misses",
         )
     out_console.print(table)
-    chosen, base = search["chosen"], search["base_alone"]
+    chosen = search["chosen"]
     out_console.print(
         f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
-        f"{chosen['top1']:.2%} (base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+        f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
+        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
     )
 
 
