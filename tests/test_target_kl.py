@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import make_linear_finetune
+from conftest import make_hidden_finetune, make_linear_finetune
 
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.rank_policy import FidelityTarget
 
 
@@ -116,7 +116,13 @@ def test_unreachable_target_is_an_option_error(pair, tmp_path: Path, run_cli) ->
         (["--target-top1", "0"], "top-1 target must be a share"),
         (["--target-kl", "0.1", "--rank", "4"], "chooses the ranks itself"),
         (["--target-kl", "0.1", "--energy", "0.9"], "chooses the ranks itself"),
-        (["--prompts", "PROMPTS"], "--prompts needs a fidelity target"),
+        (["--target-recovery", "0"], "recovery target must be a share"),
+        (["--target-recovery", "1.2"], "recovery target must be a share"),
+        (["--target-recovery", "-0.5"], "recovery target must be a share"),
+        (["--target-recovery", "0.8", "--rank", "4"], "chooses the ranks itself"),
+        (["--self-probes", "--budget-params", "1000"], "chooses the ranks itself"),
+        (["--self-probes", "--prompts", "PROMPTS"], "two probe sets given"),
+        (["--target-recovery", "0.8", "--prompts", "MISSING"], "prompts file not found"),
         (["--target-kl", "0.1", "--prompts", "MISSING"], "prompts file not found"),
     ],
 )
@@ -138,3 +144,77 @@ def test_fidelity_target_validation() -> None:
         FidelityTarget(max_kl=0.1, tolerance=0)
     assert FidelityTarget(max_kl=0.1, min_top1=0.9).met(0.05, 0.95)
     assert not FidelityTarget(max_kl=0.1, min_top1=0.9).met(0.05, 0.85)
+
+
+@pytest.fixture(scope="module")
+def hidden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
+    """A fine-tune whose change the generic prompts cannot see (a cycle over trigger tokens)."""
+    return make_hidden_finetune(tmp_path_factory, "hidden")
+
+
+def test_generic_prompts_that_cannot_see_the_finetune_are_refused(hidden, tmp_path: Path, run_cli) -> None:
+    from phlora_nim.jobs.target_kl import MIN_GAP_KL
+
+    base, ft, _ = hidden
+    code, _, err = run_cli("extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", "--target-kl", "0.05")
+    assert code == 2, err
+    assert "already meets the fidelity target" in err and "KL(fine-tuned ‖ base)" in err
+    assert "--self-probes" in err and "--prompts" in err
+    assert not (tmp_path / "a").exists()
+    # A recovery target on the same prompts: the gap itself is below the floor.
+    code, _, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "b", "--target-recovery", "0.8"
+    )
+    assert code == 2, err
+    assert f"≥ {MIN_GAP_KL} nats/token" in err and "generic, shipped" in err
+
+
+def test_check_informative_names_the_numbers() -> None:
+    from phlora_nim.jobs.target_kl import check_informative
+
+    with pytest.raises(InputError, match=r"already meets.*KL\(fine-tuned ‖ base\) 0\.01 nats/token, top-1 90\.00%"):
+        check_informative(FidelityTarget(max_kl=0.05), 0.01, 0.9, source="p.txt", tokens=100)
+    with pytest.raises(InputError, match=r"barely tell.*found base model alone: KL\(fine-tuned ‖ base\) 0\.005"):
+        check_informative(FidelityTarget(min_recovery=0.9), 0.005, 0.5, source="p.txt", tokens=100)
+    check_informative(FidelityTarget(min_recovery=0.9), 0.5, 0.5, source="p.txt", tokens=100)  # informative
+
+
+def test_recovery_with_self_probes_keeps_the_hidden_behaviour(hidden, tmp_path: Path, run_cli) -> None:
+    from phlora_nim.demo.toy_models import greedy_continuation
+
+    base, ft, trigger = hidden
+    out = tmp_path / "a"
+    code, stdout, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", out, "--self-probes", "--target-recovery", "0.8",
+        "--no-plot",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "recovery" in stdout and "self-probes" in " ".join(stdout.split())
+    search = json.loads((out / "phlora_report.json").read_text())["fidelity_target"]
+    assert search["target"]["min_recovery"] == 0.8 and search["prompts"].startswith("(self-probes)")
+    chosen, base_alone = search["chosen"], search["base_alone"]
+    assert chosen["params"] > 0 and chosen["met"]
+    assert min(chosen["recovery_kl"], chosen["recovery_top1"]) >= 0.8
+    assert base_alone["kl"] > 0.02 and chosen["kl"] < base_alone["kl"]
+    assert {"recovery_kl", "recovery_top1"} <= set(search["steps"][0])
+    prompt = [1, trigger[3]]
+    want = greedy_continuation(ft, prompt, 8)
+    assert greedy_continuation(base, prompt, 8) != want  # the behaviour is the fine-tune's, not the base's
+    assert greedy_continuation(base, prompt, 8, adapter=out) == want
+
+    # verify: recovery printed beside the absolute figures, and gated.
+    code, stdout, err = run_cli(
+        "verify", "--base", base, "--finetuned", ft, "--adapter", out, "--max-kl", "10", "--min-recovery", "0.01"
+    )
+    assert "recovery of the base→fine-tune gap" in " ".join(stdout.split())  # rich wraps lines
+    assert "base model alone passes" in err  # --max-kl 10 is met by the base alone
+    assert code in (0, 1)
+    code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", out, "--min-recovery", "1")
+    assert code == 1 and "--min-recovery 1" in err
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
+def test_bad_min_recovery(hidden, tmp_path: Path, run_cli, value: str) -> None:
+    base, ft, _ = hidden
+    code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", tmp_path, "--min-recovery", value)
+    assert code == 2 and "recovery gate must be a share" in err

@@ -29,7 +29,9 @@ from phlora_nim.cli.app import (
 from phlora_nim.cli.fidelity_options import (
     CalibrationOpt,
     PromptsOpt,
+    SelfProbesOpt,
     TargetKlOpt,
+    TargetRecoveryOpt,
     TargetTop1Opt,
     extraction_options,
 )
@@ -75,9 +77,11 @@ def extract_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
     force: ForceOpt = False,
+    target_recovery: TargetRecoveryOpt = None,
     target_kl: TargetKlOpt = None,
     target_top1: TargetTop1Opt = None,
     prompts: PromptsOpt = None,
+    self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
@@ -96,6 +100,8 @@ def extract_command(
         snap=snap_ranks,
         target_kl=target_kl,
         target_top1=target_top1,
+        target_recovery=target_recovery,
+        self_probes=self_probes,
         prompts=prompts,
         calibration=calibration,
         exact=exact,
@@ -150,11 +156,16 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
 def _print_search(search: dict[str, Any]) -> None:
     target = search["target"]
     goal = " and ".join(
-        ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
+        ([f"recovery ≥ {target['min_recovery']:g}"] if target.get("min_recovery") is not None else [])
+        + ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
         + ([f"top-1 ≥ {target['min_top1']:g}"] if target["min_top1"] is not None else [])
     )
-    table = Table(title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']}")
-    for col in ("step", "budget", "parameters", "KL", "top-1", ""):
+    base = search["base_alone"]
+    table = Table(
+        title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']} "
+        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+    )
+    for col in ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", ""):
         table.add_column(col, justify="right")
     for i, s in enumerate(search["steps"], 1):
         table.add_row(
@@ -163,13 +174,16 @@ def _print_search(search: dict[str, Any]) -> None:
             f"{s['params']:,}",
             f"{s['kl']:.4g}",
             f"{s['top1']:.2%}",
+            f"{s['recovery_kl']:.1%}",
+            f"{s['recovery_top1']:.1%}",
             "meets" if s["met"] else "misses",
         )
     out_console.print(table)
-    chosen, base = search["chosen"], search["base_alone"]
+    chosen = search["chosen"]
     out_console.print(
         f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
-        f"{chosen['top1']:.2%} (base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+        f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
+        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
     )
 
 
@@ -336,23 +350,38 @@ def verify_command(
     min_top1: Annotated[
         float | None, typer.Option("--min-top1", help="Fail (exit 1) if top-1 agreement falls below this (0–1).")
     ] = None,
+    min_recovery: Annotated[
+        float | None,
+        typer.Option(
+            "--min-recovery",
+            help="Fail (exit 1) if the adapter closes less than this share of the base→fine-tune gap, in KL "
+            "(1 − KL_adapter/KL_base) or in top-1 disagreement (0–1).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
     base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
-    from phlora_nim.jobs.verify import verify_adapter
+    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.jobs.verify import gate_failures, verify_adapter
 
+    if min_recovery is not None and not 0.0 < min_recovery <= 1.0:
+        raise OptionError(
+            "recovery gate must be a share of the base→fine-tune gap",
+            where="--min-recovery",
+            expected="a number in (0, 1], e.g. 0.9",
+            found=str(min_recovery),
+        )
     result = verify_adapter(base, finetuned, adapter, prompts=prompts)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     else:
         _print_verify(result)
-    failed = []
-    logits = result.get("logits") or {}
-    if max_kl is not None and (not logits or logits["mean_kl"] > max_kl):
-        failed.append(f"mean KL {logits.get('mean_kl', 'n/a')} > --max-kl {max_kl}")
-    if min_top1 is not None and (not logits or logits["top1_agreement"] < min_top1):
-        failed.append(f"top-1 agreement {logits.get('top1_agreement', 'n/a')} < --min-top1 {min_top1}")
+    failed, warnings = gate_failures(
+        result.get("logits") or {}, max_kl=max_kl, min_top1=min_top1, min_recovery=min_recovery
+    )
+    for warning in warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
     if failed:
         err_console.print("[bold red]verify failed:[/] " + "; ".join(failed))
         raise typer.Exit(1)
@@ -370,7 +399,8 @@ def _print_verify(result: dict[str, Any]) -> None:
         out_console.print(
             f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
             f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
-            f"(base alone: {logits['base_top1_agreement']:.2%})"
+            f"(base alone: {logits['base_top1_agreement']:.2%}); recovery of the base→fine-tune gap "
+            f"{logits['recovery_kl']:.1%} (KL) / {logits['recovery_top1']:.1%} (top-1)"
         )
     elif result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")

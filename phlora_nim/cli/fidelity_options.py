@@ -15,6 +15,28 @@ if TYPE_CHECKING:
 
 _PANEL = "Fidelity (instead of a rank policy)"
 
+# The kind of target given --prompts or --self-probes without a fidelity-target flag.
+DEFAULT_RECOVERY = 0.9
+
+TargetRecoveryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--target-recovery",
+        help="Smallest global budget whose adapter closes ≥ F of the base→fine-tune gap on the probes: "
+        "1 − KL(ft ‖ base+adapter)/KL(ft ‖ base) ≥ F and the same for top-1 disagreement (0–1; "
+        f"default {DEFAULT_RECOVERY} with --prompts or --self-probes and no other target).",
+        rich_help_panel=_PANEL,
+    ),
+]
+SelfProbesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--self-probes",
+        help="Measure the fidelity target on short continuations sampled from the fine-tune itself, kept "
+        "where it disagrees most with its base (no data needed; instead of --prompts).",
+        rich_help_panel=_PANEL,
+    ),
+]
 TargetKlOpt = Annotated[
     float | None,
     typer.Option(
@@ -37,8 +59,9 @@ PromptsOpt = Annotated[
     Path | None,
     typer.Option(
         "--prompts",
-        help="Prompts for --target-kl/--target-top1, one per line (default: generic prompts shipped with "
-        "phlora-nim; no task data). Scored on the fine-tune's own greedy answers.",
+        help="Prompts for the fidelity target, one per line (default: generic prompts shipped with "
+        "phlora-nim; no task data, refused when they barely tell the fine-tune from its base). Scored on the "
+        "fine-tune's own greedy answers.",
         rich_help_panel=_PANEL,
     ),
 ]
@@ -57,6 +80,8 @@ def fidelity_target(
     target_top1: float | None,
     prompts: Path | None,
     *,
+    target_recovery: float | None = None,
+    self_probes: bool = False,
     rank: int | None,
     energy: float | None,
     budget: int | None,
@@ -67,27 +92,28 @@ def fidelity_target(
     from phlora_nim.converters.calibration import read_prompts
     from phlora_nim.converters.rank_policy import FidelityTarget, search_policy
 
-    if target_kl is None and target_top1 is None:
-        if prompts is not None:
-            raise OptionError(
-                "--prompts needs a fidelity target",
-                where="--prompts",
-                expected="--target-kl and/or --target-top1 with it",
-                fix="add --target-kl X, or drop --prompts",
-            )
-        return None, None
+    if target_kl is None and target_top1 is None and target_recovery is None:
+        if prompts is None and not self_probes:
+            return None, None
+        target_recovery = DEFAULT_RECOVERY
     chosen = [n for n, v in (("--rank", rank), ("--energy", energy), ("--budget-params", budget)) if v is not None]
     if chosen:
         raise OptionError(
             "a fidelity target chooses the ranks itself",
             where=", ".join(chosen),
-            expected="no rank policy with --target-kl/--target-top1 (only --max-rank, --snap-ranks)",
+            expected="no rank policy with --target-recovery/--target-kl/--target-top1 (only --max-rank, --snap-ranks)",
             found=", ".join(chosen),
             fix="drop the rank policy, or drop the target",
         )
     if prompts is not None:
         read_prompts(prompts)  # refuse a bad file before any heavy work
-    target = FidelityTarget(max_kl=target_kl, min_top1=target_top1, prompts=str(prompts) if prompts else None)
+    target = FidelityTarget(
+        max_kl=target_kl,
+        min_top1=target_top1,
+        prompts=str(prompts) if prompts else None,
+        min_recovery=target_recovery,
+        self_probes=self_probes,
+    )
     return target, search_policy(max_rank, snap)  # type: ignore[arg-type]
 
 
@@ -111,6 +137,8 @@ def extraction_options(
     target_top1: float | None,
     prompts: Path | None,
     calibration: Path | None,
+    target_recovery: float | None = None,
+    self_probes: bool = False,
     **more: object,
 ) -> ExtractOptions:
     """``ExtractOptions`` from the rank-policy, fidelity and calibration options of ``extract`` / ``convert``.
@@ -121,7 +149,16 @@ def extraction_options(
     from phlora_nim.converters.extract import ExtractOptions
 
     target, ceiling = fidelity_target(
-        target_kl, target_top1, prompts, rank=rank, energy=energy, budget=budget, max_rank=max_rank, snap=snap
+        target_kl,
+        target_top1,
+        prompts,
+        target_recovery=target_recovery,
+        self_probes=self_probes,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        max_rank=max_rank,
+        snap=snap,
     )
     return ExtractOptions(
         policy=ceiling or rank_policy(rank, energy, budget, max_rank, snap, default_rank=16),

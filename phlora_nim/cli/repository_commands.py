@@ -27,7 +27,9 @@ from phlora_nim.cli.app import (
 from phlora_nim.cli.fidelity_options import (
     CalibrationOpt,
     PromptsOpt,
+    SelfProbesOpt,
     TargetKlOpt,
+    TargetRecoveryOpt,
     TargetTop1Opt,
     extraction_options,
 )
@@ -169,9 +171,11 @@ def convert_command(
             "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
         ),
     ] = DEFAULT_GRACE_S,
+    target_recovery: TargetRecoveryOpt = None,
     target_kl: TargetKlOpt = None,
     target_top1: TargetTop1Opt = None,
     prompts: PromptsOpt = None,
+    self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
@@ -194,6 +198,8 @@ def convert_command(
         snap=snap_ranks,
         target_kl=target_kl,
         target_top1=target_top1,
+        target_recovery=target_recovery,
+        self_probes=self_probes,
         prompts=prompts,
         calibration=calibration,
         device=device,

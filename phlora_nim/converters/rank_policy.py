@@ -168,21 +168,26 @@ class FidelityTarget:
 
     Fidelity is measured on prompts (``prompts``, else the generic ones shipped with phlora-nim):
     ``max_kl`` bounds the mean KL(fine-tuned ‖ base+adapter) per scored token, ``min_top1`` the
-    share of tokens whose most likely next token agrees. Bisection over the budget stops when the
+    share of tokens whose most likely next token agrees, ``min_recovery`` the share of the
+    base→fine-tune gap the adapter closes, in KL and in top-1 disagreement alike (see
+    :func:`recovery`); ``self_probes``: measure on continuations sampled from the fine-tune where
+    it disagrees most with its base instead of on prompts. Bisection over the budget stops when the
     bracket is within ``tolerance`` (relative) or after ``max_steps`` evaluations.
     """
 
     max_kl: float | None = None
     min_top1: float | None = None
     prompts: str | None = None
+    min_recovery: float | None = None
+    self_probes: bool = False
     tolerance: float = 0.05
     max_steps: int = 14
 
     def __post_init__(self) -> None:
-        if self.max_kl is None and self.min_top1 is None:
+        if self.max_kl is None and self.min_top1 is None and self.min_recovery is None:
             raise OptionError(
                 "a fidelity target needs a bound",
-                where="--target-kl / --target-top1",
+                where="--target-recovery / --target-kl / --target-top1",
                 expected="at least one of them",
                 found="none",
             )
@@ -200,6 +205,21 @@ class FidelityTarget:
                 expected="a number in (0, 1], e.g. 0.95",
                 found=str(self.min_top1),
             )
+        if self.min_recovery is not None and not 0.0 < self.min_recovery <= 1.0:
+            raise OptionError(
+                "recovery target must be a share of the base→fine-tune gap",
+                where="--target-recovery",
+                expected="a number in (0, 1], e.g. 0.9",
+                found=str(self.min_recovery),
+            )
+        if self.self_probes and self.prompts is not None:
+            raise OptionError(
+                "two probe sets given",
+                where="--self-probes, --prompts",
+                expected="one of them",
+                found="both",
+                fix="drop --prompts to probe with the fine-tune's own samples, or drop --self-probes",
+            )
         if not 0.0 < self.tolerance < 1.0 or self.max_steps < 2:
             raise OptionError(
                 "bad search settings",
@@ -208,14 +228,36 @@ class FidelityTarget:
                 found=f"tolerance={self.tolerance}, max_steps={self.max_steps}",
             )
 
-    def met(self, kl: float, top1: float) -> bool:
-        return (self.max_kl is None or kl <= self.max_kl) and (self.min_top1 is None or top1 >= self.min_top1)
+    @property
+    def absolute(self) -> bool:
+        """Only absolute bounds (KL, top-1): the base model alone may already meet them."""
+        return self.min_recovery is None
+
+    def met(self, kl: float, top1: float, base: tuple[float, float] | None = None) -> bool:
+        """Whether (KL, top-1) meets the target; ``base``: the base model's (KL, top-1), needed for
+        a recovery bound."""
+        absolute = (self.max_kl is None or kl <= self.max_kl) and (self.min_top1 is None or top1 >= self.min_top1)
+        if self.min_recovery is None or not absolute:
+            return absolute
+        if base is None:
+            raise ValueError("a recovery target needs the base model's KL and top-1")
+        return min(recovery(kl, top1, *base)) >= self.min_recovery
 
     def describe(self) -> str:
-        parts = ([f"KL ≤ {self.max_kl:g}"] if self.max_kl is not None else []) + (
-            [f"top-1 ≥ {self.min_top1:g}"] if self.min_top1 is not None else []
+        parts = (
+            ([f"recovery ≥ {self.min_recovery:g}"] if self.min_recovery is not None else [])
+            + ([f"KL ≤ {self.max_kl:g}"] if self.max_kl is not None else [])
+            + ([f"top-1 ≥ {self.min_top1:g}"] if self.min_top1 is not None else [])
         )
         return " and ".join(parts)
+
+
+def recovery(kl: float, top1: float, base_kl: float, base_top1: float) -> tuple[float, float]:
+    """Share of the base→fine-tune gap an adapter closes: ``1 − KL_adapter / KL_base`` and
+    ``1 − (1 − top1_adapter) / (1 − top1_base)``; 1.0 where the base shows no gap at all."""
+    kl_rec = 1.0 - kl / base_kl if base_kl > 0 else 1.0
+    top1_rec = 1.0 - (1.0 - top1) / (1.0 - base_top1) if base_top1 < 1.0 else 1.0
+    return kl_rec, top1_rec
 
 
 def search_policy(max_rank: int | None, snap: Literal["vllm"] | None = None) -> RankPolicy:

@@ -151,19 +151,26 @@ class FidelityProbe:
 
 
 def probe_for_checkpoints(
-    base: Path, finetuned: Path, prompts: Sequence[str], *, continuation: int = 16
+    base: Path, finetuned: Path, prompts: Sequence[str] | None, *, continuation: int = 16, self_probes: bool = False
 ) -> FidelityProbe:
-    """A :class:`FidelityProbe` for checkpoint folders: prompts encoded as requests (chat template if any)."""
+    """A :class:`FidelityProbe` for checkpoint folders: prompts encoded as requests (chat template if
+    any), or (``self_probes``) the fine-tune's own samples where it disagrees most with its base."""
     from transformers import AutoModelForCausalLM
 
     from phlora_nim.converters.calibration import load_tokenizer
 
-    tokenizer = load_tokenizer(Path(finetuned), Path(base), purpose="the fidelity prompts")
+    purpose = "--self-probes" if self_probes else "the fidelity prompts"
+    tokenizer = load_tokenizer(Path(finetuned), Path(base), purpose=purpose)
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     ft_model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
-    pad, eos = token_ids(tokenizer)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    probe = FidelityProbe.build(base_model, ft_model, encoded, continuation=continuation, pad_id=pad, eos_id=eos)
+    if self_probes:
+        from phlora_nim.jobs.self_probes import self_probe
+
+        probe = self_probe(base_model, ft_model, tokenizer)
+    else:
+        pad, eos = token_ids(tokenizer)
+        encoded = [encode_prompt(tokenizer, p) for p in prompts or ()]
+        probe = FidelityProbe.build(base_model, ft_model, encoded, continuation=continuation, pad_id=pad, eos_id=eos)
     del ft_model
     return probe
 

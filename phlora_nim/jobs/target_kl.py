@@ -6,6 +6,11 @@ the most energy per parameter), merged into the base model and measured against 
 prompts (:class:`~phlora_nim.jobs.fidelity.FidelityProbe`). Bisection over the budget, on a log
 scale, keeps the passing budget above and the failing one below until they are within the target's
 tolerance; no second pass over the checkpoints.
+
+The base model alone is measured first. A probe set on which the fine-tune hardly differs from
+its base (KL(fine-tuned ‖ base) below :data:`MIN_GAP_KL`), or on which the base alone already
+meets an absolute target, cannot tell a task-keeping adapter from an empty one: the search is
+refused rather than returning an adapter that keeps nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +25,17 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import read_prompts
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractionResult, reassign
-from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
+from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy, recovery
 
 log = logging.getLogger("phlora_nim.target")
+
+# Below this mean KL(fine-tuned ‖ base) per scored token (nats) the probes barely see the
+# fine-tune: a bf16 round trip of the same weights is ~1e-3, a task fine-tune on its own task
+# is usually > 0.1, so recovery measured under 0.02 is mostly noise.
+MIN_GAP_KL = 0.02
+FIDELITY_FLAGS = "--target-recovery/--target-kl/--target-top1"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class SearchStep:
     kl: float
     top1: float
     met: bool
+    recovery_kl: float
+    recovery_top1: float
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,9 @@ class SearchOutcome:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
         chosen = next(s for s in self.steps if s.budget == self.budget)
         return {
-            "target": {"max_kl": target.max_kl, "min_top1": target.min_top1},
+            "target": {"max_kl": target.max_kl, "min_top1": target.min_top1, "min_recovery": target.min_recovery},
             "prompts": self.prompts,
+            "min_gap_kl": MIN_GAP_KL,
             "scored_tokens": self.tokens,
             "base_alone": {"kl": self.base_kl, "top1": self.base_top1},
             "chosen": dataclasses.asdict(chosen),
@@ -76,8 +90,9 @@ def search_budget(
     result: ExtractionResult,
     ceiling: RankPolicy,
     target: FidelityTarget,
-    measure: Callable[[LoraAdapter], tuple[float, float]],
+    measure: Callable[[LoraAdapter | None], tuple[float, float]],
     *,
+    base: tuple[float, float] | None = None,
     on_step: Callable[[SearchStep], None] | None = None,
 ) -> tuple[int, ExtractionResult, list[SearchStep]]:
     """Bisect the global budget for the smallest one whose adapter meets ``target``.
@@ -85,7 +100,8 @@ def search_budget(
     Args:
         result: an extraction that kept its factors up to ``ceiling``'s caps.
         ceiling: the policy bounding every module's rank (``max_rank``, ``snap``).
-        measure: (KL, top-1) of an adapter against the fine-tune.
+        measure: (KL, top-1) of an adapter (None: the base alone) against the fine-tune.
+        base: the base model's (KL, top-1), if already measured.
 
     Returns:
         (chosen budget, the extraction truncated to it, the steps tried in order).
@@ -95,7 +111,8 @@ def search_budget(
     """
     caps = _caps(result, ceiling)
     if not caps:
-        raise OptionError("nothing to search: the fine-tune changed no linear module", where="--target-kl")
+        raise OptionError("nothing to search: the fine-tune changed no linear module", where=FIDELITY_FLAGS)
+    base = base if base is not None else measure(None)
     steps: list[SearchStep] = []
     measured: dict[int, tuple[float, float]] = {}  # by parameter count: budgets that give the same adapter
 
@@ -106,16 +123,16 @@ def search_budget(
         if params not in measured:
             measured[params] = measure(candidate.adapter)
         kl, top1 = measured[params]
-        step = SearchStep(budget=budget, params=params, kl=kl, top1=top1, met=target.met(kl, top1))
+        rec_kl, rec_top1 = recovery(kl, top1, *base)
+        met = target.met(kl, top1, base)
+        step = SearchStep(budget, params, kl, top1, met, rec_kl, rec_top1)
         steps.append(step)
         log.info(
-            "budget %s → %s params: KL %.4g, top-1 %.2f%% %s",
-            f"{budget:,}",
-            f"{params:,}",
-            kl,
-            100 * top1,
-            "meets" if step.met else "misses",
-        )
+            "budget %s → %s params: KL %.4g, top-1 %.2f%%, recovery %.1f%% / %.1f%% (base alone: KL %.4g, "
+            "top-1 %.2f%%) %s",
+            f"{budget:,}", f"{params:,}", kl, 100 * top1, 100 * rec_kl, 100 * rec_top1,
+            base[0], 100 * base[1], "meets" if met else "misses",
+        )  # fmt: skip
         if on_step:
             on_step(step)
         return step, candidate
@@ -125,9 +142,10 @@ def search_budget(
     if not top_step.met:
         raise OptionError(
             "the fidelity target is out of reach at the rank cap",
-            where="--target-kl/--target-top1",
+            where=FIDELITY_FLAGS,
             expected=target.describe(),
-            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} with every module at rank ≤ "
+            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} (recovery {top_step.recovery_kl:.1%} / "
+            f"{top_step.recovery_top1:.1%}) with every module at rank ≤ "
             f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters)",
             fix="raise --max-rank, loosen the target, or keep the non-linear deltas (--extra save) "
             "if the fine-tune changed embeddings or norms",
@@ -158,27 +176,21 @@ def run_to_target(
     """Extract ``pair`` once at the cap, then bisect the budget against ``job.options.target``."""
     from phlora_nim.converters.extract import run_extraction
     from phlora_nim.converters.rank_policy import search_policy
-    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
 
     given = job.options.policy
     # The given policy's cap bounds the search (--max-rank, or --rank as a ceiling); decompose once to it.
     ceiling = search_policy(given.rank if given.kind == "rank" else given.max_rank, given.snap)
     options = dataclasses.replace(job.options, policy=ceiling)
     target: FidelityTarget = options.target
-    prompts_file = Path(target.prompts) if target.prompts else generic_prompts_path()
-    prompts = read_prompts(prompts_file, where="--prompts")
-    result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
-    probe = probe_for_checkpoints(job.base_path, pair.path, prompts)
+    probe, source, count = _probe(job.base_path, pair.path, target)
     base_kl, base_top1 = probe.measure(None)
     log.info(
-        "fidelity target %s on %d prompts (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
-        target.describe(),
-        len(prompts),
-        probe.tokens,
-        base_kl,
-        100 * base_top1,
-    )
-    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure)
+        "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
+        target.describe(), count, source, probe.tokens, base_kl, 100 * base_top1,
+    )  # fmt: skip
+    check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
+    result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
+    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure, base=(base_kl, base_top1))
     policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
     return SearchOutcome(
         budget=budget,
@@ -186,7 +198,52 @@ def run_to_target(
         policy=policy,
         steps=tuple(steps),
         tokens=probe.tokens,
-        prompts=str(prompts_file) if target.prompts else f"(generic, shipped) {prompts_file.name}",
+        prompts=source,
         base_kl=base_kl,
         base_top1=base_top1,
     )
+
+
+def _probe(base: Path, finetuned: Path, target: FidelityTarget) -> tuple[Any, str, int]:
+    """(the probe, where its prompts come from, how many) for ``target``."""
+    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
+
+    if target.self_probes:
+        probe = probe_for_checkpoints(base, finetuned, None, self_probes=True)
+        return probe, "(self-probes) the fine-tune's own samples", len(probe.sequences)
+    prompts_file = Path(target.prompts) if target.prompts else generic_prompts_path()
+    prompts = read_prompts(prompts_file, where="--prompts")
+    source = str(prompts_file) if target.prompts else f"(generic, shipped) {prompts_file.name}"
+    return probe_for_checkpoints(base, finetuned, prompts), source, len(prompts)
+
+
+def check_informative(target: FidelityTarget, base_kl: float, base_top1: float, *, source: str, tokens: int) -> None:
+    """Refuse probes that cannot tell a task-keeping adapter from an empty one.
+
+    Raises:
+        InputError: the base alone meets ``target``, or KL(fine-tuned ‖ base) < :data:`MIN_GAP_KL`.
+    """
+    found = f"base model alone: KL(fine-tuned ‖ base) {base_kl:.4g} nats/token, top-1 {base_top1:.2%} on {tokens} "
+    found += f"tokens of {source}"
+    fix = (
+        "give prompts of the fine-tune's task with --prompts, or use --self-probes (the fine-tune's own samples "
+        "where it differs most from its base)"
+    )
+    if target.met(base_kl, base_top1, (base_kl, base_top1)):
+        raise InputError(
+            "the base model alone already meets the fidelity target on these prompts: the search would pick an "
+            "adapter that keeps nothing of the fine-tune",
+            where=FIDELITY_FLAGS,
+            expected=f"a target the base alone misses ({target.describe()})",
+            found=found,
+            fix=fix + "; or set the target relative to the base with --target-recovery",
+        )
+    if base_kl < MIN_GAP_KL:
+        raise InputError(
+            "the prompts barely tell the fine-tune from its base: fidelity measured on them says nothing about "
+            "what the adapter keeps",
+            where=FIDELITY_FLAGS,
+            expected=f"KL(fine-tuned ‖ base) ≥ {MIN_GAP_KL} nats/token on the probe prompts",
+            found=found,
+            fix=fix,
+        )

@@ -22,6 +22,7 @@ from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.formats.peft import load_peft
+from phlora_nim.converters.rank_policy import recovery
 
 log = logging.getLogger("phlora_nim.jobs.verify")
 
@@ -170,13 +171,49 @@ def logit_agreement(
     ad_logp = log_probs(adapted, batches, batch_size=1)
     kl, top1, n = compare_log_probs(ft_logp, ad_logp)
     base_kl, base_top1, _ = compare_log_probs(ft_logp, base_logp)
+    recovery_kl, recovery_top1 = recovery(kl, top1, base_kl, base_top1)
     return {
         "tokens": n,
         "mean_kl": kl,
         "top1_agreement": top1,
         "base_mean_kl": base_kl,
         "base_top1_agreement": base_top1,
+        "recovery_kl": recovery_kl,
+        "recovery_top1": recovery_top1,
     }
+
+
+def gate_failures(
+    logits: dict[str, Any], *, max_kl: float | None, min_top1: float | None, min_recovery: float | None
+) -> tuple[list[str], list[str]]:
+    """(failed gates, warnings) of ``verify``'s --max-kl / --min-top1 / --min-recovery on a logit check.
+
+    Warns when the base model alone would pass the absolute gates: they then say nothing about
+    what the adapter keeps.
+    """
+    failed: list[str] = []
+    if max_kl is not None and (not logits or logits["mean_kl"] > max_kl):
+        failed.append(f"mean KL {logits.get('mean_kl', 'n/a')} > --max-kl {max_kl}")
+    if min_top1 is not None and (not logits or logits["top1_agreement"] < min_top1):
+        failed.append(f"top-1 agreement {logits.get('top1_agreement', 'n/a')} < --min-top1 {min_top1}")
+    if min_recovery is not None and (not logits or min(logits["recovery_kl"], logits["recovery_top1"]) < min_recovery):
+        failed.append(
+            f"recovery {logits.get('recovery_kl', 'n/a')} (KL) / {logits.get('recovery_top1', 'n/a')} (top-1) "
+            f"< --min-recovery {min_recovery}"
+        )
+    warnings: list[str] = []
+    absolute = max_kl is not None or min_top1 is not None
+    if logits and absolute:
+        base_passes = (max_kl is None or logits["base_mean_kl"] <= max_kl) and (
+            min_top1 is None or logits["base_top1_agreement"] >= min_top1
+        )
+        if base_passes:
+            warnings.append(
+                f"the base model alone passes --max-kl/--min-top1 on these tokens (KL {logits['base_mean_kl']:.4g}, "
+                f"top-1 {logits['base_top1_agreement']:.2%}): the gate says nothing about the adapter; give task "
+                "prompts with --prompts or gate on --min-recovery"
+            )
+    return failed, warnings
 
 
 def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None) -> dict[str, Any]:
