@@ -44,10 +44,12 @@ from phlora_nim.repository.layout import (
     REGISTRY_FILE,
     SETTINGS_FILE,
     adapter_store_dir,
+    base_tokenizer_dir,
     prefetch_dir,
 )
 from phlora_nim.repository.maintenance import check_grace
 from phlora_nim.repository.registry import AdapterEntry, Registry
+from phlora_nim.repository.tokenizer_files import copy_tokenizer_files
 
 log = logging.getLogger("phlora_nim")
 
@@ -308,7 +310,10 @@ def convert(
                         progress=progress,
                     )
                 )
-            return _register(job, root, staged)
+            done = _register(job, root, staged)
+            if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's HTTP front
+                _replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
+            return done
 
 
 def _stage(
@@ -336,6 +341,7 @@ def _stage(
     tensors.mkdir()
     save_nim_adapter(extracted.adapter, store, dtype=extracted.out_dtype)
     write_report_files(extracted.report, store)
+    copy_tokenizer_files(pair.path, store)  # the fine-tune's own tokenizer and chat template, if it has them
     save_trtllm(lora, tensors, source=f"{name} ({pair.path})")
     nbytes = int(lora.weights.nbytes + lora.config.nbytes)
     layout = {

@@ -6,7 +6,8 @@ model_repository/
   phlora_repository.json       how the repository was generated (backend, base, dtype)
   preprocessing/ tensorrt_llm/ postprocessing/ ensemble/     Triton models
   tensorrt_llm/lora_prefetch/<task_id>/model.lora_{weights,config}.npy   lora_prefetch_dir
-  tensorrt_llm/adapters/<name>/                              NIM / PEFT adapter store
+  tensorrt_llm/adapters/<name>/                              NIM / PEFT adapter store (+ the fine-tune's tokenizer)
+  tensorrt_llm/tokenizer/                                    the base checkpoint's tokenizer files
 ```
 
 Adapters sit inside the ``tensorrt_llm`` model folder: Triton takes every top-level folder for a
@@ -26,6 +27,7 @@ POSTPROCESSING_MODEL = "postprocessing"
 ENSEMBLE_MODEL = "ensemble"
 PREFETCH_DIR = f"{LLM_MODEL}/lora_prefetch"
 ADAPTER_STORE = f"{LLM_MODEL}/adapters"
+BASE_TOKENIZER = f"{LLM_MODEL}/tokenizer"
 # Seconds the files of removed and replaced adapters outlive their registry entry: a router reads
 # the registry every second or so and may route to an adapter until it has.
 DEFAULT_GRACE_S = 60.0
@@ -39,3 +41,8 @@ def prefetch_dir(root: Path, task_id: int) -> Path:
 def adapter_store_dir(root: Path, name: str) -> Path:
     """Folder of one adapter in the NIM / PEFT store (the folder name is the served model name)."""
     return Path(root) / ADAPTER_STORE / name
+
+
+def base_tokenizer_dir(root: Path) -> Path:
+    """Folder of the base checkpoint's tokenizer files (the router's HTTP front tokenizes with them)."""
+    return Path(root) / BASE_TOKENIZER

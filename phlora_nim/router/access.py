@@ -132,3 +132,32 @@ class Access:
             upstream=self._upstream(request, selection, wire),
             retryable=retryable(request),
         )
+
+    # requests the router builds itself (the HTTP front's token-level calls) --------------------
+    def resolve(self, name: str, tenant: Tenant | None, *, base_model: str) -> AdapterEntry | None:
+        """The adapter ``name`` names for ``tenant`` (None: the base model ``base_model``).
+
+        Raises:
+            RequestError: NOT_FOUND, with the words of every other unknown name, for a name that is
+                neither a visible adapter nor the base model (or a base model the tenant may not use).
+        """
+        entry = self.catalog.adapters.get(name)
+        if entry is not None:
+            if self.adapter_visible(name, tenant):
+                return entry
+            raise unknown(name)  # another tenant's adapter looks exactly like a missing one
+        if name == base_model and (tenant is None or tenant.allows_base_model(name)):
+            return None
+        raise unknown(name)
+
+    @staticmethod
+    def built_plan(request: service_pb2.ModelInferRequest, entry: AdapterEntry | None, *, base_model: str) -> Plan:
+        """The plan of a request the router built for ``entry`` (None: the base model)."""
+        adapter = entry.name if entry is not None else None
+        return Plan(
+            label=adapter if adapter is not None else f"base:{base_model}",
+            selection=Selection(adapter, "model_name" if adapter else "none", request.model_name),
+            entry=entry,
+            upstream=UpstreamRequest(request),
+            retryable=True,
+        )

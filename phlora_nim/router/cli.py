@@ -179,12 +179,33 @@ def serve(
             "--workers", help="Router processes sharing the port, to use more cores (default 1; metrics merged)."
         ),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            help="Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models; "
+            "default 0: off).",
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name", help="OpenAI model id of the base model (default: its checkpoint folder's name)."
+        ),
+    ] = None,
+    llm_model: Annotated[
+        str | None,
+        typer.Option(
+            "--llm-model", help="Token-level Triton model the HTTP API sends token ids to (default tensorrt_llm)."
+        ),
+    ] = None,
     config_file: Annotated[
         Path | None,
         typer.Option(
             "--config",
             help="router.yaml with any of these options (dashes or underscores) and finer settings "
-            "(residency_capacity, weight_cache_mb, registry_interval, grace); flags given here win.",
+            "(residency_capacity, weight_cache_mb, registry_interval, grace, max_choices, max_body_mb); "
+            "flags given here win.",
         ),
     ] = None,
 ) -> None:
@@ -213,6 +234,9 @@ def serve(
         "attempt_timeout": attempt_timeout,
         "spill_factor": spill_factor,
         "workers": workers,
+        "http_port": http_port,
+        "served_model_name": served_model_name,
+        "llm_model": llm_model,
     }
     if flags["upstreams"] or flags["upstream_dns"]:  # a flag's way of finding replicas replaces the file's
         settings.pop("upstreams", None)

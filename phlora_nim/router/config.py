@@ -55,6 +55,13 @@ class RouterConfig:
         registry_interval: seconds between checks of the registry file.
         grace: seconds in-flight requests get at shutdown.
         workers: router processes sharing the port (SO_REUSEPORT), to use more than one core.
+        http_port: port of the OpenAI-compatible HTTP front on ``host`` (0: none).
+        served_model_name: the OpenAI ``model`` id of the base model (default: the name of the base
+            checkpoint's folder, from ``phlora_repository.json``).
+        llm_model: the token-level Triton model the HTTP front sends token ids to (TensorRT-LLM's
+            ``tensorrt_llm``); it tokenizes itself, with each adapter's own tokenizer.
+        max_choices: the most choices (prompts × ``n``) one HTTP request may ask for.
+        max_body_mb: the largest HTTP request body, in MiB (larger: 413).
         reuse_port: set on each worker's server (the CLI does it); off, a taken port is an error.
     """
 
@@ -80,6 +87,11 @@ class RouterConfig:
     grace: float = 5.0
     workers: int = 1
     reuse_port: bool = False
+    http_port: int = 0
+    served_model_name: str | None = None
+    llm_model: str = "tensorrt_llm"
+    max_choices: int = 32
+    max_body_mb: int = 4
 
     def __post_init__(self) -> None:
         problems: list[PhloraError] = []
@@ -117,7 +129,21 @@ class RouterConfig:
                 problems.append(OptionError("must be positive", where=name, found=str(value)))
         if not self.spill_factor >= 0:
             problems.append(OptionError("must be ≥ 0", where="--spill-factor", found=str(self.spill_factor)))
-        for name, value in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+        for name, value in (("max_choices", self.max_choices), ("max_body_mb", self.max_body_mb)):
+            if value < 1:
+                problems.append(OptionError("must be ≥ 1", where=name, found=str(value)))
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            problems.append(
+                OptionError(
+                    "must differ from --port and --metrics-port", where="--http-port", found=str(self.http_port)
+                )
+            )
+        if not self.llm_model:
+            problems.append(OptionError("must not be empty", where="--llm-model"))
+        if self.served_model_name is not None and not self.served_model_name:
+            problems.append(OptionError("must not be empty", where="--served-model-name"))
+        ports = (("--port", self.port), ("--metrics-port", self.metrics_port), ("--http-port", self.http_port))
+        for name, value in ports:
             if not 0 <= value < 65536:
                 problems.append(OptionError("not a port number", where=name, expected="0–65535", found=str(value)))
         if not 1 <= self.workers <= 64:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 log = logging.getLogger("phlora_nim.router")
 
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 UNKNOWN = "(unknown)"
 UPSTREAM_FAILURE_REASONS = ("cache_miss", "cache_full", "unavailable", "hung")
@@ -130,8 +132,56 @@ class RouterMetrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "phlora_router_prompt_tokens", "Prompt tokens of HTTP-front requests, by adapter.", ["adapter"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "phlora_router_generation_tokens",
+            "Tokens generated for HTTP-front requests, by adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "phlora_router_time_to_first_token_seconds",
+            "HTTP front: seconds from a request's arrival to its first generated token, by adapter.",
+            ["adapter"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        # vLLM's names and labels (vllm/v1/metrics/loggers.py, PrometheusStatLogger): one series whose
+        # labels carry comma-separated adapter names and whose value is the time it was set.
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on LoRA requests: adapters with requests in flight through this router (running); "
+            "the router queues none (waiting); max_lora = adapters each replica's LoRA cache is taken to hold.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.requests_running = Gauge(
+            "vllm:num_requests_running",
+            "Inference requests in flight through this router (= phlora_router_all_in_flight).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.requests_waiting = Gauge(
+            "vllm:num_requests_waiting",
+            "Requests queued in the router: always 0 (it answers RESOURCE_EXHAUSTED / 429 instead of queueing).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self._lora_labels: tuple[str, str, str] | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def set_lora_info(self, *, max_lora: int, running: str, waiting: str) -> None:
+        """Replace the one ``vllm:lora_requests_info`` series (its value: the time of the change)."""
+        labels = (str(max_lora), waiting, running)
+        if self._lora_labels is not None and self._lora_labels != labels:
+            with contextlib.suppress(KeyError):
+                self.lora_info.remove(*self._lora_labels)
+        self._lora_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
 
     def text(self) -> str:
         """The exposition text (what the HTTP endpoint serves)."""

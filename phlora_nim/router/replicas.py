@@ -45,6 +45,9 @@ class ModelInfo:
 
     max_batch_size: int  # 0: the model does not batch
     lora_datatype: str | None  # of its lora_weights input (FP16, BF16, FP32); None: it takes no LoRA
+    decoupled: bool = False  # answers through ModelStreamInfer only, any number of responses
+    inputs: frozenset[str] = frozenset()  # the input names it declares
+    parameters: tuple[tuple[str, str], ...] = ()  # its config's string parameters
 
 
 class Replica:
@@ -280,7 +283,14 @@ class ReplicaPool:
             ),
             None,
         )
-        info = ModelInfo(max_batch_size=int(response.config.max_batch_size), lora_datatype=datatype)
+        config = response.config
+        info = ModelInfo(
+            max_batch_size=int(config.max_batch_size),
+            lora_datatype=datatype,
+            decoupled=bool(config.model_transaction_policy.decoupled),
+            inputs=frozenset(t.name for t in config.input),
+            parameters=tuple(sorted((k, v.string_value) for k, v in config.parameters.items())),
+        )
         self._infos[model] = info
         return info
 

@@ -90,12 +90,18 @@ class Router:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http: Any = None  # the OpenAI-compatible front (phlora_nim.router.openai), when config.http_port
         self._tasks: list[asyncio.Task[None]] = []
         self._health_tasks: set[asyncio.Future[None]] = set()
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI API's base URL (``http://host:port/v1``), when the HTTP front is on."""
+        return None if self.http is None else f"http://{self.config.host}:{self.http.port}/v1"
 
     def _health_changed(self, healthy: int) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -158,6 +164,17 @@ class Router:
             raise OptionError("cannot listen", where="--host / --port", found=f"{bind}: {exc}") from None
         await server.start()
         self.server = server
+        if config.http_port:
+            from phlora_nim.router.openai.server import OpenAIServer  # FastAPI only when the front is on
+
+            http = OpenAIServer(config, service)
+            try:
+                await http.start()
+            except BaseException:
+                await server.stop(0)
+                await self.pool.stop()
+                raise
+            self.http = http
         if config.metrics_port:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         self._tasks.append(asyncio.create_task(self._watch_registry()))
@@ -174,6 +191,9 @@ class Router:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish for ``grace`` seconds, then close."""
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.server is not None:
             await self.server.stop(self.config.grace if grace is None else grace)
             self.server = None
@@ -215,6 +235,10 @@ class RouterThread:
     @property
     def address(self) -> str:
         return self.router.address
+
+    @property
+    def http_url(self) -> str | None:
+        return self.router.http_url
 
     def start(self) -> RouterThread:
         self._thread.start()

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from phlora_nim.router.access import Access
+from phlora_nim.router.admission import Admission
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.delivery import Delivery
@@ -73,7 +74,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             metrics=metrics,
             refresh_registry=refresh_registry or catalog.refresh,
         )
-        self._tenant_load: dict[str, int] = {}
+        self.admission = Admission(metrics, max_lora=config.residency_capacity)
 
     # common ----------------------------------------------------------------------------------
     @staticmethod
@@ -93,36 +94,6 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return remaining
 
-    @contextlib.contextmanager
-    def _admit(self, tenant: Tenant | None, label: str) -> Iterator[None]:
-        limit = tenant.max_in_flight if tenant is not None else None
-        if tenant is not None and limit is not None and self._tenant_load.get(tenant.name, 0) >= limit:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"tenant '{tenant.name}' has {tenant.max_in_flight} requests in flight, its limit: retry later",
-            )
-        if tenant is not None:
-            self._tenant_load[tenant.name] = self._tenant_load.get(tenant.name, 0) + 1
-        gauge = self.metrics.in_flight.labels(label)
-        gauge.inc()
-        self.metrics.total_in_flight.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
-            self.metrics.total_in_flight.dec()
-            if tenant is not None:
-                self._tenant_load[tenant.name] -= 1
-
-    def _done(self, label: str, started: float, code: grpc.StatusCode | None) -> None:
-        m = self.metrics
-        m.requests.labels(label).inc()
-        m.total_requests.inc()
-        m.latency.labels(label).observe(time.perf_counter() - started)
-        if code is not None:
-            m.errors.labels(label, code.name).inc()
-            m.total_errors.labels(code.name).inc()
-
     # unary inference -------------------------------------------------------------------------
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Unary inference on the request's bytes as received; the answer is the upstream's serialized
@@ -133,13 +104,13 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             request = parse(data)
             plan = self.access.plan(request, self._metadata(context).get(ADAPTER_METADATA), tenant, wire=data)
             label = plan.label
-            with self._admit(tenant, label):
+            with self.admission.admit(tenant, label, adapter=plan.key):
                 response = await self.delivery.unary(plan, self._deadline(context))
         except RequestError as exc:
-            self._done(label, started, exc.code)
+            self.admission.done(label, started, exc.code)
             log.info("ModelInfer %s: %s %s", label, exc.code.name, exc.message)
             await context.abort(exc.code, exc.message)
-        self._done(label, started, None)
+        self.admission.done(label, started, None)
         return response
 
     # streaming inference ---------------------------------------------------------------------
@@ -199,7 +170,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             plan = self.access.plan(request, metadata_adapter, tenant, wire=data)
             label = plan.label
-            with self._admit(tenant, label):
+            with self.admission.admit(tenant, label, adapter=plan.key):
                 async with contextlib.aclosing(self.delivery.stream(plan, self._deadline(context))) as responses:
                     async for response in responses:
                         if response.error_message:
@@ -210,7 +181,7 @@ class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
             log.info("ModelStreamInfer %s: %s %s", label, exc.code.name, exc.message)
             yield _stream_error(asked, exc.code, exc.message)
         finally:
-            self._done(label, started, code)
+            self.admission.done(label, started, code)
 
     # model and server RPCs -------------------------------------------------------------------
     async def _guard(self, context: grpc.aio.ServicerContext) -> Tenant | None:
