@@ -33,16 +33,6 @@ sys.path.insert(0, str(ROOT))
 from phlora_nim.testing import vllm_check as vc  # noqa: E402
 
 log = logging.getLogger("bench.vllm_multi_lora")
-PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time",
-    "The three primary colors are",
-    "To make a cup of tea, first",
-    "The largest planet in the solar system",
-    "Water boils at",
-    "My favourite book is",
-)
 
 
 def repository(work: Path, base: Path, count: int) -> tuple[Path, dict[str, Any]]:
@@ -183,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     repo, entries = repository(args.work, base, max(args.counts))
     adapters = {name: adapter_store_dir(repo, name) for name in sorted(entries)}
     tok = AutoTokenizer.from_pretrained(base)
-    prompts = [tok(text)["input_ids"] for text in PROMPTS]
+    prompts = [tok(text)["input_ids"] for text in vc.SMOLLM2_PROMPTS]
     report: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "settings": vars(args) | {"work": None}}
     if not args.skip_agreement:
         n = 16

@@ -27,16 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ADAPTERS = ("rank16", "energy", "budget", "nim-store")
 MODELS = ("toy-llama", "smollm2")
 NEW_TOKENS = 16
-SMOLLM2_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time",
-    "The three primary colors are",
-    "To make a cup of tea, first",
-    "The largest planet in the solar system",
-    "Water boils at",
-    "My favourite book is",
-)
 
 
 def require(condition: bool, what: str) -> None:
@@ -77,7 +67,7 @@ def smollm2(root: Path) -> tuple[Path, Path, list[list[int]], int, int]:
         raise SetupMissing(str(exc)) from exc
     ft = vc.perturbed_finetune(base, root / "finetuned")
     tok = AutoTokenizer.from_pretrained(base)
-    prompts = [tok(text)["input_ids"] for text in SMOLLM2_PROMPTS]
+    prompts = [tok(text)["input_ids"] for text in vc.SMOLLM2_PROMPTS]
     return base, ft, prompts, 1_500_000, 256
 
 

@@ -30,6 +30,18 @@ from typing import Any
 
 import torch
 
+# Plain prompts for SmolLM2 (no chat template), shared by the vLLM tests and bench/vllm_multi_lora.py.
+SMOLLM2_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "The largest planet in the solar system",
+    "Water boils at",
+    "My favourite book is",
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = ROOT / ".venv-vllm"
 SETUP_COMMAND = "bash tests/setup_vllm_env.sh"
