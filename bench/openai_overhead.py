@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parent.parent
+
+from router_overhead import latencies, pct, throughput  # noqa: E402  (bench/ is on the path of a bench script)
 
 from phlora_nim.triton.launcher import LocalTriton, free_port  # noqa: E402
 
@@ -109,41 +110,6 @@ def http_call(base_url: str) -> Callable[[], object]:
     return call
 
 
-def latencies(call: Callable[[], object], n: int) -> list[float]:
-    for _ in range(min(20, n)):
-        call()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def throughput(make_call: Callable[[], Callable[[], object]], concurrency: int, seconds: float) -> float:
-    stop = threading.Event()
-    counts = [0] * concurrency
-
-    def worker(i: int) -> None:
-        call = make_call()
-        call()
-        while not stop.is_set():
-            call()
-            counts[i] += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    start, started = sum(counts), time.perf_counter()
-    time.sleep(seconds)
-    done, elapsed = sum(counts) - start, time.perf_counter() - started
-    stop.set()
-    for t in threads:
-        t.join()
-    return done / elapsed
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (its threads included)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -172,10 +138,6 @@ def router_process(repository: Path, upstream: str) -> Iterator[tuple[str, str, 
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q) * 1000.0)
 
 
 def main() -> None:

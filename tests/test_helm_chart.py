@@ -437,7 +437,8 @@ def test_router_command_line_and_service(rendered: dict[str, list[dict[str, Any]
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c" and ports["grpc"]["port"] == 8001
     assert ports["metrics"]["port"] == 9090
-    assert ports["http"] == {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    http = {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    assert ports["http"] == http
     grpc_only = _one(rendered["router-grpc-only"], "Service", "router")
     assert "http" not in {p["name"] for p in grpc_only["spec"]["ports"]}
 
