@@ -95,7 +95,8 @@ def test_demo_runs_end_to_end(run_cli, tmp_path: Path) -> None:
     """Real Triton, real router, real adapters: every answer equals its fine-tuned model's own output."""
     code, stdout, err = run_cli("demo", "--out", tmp_path / "demo", "--steps", "20")
     assert code == 0, err + stdout
-    assert "12/12 answers equal the output of the fine-tuned model" in stdout
+    assert "24/24 answers equal the output of the fine-tuned model" in stdout
+    assert stdout.index("OpenAI API") < stdout.index("Triton gRPC")  # the OpenAI path first
     from phlora_nim.repository.registry import Registry
 
     assert sorted(Registry(tmp_path / "demo" / "model_repository").read().adapters) == [

@@ -43,6 +43,7 @@ EXTRA_CASES: dict[str, dict[str, Any]] = {
             "url": {"location": "https://models.example.com/repository.tar.gz", "sha256": "ab" * 32},
         }
     },
+    "router-grpc-only": {"router": {"http": {"enabled": False}}},
     "tls-and-tenants-secret": {
         "router": {
             "tls": {"existingSecret": "router-tls"},
@@ -378,17 +379,21 @@ def test_probes_on_health_endpoints(rendered: dict[str, list[dict[str, Any]]]) -
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["startupProbe"]["periodSeconds"] * triton["startupProbe"]["failureThreshold"] >= 600
-    # Readiness follows grpc.health.v1 (SERVING while a Triton replica is ready); startup and liveness only
-    # check the port, so routers are not restarted while Triton loads its engine.
+    # Readiness: the OpenAI API's /v1/health/ready (200 while a Triton replica is ready); without the
+    # HTTP API grpc.health.v1 (SERVING then). Startup and liveness only check the port, so routers are
+    # not restarted while Triton loads its engine.
     router = _main_container(_one(rendered["defaults"], "Deployment", "router"))
-    assert router["readinessProbe"]["grpc"] == {"port": 8001, "service": ""}
+    assert router["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "http"}
+    grpc_only = _main_container(_one(rendered["router-grpc-only"], "Deployment", "router"))
+    assert grpc_only["readinessProbe"]["grpc"] == {"port": 8001, "service": ""}
+    assert "http" not in {p["name"] for p in grpc_only["ports"]}
     for probe in ("startupProbe", "livenessProbe"):
         assert router[probe]["tcpSocket"] == {"port": "grpc"}
     nim = _main_container(_one(rendered["profile:nim"], "Deployment", "nim"))
     assert nim["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "http"}
-    # The kubelet's gRPC probe has no TLS: with TLS the router's port is checked.
+    # TLS is the gRPC port's: the OpenAI API (plain HTTP, TLS terminated in front) still answers readiness.
     tls = _main_container(_one(rendered["tls-and-tenants-secret"], "Deployment", "router"))
-    assert tls["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert tls["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "http"}
     for case, objects in rendered.items():
         for obj in objects:
             if obj["kind"] == "Deployment":
@@ -426,11 +431,16 @@ def test_router_command_line_and_service(rendered: dict[str, list[dict[str, Any]
         "metrics-port": "9090",
         "max-message-mb": "256",
         "workers": "1",
+        "http-port": "8000",
     }
     service = _one(rendered["defaults"], "Service", "router")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c" and ports["grpc"]["port"] == 8001
     assert ports["metrics"]["port"] == 9090
+    http = {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    assert ports["http"] == http
+    grpc_only = _one(rendered["router-grpc-only"], "Service", "router")
+    assert "http" not in {p["name"] for p in grpc_only["spec"]["ports"]}
 
     secured = _one(rendered["tls-and-tenants-secret"], "Deployment", "router")
     args = _main_container(secured)["args"]
@@ -675,7 +685,7 @@ def test_network_policies_only_when_enabled(rendered: dict[str, list[dict[str, A
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     router_rule = policies["router"]["spec"]["ingress"][0]
-    assert router_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert router_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in router_rule["from"]
     test_peer = {"podSelector": {"matchLabels": {**router_labels, "app.kubernetes.io/component": "test"}}}
     assert test_peer in router_rule["from"], "helm test pods must still reach the router"

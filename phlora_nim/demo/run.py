@@ -2,9 +2,11 @@
 
 1. a small Llama with its tokenizer, and three full fine-tunes of it, each taught its own rule;
 2. ``convert``: every fine-tune becomes a LoRA adapter in one Triton model repository;
-3. the real ``tritonserver`` (CPU reference ``tensorrt_llm`` model) and the gRPC router start;
-4. requests for every adapter and the base model go through the router, mixed and concurrent,
-   each selecting its adapter by model name;
+3. the real ``tritonserver`` (CPU reference ``tensorrt_llm`` model) and the router start, with its
+   OpenAI-compatible HTTP API;
+4. requests for every adapter and the base model go through the router, mixed and concurrent, each
+   selecting its adapter by model name: first with the ``openai`` SDK (``/v1/completions``), then
+   with a Triton gRPC client;
 5. a table compares each answer with the fine-tuned model's own output (run directly in PyTorch).
 Everything started is stopped at the end.
 """
@@ -36,6 +38,7 @@ NEW_TOKENS = 6
 class DemoRow:
     """One request of the demo and how it compares with the model it stands for."""
 
+    path: str  # "OpenAI API" or "Triton gRPC"
     model: str
     prompt: str
     output: str
@@ -67,6 +70,15 @@ def _reference_outputs(checkpoint: Path, tokenizer: Any, prompts: tuple[str, ...
             )
         texts.append(tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
     return texts
+
+
+def _ask_openai(base_url: str, model: str, prompt: str) -> str:
+    """The OpenAI path: any OpenAI SDK client, the adapter named by ``model``."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
+    return out.choices[0].text
 
 
 def _ask(address: str, model: str, prompt: str) -> str:
@@ -117,7 +129,7 @@ def run_demo(
     from phlora_nim.repository.convert import ConvertJob, convert
     from phlora_nim.router.config import RouterConfig
     from phlora_nim.router.server import RouterThread
-    from phlora_nim.triton.launcher import LocalTriton
+    from phlora_nim.triton.launcher import LocalTriton, free_port
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.disable_progress_bar()
@@ -146,37 +158,49 @@ def run_demo(
             expected = {"ensemble": _reference_outputs(base, tokenizer, PROMPTS)}
             for name, ft in zip(NAMES, fts, strict=True):
                 expected[name] = _reference_outputs(ft, tokenizer, PROMPTS)
-        with _step(progress, "start tritonserver (CPU) and the router"):
+        with _step(progress, "start tritonserver (CPU) and the router (gRPC + OpenAI API)"):
             triton = LocalTriton(repo).start()
         try:
-            config = RouterConfig(model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0)
+            config = RouterConfig(
+                model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=free_port()
+            )
             with RouterThread(config) as router:
-                models = ["ensemble", *NAMES]
-                jobs = [(m, p) for p in PROMPTS for m in models]
-                described = f"{len(jobs)} requests through the router, mixed and concurrent"
-                with _step(progress, described), ThreadPoolExecutor(len(jobs)) as pool:
-                    answers = list(pool.map(lambda mp: _ask(router.address, *mp), jobs))
+                url = router.http_url or ""
+                # The OpenAI API names the base model after its checkpoint folder; gRPC calls it "ensemble".
+                paths = {
+                    "OpenAI API": (Path(base).name, lambda m, p: _ask_openai(url, m, p)),
+                    "Triton gRPC": ("ensemble", lambda m, p: _ask(router.address, m, p)),
+                }
+                jobs, answers = [], []
+                for path, (base_name, ask) in paths.items():
+                    batch = [(path, m, p) for p in PROMPTS for m in (base_name, *NAMES)]
+                    described = f"{len(batch)} requests through the router's {path}, mixed and concurrent"
+                    with _step(progress, described), ThreadPoolExecutor(len(batch)) as pool:
+                        answers += list(pool.map(lambda job, ask=ask: ask(job[1], job[2]), batch))
+                    jobs += batch
+                console.print(f"OpenAI API of the router: {url} (the same requests with curl or the openai SDK)")
         finally:
             triton.stop()
     rows = []
-    for (model, prompt), answer in zip(jobs, answers, strict=True):
+    for (path, model, prompt), answer in zip(jobs, answers, strict=True):
         c = converted.get(model)
         ranks = sorted(set(c.entry.ranks.values())) if c else []
         rows.append(
             DemoRow(
+                path=path,
                 model=model if c else "base (no adapter)",
                 prompt=prompt,
                 output=answer,
-                expected=expected[model][PROMPTS.index(prompt)],
+                expected=expected[model if c else "ensemble"][PROMPTS.index(prompt)],
                 rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
                 energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
             )
         )
     table = Table(title="one base model on Triton, an adapter per request (through the router)")
-    for col in ("model", "rank", "energy kept", "prompt", "output via Triton", "matches its own model"):
+    for col in ("path", "model", "rank", "energy kept", "prompt", "output via Triton", "matches its own model"):
         table.add_column(col)
-    for r in sorted(rows, key=lambda r: (r.model, r.prompt)):
-        table.add_row(r.model, r.rank, r.energy, r.prompt, r.output, "[green]yes" if r.match else "[red]no")
+    for r in rows:
+        table.add_row(r.path, r.model, r.rank, r.energy, r.prompt, r.output, "[green]yes" if r.match else "[red]no")
     console.print(table)
     matched = sum(r.match for r in rows)
     console.print(
