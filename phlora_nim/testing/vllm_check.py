@@ -172,12 +172,19 @@ def peft_greedy(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    tokens = {"base": greedy_tokens(model, prompts, max_new_tokens)}
-    for name, folder in adapters.items():
-        peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-        tokens[name] = greedy_tokens(peft_model, prompts, max_new_tokens)
-        model = peft_model.unload()  # the base modules back, unmerged, for the next adapter
+    # One thread: small batches gain little from two, and OpenMP threads spinning on a shared or
+    # oversubscribed machine (pytest -n 2) made each SmolLM2 forward 30× slower (7.7 s vs 0.23 s measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        tokens = {"base": greedy_tokens(model, prompts, max_new_tokens)}
+        for name, folder in adapters.items():
+            peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+            tokens[name] = greedy_tokens(peft_model, prompts, max_new_tokens)
+            model = peft_model.unload()  # the base modules back, unmerged, for the next adapter
+    finally:
+        torch.set_num_threads(threads)
     return tokens
 
 
