@@ -16,6 +16,10 @@ For the same rank-16 adapters (8 stand-in fine-tunes of SmolLM2-135M-Instruct, r
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on shared cores
+
 import argparse
 import json
 import logging

