@@ -42,6 +42,37 @@ log = logging.getLogger("phlora_nim.triton")
 _CPU_NOISE = ("CUDA", "cuda", "NVML", "nvml", "DCGM", "dcgm", "CudaDriverHelper", "pinned memory")
 
 
+def check_prefetch_dir(model_repository: Path, model: str = "tensorrt_llm") -> None:
+    """Refuse a ``lora_prefetch_dir`` that does not exist here.
+
+    TensorRT-LLM (``PeftCacheManager::prefetchLoraWeights``) skips a missing folder with only a
+    debug line, and so does the CPU reference: the server would start with no adapter preloaded.
+
+    Raises:
+        InputError: the folder named by ``model``'s config.pbtxt does not exist.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(model_repository) / model / "config.pbtxt"
+    if not path.is_file():
+        return
+    try:
+        config = text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+    except text_format.ParseError:
+        return  # Triton itself reports an unparsable config
+    key = "lora_prefetch_dir"
+    folder = config.parameters[key].string_value if key in config.parameters else ""
+    if folder and not Path(folder).is_dir():
+        raise InputError(
+            "lora_prefetch_dir does not exist here: TensorRT-LLM would silently preload no adapter",
+            where=f"{path} lora_prefetch_dir",
+            expected="the repository's prefetch folder as this server sees it",
+            found=f"{folder} (missing)",
+            fix="convert again with --served-path set to where the server mounts the repository",
+        )
+
+
 class TritonStartError(PhloraError):
     """tritonserver exited or did not become ready."""
 
@@ -267,6 +298,7 @@ class LocalTriton:
                 expected="a folder written by `phlora-nim convert`",
                 fix="run `phlora-nim convert … --model-repository DIR` first",
             )
+        check_prefetch_dir(self.model_repository)
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
             if not port_is_free(port, self.host):
                 raise OptionError(
