@@ -222,6 +222,27 @@ LLM_PARAMETERS = set(_LLM_PARAMETER_NAMES.split())
 PREPROCESSING_PARAMETERS = {"tokenizer_dir", "add_special_tokens", "multimodal_model_path", "gpt_model_path"}
 PREPROCESSING_PARAMETERS |= {"max_num_images", "hf_model_path"}
 POSTPROCESSING_PARAMETERS = {"tokenizer_dir", "skip_special_tokens"}
+# Parameters read with no default, so a config without them does not load (``ModelState::GetParameter``
+# throws "Cannot find parameter with name: …", the model fails at initialize). Read in
+# tensorrtllm_backend inflight_batcher_llm/src/model_instance_state.cc at v0.19.0, and at c2e65b8 (the
+# last commit before the backend moved into TensorRT-LLM's triton_backend/ for v0.20.0; the same reads
+# there): ModelInstanceState::getBatchingTypeFromParams (gpt_model_type, outside any try);
+# ModelInstanceState::getGuidedDecodingConfigFromParams (tokenizer_dir, xgrammar_tokenizer_info_path,
+# guided_decoding_backend; empty strings mean "no guided decoding"). gpt_model_path is read in a try
+# in the constructor, but then TLLM_CHECK_WITH_INFO "Both encoder and decoder model paths are empty".
+BACKEND_REQUIRED = {
+    release: {"gpt_model_type", "gpt_model_path", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"}
+    for release in ("0.19", "0.20")
+}
+# all_models/inflight_batcher_llm/<model>/1/model.py, TritonPythonModel.initialize, same at both
+# releases: model_config['parameters'][key] (a KeyError when missing). preprocessing: tokenizer_dir and
+# multimodal_model_path (gpt_model_path only for multimodal models); postprocessing: tokenizer_dir;
+# tensorrt_llm_bls reads every parameter with .get().
+MODEL_PY_REQUIRED = {
+    "preprocessing": {"tokenizer_dir", "multimodal_model_path"},
+    "postprocessing": {"tokenizer_dir"},
+    "tensorrt_llm_bls": set(),
+}
 # Our own Python models (not upstream's model.py files) take these too.
 OWN_PARAMETERS = {"default_max_tokens"}
 # Upstream requires these; our preprocessing defaults them (a client that sends them works on both).
@@ -316,3 +337,62 @@ def test_unknown_release_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(OptionError, match="--trtllm-version"):
         RepositorySettings(base=str(tmp_path), trtllm_version="0.18")
+
+
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_every_parameter_the_backend_requires_is_written(release: str, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, release)
+    params = llm_config(settings, RegistryState(), tmp_path).parameters
+    missing = BACKEND_REQUIRED[release] - set(params)
+    assert not missing, f"the tensorrtllm backend would fail to load: no {sorted(missing)}"
+    for key in BACKEND_REQUIRED[release]:
+        assert "${" not in params[key].string_value, key  # a template placeholder left unfilled
+    assert params["gpt_model_type"].string_value in ("inflight_fused_batching", "inflight_batching", "V1")
+    assert params["gpt_model_path"].string_value  # empty: "Both encoder and decoder model paths are empty"
+    # Empty guided-decoding values turn guided decoding off; a non-empty info path would have to exist.
+    assert params["guided_decoding_backend"].string_value == params["xgrammar_tokenizer_info_path"].string_value == ""
+
+
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_upstream_text_models_would_load_our_configs(release: str, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, release)
+    for config in (preprocessing_config(settings), postprocessing_config(settings)):
+        missing = MODEL_PY_REQUIRED[config.name] - set(config.parameters)
+        assert not missing, f"upstream {config.name}/1/model.py would raise KeyError: {sorted(missing)}"
+    # multimodal_model_path empty means a text-only model to upstream's preprocessing.
+    assert preprocessing_config(settings).parameters["multimodal_model_path"].string_value == ""
+
+
+def _engine(paged: bool) -> dict:
+    return {
+        "version": "0.20.0",
+        "pretrained_config": {
+            "dtype": "float16",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_size": 16,
+            "intermediate_size": 128,
+            "mapping": {"tp_size": 1},
+        },
+        "build_config": {
+            "lora_config": {"max_lora_rank": 8, "lora_target_modules": ["attn_q", "attn_k", "attn_v"]},
+            "plugin_config": {"lora_plugin": "float16", "use_paged_context_fmha": paged},
+        },
+    }
+
+
+def test_chunked_context_follows_paged_context_fmha(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from phlora_nim.converters.errors import OptionError
+
+    base = _settings(tmp_path, "0.20")
+    for paged, expected in ((True, "true"), (False, "false")):
+        settings = replace(base, engine=_engine(paged))
+        got = llm_config(settings, RegistryState(), tmp_path).parameters["enable_chunked_context"].string_value
+        assert got == expected
+    asked = replace(base, engine=_engine(False), llm_parameters={"enable_chunked_context": "true"})
+    with pytest.raises(OptionError, match="Chunked context requires context FMHA, paged kv_cache"):
+        llm_config(asked, RegistryState(), tmp_path)
