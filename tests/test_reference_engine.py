@@ -66,9 +66,10 @@ def _mutations() -> list[tuple[str, object, str]]:
         return w, c
 
     def rank(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Rows padded wide enough for rank 17: the runtime checks the length before the rank.
         c = c.copy()
         c[0, 0, 2] = 17
-        return w, c
+        return np.concatenate([w, np.zeros((*w.shape[:2], 17 * 64 * 2), dtype=w.dtype)], axis=2), c
 
     def rows(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return w[:, :-1], c
@@ -89,7 +90,7 @@ def _mutations() -> list[tuple[str, object, str]]:
 
     return [
         ("layer", layer, "Expected layerId to be in the range [0, numModelLayers)"),
-        ("rank", rank, "Invalid low_rank (17)"),
+        ("rank", rank, "Invalid low_rank (17). low_rank must be smaller than mMaxLowRank (16)"),
         ("rows", rows, "Expected dim1 lora_weights and lora_keys to have the same size"),
         ("module", module, "lora module cross_attn_q not enabled for this model"),
         ("short", short, "lora_weights has to few values for attn_q"),
