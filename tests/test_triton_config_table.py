@@ -231,7 +231,13 @@ POSTPROCESSING_PARAMETERS = {"tokenizer_dir", "skip_special_tokens"}
 # guided_decoding_backend; empty strings mean "no guided decoding"). gpt_model_path is read in a try
 # in the constructor, but then TLLM_CHECK_WITH_INFO "Both encoder and decoder model paths are empty".
 BACKEND_REQUIRED = {
-    release: {"gpt_model_type", "gpt_model_path", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"}
+    release: {
+        "gpt_model_type",
+        "gpt_model_path",
+        "tokenizer_dir",
+        "guided_decoding_backend",
+        "xgrammar_tokenizer_info_path",
+    }
     for release in ("0.19", "0.20")
 }
 # all_models/inflight_batcher_llm/<model>/1/model.py, TritonPythonModel.initialize, same at both

@@ -263,9 +263,12 @@ def _plan_for(
     )
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / _MiB:.1f} MiB" if nbytes >= _MiB else f"{nbytes / 1024:.1f} KiB"
+
+
 def _check_host(plan: LoraCachePlan, request: CacheRequest, *, where: str) -> None:
     page = plan.page
-    mib = page.page_bytes / _MiB
     fix = "raise --lora-cache-mb, or preload fewer adapters (--prefetch-limit N, --prefetch NAME)"
     if request.host_bytes and request.host_bytes < page.min_bytes:
         raise OptionError(
@@ -279,7 +282,7 @@ def _check_host(plan: LoraCachePlan, request: CacheRequest, *, where: str) -> No
     if plan.host_pages < plan.host_pages_needed:
         preloaded = sum(plan.pages[n] for n in plan.prefetched)
         raise OptionError(
-            f"the host LoRA cache has {plan.host_pages} pages of {mib:.1f} MiB; the {len(plan.prefetched)} "
+            f"the host LoRA cache has {plan.host_pages} pages of {_size(page.page_bytes)}; the {len(plan.prefetched)} "
             f"preloaded adapters take {preloaded} and {plan.spare} spare adapters "
             f"{plan.host_pages_needed - preloaded}: TensorRT-LLM would stop at start (Cache is full)",
             where=f"{where} lora_cache_host_memory_bytes",
