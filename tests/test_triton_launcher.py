@@ -31,6 +31,22 @@ def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
         LocalTriton(tmp_path / "nope").start()
 
 
+def test_a_prefetch_dir_missing_here_is_refused(tmp_path: Path, run_cli) -> None:
+    """TensorRT-LLM skips a missing lora_prefetch_dir silently (PeftCacheManager::prefetchLoraWeights):
+    the server would start with no adapter preloaded, so ``phlora-nim triton`` refuses first."""
+    llm = tmp_path / "repo" / "tensorrt_llm"
+    llm.mkdir(parents=True)
+    missing = tmp_path / "elsewhere" / "tensorrt_llm" / "lora_prefetch"
+    (llm / "config.pbtxt").write_text(
+        'name: "tensorrt_llm"\nbackend: "python"\n'
+        f'parameters {{ key: "lora_prefetch_dir" value {{ string_value: "{missing}" }} }}\n'
+    )
+    with pytest.raises(InputError, match="lora_prefetch_dir does not exist here"):
+        LocalTriton(tmp_path / "repo").start()
+    code, _, err = run_cli("triton", "-m", tmp_path / "repo", "--grpc-port", free_port(), "--http-port", free_port())
+    assert code == 2 and str(missing) in err and "--served-path" in err and "Traceback" not in err
+
+
 def test_port_taken_is_a_clear_error(tmp_path: Path, run_cli) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
