@@ -472,7 +472,7 @@ def _trtllm_args(base: Path, fts: list[Path], repo: Path, tmp_path: Path) -> lis
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
     args: list[object] = ["convert", "--base", base, "-m", repo, "-r", "8", "--dtype", "float16"]
     args += ["--backend", "tensorrtllm", "--engine-config", _engine_config(tmp_path, **f16)]
-    for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
+    for ft, name in zip(fts, ("support", "legal", "code")[: len(fts)], strict=True):
         args += ["--finetuned", ft, "--name", name]
     return args
 
