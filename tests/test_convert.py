@@ -504,6 +504,11 @@ def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> N
     assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch-limit", "3")[0] == 0
     params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
     assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch") and not preload.exists()
+    # Removing a named adapter drops it from --prefetch (the repository stays writable).
+    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch", "legal")[0] == 0
+    code, _, err = run_cli("remove", "legal", "-m", repo, "--grace", "0")
+    assert code == 0, err
+    assert json.loads((repo / "phlora_repository.json").read_text())["prefetch_names"] == []
 
 
 @pytest.mark.parametrize(

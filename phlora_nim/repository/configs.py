@@ -300,7 +300,7 @@ def cache_request(settings: RepositorySettings) -> CacheRequest:
         optimal_adapter_size=_int_parameter(settings, "lora_cache_optimal_adapter_size"),
         max_adapter_size=_int_parameter(settings, "lora_cache_max_adapter_size"),
         gpu_free_bytes=settings.gpu_free_memory_bytes,
-        max_batch_size=min(int(batch), settings.max_batch_size),
+        max_batch_size=int(batch),  # the executor batches up to the engine's max_batch_size
     )
 
 

@@ -35,6 +35,9 @@ def remove_adapter(root: Path, name: str, *, grace: float = DEFAULT_GRACE_S) -> 
             state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)
         if settings is not None:
+            if name in settings.prefetch_names:  # no longer preloaded: it is gone
+                kept = tuple(n for n in settings.prefetch_names if n != name)
+                settings = dataclasses.replace(settings, prefetch_names=kept)
             write_repository(root, settings, state)
     return entry
 
