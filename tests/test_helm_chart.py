@@ -733,6 +733,8 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--finetuned=/checkpoints/legal-summaries",
         "--name=legal-summaries",
         "--model-repository=/models",
+        "--served-path=/models",  # Triton mounts the volume there too; the Job checks it is real
+        "--check-served-path",
         "--backend=tensorrtllm",
         "--rank=64",
         "--dtype=bfloat16",
@@ -768,6 +770,9 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert names["same"] == job["metadata"]["name"]
     assert len(set(names.values())) == 3 and all(len(n) <= 63 for n in names.values())
     assert "--energy=0.95" in _main_container(_one(render(chart, by_energy), "Job"))["args"]
+    capped = _deep_merge(values, {"conversion": {"prefetch": ["support-bot"], "prefetchLimit": 4}})
+    args = _main_container(_one(render(chart, capped), "Job"))["args"]
+    assert args[args.index("--prefetch=support-bot") :][:2] == ["--prefetch=support-bot", "--prefetch-limit=4"]
 
 
 def _cli_options(command: str) -> set[str] | None:

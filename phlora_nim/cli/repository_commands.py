@@ -160,6 +160,56 @@ def convert_command(
             rich_help_panel=_KEPT,
         ),
     ] = None,
+    prefetch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prefetch",
+            help="Adapter preloaded at start, repeatable (only these unless --prefetch-limit adds the most used).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    prefetch_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--prefetch-limit",
+            help="Preload at most N adapters: the --prefetch ones, then the most used (--prefetch-usage), "
+            "then by name; the router sends the others on first use (default: all).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    prefetch_usage: Annotated[
+        Path | None,
+        typer.Option(
+            "--prefetch-usage",
+            help="Request counts per adapter: the router's /metrics text or a JSON object {name: count}.",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    lora_cache_spare: Annotated[
+        int | None,
+        typer.Option(
+            "--lora-cache-spare",
+            help="Adapters (of the largest kind) the LoRA cache keeps room for besides the preloaded ones "
+            "(default: --max-batch-size).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    gpu_free_memory_gib: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-free-memory-gib",
+            help="tensorrtllm: free GPU memory when the LoRA cache is allocated; sizes "
+            "lora_cache_gpu_memory_fraction (default: 0.05 as TensorRT-LLM).",
+            rich_help_panel=_KEPT,
+        ),
+    ] = None,
+    check_served_path: Annotated[
+        bool,
+        typer.Option(
+            "--check-served-path",
+            help="Refuse unless --served-path is this repository here (run where Triton mounts it).",
+        ),
+    ] = False,
     strict: Annotated[bool, StrictOpt] = False,
     device: DeviceOpt = "cpu",
     replace: Annotated[
@@ -217,6 +267,11 @@ def convert_command(
         lora_cache_mb=lora_cache_mb,
         trtllm_version=trtllm_version,
         llm_parameters=_key_values(llm_parameter, flag="--llm-parameter"),
+        prefetch_names=tuple(prefetch) if prefetch else None,
+        prefetch_limit=prefetch_limit,
+        prefetch_usage=_usage(prefetch_usage),
+        lora_cache_spare=lora_cache_spare,
+        gpu_free_memory_bytes=None if gpu_free_memory_gib is None else int(gpu_free_memory_gib * (1 << 30)),
     )
     job = ConvertJob(
         base=base,
@@ -231,9 +286,19 @@ def convert_command(
         tp=tp,
         engine_config=engine_config,
         strict=strict,
+        check_served_path=check_served_path,
     )
     done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
+
+
+def _usage(path: Path | None) -> dict[str, float] | None:
+    """Request counts from ``--prefetch-usage`` (None when not given: the repository keeps its own)."""
+    if path is None:
+        return None
+    from phlora_nim.repository.lora_cache_plan import read_usage
+
+    return read_usage(path)
 
 
 def _key_values(items: list[str] | None, *, flag: str) -> dict[str, str] | None:
@@ -255,7 +320,7 @@ def _repository_settings(
     *,
     base: Path,
     lora_cache_mb: int | None,
-    **given: str | int | bool | dict[str, str] | None,
+    **given: str | int | bool | dict[str, str] | dict[str, float] | tuple[str, ...] | None,
 ) -> tuple[RepositorySettings, frozenset[str]]:
     """The repository settings of ``convert``'s options, and the names of those not given (``None``).
 
@@ -369,14 +434,37 @@ def engine_plan_command(
     checkpoint_dir: Annotated[
         str, typer.Option("--checkpoint-dir", help="TensorRT-LLM checkpoint folder to show in the command.")
     ] = "<trtllm_checkpoint_dir>",
+    engine_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--engine-config",
+            help="A built engine's config.json: size the LoRA cache for it (default: the engine these flags build).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Print the trtllm-build LoRA flags that fit every registered adapter."""
-    from phlora_nim.repository.maintenance import engine_plan, read_registry
+    """Print the trtllm-build LoRA flags that fit every registered adapter, and the LoRA cache
+    parameters of the tensorrt_llm model (TensorRT-LLM's page rule) that hold them."""
+    from phlora_nim.repository.maintenance import cache_plan_summary, engine_plan, read_registry
 
-    plan = engine_plan(read_registry(model_repository))
+    state = read_registry(model_repository)
+    plan = engine_plan(state)
+    plan["lora_cache"] = cache_plan_summary(model_repository, state, plan, engine_config=engine_config)
     if as_json:
         out_console.print_json(json.dumps(plan))
         return
     command = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
     out_console.print(shlex.join(command), soft_wrap=True, markup=False, highlight=False)
+    cache = plan["lora_cache"]
+    mib = 1 << 20
+    out_console.print(
+        f"# tensorrt_llm LoRA cache: pages of {cache['page_bytes'] / mib:.1f} MiB; {len(cache['prefetched'])} "
+        f"adapters preloaded + room for {cache['spare_adapters']} more = {cache['host_pages_needed']} host pages; "
+        f"the GPU cache needs {cache['gpu_pages_needed']} pages ({cache['gpu_bytes_needed'] / mib:.0f} MiB, so "
+        f"{cache['gpu_free_bytes_needed_at_fraction'] / (1 << 30):.1f} GiB free at the fraction below)",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+    for key, value in cache["parameters"].items():
+        out_console.print(f"{key}={value}", markup=False, highlight=False)
