@@ -285,6 +285,8 @@ BAD_VALUES = [
     ({"conversion": {"checkpoints": []}}, SCHEMA, r"additional properties 'checkpoints' not allowed"),
     ({"conversion": {"finetuned": [{"name": "a"}]}}, SCHEMA, r"/conversion/finetuned/0': missing property 'path'"),
     ({"conversion": {"energy": 1.5}}, SCHEMA, r"/conversion/energy': maximum"),
+    ({"conversion": {"prefetchLimit": -1}}, SCHEMA, r"/conversion/prefetchLimit': minimum: got -1, want 0"),
+    ({"conversion": {"prefetch": ["a", "a"]}}, SCHEMA, r"/conversion/prefetch'"),
     ({"modelRepository": {"source": "s3"}}, SCHEMA, r"/modelRepository/source': value must be one of"),
     ({"router": {"autoscaling": {"minReplicas": 0}}}, SCHEMA, r"/router/autoscaling/minReplicas': minimum"),
     ({"metrics": {"prometheusRule": {"errorRatio": 0}}}, SCHEMA, r"/metrics/prometheusRule/errorRatio'"),
@@ -751,6 +753,10 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert volumes["model-repository"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert "readOnly" not in mounts["model-repository"], "the Job writes the store"
+    # The path the Job checks (--served-path) is where Triton mounts the repository.
+    triton = _main_container(_one(rendered["profile:conversion-job"], "Deployment", "triton"))
+    served = {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}["model-repository"]
+    assert f"--served-path={served}" in container["args"] and served == mounts["model-repository"]["mountPath"]
     assert mounts["engine"] == {
         "name": "engine",
         "mountPath": "/engines/base",
