@@ -78,8 +78,15 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     assert inputs["lora_task_id"].data_type == mc.TYPE_UINT64
     assert list(inputs["lora_config"].dims) == [-1, 3]
     params = {k: v.string_value for k, v in llm.parameters.items()}
-    assert int(params["lora_cache_max_adapter_size"]) >= 8
+    # The toy Llama's pages (PeftCacheManager::getPageManagerConfig): one-d sizes q 128, k/v 96,
+    # dense 128, MLP 192 -> width 96; 2+1+1+2+3·2 = 12 slots per layer; optimal 8 · 12 · 2 layers =
+    # 192 slots of 96 float16 = 36864 bytes a page. A rank-8 adapter: 11+8+8+11+3·16 = 86 slots a
+    # layer, 172 in all: one page. 3 preloaded + 8 spare (the max batch size) = 11 pages.
+    assert params["lora_cache_optimal_adapter_size"] == params["lora_cache_max_adapter_size"] == "8"
+    assert params["lora_cache_host_memory_bytes"] == str(11 * 36864)
     assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch")
+    # Read with no default by the backend; empty, as upstream's template leaves them: no guided decoding.
+    assert params["tokenizer_dir"] == params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == ""
     assert not (repo / LLM_MODEL / "1" / "model.py").exists()  # C++ backend: no Python model
     ensemble = _config(repo, ENSEMBLE_MODEL)
     llm_step = next(s for s in ensemble.ensemble_scheduling.step if s.model_name == LLM_MODEL)
@@ -94,8 +101,12 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     plan = json.loads(out)
     assert plan["max_lora_rank"] == 8 and plan["lora_plugin"] == "float16"
     assert plan["lora_target_modules"] == LLAMA_TRTLLM_MODULES
+    # The engine these flags build has the converted-for engine's shape: the same cache parameters.
+    assert plan["lora_cache"]["parameters"] == {k: v for k, v in params.items() if k.startswith("lora_cache_")}
+    assert plan["lora_cache"]["page_bytes"] == 36864 and plan["lora_cache"]["host_pages_needed"] == 11
     code, out, _ = run_cli("engine-plan", "-m", repo)
     assert "--lora_plugin float16" in out and "--max_lora_rank 8" in out
+    assert f"lora_cache_host_memory_bytes={11 * 36864}" in out
 
     code, out, _ = run_cli("adapters", "-m", repo, "--json")
     listed = json.loads(out)
@@ -144,8 +155,16 @@ def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, 
 
 
 def _engine_config(tmp_path: Path, **over: object) -> Path:
-    cfg = {
-        "pretrained_config": {"dtype": "float32", "num_hidden_layers": 2},
+    cfg = {  # the toy Llama's shape, as trtllm-build records it
+        "pretrained_config": {
+            "dtype": "float32",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_size": 16,
+            "intermediate_size": 128,
+        },
         "build_config": {
             "plugin_config": {"lora_plugin": "float32"},
             "lora_config": {
@@ -449,3 +468,79 @@ def test_bad_repository_options_are_refused(llama_finetunes, run_cli, tmp_path: 
     code, _, err = run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", tmp_path / "r", "-r", "2", *args)
     assert code == 2 and match in " ".join(err.split()) and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def _trtllm_args(base: Path, fts: list[Path], repo: Path, tmp_path: Path) -> list[object]:
+    f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
+    args: list[object] = ["convert", "--base", base, "-m", repo, "-r", "8", "--dtype", "float16"]
+    args += ["--backend", "tensorrtllm", "--engine-config", _engine_config(tmp_path, **f16)]
+    for ft, name in zip(fts, ("support", "legal", "code")[: len(fts)], strict=True):
+        args += ["--finetuned", ft, "--name", name]
+    return args
+
+
+def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps({"support": 3, "legal": 40, "code": 7}))
+    args = [*_trtllm_args(base, fts, repo, tmp_path), "--prefetch-limit", "1", "--prefetch-usage", usage]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    state = Registry(repo).read()
+    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    # TensorRT-LLM preloads every folder of lora_prefetch_dir: it names a folder with the most used only.
+    assert params["lora_prefetch_dir"] == "/models/tensorrt_llm/lora_preload"
+    preload = repo / "tensorrt_llm" / "lora_preload"
+    assert [p.name for p in preload.iterdir()] == [str(state.adapters["legal"].task_id)]
+    for f in ("model.lora_weights.npy", "model.lora_config.npy"):
+        linked, source = (
+            preload / str(state.adapters["legal"].task_id) / f,
+            prefetch_dir(repo, state.adapters["legal"].task_id) / f,
+        )
+        assert linked.read_bytes() == source.read_bytes()
+    assert params["lora_cache_host_memory_bytes"] == str((1 + 8) * 36864)  # 1 preloaded + 8 spare pages
+    # Kept by later runs; lifting the cap preloads all again and the preload folder goes.
+    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path))[0] == 0
+    assert preload.is_dir()
+    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch-limit", "3")[0] == 0
+    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch") and not preload.exists()
+    # Removing a named adapter drops it from --prefetch (the repository stays writable).
+    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch", "legal")[0] == 0
+    code, _, err = run_cli("remove", "legal", "-m", repo, "--grace", "0")
+    assert code == 0, err
+    assert json.loads((repo / "phlora_repository.json").read_text())["prefetch_names"] == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        # 1 MiB holds floor(2^20 / 192) = 5461 slots: 29 pages of 192 slots; 3 + 40 spare do not fit
+        (
+            ["--lora-cache-mb", "1", "--lora-cache-spare", "40"],
+            "has 29 pages of 36.0 KiB; the 3 preloaded adapters take 3",
+        ),
+        (["--prefetch", "nobody"], "not registered"),
+        (["--served-path", "/nowhere", "--check-served-path"], "the served path is not this model repository"),
+        (["--llm-parameter", "enable_chunked_context=true"], "Chunked context requires context FMHA"),
+    ],
+)
+def test_a_cache_that_cannot_fit_writes_nothing(extra, match, llama_finetunes, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    code, _, err = run_cli(*_trtllm_args(base, fts, repo, tmp_path), *extra)
+    assert code == 2, err
+    assert match in err, err
+    assert "Traceback" not in err
+    assert _snapshot(repo) == {}
+
+
+def test_served_path_checked_where_the_repository_is_mounted(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    args = [*_trtllm_args(base, fts[:1], repo, tmp_path), "--served-path", str(repo), "--check-served-path"]
+    assert run_cli(*args)[0] == 0
+    params = _config(repo, LLM_MODEL).parameters
+    assert params["lora_prefetch_dir"].string_value == f"{repo}/tensorrt_llm/lora_prefetch"

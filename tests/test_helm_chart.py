@@ -285,6 +285,8 @@ BAD_VALUES = [
     ({"conversion": {"checkpoints": []}}, SCHEMA, r"additional properties 'checkpoints' not allowed"),
     ({"conversion": {"finetuned": [{"name": "a"}]}}, SCHEMA, r"/conversion/finetuned/0': missing property 'path'"),
     ({"conversion": {"energy": 1.5}}, SCHEMA, r"/conversion/energy': maximum"),
+    ({"conversion": {"prefetchLimit": -1}}, SCHEMA, r"/conversion/prefetchLimit': minimum: got -1, want 0"),
+    ({"conversion": {"prefetch": ["a", "a"]}}, SCHEMA, r"/conversion/prefetch'"),
     ({"modelRepository": {"source": "s3"}}, SCHEMA, r"/modelRepository/source': value must be one of"),
     ({"router": {"autoscaling": {"minReplicas": 0}}}, SCHEMA, r"/router/autoscaling/minReplicas': minimum"),
     ({"metrics": {"prometheusRule": {"errorRatio": 0}}}, SCHEMA, r"/metrics/prometheusRule/errorRatio'"),
@@ -733,6 +735,8 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--finetuned=/checkpoints/legal-summaries",
         "--name=legal-summaries",
         "--model-repository=/models",
+        "--served-path=/models",  # Triton mounts the volume there too; the Job checks it is real
+        "--check-served-path",
         "--backend=tensorrtllm",
         "--rank=64",
         "--dtype=bfloat16",
@@ -749,6 +753,10 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert volumes["model-repository"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert "readOnly" not in mounts["model-repository"], "the Job writes the store"
+    # The path the Job checks (--served-path) is where Triton mounts the repository.
+    triton = _main_container(_one(rendered["profile:conversion-job"], "Deployment", "triton"))
+    served = {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}["model-repository"]
+    assert f"--served-path={served}" in container["args"] and served == mounts["model-repository"]["mountPath"]
     assert mounts["engine"] == {
         "name": "engine",
         "mountPath": "/engines/base",
@@ -768,6 +776,9 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert names["same"] == job["metadata"]["name"]
     assert len(set(names.values())) == 3 and all(len(n) <= 63 for n in names.values())
     assert "--energy=0.95" in _main_container(_one(render(chart, by_energy), "Job"))["args"]
+    capped = _deep_merge(values, {"conversion": {"prefetch": ["support-bot"], "prefetchLimit": 4}})
+    args = _main_container(_one(render(chart, capped), "Job"))["args"]
+    assert args[args.index("--prefetch=support-bot") :][:2] == ["--prefetch=support-bot", "--prefetch-limit=4"]
 
 
 def _cli_options(command: str) -> set[str] | None:

@@ -34,11 +34,14 @@ def test_cache_is_lru_in_bytes_and_never_evicts_adapters_in_use() -> None:
     cache.unpin(1)
     cache.insert(_task(5, 100))  # 1 was the only evictable one
     assert 1 not in cache and 3 in cache
-    with pytest.raises(LoraRequestError, match="Cache is full"):
-        cache.insert(_task(6, 301))
     # Weights sent again for a cached id are ignored: the first weights stay.
     first = cache.lookup(5)
     assert cache.insert(_task(5, 7)) is first
+    # Evicting every adapter not in use (5) still leaves too little room: the runtime's claim then
+    # fails its pageIds.has_value() assertion (LoraCache::claimPagesWithEvict), with 5 gone.
+    with pytest.raises(LoraRequestError, match=r"Assertion failed: pageIds\.has_value\(\)"):
+        cache.insert(_task(6, 201))
+    assert 5 not in cache and cache.task_ids() == [3, 4]
     assert not_found_message(9) == "LoRA task 9 not found in cache. Please send LoRA weights with request"
 
 
@@ -63,9 +66,10 @@ def _mutations() -> list[tuple[str, object, str]]:
         return w, c
 
     def rank(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Rows padded wide enough for rank 17: the runtime checks the length before the rank.
         c = c.copy()
         c[0, 0, 2] = 17
-        return w, c
+        return np.concatenate([w, np.zeros((*w.shape[:2], 17 * 64 * 2), dtype=w.dtype)], axis=2), c
 
     def rows(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return w[:, :-1], c
@@ -86,7 +90,7 @@ def _mutations() -> list[tuple[str, object, str]]:
 
     return [
         ("layer", layer, "Expected layerId to be in the range [0, numModelLayers)"),
-        ("rank", rank, "Invalid low_rank (17)"),
+        ("rank", rank, "Invalid low_rank (17). low_rank must be smaller than mMaxLowRank (16)"),
         ("rows", rows, "Expected dim1 lora_weights and lora_keys to have the same size"),
         ("module", module, "lora module cross_attn_q not enabled for this model"),
         ("short", short, "lora_weights has to few values for attn_q"),

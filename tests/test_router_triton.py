@@ -633,8 +633,11 @@ def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> N
         assert sends == len(ADAPTERS)  # weights sent once per adapter, ids alone afterwards
 
 
-def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_path: Path) -> None:
-    with standin(standin_repo(tmp_path / "full", capacity=0)) as full:
+# capacity 0: "PEFT Cache is full"; -1: eviction freed too few pages and the runtime failed its
+# pageIds.has_value() assertion (LoraCache::claimPagesWithEvict): back-pressure too, never INTERNAL.
+@pytest.mark.parametrize("capacity", [0, -1], ids=["cache-full", "pages-exhausted"])
+def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_path: Path, capacity: int) -> None:
+    with standin(standin_repo(tmp_path / "full", capacity=capacity)) as full:
         name = next(n for n in ADAPTERS if rank_replicas(n, [full.grpc_url, triton.grpc_url])[0] == full.grpc_url)
         with routed(config(repo_root, full.grpc_url, triton.grpc_url)) as (running, c):
             assert infer(c, name) == shifted(OFFSET[name])  # spilled to the replica with room

@@ -485,9 +485,12 @@ def test_a_readiness_answer_older_than_a_mark_down_does_not_put_the_replica_back
 )
 def test_every_cache_full_text_is_back_pressure(text: str, full: bool) -> None:
     from phlora_nim.converters.trtllm_contract import FULL, MISS, is_cache_full
-    from phlora_nim.router.delivery import _answers
+    from phlora_nim.router.delivery import _CacheFull, _Missed, _verdict
 
     assert is_cache_full(text) is full
-    assert _answers(FULL, text) is full  # another replica, else RESOURCE_EXHAUSTED; never INTERNAL
-    assert _answers(MISS, text) is ("not found in cache" in text)
-    assert _answers("", text) is False
+    # Another replica, else RESOURCE_EXHAUSTED; never INTERNAL. The id-only call (expecting MISS)
+    # is back-pressure too: loading a host-cached adapter into a full GPU cache fails the same way.
+    assert _verdict(text, FULL) is (_CacheFull if full else None)
+    missed = _Missed if "not found in cache" in text else None
+    assert _verdict(text, MISS) is (_CacheFull if full else missed)
+    assert _verdict(text, "") is None

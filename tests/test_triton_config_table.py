@@ -222,6 +222,33 @@ LLM_PARAMETERS = set(_LLM_PARAMETER_NAMES.split())
 PREPROCESSING_PARAMETERS = {"tokenizer_dir", "add_special_tokens", "multimodal_model_path", "gpt_model_path"}
 PREPROCESSING_PARAMETERS |= {"max_num_images", "hf_model_path"}
 POSTPROCESSING_PARAMETERS = {"tokenizer_dir", "skip_special_tokens"}
+# Parameters read with no default, so a config without them does not load (``ModelState::GetParameter``
+# throws "Cannot find parameter with name: …", the model fails at initialize). Read in
+# tensorrtllm_backend inflight_batcher_llm/src/model_instance_state.cc at v0.19.0, and at c2e65b8 (the
+# last commit before the backend moved into TensorRT-LLM's triton_backend/ for v0.20.0; the same reads
+# there): ModelInstanceState::getBatchingTypeFromParams (gpt_model_type, outside any try);
+# ModelInstanceState::getGuidedDecodingConfigFromParams (tokenizer_dir, xgrammar_tokenizer_info_path,
+# guided_decoding_backend; empty strings mean "no guided decoding"). gpt_model_path is read in a try
+# in the constructor, but then TLLM_CHECK_WITH_INFO "Both encoder and decoder model paths are empty".
+BACKEND_REQUIRED = {
+    release: {
+        "gpt_model_type",
+        "gpt_model_path",
+        "tokenizer_dir",
+        "guided_decoding_backend",
+        "xgrammar_tokenizer_info_path",
+    }
+    for release in ("0.19", "0.20")
+}
+# all_models/inflight_batcher_llm/<model>/1/model.py, TritonPythonModel.initialize, same at both
+# releases: model_config['parameters'][key] (a KeyError when missing). preprocessing: tokenizer_dir and
+# multimodal_model_path (gpt_model_path only for multimodal models); postprocessing: tokenizer_dir;
+# tensorrt_llm_bls reads every parameter with .get().
+MODEL_PY_REQUIRED = {
+    "preprocessing": {"tokenizer_dir", "multimodal_model_path"},
+    "postprocessing": {"tokenizer_dir"},
+    "tensorrt_llm_bls": set(),
+}
 # Our own Python models (not upstream's model.py files) take these too.
 OWN_PARAMETERS = {"default_max_tokens"}
 # Upstream requires these; our preprocessing defaults them (a client that sends them works on both).
@@ -318,40 +345,24 @@ def test_unknown_release_is_refused(tmp_path: Path) -> None:
         RepositorySettings(base=str(tmp_path), trtllm_version="0.18")
 
 
-# Parameters the real ``tensorrt_llm`` backend reads with no default (outside try/catch): a
-# missing one throws ``Cannot find parameter with name: …`` (``ModelState::GetParameter``) and the
-# model fails to load. Upstream's template always carries them (empty when unused).
-_REQUIRED_0_20 = {
-    # TensorRT-LLM triton_backend/inflight_batcher_llm/src/model_instance_state.cc,
-    # ModelInstanceState::getBatchingTypeFromParams
-    "gpt_model_type",
-    # same file, ModelInstanceState::getGuidedDecodingConfigFromParams (all three, unguarded)
-    "tokenizer_dir",
-    "xgrammar_tokenizer_info_path",
-    "guided_decoding_backend",
-}
-REQUIRED_LLM_PARAMETERS = {
-    "0.20": _REQUIRED_0_20,
-    # tensorrtllm_backend inflight_batcher_llm/src/model_instance_state.cc: getBatchingTypeFromParams
-    # reads gpt_model_type unguarded; getGuidedDecodingConfigFromParams (the same three reads) is in
-    # the releases since guided decoding came to the C++ backend, 0.19 included. Writing the three
-    # (empty) is harmless where a release does not read them: unknown parameters are ignored.
-    "0.19": _REQUIRED_0_20,
-}
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_tensorrt_llm_config_carries_every_parameter_the_backend_requires(release: str, tmp_path: Path) -> None:
+    params = llm_config(_settings(tmp_path, release), RegistryState(), tmp_path).parameters
+    missing = BACKEND_REQUIRED[release] - set(params)
+    assert not missing, f"the tensorrt_llm backend would fail to load: {sorted(missing)} absent"
+    for key in BACKEND_REQUIRED[release]:
+        assert "${" not in params[key].string_value, key  # a template placeholder left unfilled
+    assert params["gpt_model_type"].string_value == "inflight_fused_batching"
+    assert params["gpt_model_path"].string_value  # empty: "Both encoder and decoder model paths are empty"
+    # Empty (as upstream's filled template leaves them) turns guided decoding off; a non-empty info
+    # path would have to exist.
+    for name in ("guided_decoding_backend", "xgrammar_tokenizer_info_path"):
+        assert params[name].string_value == "", name
+
+
 # Our preprocessing / postprocessing (phlora_nim/triton/models/text.py, _TokenizerModel.initialize)
 # index params["tokenizer_dir"]; every other parameter has a default there.
 REQUIRED_TEXT_PARAMETERS = {"tokenizer_dir"}
-
-
-@pytest.mark.parametrize("release", ["0.20", "0.19"])
-def test_tensorrt_llm_config_carries_every_parameter_the_backend_requires(release: str, tmp_path: Path) -> None:
-    config = llm_config(_settings(tmp_path, release), RegistryState(), tmp_path)
-    missing = REQUIRED_LLM_PARAMETERS[release] - set(config.parameters)
-    assert not missing, f"the tensorrt_llm backend would fail to load: {sorted(missing)} absent"
-    assert config.parameters["gpt_model_type"].string_value == "inflight_fused_batching"
-    # Empty (as upstream's filled template leaves them) turns guided decoding off.
-    for name in ("guided_decoding_backend", "xgrammar_tokenizer_info_path"):
-        assert config.parameters[name].string_value == "", name
 
 
 @pytest.mark.parametrize("release", ["0.20", "0.19"])
@@ -362,13 +373,45 @@ def test_text_models_carry_every_parameter_they_index(release: str, tmp_path: Pa
         assert config.parameters["tokenizer_dir"].string_value == str(tmp_path), config.name
 
 
+@pytest.mark.parametrize("release", ["0.20", "0.19"])
+def test_upstream_text_models_would_load_our_configs(release: str, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, release)
+    for config in (preprocessing_config(settings), postprocessing_config(settings)):
+        missing = MODEL_PY_REQUIRED[config.name] - set(config.parameters)
+        assert not missing, f"upstream {config.name}/1/model.py would raise KeyError: {sorted(missing)}"
+    # multimodal_model_path empty means a text-only model to upstream's preprocessing.
+    assert preprocessing_config(settings).parameters["multimodal_model_path"].string_value == ""
+
+
+def _engine(plugin: dict, *, legacy: bool = False) -> dict:
+    """A small engine config.json (2 layers, 3 LoRA modules) with ``plugin`` as its plugin_config."""
+    pretrained = {
+        "dtype": "float16",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_size": 16,
+        "intermediate_size": 128,
+        "mapping": {"tp_size": 1},
+    }
+    lora = {"max_lora_rank": 8, "lora_target_modules": ["attn_q", "attn_k", "attn_v"]}
+    if legacy:  # no version: builder_config and a top-level plugin_config (gptJsonConfig.cpp)
+        return {"pretrained_config": pretrained, "builder_config": lora, "plugin_config": plugin}
+    return {
+        "version": "0.20.0",
+        "pretrained_config": pretrained,
+        "build_config": {"lora_config": lora, "plugin_config": plugin},
+    }
+
+
 @pytest.mark.parametrize(
     "engine, chunked",
     [
-        ({"build_config": {"plugin_config": {"use_paged_context_fmha": True}}}, "true"),
-        ({"build_config": {"plugin_config": {"use_paged_context_fmha": False}}}, "false"),
-        ({"build_config": {"plugin_config": {}}}, "false"),
-        ({"plugin_config": {"use_paged_context_fmha": True}}, "true"),  # legacy layout
+        (_engine({"lora_plugin": "float16", "use_paged_context_fmha": True}), "true"),
+        (_engine({"lora_plugin": "float16", "use_paged_context_fmha": False}), "false"),
+        (_engine({"lora_plugin": "float16"}), "false"),
+        (_engine({"lora_plugin": "float16", "use_paged_context_fmha": True}, legacy=True), "true"),
         (None, "false"),  # no engine read: never claim a build flag we did not see
     ],
 )
@@ -378,3 +421,15 @@ def test_chunked_context_only_for_a_paged_context_fmha_engine(engine, chunked: s
     settings = with_engine(_settings(tmp_path, "0.20"), engine)
     config = llm_config(settings, RegistryState(), tmp_path)
     assert config.parameters["enable_chunked_context"].string_value == chunked
+
+
+def test_chunked_context_asked_of_an_engine_without_paged_context_fmha_is_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.repository.configs import with_engine
+
+    engine = _engine({"lora_plugin": "float16", "use_paged_context_fmha": False})
+    asked = replace(with_engine(_settings(tmp_path, "0.20"), engine), llm_parameters={"enable_chunked_context": "true"})
+    with pytest.raises(OptionError, match="Chunked context requires context FMHA, paged kv_cache"):
+        llm_config(asked, RegistryState(), tmp_path)

@@ -55,7 +55,8 @@ def test_a_missing_lora_prefetch_dir_is_refused_before_the_server_starts(tmp_pat
     with pytest.raises(InputError, match=r"lora_prefetch_dir does not exist.*'/nowhere/repo/"):
         LocalTriton(moved).start()
     code, _, err = run_cli("triton", "-m", moved, "--grpc-port", free_port(), "--http-port", free_port())
-    assert code == 2 and "lora_prefetch_dir does not exist" in err and "Traceback" not in err
+    assert code == 2 and "lora_prefetch_dir does not exist" in err and "--served-path" in err
+    assert "Traceback" not in err
 
 
 def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -24,6 +25,32 @@ from phlora_nim.cli.app import (
     out_console,
     tensor_progress,
 )
+from phlora_nim.cli.convert_options import (
+    BackendOpt,
+    BaseOpt,
+    CheckServedPathOpt,
+    DecoupledOpt,
+    DtypeOpt,
+    EngineConfigOpt,
+    EngineDirOpt,
+    FinetunedOpt,
+    GpuFreeMemoryOpt,
+    GraceOpt,
+    LlmParameterOpt,
+    LoraCacheMbOpt,
+    LoraCacheSpareOpt,
+    MaxBatchSizeOpt,
+    MaxLoraRankOpt,
+    NameOpt,
+    PrefetchLimitOpt,
+    PrefetchOpt,
+    PrefetchUsageOpt,
+    ReplaceOpt,
+    ServedPathOpt,
+    TokenizerDirOpt,
+    TpOpt,
+    TrtllmVersionOpt,
+)
 from phlora_nim.cli.fidelity_options import (
     CalibrationOpt,
     PromptsOpt,
@@ -35,10 +62,8 @@ from phlora_nim.cli.fidelity_options import (
 )
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
 
-# The help panel of the options a later convert into the same repository need not repeat.
-_KEPT = "Repository settings (kept when not given)"
-
 if TYPE_CHECKING:
+    from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.repository.configs import RepositorySettings
     from phlora_nim.repository.convert import Converted, ConvertJob
 
@@ -52,125 +77,38 @@ def register(app: typer.Typer) -> None:
 
 
 def convert_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder (its tokenizer is served too).")],
-    finetuned: Annotated[
-        list[Path], typer.Option("--finetuned", help="Full fine-tune of the base; repeat for several.")
-    ],
+    base: BaseOpt,
+    finetuned: FinetunedOpt,
     model_repository: RepoOpt = Path("model_repository"),
-    name: Annotated[
-        list[str] | None,
-        typer.Option("--name", help="Adapter name per --finetuned, in order (default: folder names)."),
-    ] = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(
-            "--backend",
-            help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference (the default): the CPU "
-            "reference model with the same LoRA contract.",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
+    name: NameOpt = None,
+    backend: BackendOpt = None,
     rank: RankOpt = None,
     energy: EnergyOpt = None,
     budget_params: BudgetOpt = None,
     max_rank: MaxRankOpt = None,
     snap_ranks: SnapOpt = None,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype",
-            help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32; default "
-            "float32).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
-    engine_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--engine-dir", help="tensorrtllm: engine folder as Triton sees it (gpt_model_path).", rich_help_panel=_KEPT
-        ),
-    ] = None,
-    engine_config: Annotated[
-        Path | None,
-        typer.Option(
-            "--engine-config",
-            help="The engine's config.json: refuse adapters it would reject (required with --backend tensorrtllm).",
-        ),
-    ] = None,
-    served_path: Annotated[
-        str | None,
-        typer.Option(
-            "--served-path",
-            help="Where Triton will mount this repository (sets lora_prefetch_dir under it); default: "
-            "the repository's own path for reference, /models for tensorrtllm.",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
-    tokenizer_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--tokenizer-dir",
-            help="Tokenizer folder as Triton will see it (default: --base).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
-    tp: Annotated[int, typer.Option("--tp", help="Tensor parallelism of the engine.")] = 1,
-    max_batch_size: Annotated[
-        int | None,
-        typer.Option("--max-batch-size", help="Triton max batch size (default 8).", rich_help_panel=_KEPT),
-    ] = None,
-    max_lora_rank: Annotated[
-        int | None,
-        typer.Option(
-            "--max-lora-rank", help="reference: largest rank accepted on requests (default 64).", rich_help_panel=_KEPT
-        ),
-    ] = None,
-    lora_cache_mb: Annotated[
-        int | None,
-        typer.Option(
-            "--lora-cache-mb",
-            help="Host LoRA cache (default 0 = sized from the registered adapters).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
-    decoupled: Annotated[
-        bool | None,
-        typer.Option(
-            "--decoupled/--no-decoupled",
-            help="Stream tokens (ModelStreamInfer) instead of one response (default: one response).",
-            rich_help_panel=_KEPT,
-            show_default=False,
-        ),
-    ] = None,
-    trtllm_version: Annotated[
-        str | None,
-        typer.Option(
-            "--trtllm-version",
-            help="TensorRT-LLM Triton backend release whose input names are written: 0.20 (v0.20.0 and later: "
-            "seed, min_tokens; the default) or 0.19 (random_seed, min_length).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
-    llm_parameter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--llm-parameter",
-            help="KEY=VALUE parameter of the tensorrt_llm model, repeatable (e.g. max_input_len=1024, "
-            "max_seq_len=2048, max_num_tokens=8192 for the reference model's limits).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
+    dtype: DtypeOpt = None,
+    engine_dir: EngineDirOpt = None,
+    engine_config: EngineConfigOpt = None,
+    served_path: ServedPathOpt = None,
+    tokenizer_dir: TokenizerDirOpt = None,
+    tp: TpOpt = 1,
+    max_batch_size: MaxBatchSizeOpt = None,
+    max_lora_rank: MaxLoraRankOpt = None,
+    lora_cache_mb: LoraCacheMbOpt = None,
+    decoupled: DecoupledOpt = None,
+    trtllm_version: TrtllmVersionOpt = None,
+    llm_parameter: LlmParameterOpt = None,
+    prefetch: PrefetchOpt = None,
+    prefetch_limit: PrefetchLimitOpt = None,
+    prefetch_usage: PrefetchUsageOpt = None,
+    lora_cache_spare: LoraCacheSpareOpt = None,
+    gpu_free_memory_gib: GpuFreeMemoryOpt = None,
+    check_served_path: CheckServedPathOpt = False,
     strict: Annotated[bool, StrictOpt] = False,
     device: DeviceOpt = "cpu",
-    replace: Annotated[
-        bool, typer.Option("--replace", help="Allow a registered name to get different weights (new task id).")
-    ] = False,
-    grace: Annotated[
-        float,
-        typer.Option(
-            "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
-        ),
-    ] = DEFAULT_GRACE_S,
+    replace: ReplaceOpt = False,
+    grace: GraceOpt = DEFAULT_GRACE_S,
     target_recovery: TargetRecoveryOpt = None,
     target_kl: TargetKlOpt = None,
     target_top1: TargetTop1Opt = None,
@@ -188,52 +126,88 @@ def convert_command(
 
     Repository settings not given keep the values the repository was written with.
     """
-    from phlora_nim.repository.convert import ConvertJob
-
-    options = extraction_options(
-        rank=rank,
-        energy=energy,
-        budget=budget_params,
-        max_rank=max_rank,
-        snap=snap_ranks,
-        target_kl=target_kl,
-        target_top1=target_top1,
-        target_recovery=target_recovery,
-        self_probes=self_probes,
-        prompts=prompts,
-        calibration=calibration,
-        device=device,
-    )
-    settings, keep_stored = _repository_settings(
-        base=base,
-        backend=backend,
-        dtype=dtype,
-        engine_dir=engine_dir,
-        served_path=served_path,
-        tokenizer_dir=tokenizer_dir,
-        max_batch_size=max_batch_size,
-        decoupled=decoupled,
-        max_lora_rank=max_lora_rank,
-        lora_cache_mb=lora_cache_mb,
-        trtllm_version=trtllm_version,
-        llm_parameters=_key_values(llm_parameter, flag="--llm-parameter"),
-    )
-    job = ConvertJob(
-        base=base,
-        finetuned=tuple(finetuned),
-        names=tuple(name or ()),
-        repository=model_repository,
-        options=options,
-        settings=settings,
-        keep_stored=keep_stored,
-        replace=replace,
-        grace=grace,
-        tp=tp,
-        engine_config=engine_config,
-        strict=strict,
-    )
+    job = _convert_job(dict(locals()))  # the options by parameter name
     done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
+
+
+# convert's options stored under the same name in the repository settings.
+_SETTING_OPTIONS = (
+    "backend",
+    "dtype",
+    "engine_dir",
+    "served_path",
+    "tokenizer_dir",
+    "max_batch_size",
+    "decoupled",
+    "max_lora_rank",
+    "trtllm_version",
+    "prefetch_limit",
+    "lora_cache_spare",
+)
+
+
+def _convert_job(args: Mapping[str, Any]) -> ConvertJob:
+    """``convert``'s options (by parameter name) as a job: what to extract, into which repository, how."""
+    from phlora_nim.repository.convert import ConvertJob
+
+    settings, keep_stored = _convert_settings(args)
+    return ConvertJob(
+        base=args["base"],
+        finetuned=tuple(args["finetuned"]),
+        names=tuple(args["name"] or ()),
+        repository=args["model_repository"],
+        options=_extraction(args),
+        settings=settings,
+        keep_stored=keep_stored,
+        replace=args["replace"],
+        grace=args["grace"],
+        tp=args["tp"],
+        engine_config=args["engine_config"],
+        strict=args["strict"],
+        check_served_path=args["check_served_path"],
+    )
+
+
+def _extraction(args: Mapping[str, Any]) -> ExtractOptions:
+    """The rank policy or fidelity target ``convert`` extracts each adapter with."""
+    return extraction_options(
+        rank=args["rank"],
+        energy=args["energy"],
+        budget=args["budget_params"],
+        max_rank=args["max_rank"],
+        snap=args["snap_ranks"],
+        target_kl=args["target_kl"],
+        target_top1=args["target_top1"],
+        target_recovery=args["target_recovery"],
+        self_probes=args["self_probes"],
+        prompts=args["prompts"],
+        calibration=args["calibration"],
+        device=args["device"],
+    )
+
+
+def _convert_settings(args: Mapping[str, Any]) -> tuple[RepositorySettings, frozenset[str]]:
+    """The repository settings ``convert``'s options give, and the names of those not given."""
+    gib = args["gpu_free_memory_gib"]
+    return _repository_settings(
+        base=args["base"],
+        lora_cache_mb=args["lora_cache_mb"],
+        **{key: args[key] for key in _SETTING_OPTIONS},
+        llm_parameters=_key_values(args["llm_parameter"], flag="--llm-parameter"),
+        prefetch_names=tuple(args["prefetch"]) if args["prefetch"] else None,
+        prefetch_usage=_usage(args["prefetch_usage"]),
+        gpu_free_memory_bytes=None if gib is None else int(gib * (1 << 30)),
+    )
+
+
+def _usage(path: Path | None) -> dict[str, float] | None:
+    """Request counts from ``--prefetch-usage`` (None when not given: the repository keeps its own)."""
+    if path is None:
+        return None
+    from phlora_nim.repository.lora_cache_plan import read_usage
+
+    return read_usage(path)
 
 
 def _key_values(items: list[str] | None, *, flag: str) -> dict[str, str] | None:
@@ -255,7 +229,7 @@ def _repository_settings(
     *,
     base: Path,
     lora_cache_mb: int | None,
-    **given: str | int | bool | dict[str, str] | None,
+    **given: str | int | bool | dict[str, str] | dict[str, float] | tuple[str, ...] | None,
 ) -> tuple[RepositorySettings, frozenset[str]]:
     """The repository settings of ``convert``'s options, and the names of those not given (``None``).
 
@@ -369,14 +343,37 @@ def engine_plan_command(
     checkpoint_dir: Annotated[
         str, typer.Option("--checkpoint-dir", help="TensorRT-LLM checkpoint folder to show in the command.")
     ] = "<trtllm_checkpoint_dir>",
+    engine_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--engine-config",
+            help="A built engine's config.json: size the LoRA cache for it (default: the engine these flags build).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Print the trtllm-build LoRA flags that fit every registered adapter."""
-    from phlora_nim.repository.maintenance import engine_plan, read_registry
+    """Print the trtllm-build LoRA flags that fit every registered adapter, and the LoRA cache
+    parameters of the tensorrt_llm model (TensorRT-LLM's page rule) that hold them."""
+    from phlora_nim.repository.maintenance import cache_plan_summary, engine_plan, read_registry
 
-    plan = engine_plan(read_registry(model_repository))
+    state = read_registry(model_repository)
+    plan = engine_plan(state)
+    plan["lora_cache"] = cache_plan_summary(model_repository, state, plan, engine_config=engine_config)
     if as_json:
         out_console.print_json(json.dumps(plan))
         return
     command = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
     out_console.print(shlex.join(command), soft_wrap=True, markup=False, highlight=False)
+    cache = plan["lora_cache"]
+    mib = 1 << 20
+    out_console.print(
+        f"# tensorrt_llm LoRA cache: pages of {cache['page_bytes'] / mib:.1f} MiB; {len(cache['prefetched'])} "
+        f"adapters preloaded + room for {cache['spare_adapters']} more = {cache['host_pages_needed']} host pages; "
+        f"the GPU cache needs {cache['gpu_pages_needed']} pages ({cache['gpu_bytes_needed'] / mib:.0f} MiB, so "
+        f"{cache['gpu_free_bytes_needed_at_fraction'] / (1 << 30):.1f} GiB free at the fraction below)",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+    for key, value in cache["parameters"].items():
+        out_console.print(f"{key}={value}", markup=False, highlight=False)

@@ -129,7 +129,14 @@ def not_found_message(task_id: int) -> str:
 
 
 def cache_full_message(task_id: int) -> str:
+    """``PeftCacheManager::addRequestPeft`` rethrowing LoraCacheFullException (no done task to evict)."""
     return f"PEFT {FULL}. Could not store taskId={task_id}"
+
+
+def pages_exhausted_message(task_id: int) -> str:
+    """``PeftCacheManager::addRequestPeft`` wrapping the failed claim (see PAGES_NOT_CLAIMED) as it
+    wraps every put error: ``Error storing task=<id> in PEFT cache -- <what()>``."""
+    return f"Error storing task={task_id} in PEFT cache -- [TensorRT-LLM][ERROR] {PAGES_NOT_CLAIMED} (loraCache.cpp)"
 
 
 def is_cache_full(text: str) -> bool:
@@ -143,6 +150,9 @@ def dtype_mismatch_message(expected: str, found: object) -> str:
 
 def layer_message(layer: int, num_layers: int) -> str:
     return f"{LAYER_OUT_OF_RANGE} (layer {layer}, {num_layers} layers)"
+
+
+ADAPTER_SIZE_NOT_POSITIVE = "Expected adapterSize to be > 0"
 
 
 def rank_message(rank: int, max_rank: int) -> str:
@@ -245,7 +255,7 @@ def row_problems(
     max_rank: int | None,
 ) -> list[RowProblem]:
     """Every problem ``loraValidateRequestTensors`` would reject a row for, in its order of checks
-    (module, layer, rank, length); the runtime stops at the first.
+    (layer, rank > 0, module, length, rank ≤ ``max_lora_rank``); the runtime stops at the first.
 
     Args:
         config_rows: ``[N, 3|4]`` rows ``[module_id, layer, rank]``.
@@ -260,16 +270,18 @@ def row_problems(
         module_id, layer, rank = (int(x) for x in row[:3])
         name = module_name(module_id)
         shape = dims(module_id, layer)
-        if shape is None:
-            found.append(RowProblem(i, name, layer, module_message(name)))
         if num_layers is not None and not 0 <= layer < num_layers:
             found.append(RowProblem(i, name, layer, layer_message(layer, num_layers)))
-        if max_rank is not None and not 0 < rank <= max_rank:
-            found.append(RowProblem(i, name, layer, rank_message(rank, max_rank)))
-        elif shape is not None and row_length(rank, *shape) > width:
+        if max_rank is not None and rank <= 0:
+            found.append(RowProblem(i, name, layer, f"{ADAPTER_SIZE_NOT_POSITIVE} (found {rank})"))
+        if shape is None:
+            found.append(RowProblem(i, name, layer, module_message(name)))
+        elif rank > 0 and row_length(rank, *shape) > width:
             found.append(
                 RowProblem(i, name, layer, too_few_values_message(name, layer, row_length(rank, *shape), width))
             )
+        if max_rank is not None and rank > max_rank:
+            found.append(RowProblem(i, name, layer, rank_message(rank, max_rank)))
     return found
 
 
@@ -337,8 +349,10 @@ class EngineSpec:
 
     Fields follow ``gptJsonConfig.cpp`` (``parseJson``, ``parseLora``): ``build_config.lora_config``
     (``max_lora_rank``, ``lora_target_modules``), ``build_config.plugin_config.lora_plugin``,
-    ``pretrained_config`` (``dtype``, ``mapping.tp_size``, dims); legacy engines (``version``
-    missing) keep them under ``builder_config`` and a top-level ``plugin_config``.
+    ``pretrained_config`` (``dtype``, ``mapping.tp_size`` / ``pp_size``, dims); legacy engines
+    (``version`` missing) keep them under ``builder_config`` and a top-level ``plugin_config``.
+    ``paged_context_fmha`` is ``plugin_config.use_paged_context_fmha`` (``parsePluginConfig``
+    → ``setPagedContextFMHA``): chunked context needs it.
     """
 
     lora_plugin: str | None
@@ -351,6 +365,8 @@ class EngineSpec:
     # plugin_config.use_paged_context_fmha: chunked context needs it (ModelInstanceState logs
     # "requires building the model with use_paged_context_fmha"; the executor refuses it otherwise).
     paged_context_fmha: bool = False
+    pp: int = 1
+    max_batch_size: int | None = None
 
     def module_dims(self, name: str) -> tuple[int, int] | None:
         """The engine's (in, out) for a built-in module; None when not built in (or dims unknown)."""
@@ -393,6 +409,8 @@ def engine_spec(engine_config: dict[str, Any]) -> EngineSpec:
         targets=tuple(lora_cfg.get("lora_target_modules") or ()),
         paged_context_fmha=bool(plugin.get("use_paged_context_fmha")),
         dims=dims,
+        pp=int(mapping.get("pp_size") or legacy.get("pipeline_parallel") or 1),
+        max_batch_size=build.get("max_batch_size", legacy.get("max_batch_size")),
     )
 
 

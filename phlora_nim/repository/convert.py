@@ -36,7 +36,16 @@ from phlora_nim.jobs.pipeline import (
     require_config,
     write_report_files,
 )
-from phlora_nim.repository.configs import RepositorySettings, require_engine_config, with_engine, write_repository
+from phlora_nim.repository.configs import (
+    RepositorySettings,
+    check_served_path,
+    engine_parameters,
+    lora_cache_plan,
+    planned_adapters,
+    require_engine_config,
+    with_engine,
+    write_repository,
+)
 from phlora_nim.repository.layout import (
     DEFAULT_GRACE_S,
     LLM_MODEL,
@@ -47,6 +56,7 @@ from phlora_nim.repository.layout import (
     base_tokenizer_dir,
     prefetch_dir,
 )
+from phlora_nim.repository.lora_cache_plan import engine_shape
 from phlora_nim.repository.maintenance import check_grace
 from phlora_nim.repository.registry import AdapterEntry, Registry
 from phlora_nim.repository.tokenizer_files import copy_tokenizer_files
@@ -74,6 +84,8 @@ class ConvertJob:
         engine_config: a TensorRT-LLM engine ``config.json`` every adapter must fit.
         strict: refuse a module the engine would compute wrongly (o_proj where heads × head_dim ≠
             hidden size) instead of leaving it out of the TensorRT-LLM rows with a warning.
+        check_served_path: refuse unless ``settings.served_path`` is this repository here (run
+            where Triton mounts it: the chart's conversion Job).
     """
 
     base: Path
@@ -88,6 +100,7 @@ class ConvertJob:
     tp: int = 1
     engine_config: Path | None = None
     strict: bool = False
+    check_served_path: bool = False
 
     def __post_init__(self) -> None:
         if not self.finetuned:
@@ -287,9 +300,9 @@ def convert(
     root = Path(job.repository)
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
-    require_engine_config(job.settings.backend, job.engine_config)
-    engine = read_json(job.engine_config, what="engine config") if job.engine_config else None
-    job = dataclasses.replace(job, settings=with_engine(job.settings, engine))
+    job, engine = _with_engine(job)
+    if job.check_served_path:
+        check_served_path(job.settings, root)
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
         model_config = require_config(plan)
         with _created_on_failure_removed(root), _staging(root) as stage:
@@ -314,6 +327,22 @@ def convert(
             if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's HTTP front
                 _replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
             return done
+
+
+def _with_engine(job: ConvertJob) -> tuple[ConvertJob, dict[str, Any] | None]:
+    """The job with the engine config stored in its settings (given now, or kept from an earlier run),
+    checked before any extraction: the cache can be sized from it and its chunked-context setting holds.
+    """
+    settings = job.settings
+    require_engine_config(settings.backend, job.engine_config, stored=bool(settings.engine))
+    if job.engine_config is not None:
+        settings = with_engine(settings, read_json(job.engine_config, what="engine config"))
+    if settings.backend != "tensorrtllm":  # an engine config given anyway still checks the adapters
+        return dataclasses.replace(job, settings=settings), settings.engine or None
+    where = str(job.engine_config or "the engine config stored in the repository")
+    engine_shape(settings.engine, where=where)
+    engine_parameters(settings)
+    return dataclasses.replace(job, settings=settings), settings.engine
 
 
 def _stage(
@@ -378,6 +407,8 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
                 trtllm_layout=item.layout,
             )
             entries.append((entry, old))
+        # Refused here, before anything moves: adapters the engine's LoRA cache cannot hold.
+        lora_cache_plan(job.settings, planned_adapters(state, root, staged={i.name: i.tensors for i in staged}))
         for (entry, old), item in zip(entries, staged, strict=True):
             unchanged = (
                 old is not None

@@ -8,6 +8,7 @@ model_repository/
   tensorrt_llm/lora_prefetch/<task_id>/model.lora_{weights,config}.npy   lora_prefetch_dir
   tensorrt_llm/adapters/<name>/                              NIM / PEFT adapter store (+ the fine-tune's tokenizer)
   tensorrt_llm/tokenizer/                                    the base checkpoint's tokenizer files
+  tensorrt_llm/lora_preload/<task_id>/                       lora_prefetch_dir when only some adapters are preloaded
 ```
 
 Adapters sit inside the ``tensorrt_llm`` model folder: Triton takes every top-level folder for a
@@ -28,6 +29,9 @@ ENSEMBLE_MODEL = "ensemble"
 PREFETCH_DIR = f"{LLM_MODEL}/lora_prefetch"
 ADAPTER_STORE = f"{LLM_MODEL}/adapters"
 BASE_TOKENIZER = f"{LLM_MODEL}/tokenizer"
+# lora_prefetch_dir when only some adapters are preloaded: links to their PREFETCH_DIR folders
+# (TensorRT-LLM preloads every numeric folder of lora_prefetch_dir).
+PRELOAD_DIR = f"{LLM_MODEL}/lora_preload"
 # Seconds the files of removed and replaced adapters outlive their registry entry: a router reads
 # the registry every second or so and may route to an adapter until it has.
 DEFAULT_GRACE_S = 60.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.extract import DTYPES
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES
-from phlora_nim.repository.configs import RepositorySettings, write_repository
+from phlora_nim.converters.json_files import read_json
+from phlora_nim.repository.configs import RepositorySettings, cache_request, planned_adapters, write_repository
 from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir, prefetch_dir
+from phlora_nim.repository.lora_cache_plan import engine_shape, plan_cache
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState, utc_now
 
 
@@ -36,6 +39,9 @@ def remove_adapter(
             state.delete_later(Path(root), folder, grace=grace, adapter=name)
         settings = RepositorySettings.load(root)
         if settings is not None:
+            if name in settings.prefetch_names:  # no longer preloaded: it is gone
+                kept = tuple(n for n in settings.prefetch_names if n != name)
+                settings = dataclasses.replace(settings, prefetch_names=kept)
             write_repository(root, settings, state)
     return entry
 
@@ -80,3 +86,53 @@ def engine_plan(state: RegistryState, *, dtype: str | None = None) -> dict[str, 
         "prefetch_dir": PREFETCH_DIR,
         "flags": flags,
     }
+
+
+def planned_engine_config(plan: dict[str, Any], base: Path, *, tp: int = 1) -> dict[str, Any]:
+    """The ``config.json`` an engine built with ``plan``'s flags from ``base`` would have (the LoRA and
+    shape fields TensorRT-LLM sizes its LoRA cache from)."""
+    config = read_json(Path(base) / "config.json", what="base model config")
+    heads = int(config["num_attention_heads"])
+    return {
+        "version": "planned",
+        "pretrained_config": {
+            "dtype": plan["lora_plugin"],
+            "num_hidden_layers": int(config["num_hidden_layers"]),
+            "hidden_size": int(config["hidden_size"]),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
+            "head_size": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+            "intermediate_size": int(config.get("intermediate_size") or 0),
+            "mapping": {"tp_size": tp},
+        },
+        "build_config": {
+            "lora_config": {"max_lora_rank": plan["max_lora_rank"], "lora_target_modules": plan["lora_target_modules"]},
+            "plugin_config": {"lora_plugin": plan["lora_plugin"]},
+        },
+    }
+
+
+def cache_plan_summary(
+    root: Path, state: RegistryState, plan: dict[str, Any], *, engine_config: Path | None = None
+) -> dict[str, Any]:
+    """The LoRA cache parameters to serve the registered adapters with, by TensorRT-LLM's page rule.
+
+    From ``engine_config`` when given, else from the engine ``plan`` describes (built from the base
+    checkpoint the repository was converted from).
+
+    Raises:
+        InputError / OptionError: no settings or base config, or the adapters cannot fit.
+    """
+    settings = RepositorySettings.load(root)
+    if settings is None:
+        raise InputError("no repository settings", where=str(Path(root)), fix="run `phlora-nim convert` first")
+    if engine_config is not None:
+        engine, where = read_json(engine_config, what="engine config"), str(engine_config)
+    else:
+        tp = max((int(e.trtllm_layout.get("tp", 1)) for e in state.adapters.values()), default=1)
+        engine, where = planned_engine_config(plan, Path(settings.base), tp=tp), "the planned engine"
+    settings = dataclasses.replace(settings, backend="tensorrtllm", engine=engine)
+    cache = plan_cache(
+        planned_adapters(state, root), engine_shape(engine, where=where), cache_request(settings), where=where
+    )
+    return cache.summary()

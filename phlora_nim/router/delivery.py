@@ -3,10 +3,12 @@
 One path serves both unary and streaming inference; a :class:`Transport` says how to send bytes to
 a replica and read its answers. For an adapter, a replica believed to hold it gets the id alone; a
 ``not found in cache`` answer (it evicted the adapter) sends the request once more with the
-weights. ``Cache is full`` moves the request to the next replica, and when every replica is full the
-client gets ``RESOURCE_EXHAUSTED``. A replica that is unavailable, or hung (see :mod:`watchdog`), is
-taken out of rotation and the request is retried once on another, when nothing was delivered to the
-client yet and the request is not part of a stateful sequence.
+weights. A full LoRA cache (``Cache is full``, or the runtime's failed ``pageIds.has_value()``
+assertion when eviction frees too few pages) moves the request to the next replica, and when every
+replica is full the client gets ``RESOURCE_EXHAUSTED``, never ``INTERNAL``. A replica that is
+unavailable, or hung (see :mod:`watchdog`), is taken out of rotation and the request is retried
+once on another, when nothing was delivered to the client yet and the request is not part of a
+stateful sequence.
 """
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ class _Missed(Exception):
     """The replica no longer holds the adapter: send the weights."""
 
 
+def _verdict(text: str, expect: str) -> type[Exception] | None:
+    """What an upstream error text means for a call expecting ``expect`` (MISS or FULL; "" = nothing)."""
+    if not expect or not text:
+        return None
+    if is_cache_full(text):  # either call: the id-only one too fails so when the GPU cache has no room
+        return _CacheFull
+    return _Missed if expect == MISS and MISS in text else None
+
+
 class _Hung(Exception):
     """The replica stopped answering and failed a readiness probe; the call was cancelled."""
-
-
-def _answers(expect: str, text: str) -> bool:
-    """Whether an upstream error text is the awaited MISS or FULL (FULL: any cache-full text)."""
-    if not expect:
-        return False
-    return is_cache_full(text) if expect == FULL else expect in text
 
 
 @dataclass
@@ -266,24 +270,25 @@ class Delivery:
         expect: str,
     ) -> AsyncIterator[T]:
         """One upstream call; ``expect`` (MISS or FULL) as its first answer raises :class:`_Missed` /
-        :class:`_CacheFull` instead of reaching the client."""
+        :class:`_CacheFull` instead of reaching the client (a full cache, on either call)."""
         missed = False
         dog = Watchdog(self.config.attempt_timeout, lambda: self.pool.probe(replica))
         try:
             async with contextlib.aclosing(transport.send(replica, payload, remaining(), dog)) as answers:
                 async for answer in answers:
-                    error = transport.error_of(answer)
-                    if not attempt.delivered and _answers(expect, error):
-                        if expect == FULL:
-                            raise _CacheFull
+                    verdict = None if attempt.delivered else _verdict(transport.error_of(answer), expect)
+                    if verdict is _CacheFull:
+                        raise _CacheFull
+                    if verdict is _Missed:
                         missed = True  # read on: the upstream call ends by itself after its final answer
                     if missed:
                         continue
                     attempt.delivered = True
                     yield answer
         except grpc.aio.AioRpcError as exc:
-            if not attempt.delivered and _answers(expect, exc.details() or ""):
-                raise _CacheFull if expect == FULL else _Missed from None
+            verdict = None if attempt.delivered else _verdict(exc.details() or "", expect)
+            if verdict is not None:
+                raise verdict from None
             raise
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -2,7 +2,8 @@
 
 A bounded LRU keyed by ``lora_task_id``; weights for a new id are stored (weights sent again for a
 cached id are ignored, as the runtime does); an id-only request for an id not in the cache fails
-with the runtime's message; a cache with no room fails with ``Cache is full``. What a request
+with the runtime's message; a cache with no room fails with ``Cache is full`` (capacity 0), or with
+the failed ``pageIds.has_value()`` assertion of an eviction that freed too few pages (capacity -1). What a request
 computed proves which weights were applied: ``y = x + round(sum(lora_weights))``. A batched request
 is resolved row by row, each row with its own slice (dim 0) of every LoRA input, as TensorRT-LLM
 splits a batch.
@@ -15,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.converters.trtllm_contract import ROWS_MISMATCH, cache_full_message, not_found_message
+from phlora_nim.converters.trtllm_contract import (
+    ROWS_MISMATCH,
+    cache_full_message,
+    not_found_message,
+    pages_exhausted_message,
+)
 
 
 def read(request: Any, name: str) -> np.ndarray | None:
@@ -59,7 +65,9 @@ class LoraCache:
             raise LoraError(not_found_message(task_id))
         if weights.shape[-2] != config.shape[-2]:
             raise LoraError(ROWS_MISMATCH)
-        if self.capacity <= 0:
+        if self.capacity < 0:  # eviction freed too few pages: the runtime's failed assertion
+            raise LoraError(pages_exhausted_message(task_id))
+        if self.capacity == 0:
             raise LoraError(cache_full_message(task_id))
         total = float(np.round(np.asarray(weights, dtype=np.float64).sum()))
         self.entries[task_id] = total

@@ -31,6 +31,7 @@ from phlora_nim.converters.trtllm_contract import (
     incompatible_dtypes_message,
     module_name,
     not_found_message,
+    pages_exhausted_message,
     read_runtime_npy,
     row_problems,
     tensor_problems,
@@ -202,21 +203,25 @@ class LoraCache:
             return task
 
     def insert(self, task: LoraTask) -> LoraTask:
-        """Add an adapter, evicting least recently used ones not in use; ``Cache is full`` otherwise.
+        """Add an adapter, evicting least recently used ones not in use; fail as the runtime fails otherwise.
 
-        An id already cached keeps its weights (the runtime ignores weights sent again).
+        ``LoraCache::claimPagesWithEvict``: with nothing evictable, ``Cache is full``; when evicting
+        every adapter not in use still leaves too little room, they are all gone and the claim fails
+        the ``pageIds.has_value()`` assertion. An id already cached keeps its weights (the runtime
+        ignores weights sent again).
         """
         with self._lock:
             if task.task_id in self._tasks:
                 self._tasks.move_to_end(task.task_id)
                 return self._tasks[task.task_id]
-            if task.nbytes > self.capacity_bytes:
-                raise CacheFullError(cache_full_message(task.task_id))
+            evicted = 0
             while self.used_bytes + task.nbytes > self.capacity_bytes:
                 victim = next((tid for tid in self._tasks if not self._in_use.get(tid)), None)
                 if victim is None:
-                    raise CacheFullError(cache_full_message(task.task_id))
+                    message = pages_exhausted_message if evicted else cache_full_message
+                    raise CacheFullError(message(task.task_id))
                 del self._tasks[victim]
+                evicted += 1
                 self.evictions += 1
                 log.debug("evicted LoRA task %d", victim)
             self._tasks[task.task_id] = task
