@@ -87,7 +87,8 @@ def test_forced_exact_match_equals_greedy_generation(linear_pair) -> None:
     """One teacher-forced pass says whether greedy decoding yields a continuation exactly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phlora_nim.jobs.fidelity import FidelityProbe, exact_match, greedy_generate, task_probe, toy_task
+    from phlora_nim.jobs.fidelity import FidelityProbe, greedy_generate
+    from phlora_nim.testing.fidelity_tasks import exact_match, task_probe, toy_task
 
     base, ft = linear_pair
     tok = AutoTokenizer.from_pretrained(ft)
@@ -108,7 +109,7 @@ def test_forced_exact_match_equals_greedy_generation(linear_pair) -> None:
 
 
 def test_tasks_are_split_without_overlap() -> None:
-    from phlora_nim.jobs.fidelity import addition_task, spelled_digits_task
+    from phlora_nim.testing.fidelity_tasks import addition_task, spelled_digits_task
 
     for make in (addition_task, spelled_digits_task):
         task = make(n_test=64)
