@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -162,11 +162,6 @@ class SweepRow:
     top1: float
     accuracy: float
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def megabytes_fp16(self) -> float:
-        return self.params * 2 / 1e6
 
 
 def task_probe(base_model: Any, finetuned_model: Any, tokenizer: Any, task: Task) -> FidelityProbe:
