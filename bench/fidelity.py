@@ -121,10 +121,10 @@ def task_for(name: str, tokenizer: Any, n_eval: int) -> ftasks.Task:
 
 
 def finetuned_checkpoint(work: Path, base: Path, task: ftasks.Task, setup: Setup) -> tuple[Path, dict[str, Any]]:
-    """``work/ft-<task>``: a full fine-tune of the base on the task (cached)."""
+    """``work/ft-<task>-<steps>x<lr>``: a full fine-tune of the base on the task (cached per setting)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = work / f"ft-{task.name}"
+    out = work / f"ft-{task.name}-{setup.steps}x{setup.lr:g}"
     meta = out / "finetune.json"
     if meta.is_file():
         return out, json.loads(meta.read_text())
