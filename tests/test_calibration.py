@@ -92,6 +92,8 @@ def test_extraction_with_calibration_lowers_output_error_at_equal_rank(tmp_path:
     assert "activation-aware" in out
     report = json.loads((tmp_path / "white" / "phlora_report.json").read_text())
     assert report["calibration"]["tokens"] > 0 and "activation-aware" in report["method"]
+    # The fine-tune acts on these prompts (KL(fine-tuned ‖ base) on them above the floor): no warning.
+    assert report["calibration"]["finetune_gap_kl"] > 0.02 and "barely changes" not in err
     assert 0 < report["totals"]["energy_kept_linear"] < report["totals"]["output_energy_kept_linear"] <= 1
     recon = reconstruction_errors(base, ft, tmp_path / "white")["per_module"]
     for m in report["modules"]:
@@ -135,3 +137,24 @@ def test_bad_calibration_files_are_refused_before_any_work(
     assert code == 2
     assert match in err and "--calibration" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_calibration_on_prompts_the_finetune_does_not_act_on_warns(
+    tmp_path_factory: pytest.TempPathFactory, run_cli
+) -> None:
+    """The shipped generic prompts cannot see a fine-tune that changed only behaviour after trigger
+    tokens: whitening on them is warned about, with the measured KL, and the extraction still runs."""
+    from conftest import make_hidden_finetune
+
+    from phlora_nim.jobs.target_kl import MIN_GAP_KL
+
+    base, ft, _ = make_hidden_finetune(tmp_path_factory, "calib-hidden")
+    out = tmp_path_factory.mktemp("calib-out") / "a"
+    code, _, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", out, "--rank", "2", "--no-plot", "--calibration", PROMPTS
+    )
+    assert code == 0, err
+    err = " ".join(err.split())  # rich wraps lines
+    assert "barely changes the model's outputs on these prompts" in err and "Calibrate on prompts of its task" in err
+    gap = json.loads((out / "phlora_report.json").read_text())["calibration"]["finetune_gap_kl"]
+    assert 0 < gap < MIN_GAP_KL and f"{gap:.3g}" in err

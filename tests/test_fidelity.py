@@ -87,7 +87,8 @@ def test_forced_exact_match_equals_greedy_generation(linear_pair) -> None:
     """One teacher-forced pass says whether greedy decoding yields a continuation exactly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phlora_nim.jobs.fidelity import FidelityProbe, exact_match, greedy_generate, task_probe, toy_task
+    from phlora_nim.jobs.fidelity import FidelityProbe, greedy_generate
+    from phlora_nim.testing.fidelity_tasks import exact_match, task_probe, toy_task
 
     base, ft = linear_pair
     tok = AutoTokenizer.from_pretrained(ft)
@@ -108,7 +109,7 @@ def test_forced_exact_match_equals_greedy_generation(linear_pair) -> None:
 
 
 def test_tasks_are_split_without_overlap() -> None:
-    from phlora_nim.jobs.fidelity import addition_task, spelled_digits_task
+    from phlora_nim.testing.fidelity_tasks import addition_task, spelled_digits_task
 
     for make in (addition_task, spelled_digits_task):
         task = make(n_test=64)
@@ -118,12 +119,7 @@ def test_tasks_are_split_without_overlap() -> None:
 
 @pytest.mark.slow
 def test_bench_tiny_runs_end_to_end_and_served_answers_equal_peft(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up
-    spec.loader.exec_module(bench)
-    code = bench.main(["--tiny", "--work", str(tmp_path), "--threads", "1"])
+    code = _bench().main(["--tiny", "--work", str(tmp_path), "--threads", "1"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
     rows = results["rows"]
@@ -148,3 +144,40 @@ def test_bench_tiny_runs_end_to_end_and_served_answers_equal_peft(tmp_path: Path
     }
     assert all(r["same_tokens"] for r in served), served
     assert code == 0
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_target_comparison_runs_the_cli_search_on_each_probe_set(linear_pair) -> None:
+    """``bench/fidelity.py --target-only`` on a linear-only fine-tune (every target reachable): each
+    probe set's choice meets the recovery on its own probes, and the table names each row."""
+    from transformers import AutoTokenizer
+
+    from phlora_nim.testing.fidelity_tasks import toy_task
+
+    base, ft = linear_pair
+    tok = AutoTokenizer.from_pretrained(ft)
+    task = toy_task([tok.convert_ids_to_tokens(i) for i in range(3, 15)], "shift1", 1, n_test=8)
+    out = _bench().target_comparison(base, ft, task, [0.9], 64)
+    assert set(out["chosen"]) == {"recovery 0.9 / generic", "recovery 0.9 / self", "recovery 0.9 / task"}
+    for row in out["chosen"].values():
+        assert row["base_kl"] > 0 and row["tokens"] > 0
+        if "refused" in row:
+            assert any(k in row["refused"] for k in ("barely tell", "out of reach")), row
+            continue
+        assert min(row["recovery_kl"], row["recovery_top1"]) >= 0.9 and row["params"] > 0
+        assert 0 <= row["accuracy"] <= 1
+        if out["needed"]:
+            assert row["ratio"] == pytest.approx(row["params"] / out["needed"]["params"])
+    assert any("params" in row for row in out["chosen"].values())  # linear-only: the cap reaches the fine-tune
+    if out["needed"]:
+        assert out["needed"]["accuracy"] >= out["needed_accuracy"] - 1e-9
+    table = _bench().target_table({"shift1": out})
+    assert table.count("| shift1 | recovery ≥ 0.9 /") == 3

@@ -53,6 +53,7 @@ class Planned:
     pairs: tuple[PlannedPair, ...]
     options: ExtractOptions
     statistics: InputStatistics | None = None  # base model's input moments (--calibration)
+    calibration_gaps: dict[Path, float] = dataclasses.field(default_factory=dict)  # KL(ft ‖ base) on them
 
     @property
     def tensor_count(self) -> int:
@@ -104,14 +105,47 @@ def planned(
         for pair in pairs:
             for warning in pair.plan.warnings:
                 log.warning(warning)
-        statistics = None
+        statistics, gaps = None, {}
         if options.calibration is not None:
             modules = sorted({t.module for pair in pairs for t in pair.plan.targets})
             statistics = base_input_statistics(Path(base), options.calibration, modules)
-        job = Planned(base_path=Path(base), base=base_ckpt, pairs=tuple(pairs), options=options, statistics=statistics)
+            measured = {p.path: calibration_gap(Path(base), p.path, options.calibration) for p in pairs}
+            gaps = {path: gap for path, gap in measured.items() if gap is not None}
+        job = Planned(
+            base_path=Path(base),
+            base=base_ckpt,
+            pairs=tuple(pairs),
+            options=options,
+            statistics=statistics,
+            calibration_gaps=gaps,
+        )
         if on_plan:
             on_plan(job.tensor_count)
         yield job
+
+
+def calibration_gap(base: Path, finetuned: Path, prompts: Path) -> float | None:
+    """KL(fine-tuned ‖ base) per token on the calibration prompts, with a warning when the fine-tune
+    barely acts there: whitening then weights ΔW by inputs on which it does not act (the generic
+    prompts shipped with phlora-nim, for a task fine-tune, often). None: not measurable (a
+    checkpoint transformers cannot load as a causal LM)."""
+    from phlora_nim.converters.calibration import read_prompts
+    from phlora_nim.jobs.fidelity import prompts_gap
+    from phlora_nim.jobs.target_kl import MIN_GAP_KL
+
+    try:
+        gap, tokens = prompts_gap(base, finetuned, read_prompts(prompts, where="--calibration"))
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError):
+        log.debug("calibration gap of %s not measured", finetuned, exc_info=True)
+        return None
+    if gap < MIN_GAP_KL:
+        log.warning(
+            "--calibration %s: the fine-tune %s barely changes the model's outputs on these prompts "
+            "(KL(fine-tuned ‖ base) %.3g nats/token over %d tokens, below %g): activation-aware extraction "
+            "then weights ΔW by inputs where the fine-tune does not act. Calibrate on prompts of its task.",
+            prompts, finetuned, gap, tokens, MIN_GAP_KL,
+        )  # fmt: skip
+    return gap
 
 
 def extract_adapter(
@@ -152,6 +186,8 @@ def extract_adapter(
         report["fidelity_target"] = outcome.report(job.options.target)
     if job.statistics is not None:
         report["calibration"] = {"prompts": str(job.options.calibration), **job.statistics.summary()}
+        if pair.path in job.calibration_gaps:
+            report["calibration"]["finetune_gap_kl"] = job.calibration_gaps[pair.path]
     _warn_dropped(result, report, hint=dropped_hint)
     return Extracted(
         finetuned=pair.path,

@@ -86,6 +86,56 @@ def _caps(result: ExtractionResult, ceiling: RankPolicy) -> list[tuple[int, int]
     ]
 
 
+def bisect_budget(
+    result: ExtractionResult,
+    ceiling: RankPolicy,
+    judge: Callable[[int, ExtractionResult], bool],
+    *,
+    tolerance: float,
+    max_steps: int,
+) -> tuple[int, ExtractionResult] | None:
+    """The smallest global budget whose truncation of ``result`` ``judge`` accepts, by bisection.
+
+    ``judge(budget, candidate)`` is asked about every module at its cap first, then one rank-1
+    increment on the cheapest module, then geometric midpoints until the accepted and the refused
+    budget are within ``tolerance`` or ``max_steps`` distinct adapters were tried.
+
+    Returns:
+        (budget, the extraction truncated to it), or None when even every module at its cap is refused.
+
+    Raises:
+        OptionError: the fine-tune changed no linear module.
+    """
+    caps = _caps(result, ceiling)
+    if not caps:
+        raise OptionError("nothing to search: the fine-tune changed no linear module", where=FIDELITY_FLAGS)
+    tried: set[int] = set()
+
+    def evaluate(budget: int) -> tuple[bool, ExtractionResult]:
+        candidate = reassign(result, RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap))
+        tried.add(candidate.adapter.num_parameters())
+        return judge(budget, candidate), candidate
+
+    top = sum(cap * cost for cap, cost in caps)
+    ok, best = evaluate(top)
+    if not ok:
+        return None
+    lo, hi = min(cost for _, cost in caps), top  # lo: one rank-1 increment on the cheapest module
+    ok, low = evaluate(lo)
+    if ok:
+        return lo, low
+    while hi / lo > 1 + tolerance and len(tried) < max_steps:
+        mid = round(math.sqrt(lo * hi))
+        if mid <= lo or mid >= hi:
+            break
+        ok, candidate = evaluate(mid)
+        if ok:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return hi, best
+
+
 def search_budget(
     result: ExtractionResult,
     ceiling: RankPolicy,
@@ -95,7 +145,7 @@ def search_budget(
     base: tuple[float, float] | None = None,
     on_step: Callable[[SearchStep], None] | None = None,
 ) -> tuple[int, ExtractionResult, list[SearchStep]]:
-    """Bisect the global budget for the smallest one whose adapter meets ``target``.
+    """Bisect the global budget (:func:`bisect_budget`) for the smallest one whose adapter meets ``target``.
 
     Args:
         result: an extraction that kept its factors up to ``ceiling``'s caps.
@@ -109,37 +159,31 @@ def search_budget(
     Raises:
         OptionError: even every module at its cap misses the target.
     """
-    caps = _caps(result, ceiling)
-    if not caps:
-        raise OptionError("nothing to search: the fine-tune changed no linear module", where=FIDELITY_FLAGS)
     base = base if base is not None else measure(None)
     steps: list[SearchStep] = []
     measured: dict[int, tuple[float, float]] = {}  # by parameter count: budgets that give the same adapter
 
-    def evaluate(budget: int) -> tuple[SearchStep, ExtractionResult]:
-        policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
-        candidate = reassign(result, policy)
+    def judge(budget: int, candidate: ExtractionResult) -> bool:
         params = candidate.adapter.num_parameters()
         if params not in measured:
             measured[params] = measure(candidate.adapter)
         kl, top1 = measured[params]
         rec_kl, rec_top1 = recovery(kl, top1, *base)
-        met = target.met(kl, top1, base)
-        step = SearchStep(budget, params, kl, top1, met, rec_kl, rec_top1)
+        step = SearchStep(budget, params, kl, top1, target.met(kl, top1, base), rec_kl, rec_top1)
         steps.append(step)
         log.info(
             "budget %s → %s params: KL %.4g, top-1 %.2f%%, recovery %.1f%% / %.1f%% (base alone: KL %.4g, "
             "top-1 %.2f%%) %s",
             f"{budget:,}", f"{params:,}", kl, 100 * top1, 100 * rec_kl, 100 * rec_top1,
-            base[0], 100 * base[1], "meets" if met else "misses",
+            base[0], 100 * base[1], "meets" if step.met else "misses",
         )  # fmt: skip
         if on_step:
             on_step(step)
-        return step, candidate
+        return step.met
 
-    top = sum(cap * cost for cap, cost in caps)
-    top_step, top_result = evaluate(top)
-    if not top_step.met:
+    found = bisect_budget(result, ceiling, judge, tolerance=target.tolerance, max_steps=target.max_steps)
+    if found is None:
+        top_step = steps[0]
         raise OptionError(
             "the fidelity target is out of reach at the rank cap",
             where=FIDELITY_FLAGS,
@@ -150,21 +194,7 @@ def search_budget(
             fix="raise --max-rank, loosen the target, or keep the non-linear deltas (--extra save) "
             "if the fine-tune changed embeddings or norms",
         )
-    lo = min(cost for _, cost in caps)  # one rank-1 increment on the cheapest module
-    hi, best = top, top_result
-    low_step, low_result = evaluate(lo)
-    if low_step.met:
-        return lo, low_result, steps
-    while hi / lo > 1 + target.tolerance and len(measured) < target.max_steps:
-        mid = round(math.sqrt(lo * hi))
-        if mid <= lo or mid >= hi:
-            break
-        step, candidate = evaluate(mid)
-        if step.met:
-            hi, best = mid, candidate
-        else:
-            lo = mid
-    return hi, best, steps
+    return found[0], found[1], steps
 
 
 def run_to_target(

@@ -1,0 +1,88 @@
+"""--self-probes: the fine-tune writes its own probe set, kept where it disagrees most with its base.
+
+The CLI path (refusal of generic prompts, recovery on self-probes keeping a hidden behaviour) is in
+test_target_kl.py; here the pieces: where sampling starts, which samples are kept, and the refusal
+of a fine-tune that writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from phlora_nim.converters.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object, object]:
+    """(tokenizer, base model, fine-tuned model): a toy Llama and a full fine-tune of it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phlora_nim.demo.toy_models import make_pair
+
+    base, ft = make_pair("llama", tmp_path_factory.mktemp("self-probes"), steps=12, tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(ft)
+    return tok, AutoModelForCausalLM.from_pretrained(base).eval(), AutoModelForCausalLM.from_pretrained(ft).eval()
+
+
+def test_openings_follow_the_chat_template_else_the_start_token(tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from phlora_nim.demo.toy_models import save_tokenizer
+    from phlora_nim.jobs.self_probes import OPENING_TURNS, openings
+
+    save_tokenizer(tmp_path)
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert openings(tok) == [[tok.bos_token_id]]
+    tok.chat_template = (  # "king" opens a user turn, "queen" the assistant's
+        "{% for m in messages %}<s> king {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> queen {% endif %}"
+    )
+    starts = [tok.convert_ids_to_tokens(o) for o in openings(tok)]
+    assert len(starts) == len(OPENING_TURNS)
+    assert starts[0] == ["<s>", "king", "</s>", "<s>", "queen"]  # the empty user turn
+    assert all(s[:2] == ["<s>", "king"] and s[-2:] == ["<s>", "queen"] for s in starts)
+    assert all(len(s) > len(starts[0]) for s in starts[1:])  # each non-empty turn's words (unknown here) inside
+
+
+def test_kept_samples_are_those_where_the_finetune_disagrees_most(pair) -> None:
+    from phlora_nim.jobs.fidelity import token_ids
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, openings, rank_by_disagreement, sample, self_probe
+
+    tok, base_model, ft_model = pair
+    settings = SelfProbeSettings(temperatures=(1.0,), per_start=12, length=8, keep=4, seed=3)
+    probe = self_probe(base_model, ft_model, tok, settings)
+    assert len(probe.sequences) == settings.keep
+    # The same samples again (same seed), every one scored: the kept ones are the top of the ranking.
+    pad, eos = token_ids(tok)
+    torch.manual_seed(settings.seed)
+    (start,) = openings(tok)
+    conts = sample(ft_model, start, count=12, length=8, temperature=1.0, pad_id=pad, eos_id=eos)
+    ranked = rank_by_disagreement(base_model, ft_model, [(start, c) for c in conts])
+    assert [kl for kl, _, _ in ranked] == sorted((kl for kl, _, _ in ranked), reverse=True)
+    kept = [[*p, *c[:-1]] for _, p, c in ranked[: settings.keep]]
+    assert probe.sequences == kept and probe.continuations == [c for _, _, c in ranked[: settings.keep]]
+    assert len(ranked) > settings.keep and ranked[settings.keep - 1][0] > ranked[-1][0]
+    # Scored along those continuations: the base alone is at least as far as the least kept sample.
+    base_kl, _ = probe.measure(None)
+    assert base_kl >= ranked[settings.keep - 1][0] - 1e-6 > 0
+
+
+def test_a_finetune_that_writes_nothing_is_refused(pair) -> None:
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe
+
+    tok, base_model, ft_model = pair
+
+    def always_end(_module: object, _inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., tok.eos_token_id] += 1e4
+        return logits
+
+    hook = ft_model.get_output_embeddings().register_forward_hook(always_end)
+    try:
+        with pytest.raises(InputError, match="ends every sampled continuation at once"):
+            self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), per_start=4, length=4))
+    finally:
+        hook.remove()
