@@ -99,7 +99,7 @@ def reference_ratios(base: Path, repo: Path, entries: dict[str, Any], prompts: l
     engine = ReferenceEngine.load(base, dtype="float32", max_lora_rank=16, cache_bytes=8 << 30)
     tasks = []
     for entry in sorted(entries.values(), key=lambda e: e.name):
-        weights, config = read_prefetch_folder(prefetch_dir(repo / "tensorrt_llm", entry.task_id))
+        weights, config = read_prefetch_folder(prefetch_dir(repo, entry.task_id))
         tasks.append(engine.resolve(entry.task_id, weights, config))
     batch = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     tps = {}
