@@ -222,20 +222,17 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_peft(folder: Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder (ours or third-party) into a :class:`LoraAdapter`.
+_Tensors = dict[str, torch.Tensor]
 
-    Raises:
-        InputError: not LoRA, DoRA/fan_in_fan_out, unpaired or mis-shaped factors, corrupt files.
-    """
-    folder = Path(folder)
-    cfg = load_peft_config(folder)
-    tensors = _load_tensors(folder)
-    a_parts: dict[str, torch.Tensor] = {}
-    b_parts: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    saved: dict[str, torch.Tensor] = {}
-    problems: list[PhloraError] = []
+
+def _sort_tensors(
+    tensors: _Tensors, *, folder: Path, problems: list[PhloraError]
+) -> tuple[_Tensors, _Tensors, _Tensors, _Tensors]:
+    """lora_A, lora_B, lora_B.bias and modules_to_save tensors, by module path (PEFT's prefix removed)."""
+    a_parts: _Tensors = {}
+    b_parts: _Tensors = {}
+    biases: _Tensors = {}
+    saved: _Tensors = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name.endswith(".lora_B.bias"):
@@ -257,6 +254,20 @@ def load_peft(folder: Path) -> LoraAdapter:
                 )
             else:
                 saved[name] = tensor
+    return a_parts, b_parts, biases, saved
+
+
+def load_peft(folder: Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (ours or third-party) into a :class:`LoraAdapter`.
+
+    Raises:
+        InputError: not LoRA, DoRA/fan_in_fan_out, unpaired or mis-shaped factors, corrupt files.
+    """
+    folder = Path(folder)
+    cfg = load_peft_config(folder)
+    tensors = _load_tensors(folder)
+    problems: list[PhloraError] = []
+    a_parts, b_parts, biases, saved = _sort_tensors(tensors, folder=folder, problems=problems)
     modules: dict[str, LoraWeights] = {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
