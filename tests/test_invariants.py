@@ -12,9 +12,9 @@ import pytest
 
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
 from phlora_nim.jobs import adapter_jobs as jobs
 from phlora_nim.jobs import pipeline
+from phlora_nim.testing.synthetic import SyntheticLlama, write_synthetic_pair
 
 
 def _peak_rss_mb(args: list[str]) -> float:
