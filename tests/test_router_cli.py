@@ -88,3 +88,28 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_help_shows_the_configs_own_defaults() -> None:
+    """Each flag's help shows its RouterConfig field's default; every other field is named under --config."""
+    from dataclasses import MISSING, fields
+
+    from phlora_nim.router.cli import SERVE_FLAGS
+    from phlora_nim.router.config import RouterConfig
+
+    app = typer.Typer()
+    app.command()(serve)
+    output = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400"}).output
+    text = " ".join(output.replace("│", " ").split())
+    defaults = {f.name: f.default for f in fields(RouterConfig)}  # model_repository: MISSING (no default)
+    assert defaults["port"] == 8001 and "gRPC port of the router (default 8001)." in text
+    assert "Seconds between DNS resolutions (default 10)." in text  # a float default, shown as given
+    flagged = {f.field for f in SERVE_FLAGS}
+    for name in set(defaults) - flagged - {"model_repository", "reuse_port"}:
+        assert name in text, f"{name} is neither a flag nor listed under --config"
+    for f in SERVE_FLAGS:
+        assert f.field in defaults and f.flag in text
+        default = defaults[f.field]
+        if f.show_default and default not in (None, (), MISSING):
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"(default {shown})." in text, f.flag
