@@ -38,6 +38,45 @@ from phlora_nim.repository.layout import DEFAULT_GRACE_S
 # The help panel of the options a later convert into the same repository need not repeat.
 _KEPT = "Repository settings (kept when not given)"
 
+EngineDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine-dtype",
+        help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32; default float32).",
+        rich_help_panel=_KEPT,
+    ),
+]
+# ``convert --dtype`` named the engine's dtype; everywhere else --dtype is adapter storage.
+OldEngineDtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", hidden=True, help="Old spelling of --engine-dtype (still accepted).")
+]
+
+
+def engine_dtype_of(engine_dtype: str | None, old_spelling: str | None) -> str | None:
+    """The engine dtype given as ``--engine-dtype`` or, with a note on stderr, as the old ``--dtype``.
+
+    Raises:
+        OptionError: both given, with different values.
+    """
+    if old_spelling is None:
+        return engine_dtype
+    if engine_dtype is not None and engine_dtype != old_spelling:
+        from phlora_nim.converters.errors import OptionError
+
+        raise OptionError(
+            "two engine dtypes",
+            where="--engine-dtype / --dtype",
+            found=f"{engine_dtype} and {old_spelling}",
+            fix="give --engine-dtype only",
+        )
+    typer.echo(
+        "note: `convert --dtype` is deprecated: it is spelled --engine-dtype now (the engine's dtype; "
+        "elsewhere --dtype is the adapter's storage dtype). The old spelling still works.",
+        err=True,
+    )
+    return old_spelling
+
+
 if TYPE_CHECKING:
     from phlora_nim.repository.configs import RepositorySettings
     from phlora_nim.repository.convert import Converted, ConvertJob
@@ -75,15 +114,8 @@ def convert_command(
     budget_params: BudgetOpt = None,
     max_rank: MaxRankOpt = None,
     snap_ranks: SnapOpt = None,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype",
-            help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32; default "
-            "float32).",
-            rich_help_panel=_KEPT,
-        ),
-    ] = None,
+    engine_dtype: EngineDtypeOpt = None,
+    dtype: OldEngineDtypeOpt = None,
     engine_dir: Annotated[
         str | None,
         typer.Option(
@@ -207,7 +239,7 @@ def convert_command(
     settings, keep_stored = _repository_settings(
         base=base,
         backend=backend,
-        dtype=dtype,
+        dtype=engine_dtype_of(engine_dtype, dtype),
         engine_dir=engine_dir,
         served_path=served_path,
         tokenizer_dir=tokenizer_dir,

@@ -22,9 +22,9 @@ from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, custom_map, evaluate, find_map
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
+from phlora_nim.converters.dtypes import DTYPES, parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
 from phlora_nim.converters.whitening import WhitenedFactors, weight_captured, whitened_decompose
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ log = logging.getLogger("phlora_nim.extract")
 # What to do with deltas outside linear modules (``--extra``).
 NonLinearDeltas = Literal["drop", "save", "error"]
 # Storage dtypes of adapters: the engine dtypes, float32 first.
-DTYPES: dict[str, torch.dtype] = {name: ENGINE_DTYPES[name].torch for name in ("float32", "float16", "bfloat16")}
 _CONFIG_KEYS_MUST_MATCH = (
     "model_type",
     "hidden_size",
@@ -84,10 +83,7 @@ class ExtractOptions:
                 expected="drop, save or error",
                 found=repr(self.non_linear_deltas),
             )
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise OptionError(
-                "unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(self.dtype)
-            )
+        parse_dtype(self.dtype, "--dtype", auto=True)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(
                 "CUDA is not available",
@@ -290,7 +286,8 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             )
         )
     raise_all(problems, summary="cannot extract an adapter")
-    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else ft.info(targets[0].weight).dtype
+    storage = parse_dtype(options.dtype, "--dtype", auto=True)
+    out_dtype = storage.torch if storage is not None else ft.info(targets[0].weight).dtype
     return ExtractionPlan(
         family=amap.family if amap else "generic",
         targets=tuple(targets),
@@ -374,7 +371,8 @@ def _plan_tensor(
             f"{str(fi.dtype).removeprefix('torch.')} in the fine-tune",
             fix="pass unquantized checkpoints saved in a float dtype",
         )
-    if fi.dtype not in DTYPES.values() or bi.dtype not in DTYPES.values():
+    floats = {d.torch for d in DTYPES.values()}
+    if fi.dtype not in floats or bi.dtype not in floats:
         return None, InputError(
             "unsupported tensor dtype",
             where=f"{ft.path} {name}",

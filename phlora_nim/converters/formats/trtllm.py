@@ -29,12 +29,12 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, builtin_maps, find_map
+from phlora_nim.converters.dtypes import parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.formats.trtllm_files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
     DTYPE_MISMATCH,
-    ENGINE_DTYPES,
     META_FILE,
     MOE_SPLIT_MODULES,
     QKV,
@@ -224,8 +224,7 @@ def expert_rows_at_tp(
 
 
 def _check_layout_request(adapter: LoraAdapter, dtype: str, tp: int) -> None:
-    if dtype not in ENGINE_DTYPES:
-        raise OptionError("unknown dtype", where="--dtype", expected=", ".join(ENGINE_DTYPES), found=repr(dtype))
+    parse_dtype(dtype, "dtype of the TensorRT-LLM weights")
     if tp < 1:
         raise OptionError("tensor parallelism must be ≥ 1", where="--tp", found=str(tp))
     if adapter.modules_to_save or adapter.lora_biases:
