@@ -177,15 +177,15 @@ def _ask_through_the_router(progress: Progress, repo: Path, base_name: str) -> l
 
     The OpenAI API names the base model after its checkpoint folder (``base_name``); gRPC calls it "ensemble".
     """
-    from phlora_nim.router.config import RouterConfig
+    from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
     from phlora_nim.router.server import RouterThread
-    from phlora_nim.triton.launcher import LocalTriton, free_port
+    from phlora_nim.triton.launcher import LocalTriton
 
     with _step(progress, "start tritonserver (CPU) and the router (gRPC + OpenAI API)"):
         triton = LocalTriton(repo).start()
     try:
         config = RouterConfig(
-            model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=free_port()
+            model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=ANY_FREE_PORT
         )
         with RouterThread(config) as router:
             url = router.http_url or ""

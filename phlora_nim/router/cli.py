@@ -78,7 +78,7 @@ def run_workers(config: RouterConfig) -> int:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
-        server, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        server, _ = start_http_server(max(config.metrics_port, 0), addr=config.host, registry=registry)
         log.info(
             "merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
         )
