@@ -9,6 +9,7 @@ from typing import Any
 
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, summary_energy
+from phlora_nim.converters.json_files import read_json
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 
 REPORT_NAME = "phlora_report.json"
@@ -144,15 +145,12 @@ def read_report(folder: Path) -> dict[str, Any]:
             found="no such file",
             fix="pass a folder written by `phlora-nim extract` or `prune`",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable report ({exc})", where=str(path), fix="re-run the extraction") from None
-    if not isinstance(data, dict) or data.get("format") != "phlora-report/1":
+    data = read_json(path, what="report", fix="re-run the extraction")
+    if data.get("format") != "phlora-report/1":
         raise InputError(
             "not a phlora-nim report",
             where=str(path),
             expected='"format": "phlora-report/1"',
-            found=repr(data.get("format") if isinstance(data, dict) else data),
+            found=repr(data.get("format")),
         )
     return data

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
 from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.converters.json_files import read_json
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -144,12 +145,7 @@ def load_peft_config(folder: Path) -> dict[str, Any]:
             expected="adapter_config.json + adapter_model.safetensors",
             fix="point at a folder written by PEFT's save_pretrained or phlora-nim",
         )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable adapter config ({exc})", where=str(path), fix="restore the file") from None
-    if not isinstance(cfg, dict):
-        raise InputError("adapter config must be a JSON object", where=str(path), found=type(cfg).__name__)
+    cfg = read_json(path, what="adapter config", fix="restore the file")
     problems: list[PhloraError] = []
     if cfg.get("peft_type") != "LORA":
         problems.append(

@@ -15,6 +15,7 @@ import numpy as np
 
 from phlora_nim.converters.dtypes import as_engine_array, dtype_name_of
 from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.converters.json_files import read_json
 from phlora_nim.converters.trtllm_contract import CONFIG_FILE, META_FILE, WEIGHTS_FILE, tensor_problems
 
 __all__ = ["TrtllmLora", "TrtllmRow", "load_trtllm", "save_trtllm"]
@@ -134,7 +135,7 @@ def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -
             ) from None
     weights, config = arrays
     meta_path = folder / META_FILE
-    meta = _read_sidecar(meta_path) if meta_path.exists() else {}
+    meta = read_json(meta_path, what="sidecar", fix="export the adapter again") if meta_path.exists() else {}
     weights = as_engine_array(weights, dtype or meta.get("dtype", "bfloat16"))
     problems: list[PhloraError] = [InputError(text, where=str(folder)) for text in tensor_problems(weights, config)]
     raise_all(problems, summary=f"{folder} is not a valid TensorRT-LLM LoRA")
@@ -145,13 +146,3 @@ def load_trtllm(folder: Path, *, dtype: str | None = None, mmap: bool = False) -
         dtype=str(dtype_name_of(weights)),
         tp=int(meta.get("tp", 1)),
     )
-
-
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable sidecar ({exc})", where=str(path), fix="export the adapter again") from None
-    if not isinstance(meta, dict):
-        raise InputError("the sidecar must be a JSON object", where=str(path), found=type(meta).__name__)
-    return meta
