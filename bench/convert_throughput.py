@@ -21,9 +21,9 @@ from pathlib import Path
 
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
 from phlora_nim.repository.configs import RepositorySettings
 from phlora_nim.repository.convert import ConvertJob, convert
+from phlora_nim.testing.synthetic import SyntheticLlama, write_synthetic_pair
 
 
 def _size(folder: Path) -> int:

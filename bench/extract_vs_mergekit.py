@@ -2,7 +2,7 @@
 
 What it measures, in one run on this machine (CPU only):
 
-1. **Inputs.** With the project's own generator (:mod:`phlora_nim.converters.synthetic`) it writes two
+1. **Inputs.** With the project's own generator (:mod:`phlora_nim.testing.synthetic`) it writes two
    Llama-3-8B-shaped checkpoint pairs (hidden 4096, intermediate 14336, 32 heads / 8 KV heads,
    vocab 32000, bf16, sharded safetensors): one with ``--layers`` decoder layers (default 2) and one
    with twice as many, for the scaling comparison. Pairs already in the work folder are reused.
@@ -319,7 +319,7 @@ def _capture(cmd: Sequence[str | Path], env: dict[str, str] | None = None, timeo
 
 def ensure_pair(workdir: Path, layers: int) -> tuple[Path, Path]:
     """The synthetic pair with ``layers`` decoder layers, generated unless already complete."""
-    from phlora_nim.converters.synthetic import SyntheticLlama, write_synthetic_pair
+    from phlora_nim.testing.synthetic import SyntheticLlama, write_synthetic_pair
 
     spec = SyntheticLlama(num_hidden_layers=layers)
     root = workdir / f"pair-L{layers}"

@@ -76,74 +76,22 @@ def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetun
     return root
 
 
-def make_linear_finetune(
-    tmp_path_factory: pytest.TempPathFactory, name: str, *, steps: int, seed: int
-) -> tuple[Path, Path]:
-    """A toy Llama with a tokenizer and a fine-tune of its linear weights only (a full-rank adapter is exact)."""
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(condition, timeout=10, what=...)``: poll until ``condition()`` is truthy, else fail.
 
-    from phlora_nim.demo.toy_models import finetune, make_pair, save_tokenizer
-
-    root = tmp_path_factory.mktemp(name)
-    base, _ = make_pair("llama", root, steps=1, tokenizer=True)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    ft = root / "linear-ft"
-    finetune(model, steps=steps, seed=seed, linear_only=True).save_pretrained(ft)
-    save_tokenizer(ft, model.config.vocab_size)
-    return base, ft
-
-
-def make_hidden_finetune(
-    tmp_path_factory: pytest.TempPathFactory, name: str, *, steps: int = 40, seed: int = 0
-) -> tuple[Path, Path, list[int]]:
-    """A toy Llama and a linear-only fine-tune whose change the generic prompts cannot see.
-
-    The fine-tune learns a cycle over trigger tokens (start token, then each trigger token followed
-    by the next) that neither the generic prompts nor the base's answers to them contain, while
-    being distilled to the base on those prompts and answers: KL(fine-tuned ‖ base) on the generic
-    prompts stays tiny. Returns (base dir, fine-tune dir, the trigger tokens in cycle order).
+    The one polling loop of the tests: returns the condition's value; fails the test with ``what``
+    when ``timeout`` seconds pass first.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import time
 
-    from phlora_nim.converters.calibration import encode_prompt, read_prompts
-    from phlora_nim.demo.toy_models import make_pair, save_tokenizer
-    from phlora_nim.jobs.fidelity import generic_prompts_path, greedy_generate
+    def wait(condition, timeout: float = 10.0, *, interval: float = 0.05, what: str = "condition not met in time"):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            assert time.monotonic() < deadline, what() if callable(what) else what
+            time.sleep(interval)
 
-    root = tmp_path_factory.mktemp(name)
-    base, _ = make_pair("llama", root, steps=1, tokenizer=True, seed=seed)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    prompts = [encode_prompt(tok, p) for p in read_prompts(generic_prompts_path())]
-    answers = greedy_generate(model, prompts, 16, pad_id=0, eos_id=2)
-    generic = [[*p, *a] for p, a in zip(prompts, answers, strict=True)]
-    seen = {t for s in generic for t in s}
-    trigger = [t for t in range(3, model.config.vocab_size) if t not in seen][-16:]
-    width = max(len(s) for s in generic)
-    g_ids = torch.zeros((len(generic), width), dtype=torch.long)
-    g_att = torch.zeros_like(g_ids)
-    for i, s in enumerate(generic):
-        g_ids[i, : len(s)], g_att[i, : len(s)] = torch.tensor(s), 1
-    with torch.no_grad():
-        g_ref = torch.log_softmax(model(input_ids=g_ids, attention_mask=g_att).logits, -1)
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.tensor(trigger)
-    linear = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    opt = torch.optim.AdamW(linear, lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        offsets = torch.randint(0, len(trigger), (8, 1), generator=gen)
-        cycle = t[(offsets + torch.arange(12)) % len(trigger)]
-        batch = torch.cat([torch.ones((8, 1), dtype=torch.long), cycle], 1)
-        learn = model(input_ids=batch, labels=batch).loss
-        rows = torch.randperm(len(generic), generator=gen)[:8]
-        logp = torch.log_softmax(model(input_ids=g_ids[rows], attention_mask=g_att[rows]).logits, -1)
-        ref = g_ref[rows]
-        keep = (ref.exp() * (ref - logp)).sum(-1)[g_att[rows].bool()].mean()
-        (learn + 10 * keep).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    ft = root / "hidden-ft"
-    model.eval().save_pretrained(ft)
-    save_tokenizer(ft, model.config.vocab_size)
-    return base, ft, trigger
+    return wait

@@ -91,6 +91,7 @@ def test_console_script_runs() -> None:
     assert proc.returncode == 0 and "extract" in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(run_cli, tmp_path: Path) -> None:
     """Real Triton, real router, real adapters: every answer equals its fine-tuned model's own output."""
     code, stdout, err = run_cli("demo", "--out", tmp_path / "demo", "--steps", "20")

@@ -47,7 +47,8 @@ def _config(root: Path, model: str) -> mc.ModelConfig:
 def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -> None:
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--dtype", "float16", "--backend", "tensorrtllm"]
+    args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--engine-dtype", "float16"]
+    args += ["--backend", "tensorrtllm"]
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
     args += ["--engine-config", _engine_config(tmp_path, **f16, plugin_config__use_paged_context_fmha=True)]
     for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
@@ -192,7 +193,9 @@ def _engine_config(tmp_path: Path, **over: object) -> Path:
         (["--name", "x" * 65], "1–64 characters"),
         (["--name", "a", "--name", "b"], "one --name per --finetuned"),
         (["--name", "ok", "--rank", "0"], "rank"),
-        (["--name", "ok", "--dtype", "float64"], "unknown engine dtype"),
+        (["--name", "ok", "--engine-dtype", "float64"], "--engine-dtype: unknown dtype; expected one of float16"),
+        (["--name", "ok", "--dtype", "float64"], "--engine-dtype: unknown dtype"),  # the old spelling
+        (["--name", "ok", "--engine-dtype", "float16", "--dtype", "float32"], "two engine dtypes"),
         (["--name", "ok", "--backend", "vllm"], "unknown backend"),
         (["--name", "ok", "--backend", "tensorrtllm"], "needs the engine's config.json"),
         (["--name", "ok", "--engine-config", "ENGINE:lora_config__max_lora_rank=4"], "Invalid low_rank"),
@@ -234,7 +237,8 @@ def test_repository_keeps_its_base_and_dtype(llama_finetunes, model_pairs, run_c
     code, _, err = run_cli(
         "convert", "--base", base, "--finetuned", fts[1], "--name", "b", "-m", repo, "-r", "4", "--dtype", "float16"
     )
-    assert code == 2 and "another dtype" in err
+    # The old spelling of --engine-dtype still means the engine's dtype, with a note saying so.
+    assert code == 2 and "another dtype" in err and "deprecated: it is spelled --engine-dtype" in err
     other_base, other_ft = model_pairs("llama")
     code, _, err = run_cli("convert", "--base", other_base, "--finetuned", other_ft, "--name", "c", "-m", repo)
     assert code == 2 and "another base" in err
@@ -318,7 +322,7 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
         repo,
         "-r",
         "4",
-        "--dtype",
+        "--engine-dtype",
         "float16",
     ]
     assert run_cli(*args, "--backend", "reference")[0] == 0
@@ -418,7 +422,7 @@ def test_later_converts_keep_the_repository_settings(llama_finetunes, run_cli, t
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    first = ("--decoupled", "--lora-cache-mb", "64", "--max-batch-size", "4", "--dtype", "float16")
+    first = ("--decoupled", "--lora-cache-mb", "64", "--max-batch-size", "4", "--engine-dtype", "float16")
     assert run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", repo, "-r", "4", *first)[0] == 0
     # Neither flag again: both stay (and the dtype too).
     assert run_cli("convert", "--base", base, "--finetuned", fts[1], "-m", repo, "-r", "4")[0] == 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_linear_finetune
 
 from phlora_nim.converters.rank_policy import RankPolicy, search_policy
+from phlora_nim.testing.finetunes import make_linear_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def linear_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A toy Llama and a fine-tune of its linear weights only (a full-rank adapter is exact)."""
-    return make_linear_finetune(tmp_path_factory, "fid", steps=20, seed=5)
+    return make_linear_finetune(tmp_path_factory.mktemp("fid"), steps=20, seed=5)
 
 
 def _ceiling(base: Path, ft: Path, **kw):

@@ -739,7 +739,7 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--check-served-path",
         "--backend=tensorrtllm",
         "--rank=64",
-        "--dtype=bfloat16",
+        "--engine-dtype=bfloat16",
         "--device=cuda",
         "--engine-dir=/engines/base",
         "--engine-config=/engines/base/config.json",

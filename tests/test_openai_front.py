@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import tritonclient.grpc as grpcclient
 from phlora_nim.demo.toy_models import greedy_continuation
 from phlora_nim.repository.layout import adapter_store_dir
 from phlora_nim.router import RouterConfig, RouterThread
+from phlora_nim.router.config import ANY_FREE_PORT
 from phlora_nim.router.openai.tokenizer import TextTokenizer
-from phlora_nim.triton.launcher import LocalTriton, free_port
+from phlora_nim.triton.launcher import LocalTriton
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PROMPT = "the red cat"
@@ -89,7 +90,7 @@ def stack(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
             upstreams=(triton.grpc_url,),
             port=0,
             metrics_port=0,
-            http_port=free_port(),
+            http_port=ANY_FREE_PORT,
             tenants=_tenants(root / "tenants.yaml"),
             registry_interval=0.2,
         )
@@ -114,13 +115,6 @@ def grpc_text(stack: dict[str, Any], model: str, tokens: int, key: str) -> str:
         limit.set_data_from_numpy(np.array([[tokens]], dtype=np.int32))
         result = c.infer(model, [text, limit], headers={"authorization": f"Bearer {key}"}, client_timeout=60)
         return result.as_numpy("text_output").reshape(-1)[0].decode()
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # the same tokens as PEFT and as the gRPC front ------------------------------------------------
@@ -244,13 +238,13 @@ def test_models_per_tenant_with_adapter_cards(stack: dict[str, Any]) -> None:
     assert other.value.status_code == 404
 
 
-def test_removed_adapter_disappears_without_restart(stack: dict[str, Any]) -> None:
+def test_removed_adapter_disappears_without_restart(stack: dict[str, Any], wait_until) -> None:
     from phlora_nim.repository.maintenance import remove_adapter
 
     c = client(stack)
     assert c.completions.create(model="spare", prompt=PROMPT, max_tokens=2, temperature=0).choices
     remove_adapter(stack["repo"], "spare", grace=60)
-    wait_for(lambda: "spare" not in [m.id for m in c.models.list()])
+    wait_until(lambda: "spare" not in [m.id for m in c.models.list()])
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="spare", prompt=PROMPT, max_tokens=2)
 
@@ -343,22 +337,24 @@ def test_keys_back_pressure_and_no_replica(stack: dict[str, Any], tmp_path: Path
     assert response.headers["retry-after"] == "1"
     with pytest.raises(openai.RateLimitError):
         client(stack, "tiny").completions.create(model="support", prompt=PROMPT, n=2)
-    # a router whose only replica is down
-    dead = RouterConfig(
-        stack["repo"],
-        upstreams=(f"127.0.0.1:{free_port()}",),
-        port=0,
-        metrics_port=0,
-        http_port=free_port(),
-        health_interval=0.5,
-    )
-    with RouterThread(dead) as router:
-        url = router.http_url
-        assert httpx.get(f"{url[:-3]}/v1/health/ready").status_code == 503
-        assert httpx.get(f"{url[:-3]}/v1/health/live").status_code == 200
-        answer = httpx.post(f"{url}/completions", json={"model": "support", "prompt": PROMPT, "stream": True})
-        _refused(answer, 503, "replica")
-        assert int(answer.headers["retry-after"]) >= 1
+    # a router whose only replica is down (its port bound, never listening: nothing can answer there)
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))
+        dead = RouterConfig(
+            stack["repo"],
+            upstreams=(f"127.0.0.1:{down.getsockname()[1]}",),
+            port=0,
+            metrics_port=0,
+            http_port=ANY_FREE_PORT,
+            health_interval=0.5,
+        )
+        with RouterThread(dead) as router:
+            url = router.http_url
+            assert httpx.get(f"{url[:-3]}/v1/health/ready").status_code == 503
+            assert httpx.get(f"{url[:-3]}/v1/health/live").status_code == 200
+            answer = httpx.post(f"{url}/completions", json={"model": "support", "prompt": PROMPT, "stream": True})
+            _refused(answer, 503, "replica")
+            assert int(answer.headers["retry-after"]) >= 1
 
 
 def test_health_and_metrics(stack: dict[str, Any]) -> None:
@@ -376,13 +372,15 @@ def test_health_and_metrics(stack: dict[str, Any]) -> None:
 
 
 # a decoupled engine: tokens stream as they come, a client that leaves cancels --------------------
-def test_decoupled_engine_streams_token_by_token_and_disconnect_cancels(checkpoints, tmp_path: Path) -> None:
+def test_decoupled_engine_streams_token_by_token_and_disconnect_cancels(
+    checkpoints, tmp_path: Path, wait_until
+) -> None:
     base = checkpoints[0]
     repo = convert_repo(checkpoints, tmp_path / "repo", ("streamer",), decoupled=True)
     tok = TextTokenizer.load(base)
     want = greedy_continuation(base, tok.encode(PROMPT), 6, adapter=adapter_store_dir(repo, "streamer"))
     with LocalTriton(repo) as triton:
-        config = RouterConfig(repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=free_port())
+        config = RouterConfig(repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=ANY_FREE_PORT)
         with RouterThread(config) as router:
             c = openai.OpenAI(base_url=router.http_url, api_key="none", max_retries=0, timeout=60)
             chunks = list(
@@ -408,7 +406,7 @@ def test_decoupled_engine_streams_token_by_token_and_disconnect_cancels(checkpoi
             ) as raw:
                 next(raw.iter_lines())
             registry = router.router.metrics.registry
-            wait_for(
+            wait_until(
                 lambda: (
                     (
                         registry.get_sample_value(
@@ -420,7 +418,7 @@ def test_decoupled_engine_streams_token_by_token_and_disconnect_cancels(checkpoi
                 )
             )
             pool = router.router.pool
-            wait_for(lambda: all(r.in_flight == 0 for r in pool.replicas.values()))
+            wait_until(lambda: all(r.in_flight == 0 for r in pool.replicas.values()))
 
 
 def test_an_error_after_streaming_began_is_one_error_event_then_done(stack: dict[str, Any]) -> None:

@@ -154,3 +154,55 @@ def test_lora_bias_with_alpha_not_r_keeps_outputs_through_export_and_prune(tmp_p
         assert cfg["r"] == cfg["lora_alpha"] == 4 and cfg["lora_bias"] is True
         got = _peft_logits(tmp_path / "base", tmp_path / folder, ids)
         assert torch.allclose(got, expected, atol=1e-5), (folder, float((got - expected).abs().max()))
+
+
+def test_prune_to_rank_zero_drops_the_module_and_its_bias(tmp_path: Path) -> None:
+    """A bias change exists in PEFT only as ``lora_B.bias`` of a LoRA module: a module pruned away
+    takes its bias with it (the written adapter stays one that PEFT and load_peft read back)."""
+    gen = torch.Generator().manual_seed(3)
+    live = LoraWeights(a=torch.randn(2, 8, generator=gen), b=torch.randn(6, 2, generator=gen), alpha=2.0)
+    empty = LoraWeights(a=torch.randn(2, 8, generator=gen), b=torch.zeros(6, 2), alpha=2.0)  # no update
+    adapter = LoraAdapter(
+        modules={"m.live": live, "m.empty": empty},
+        lora_biases={"m.live": torch.ones(6), "m.empty": torch.full((6,), 2.0)},
+    )
+    pruned, records = prune_adapter(adapter, RankPolicy(energy=0.9))
+    by_name = {r["name"]: r for r in records}
+    assert by_name["m.empty"]["rank"] == 0 and by_name["m.empty"]["bias_dropped"] is True
+    assert "bias_dropped" not in by_name["m.live"] and by_name["m.live"]["rank"] >= 1
+    assert set(pruned.modules) == set(pruned.lora_biases) == {"m.live"}
+    assert torch.equal(pruned.lora_biases["m.live"], adapter.lora_biases["m.live"])
+    save_peft(pruned, tmp_path)
+    assert set(load_peft(tmp_path).lora_biases) == {"m.live"}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # q/v with a base bias, and without one
+def test_verify_merges_the_bias_changes_as_peft_applies_them(family: str, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phlora_nim.demo.toy_models import build_model
+    from phlora_nim.jobs.verify import merged
+
+    build_model(family).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(
+        build_model(family),
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False),
+    )
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(3, 90, (2, 12), generator=gen)
+    expected = _peft_logits(tmp_path / "base", tmp_path / "src", ids)
+    adapter = load_peft(tmp_path / "src")
+    assert adapter.lora_biases
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad(), merged(base, adapter) as model:
+        got = model(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # restored

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.router.cli import serve
-from phlora_nim.triton.launcher import free_port
+from phlora_nim.testing.processes import OutputLines
 
 FLAGS = [
     "--model-repository",
@@ -58,33 +59,55 @@ def test_serve_needs_exactly_one_upstream_source(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-c",
-        "import typer; from phlora_nim.router.cli import serve; typer.run(serve)",
-        "--model-repository", str(tmp_path),
-        "--upstream", f"127.0.0.1:{free_port()}",  # nothing there: the router is live, not ready
-        "--port", str(port),
-        "--metrics-port", "0",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 40
-        while True:
-            with contextlib.suppress(Exception):
-                if client.is_server_live(client_timeout=1):
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
-            time.sleep(0.2)
-        assert not client.is_server_ready()
-        client.close()
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-        assert time.monotonic() - started < 10
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with socket.socket() as nothing_there:  # bound, never listening: the router is live, not ready
+        nothing_there.bind(("127.0.0.1", 0))
+        command = [
+            str(Path(sys.executable).with_name("phlora-nim")),
+            "serve",
+            "--model-repository", str(tmp_path),
+            "--upstream", f"127.0.0.1:{nothing_there.getsockname()[1]}",
+            "--port", "0",  # the router binds a free port and logs it
+            "--metrics-port", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "COLUMNS": "300"}
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert process.stdout is not None
+        output = OutputLines(process.stdout)
+        try:
+            port = int(output.wait_for(r"router on 127\.0\.0\.1:(\d+)", timeout=40).group(1))
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            assert client.is_server_live(client_timeout=5) and not client.is_server_ready()
+            client.close()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0, output.close()
+            assert time.monotonic() - started < 10
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_serve_help_shows_the_configs_own_defaults() -> None:
+    """Each flag's help shows its RouterConfig field's default; every other field is named under --config."""
+    from dataclasses import MISSING, fields
+
+    from phlora_nim.router.cli import SERVE_FLAGS
+    from phlora_nim.router.config import RouterConfig
+
+    app = typer.Typer()
+    app.command()(serve)
+    output = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400"}).output
+    text = " ".join(output.replace("│", " ").split())
+    defaults = {f.name: f.default for f in fields(RouterConfig)}  # model_repository: MISSING (no default)
+    assert defaults["port"] == 8001 and "gRPC port of the router (default 8001)." in text
+    assert "Seconds between DNS resolutions (default 10)." in text  # a float default, shown as given
+    flagged = {f.field for f in SERVE_FLAGS}
+    for name in set(defaults) - flagged - {"model_repository", "reuse_port"}:
+        assert name in text, f"{name} is neither a flag nor listed under --config"
+    for f in SERVE_FLAGS:
+        assert f.field in defaults and f.flag in text
+        default = defaults[f.field]
+        if f.show_default and default not in (None, (), MISSING):
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"(default {shown})." in text, f.flag

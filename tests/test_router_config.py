@@ -87,3 +87,13 @@ def test_a_taken_port_is_an_error_not_a_shared_port(tmp_path: Path) -> None:
         )
         with pytest.raises(OptionError, match="cannot listen"), RouterThread(taken):
             pass
+
+
+def test_any_free_port_is_for_the_http_and_metrics_fronts_only(tmp_path: Path) -> None:
+    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.router.config import ANY_FREE_PORT
+
+    config = RouterConfig(tmp_path, upstreams=("a:1",), http_port=ANY_FREE_PORT, metrics_port=ANY_FREE_PORT)
+    assert config.http_port == config.metrics_port == ANY_FREE_PORT  # both on, neither "the same port"
+    with pytest.raises(OptionError, match="--port: not a port number"):
+        RouterConfig(tmp_path, upstreams=("a:1",), port=ANY_FREE_PORT)

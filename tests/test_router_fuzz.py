@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -242,9 +242,11 @@ def valid_adapter_answers(router: RouterThread) -> None:
 
 
 # tests ---------------------------------------------------------------------------------------
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each fuzzing test checks afterwards that the router it fuzzed still serves: a separate "after"
+# test could run on another xdist worker, against a router that was never fuzzed.
+@settings(max_examples=150, deadline=None)
 @given(request=infer_requests(), adapter=metadata_values)
-def test_fuzzed_unary_requests_never_crash_the_router(
+def _fuzz_unary(
     stub: service_pb2_grpc.GRPCInferenceServiceStub, request: service_pb2.ModelInferRequest, adapter: str | None
 ) -> None:
     sent = service_pb2.ModelInferRequest()
@@ -259,15 +261,9 @@ def test_fuzzed_unary_requests_never_crash_the_router(
         assert isinstance(response, service_pb2.ModelInferResponse)
 
 
-def test_router_serves_after_fuzzing(router: RouterThread, stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
-    assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5).live
-    assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
-    valid_adapter_answers(router)
-
-
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None)
 @given(requests=st.lists(infer_requests(), min_size=1, max_size=3), adapter=metadata_values)
-def test_fuzzed_stream_requests_answer_in_band(
+def _fuzz_stream(
     stub: service_pb2_grpc.GRPCInferenceServiceStub, requests: list[service_pb2.ModelInferRequest], adapter: str | None
 ) -> None:
     sent = []
@@ -284,7 +280,19 @@ def test_fuzzed_stream_requests_answer_in_band(
             assert sign not in response.error_message, response.error_message
 
 
-def test_router_serves_after_stream_fuzzing(router: RouterThread) -> None:
+def test_fuzzed_unary_requests_never_crash_the_router(
+    router: RouterThread, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    _fuzz_unary(stub)  # runs every example (hypothesis calls it with the drawn arguments)
+    assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5).live
+    assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
+    valid_adapter_answers(router)
+
+
+def test_fuzzed_stream_requests_answer_in_band(
+    router: RouterThread, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    _fuzz_stream(stub)
     valid_adapter_answers(router)
 
 

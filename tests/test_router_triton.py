@@ -30,10 +30,11 @@ from tritonclient.utils import InferenceServerException
 
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.router import RouterConfig, RouterThread
+from phlora_nim.router.config import ANY_FREE_PORT
 from phlora_nim.router.routing import rank_replicas
 from phlora_nim.router.tenants import key_digest
 from phlora_nim.testing.standin import STANDIN_REPO, add_adapters, remove_adapter, standin_repo
-from phlora_nim.triton.launcher import LocalTriton, free_port
+from phlora_nim.triton.launcher import LocalTriton
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +82,7 @@ def config(root: Path, *upstreams: str, **kwargs: Any) -> RouterConfig:
 
 @pytest.fixture(scope="module")
 def router(repo_root: Path, triton: LocalTriton) -> Iterator[RouterThread]:
-    with RouterThread(config(repo_root, triton.grpc_url, metrics_port=free_port())) as running:
+    with RouterThread(config(repo_root, triton.grpc_url, metrics_port=ANY_FREE_PORT)) as running:
         yield running
 
 
@@ -136,13 +137,6 @@ def routed(cfg: RouterConfig) -> Iterator[tuple[RouterThread, grpcclient.Inferen
 
 def sample(router: RouterThread, name: str, **labels: str) -> float:
     return router.router.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # selection and pass-through ------------------------------------------------------------------
@@ -367,7 +361,9 @@ def test_cache_misses_are_no_client_errors(router: RouterThread, triton: LocalTr
 
 
 # registry changes ----------------------------------------------------------------------------
-def test_registry_changes_apply_without_restart(repo_root: Path, client: grpcclient.InferenceServerClient) -> None:
+def test_registry_changes_apply_without_restart(
+    repo_root: Path, client: grpcclient.InferenceServerClient, wait_until
+) -> None:
     refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "late"))
     add_adapters(repo_root, {"late": (700, "float16")})
 
@@ -376,9 +372,9 @@ def test_registry_changes_apply_without_restart(repo_root: Path, client: grpccli
             return infer(client, "late") == shifted(700)
         return False
 
-    wait_for(served, timeout=5)
+    wait_until(served, timeout=5)
     remove_adapter(repo_root, "late")
-    wait_for(lambda: not served(), timeout=5)
+    wait_until(lambda: not served(), timeout=5)
     refused(grpc.StatusCode.NOT_FOUND, lambda: infer(client, "late"))
 
 
@@ -528,14 +524,14 @@ def test_another_tenants_names_look_missing(tenant_router: RouterThread) -> None
     assert first == second and "NOT_FOUND" in first
 
 
-def test_tenant_in_flight_limit(tenant_router: RouterThread) -> None:
+def test_tenant_in_flight_limit(tenant_router: RouterThread, wait_until) -> None:
     limited = {"authorization": "Bearer limited-key"}
     with contextlib.closing(grpcclient.InferenceServerClient(tenant_router.address)) as c:
         done: queue.Queue[tuple[Any, Any]] = queue.Queue()
         c.async_infer(
             "legal", inputs(delay_ms=1500), headers=limited, callback=lambda result, error: done.put((result, error))
         )
-        wait_for(lambda: sample(tenant_router, "phlora_router_in_flight", adapter="legal") >= 1, timeout=5)
+        wait_until(lambda: sample(tenant_router, "phlora_router_in_flight", adapter="legal") >= 1, timeout=5)
         message = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: infer(c, "faq", headers=limited))
         assert "tenant 'limited'" in message
         result, error = done.get(timeout=10)
@@ -612,7 +608,7 @@ def kill(server: LocalTriton) -> None:
     server.stop()
 
 
-def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> None:
+def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton], wait_until) -> None:
     addresses = [s.grpc_url for s in pair]
     with routed(config(repo_root, *addresses)) as (running, c):
         used = set()
@@ -621,7 +617,7 @@ def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton]) -> N
             for k in range(3):
                 assert infer(c, name, [k]) == shifted(OFFSET[name], [k])
             # Triton updates its statistics just after answering: wait until all three are counted.
-            wait_for(lambda before=before: sum(served_by(pair).values()) - sum(before.values()) >= 3)
+            wait_until(lambda before=before: sum(served_by(pair).values()) - sum(before.values()) >= 3)
             after = served_by(pair)
             expected = rank_replicas(name, addresses)[0]
             assert {a: after[a] - before[a] for a in addresses} == {a: 3 * (a == expected) for a in addresses}
@@ -668,35 +664,35 @@ def stopped(server: LocalTriton) -> Iterator[None]:
         os.kill(server._process.pid, signal.SIGCONT)
 
 
-def test_hung_replica_requests_move_to_another(repo_root: Path, pair: list[LocalTriton]) -> None:
+def test_hung_replica_requests_move_to_another(repo_root: Path, pair: list[LocalTriton], wait_until) -> None:
     addresses = [s.grpc_url for s in pair]
     name = "legal"
     victim = next(s for s in pair if s.grpc_url == rank_replicas(name, addresses)[0])
     with routed(config(repo_root, *addresses, attempt_timeout=1.0, health_interval=2.0)) as (running, c):
         pool = running.router.pool
         assert infer(c, name) == shifted(300)  # weights now on the victim
-        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
+        wait_until(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
         with stopped(victim):
             started = time.monotonic()
             assert infer(c, name, client_timeout=20) == shifted(300)  # sent to the victim, retried elsewhere
             assert time.monotonic() - started < 8.0  # attempt timeout + probe, not the client's 20 s
             assert not pool.replicas[victim.grpc_url].healthy
-        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
+        wait_until(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
         with stopped(victim):  # a stream is moved too while nothing was delivered
             got = stream(running.address, [("s", {"parameters": {"lora_adapter": name}})], expect=3)
             assert got["s"] == [shifted(300 + k) for k in range(3)]
-        wait_for(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
+        wait_until(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
         before = served_by(pair)
         # A slow request on a live replica stays there: it passes the probe, and is not run twice.
         slow = c.infer(name, inputs(delay_ms=2500), client_timeout=20).as_numpy("y")[0].tolist()
         assert slow == shifted(300)
-        wait_for(lambda: sum(served_by(pair).values()) > sum(before.values()))
+        wait_until(lambda: sum(served_by(pair).values()) > sum(before.values()))
         assert pool.replicas[victim.grpc_url].healthy
         after = served_by(pair)
         assert {a: after[a] - before[a] for a in addresses} == {a: int(a == victim.grpc_url) for a in addresses}
 
 
-def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTriton]) -> None:
+def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTriton], wait_until) -> None:
     addresses = [s.grpc_url for s in pair]
     with RouterThread(config(repo_root, *addresses)) as running:
         pool = running.router.pool
@@ -716,7 +712,7 @@ def test_dead_replica_is_skipped_and_readded(repo_root: Path, pair: list[LocalTr
                 assert infer(c, name) == shifted(100)
             restarted = LocalTriton(STANDIN_REPO, grpc_port=victim.grpc_port).start()
             pair[pair.index(victim)] = restarted
-            wait_for(lambda: pool.replicas[victim_address].healthy, timeout=10)
+            wait_until(lambda: pool.replicas[victim_address].healthy, timeout=10)
             before = served_by([restarted])[victim_address]
             assert infer(c, name) == shifted(100)  # back on its first choice, weights resent
-            wait_for(lambda: served_by([restarted])[victim_address] == before + 1)  # stats land just after
+            wait_until(lambda: served_by([restarted])[victim_address] == before + 1)  # stats land just after

@@ -6,7 +6,6 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -38,30 +37,46 @@ def _ask(address: str, model: str) -> list[int]:
         return client.infer(model, [x]).as_numpy("y")[0].tolist()
 
 
-@pytest.mark.timeout(120)
-def test_two_workers_share_the_port_and_merge_metrics(tmp_path: Path) -> None:
-    add_adapters(tmp_path, {"ops": (500, "float16")})
-    port, metrics = free_port(), free_port()
-    with LocalTriton(STANDIN_REPO) as triton:
+def _start_workers(repository: Path, upstream: str, wait_until) -> tuple[subprocess.Popen[str], int, int]:
+    """``serve --workers 2`` on picked ports, picked again when one was taken before the router bound it.
+
+    Workers share one port, so it is chosen before they start (port 0 would give each its own).
+    """
+    for _attempt in range(3):
+        port, metrics = free_port(), free_port()
         command = [
             str(Path(sys.executable).with_name("phlora-nim")),
             "serve",
-            "-m", str(tmp_path),
-            "--upstream", triton.grpc_url,
+            "-m", str(repository),
+            "--upstream", upstream,
             "--port", str(port),
             "--metrics-port", str(metrics),
             "--workers", "2",
         ]  # fmt: skip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def ready_or_exited(process: subprocess.Popen[str] = process, port: int = port) -> str | None:
+            if process.poll() is not None:
+                return "exited"
+            with contextlib.suppress(Exception), grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+                if client.is_server_ready(client_timeout=1) and len(_children(process.pid)) >= 2:
+                    return "ready"
+            return None
+
+        if wait_until(ready_or_exited, 60, interval=0.3, what="the workers were not ready in time") == "ready":
+            return process, port, metrics
+        output, _ = process.communicate(timeout=30)
+        assert "cannot listen" in output or "Address already in use" in output, output[-2000:]
+    raise AssertionError("three picked ports in a row were taken")
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_share_the_port_and_merge_metrics(tmp_path: Path, wait_until) -> None:
+    add_adapters(tmp_path, {"ops": (500, "float16")})
+    with LocalTriton(STANDIN_REPO) as triton:
+        process, port, metrics = _start_workers(tmp_path, triton.grpc_url, wait_until)
         try:
             address = f"127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                with contextlib.suppress(Exception), grpcclient.InferenceServerClient(address) as client:
-                    if client.is_server_ready(client_timeout=1) and len(_children(process.pid)) >= 2:
-                        break
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.3)
             workers = _children(process.pid)
             assert len(workers) == 2
             for _ in range(30):

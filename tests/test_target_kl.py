@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import make_hidden_finetune, make_linear_finetune
 
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.rank_policy import FidelityTarget
+from phlora_nim.testing.finetunes import make_hidden_finetune, make_linear_finetune
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A toy Llama with a tokenizer whose fine-tune changed linear weights only: full rank is exact."""
-    return make_linear_finetune(tmp_path_factory, "target", steps=25, seed=4)
+    return make_linear_finetune(tmp_path_factory.mktemp("target"), steps=25, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_fidelity_target_validation() -> None:
 @pytest.fixture(scope="module")
 def hidden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
     """A fine-tune whose change the generic prompts cannot see (a cycle over trigger tokens)."""
-    return make_hidden_finetune(tmp_path_factory, "hidden")
+    return make_hidden_finetune(tmp_path_factory.mktemp("hidden"))
 
 
 def test_generic_prompts_that_cannot_see_the_finetune_are_refused(hidden, tmp_path: Path, run_cli) -> None:

@@ -8,14 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
 from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.triton.launcher import LocalTriton, TritonStartError, find_triton, free_port
+from phlora_nim.testing.processes import OutputLines
+from phlora_nim.triton.launcher import LocalTriton, TritonStartError, find_triton
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_port_taken_is_a_clear_error(tmp_path: Path, run_cli) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(OptionError, match=f"--grpc-port.*127.0.0.1:{port} is taken"):
             LocalTriton(tmp_path, grpc_port=port).start()
-        code, _, err = run_cli("triton", "-m", tmp_path, "--grpc-port", port, "--http-port", free_port())
+        code, _, err = run_cli("triton", "-m", tmp_path, "--grpc-port", port, "--http-port", 0)
         assert code == 2 and "port already in use" in err and "Traceback" not in err
 
 
@@ -54,7 +54,7 @@ def test_a_missing_lora_prefetch_dir_is_refused_before_the_server_starts(tmp_pat
     write_repository(moved, RepositorySettings(base=str(tmp_path), served_path="/nowhere/repo"), RegistryState())
     with pytest.raises(InputError, match=r"lora_prefetch_dir does not exist.*'/nowhere/repo/"):
         LocalTriton(moved).start()
-    code, _, err = run_cli("triton", "-m", moved, "--grpc-port", free_port(), "--http-port", free_port())
+    code, _, err = run_cli("triton", "-m", moved, "--grpc-port", 0, "--http-port", 0)
     assert code == 2 and "lora_prefetch_dir does not exist" in err and "--served-path" in err
     assert "Traceback" not in err
 
@@ -70,46 +70,37 @@ def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -
 
 @pytest.mark.timeout(300)
 def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        _triton_command(converted_repository, port, "--exit-timeout", "20"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process, stdout, stderr = _start_triton_cli(converted_repository, "--exit-timeout", "20")
     try:
+        port = int(stdout.wait_for(_READY, timeout=180).group(1))
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 180
-        while not _ready(client):
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        assert client.is_model_ready("tensorrt_llm")
+        assert client.is_server_ready() and client.is_model_ready("tensorrt_llm")
         client.close()
         process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, stderr[-2000:]
-    assert "Triton ready" in stdout
-    assert "successfully loaded 'tensorrt_llm'" in stderr  # the log is streamed
+    stderr_text = stderr.close()
+    assert process.returncode == 0, stderr_text[-2000:]
+    assert "successfully loaded 'tensorrt_llm'" in stderr_text  # the log is streamed
     with contextlib.closing(socket.socket()) as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
 
 
-def _triton_command(repository: Path, grpc_port: int, *extra: str) -> list[str]:
-    """``phlora-nim triton`` on free ports (gRPC on ``grpc_port``)."""
+_READY = r"Triton ready: gRPC 127\.0\.0\.1:(\d+)"
+
+
+def _start_triton_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], OutputLines, OutputLines]:
+    """``phlora-nim triton`` on ports it picks (it prints them once ready); its stdout and stderr, read."""
     exe = str(Path(sys.executable).with_name("phlora-nim"))
-    ports = ["--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
-    return [exe, "triton", "-m", str(repository), *ports, *extra]
-
-
-def _ready(client: grpcclient.InferenceServerClient) -> bool:
-    try:
-        return bool(client.is_server_ready(client_timeout=1))
-    except Exception:
-        return False
+    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    command = [exe, "triton", "-m", str(repository), *ports, *extra]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"}
+    )
+    assert process.stdout is not None and process.stderr is not None
+    return process, OutputLines(process.stdout), OutputLines(process.stderr)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -120,17 +111,8 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _wait_gone(pgid: int, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.timeout(300)
-def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_repository: Path) -> None:
+def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_repository: Path, wait_until) -> None:
     server = LocalTriton(converted_repository, exit_timeout=5).start()
     pgid = server._process.pid  # type: ignore[union-attr]
     try:
@@ -139,30 +121,41 @@ def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_rep
         server._process.wait(timeout=30)  # type: ignore[union-attr]
     finally:
         server.stop()
-    assert _wait_gone(pgid), "processes of Triton's group are still running"
+    wait_until(lambda: not _group_alive(pgid), 20, what="processes of Triton's group are still running")
     assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
 
 
 @pytest.mark.timeout(300)
-def test_cli_exits_when_the_server_dies_and_cleans_up(converted_repository: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        _triton_command(converted_repository, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def test_cli_exits_when_the_server_dies_and_cleans_up(converted_repository: Path, wait_until) -> None:
+    process, stdout, stderr = _start_triton_cli(converted_repository)
     try:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 180
-        while not _ready(client):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        client.close()
+        stdout.wait_for(_READY, timeout=180)
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         server_pid = next(int(c) for c in children if "tritonserver" in Path(f"/proc/{c}/cmdline").read_text())
         os.kill(server_pid, signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode != 0
-    assert "tritonserver exited" in stderr
-    assert _wait_gone(server_pid), "Triton's Python-backend stubs outlived it"
+    assert "tritonserver exited" in stderr.close()
+    wait_until(lambda: not _group_alive(server_pid), 20, what="Triton's Python-backend stubs outlived it")
+
+
+def test_a_picked_port_taken_before_triton_binds_it_is_picked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between picking a free port and Triton binding it, another process may take it: start() tries again."""
+    from phlora_nim.testing.standin import STANDIN_REPO
+    from phlora_nim.triton import launcher
+
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        stolen = thief.getsockname()[1]
+        picks = iter([stolen])
+        real_free_port = launcher.free_port
+        monkeypatch.setattr(launcher, "free_port", lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
+        monkeypatch.setattr(launcher, "port_is_free", lambda port, host="127.0.0.1": True)  # taken after the check
+        with LocalTriton(STANDIN_REPO, ready_timeout=120) as server:
+            assert server.grpc_port != stolen
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                assert client.is_server_ready()

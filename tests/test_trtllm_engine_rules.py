@@ -316,7 +316,7 @@ def test_missing_qkv_modules_get_zero_rows(tmp_path: Path) -> None:
     assert set(by_key) == {("attn_q", 0), ("attn_k", 0), ("attn_v", 0), ("mlp_4h_to_h", 1)}
     i, rank = by_key[("attn_k", 0)]
     assert rank == 1 and not np.asarray(lora.weights)[0, i].any()
-    assert (lora.rows[i]["in"], lora.rows[i]["out"]) == (64, 32)  # k's runtime dims (GQA)
+    assert (lora.rows[i].in_dim, lora.rows[i].out_dim) == (64, 32)  # k's runtime dims (GQA)
     save_trtllm(lora, tmp_path)
     assert trtllm_to_adapter(load_trtllm(tmp_path)).modules.keys() == adapter.modules.keys()
     # An engine with only some of q/k/v cannot exist (attention asserts): refused as such.

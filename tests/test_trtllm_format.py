@@ -117,19 +117,19 @@ def test_fused_modules_at_tensor_parallelism(tp: int, adapters) -> None:
     d = config["hidden_size"] // heads
     for i, (_module_id, _layer, r) in enumerate(rows):
         meta = lora.rows[i]
-        (path,) = meta["modules"]
-        inp, out = meta["in"], meta["out"]
+        (path,) = meta.modules
+        inp, out = meta.in_dim, meta.out_dim
         a = weights[i, : r * inp].reshape(r, inp)
         b = weights[i, r * inp : r * (inp + out)].reshape(out, r)
         delta = adapter.modules[path].delta()
-        if meta["trtllm"] == "attn_qkv":
+        if meta.trtllm == "attn_qkv":
             blocks = torch.split(delta, [heads * d, kv * d, kv * d])
-        elif meta.get("part"):  # gate_up_proj as mlp_h_to_4h (gate half) and mlp_gate (up half): split on their own
-            part, parts = meta["part"]
+        elif meta.part is not None:  # gate_up_proj as mlp_h_to_4h (gate half) + mlp_gate (up half), split apart
+            part, parts = meta.part
             blocks = (delta.chunk(parts)[part],)
         else:
             blocks = (delta,)
-            if meta["trtllm"] not in ("attn_dense", "mlp_4h_to_h"):
+            if meta.trtllm not in ("attn_dense", "mlp_4h_to_h"):
                 raise AssertionError(meta)
             continue
         for rank in range(tp):
@@ -146,10 +146,10 @@ def test_moe_rows_stack_experts(adapters) -> None:
     assert len(moe) == config["num_hidden_layers"]
     i = moe[0]
     r, meta = int(rows[i][2]), lora.rows[i]
-    inp, out = meta["in"], meta["out"]
+    inp, out = meta.in_dim, meta.out_dim
     a = weights[i, : experts * r * inp].reshape(experts, r, inp)
     b = weights[i, experts * r * inp : experts * r * (inp + out)].reshape(experts, out, r)
-    for e, path in enumerate(meta["modules"]):
+    for e, path in enumerate(meta.modules):
         assert path.endswith(f"experts.{e}.w1")
         assert torch.allclose(b[e] @ a[e], adapter.modules[path].delta(), atol=1e-5)
 
@@ -213,6 +213,9 @@ def test_engine_rejects(over: dict, dtype: str, match: str, adapters) -> None:
         ),
         (lambda d: np.save(d / "model.lora_config.npy", np.zeros((1, 3, 3), dtype=np.int64)), "must be int32"),
         (lambda d: np.save(d / "model.lora_config.npy", np.zeros((1, 2, 3), dtype=np.int32)), "same size"),
+        (lambda d: (d / "phlora_trtllm.json").write_text("{broken"), "unreadable sidecar"),
+        (lambda d: (d / "phlora_trtllm.json").write_text('{"rows": [7]}'), r"rows\[0\]: unreadable row description"),
+        (lambda d: (d / "phlora_trtllm.json").write_text('{"rows": [{"modules": []}]}'), "unreadable row description"),
     ],
 )
 def test_bad_npy_files(make, match: str, adapters, tmp_path: Path) -> None:
@@ -254,3 +257,23 @@ def test_rank_and_cache_full_texts_are_the_runtimes() -> None:
 
     assert rank_message(96, 64) == "Invalid low_rank (96). low_rank must be smaller than mMaxLowRank (64)"
     assert cache_full_message(12) == "PEFT Cache is full. Could not store taskId=12"
+
+
+def test_layout_takes_the_family_map_from_the_extraction_plan(model_pairs, adapters) -> None:
+    """``--target-modules`` chooses targets, but the rows still follow the family's map, as planned."""
+    from phlora_nim.converters.architecture import builtin_maps
+    from phlora_nim.converters.checkpoint import open_checkpoint
+    from phlora_nim.converters.extract import plan_extraction
+
+    base, ft = model_pairs("llama")
+    options = ExtractOptions(policy=RankPolicy(rank=2), target_modules=r".*\.(q_proj|v_proj)")
+    plan = plan_extraction(open_checkpoint(base), open_checkpoint(ft), options)
+    assert plan.family == "custom" and plan.architecture is not None and plan.architecture.family == "llama"
+    adapter, config = adapters["llama"]
+    planned = adapter_to_trtllm(adapter, architecture=plan.architecture, dtype="float32")
+    inferred = adapter_to_trtllm(adapter, config=config, dtype="float32")
+    assert np.array_equal(planned.config, inferred.config) and planned.rows == inferred.rows
+    # The map given is the map used: another family's does not fit these modules.
+    phi3 = next(m for m in builtin_maps() if m.family == "phi3")
+    with pytest.raises(InputError, match="no TensorRT-LLM LoRA module"):
+        adapter_to_trtllm(adapter, architecture=phi3, dtype="float32")

@@ -28,13 +28,17 @@ BackendOpt = Annotated[
         rich_help_panel=KEPT,
     ),
 ]
-DtypeOpt = Annotated[
+EngineDtypeOpt = Annotated[
     str | None,
     typer.Option(
-        "--dtype",
+        "--engine-dtype",
         help="Engine dtype: LoRA weights are laid out and sent in it (float16, bfloat16, float32; default float32).",
         rich_help_panel=KEPT,
     ),
+]
+# ``convert --dtype`` named the engine's dtype; everywhere else --dtype is adapter storage.
+OldEngineDtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", hidden=True, help="Old spelling of --engine-dtype (still accepted).")
 ]
 EngineDirOpt = Annotated[
     str | None,

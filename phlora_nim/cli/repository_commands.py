@@ -30,9 +30,9 @@ from phlora_nim.cli.convert_options import (
     BaseOpt,
     CheckServedPathOpt,
     DecoupledOpt,
-    DtypeOpt,
     EngineConfigOpt,
     EngineDirOpt,
+    EngineDtypeOpt,
     FinetunedOpt,
     GpuFreeMemoryOpt,
     GraceOpt,
@@ -42,6 +42,7 @@ from phlora_nim.cli.convert_options import (
     MaxBatchSizeOpt,
     MaxLoraRankOpt,
     NameOpt,
+    OldEngineDtypeOpt,
     PrefetchLimitOpt,
     PrefetchOpt,
     PrefetchUsageOpt,
@@ -61,6 +62,32 @@ from phlora_nim.cli.fidelity_options import (
     extraction_options,
 )
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
+
+
+def engine_dtype_of(engine_dtype: str | None, old_spelling: str | None) -> str | None:
+    """The engine dtype given as ``--engine-dtype`` or, with a note on stderr, as the old ``--dtype``.
+
+    Raises:
+        OptionError: both given, with different values.
+    """
+    if old_spelling is None:
+        return engine_dtype
+    if engine_dtype is not None and engine_dtype != old_spelling:
+        from phlora_nim.converters.errors import OptionError
+
+        raise OptionError(
+            "two engine dtypes",
+            where="--engine-dtype / --dtype",
+            found=f"{engine_dtype} and {old_spelling}",
+            fix="give --engine-dtype only",
+        )
+    typer.echo(
+        "note: `convert --dtype` is deprecated: it is spelled --engine-dtype now (the engine's dtype; "
+        "elsewhere --dtype is the adapter's storage dtype). The old spelling still works.",
+        err=True,
+    )
+    return old_spelling
+
 
 if TYPE_CHECKING:
     from phlora_nim.converters.extract import ExtractOptions
@@ -87,7 +114,8 @@ def convert_command(
     budget_params: BudgetOpt = None,
     max_rank: MaxRankOpt = None,
     snap_ranks: SnapOpt = None,
-    dtype: DtypeOpt = None,
+    engine_dtype: EngineDtypeOpt = None,
+    dtype: OldEngineDtypeOpt = None,
     engine_dir: EngineDirOpt = None,
     engine_config: EngineConfigOpt = None,
     served_path: ServedPathOpt = None,
@@ -134,7 +162,6 @@ def convert_command(
 # convert's options stored under the same name in the repository settings.
 _SETTING_OPTIONS = (
     "backend",
-    "dtype",
     "engine_dir",
     "served_path",
     "tokenizer_dir",
@@ -193,6 +220,7 @@ def _convert_settings(args: Mapping[str, Any]) -> tuple[RepositorySettings, froz
     return _repository_settings(
         base=args["base"],
         lora_cache_mb=args["lora_cache_mb"],
+        dtype=engine_dtype_of(args["engine_dtype"], args["dtype"]),
         **{key: args[key] for key in _SETTING_OPTIONS},
         llm_parameters=_key_values(args["llm_parameter"], flag="--llm-parameter"),
         prefetch_names=tuple(args["prefetch"]) if args["prefetch"] else None,

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.converters.architecture import ArchitectureMap, custom_map, evaluate, find_map
+from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, custom_map, evaluate, find_map
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
+from phlora_nim.converters.dtypes import DTYPES, parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES
 from phlora_nim.converters.whitening import WhitenedFactors, weight_captured, whitened_decompose
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ log = logging.getLogger("phlora_nim.extract")
 # What to do with deltas outside linear modules (``--extra``).
 NonLinearDeltas = Literal["drop", "save", "error"]
 # Storage dtypes of adapters: the engine dtypes, float32 first.
-DTYPES: dict[str, torch.dtype] = {name: ENGINE_DTYPES[name].torch for name in ("float32", "float16", "bfloat16")}
 _CONFIG_KEYS_MUST_MATCH = (
     "model_type",
     "hidden_size",
@@ -84,10 +83,7 @@ class ExtractOptions:
                 expected="drop, save or error",
                 found=repr(self.non_linear_deltas),
             )
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise OptionError(
-                "unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(self.dtype)
-            )
+        parse_dtype(self.dtype, "--dtype", auto=True)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(
                 "CUDA is not available",
@@ -134,11 +130,19 @@ class ExtraPlan:
 
 @dataclass(frozen=True)
 class ExtractionPlan:
+    """What :func:`run_extraction` will do, decided from metadata alone.
+
+    ``family`` names the map that chose the targets (``custom`` for ``--target-modules``,
+    ``generic`` for an unknown family); ``architecture`` is the family's own map, which also lays
+    the adapter out for TensorRT-LLM (None for an unknown family).
+    """
+
     family: str
     targets: tuple[TargetPlan, ...]
     extras: tuple[ExtraPlan, ...]
     out_dtype: torch.dtype
     warnings: tuple[str, ...] = ()
+    architecture: ArchitectureMap | None = None
 
 
 @dataclass
@@ -256,131 +260,21 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
     raise_all(problems, summary="the checkpoints do not match")
     config = ft.config or base.config or {}
     warnings: list[str] = []
-    amap: ArchitectureMap | None
-    if options.target_modules:
-        amap = custom_map(options.target_modules)
-    else:
-        amap = find_map(config)
-        if amap is not None:
-            for ckpt in (base, ft):
-                problems.extend(_config_problems(ckpt, amap))
-        if amap is None:
-            warnings.append(
-                f"unknown architecture {config.get('architectures') or config.get('model_type') or '(no config.json)'}:"
-                " targeting every 2-D linear weight; pass --target-modules REGEX to choose"
-            )
-    base_names, ft_names = set(base.tensors), set(ft.tensors)
-    for missing_in, names in ((base, ft_names - base_names), (ft, base_names - ft_names)):
-        side = "base" if missing_in is base else "fine-tuned"
-        for name in sorted(names)[:20]:
-            problems.append(
-                InputError(
-                    f"tensor {name!r} is missing in the {side} checkpoint",
-                    where=str(missing_in.path),
-                    expected="the same tensors on both sides",
-                    fix="pass matching checkpoints",
-                )
-            )
+    amap, family_map = _maps(base, ft, options, config, problems=problems, warnings=warnings)
+    problems.extend(_missing_tensor_problems(base, ft))
     targets: list[TargetPlan] = []
     extras: list[ExtraPlan] = []
-    too_big: list[str] = []
     for name in ft.names():
-        if name not in base_names:
+        if name not in base.tensors:
             continue
-        bi, fi = base.info(name), ft.info(name)
-        if not (fi.dtype.is_floating_point and bi.dtype.is_floating_point):
-            if name.endswith(".weight"):
-                # A weight LoRA cannot carry (integer or quantized); skipping it would lose its delta.
-                problems.append(
-                    InputError(
-                        "weight tensor is not floating point",
-                        where=f"{ft.path} {name}",
-                        expected="float32, float16 or bfloat16 on both sides",
-                        found=f"{str(bi.dtype).removeprefix('torch.')} in the base, "
-                        f"{str(fi.dtype).removeprefix('torch.')} in the fine-tune",
-                        fix="pass unquantized checkpoints saved in a float dtype",
-                    )
-                )
-            continue  # integer buffers (position ids, masks) are not weights
-        if fi.dtype not in DTYPES.values() or bi.dtype not in DTYPES.values():
-            problems.append(
-                InputError(
-                    "unsupported tensor dtype",
-                    where=f"{ft.path} {name}",
-                    expected="float32, float16 or bfloat16",
-                    found=f"{bi.dtype} / {fi.dtype}",
-                )
-            )
-            continue
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
-        is_target = matched is not None or (amap is None and _fallback_linear(name, fi.shape))
-        if not is_target:
-            extras.append(ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape))
-            if bi.shape != fi.shape and options.non_linear_deltas != "save":
-                problems.append(
-                    InputError(
-                        "tensor shape differs (vocabulary or size change)",
-                        where=f"{ft.path} {name}",
-                        expected=f"{bi.shape} as in the base",
-                        found=str(fi.shape),
-                        fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
-                        "modules_to_save (the base must be resized the same way when loading)",
-                    )
-                )
-            continue
-        if bi.shape != fi.shape:
-            problems.append(
-                InputError(
-                    "weight shapes differ",
-                    where=f"{ft.path} {name}",
-                    expected=f"{bi.shape} as in the base",
-                    found=str(fi.shape),
-                    fix="pass a fine-tune of this exact base model",
-                )
-            )
-            continue
-        out_dim, in_dim = fi.shape
-        spec, layer = matched if matched is not None else (None, None)
-        if spec is not None and amap is not None and config:
-            dims = amap.dims(spec, config)
-            if dims is not None and dims != (in_dim, out_dim):
-                problems.append(
-                    InputError(
-                        "weight shape does not follow from config.json",
-                        where=f"{ft.path} {name}",
-                        expected=f"[out={dims[1]}, in={dims[0]}] for {amap.family} {spec.name}",
-                        found=f"[out={out_dim}, in={in_dim}]",
-                        fix="check that config.json belongs to these weights",
-                    )
-                )
-                continue
-        if options.policy.rank is not None and options.policy.rank > min(out_dim, in_dim):
-            too_big.append(f"{module} [{out_dim}×{in_dim}]")
-        assert module is not None
-        module_type = spec.name if spec is not None and spec.name != "*" else module.rsplit(".", 1)[-1]
-        targets.append(
-            TargetPlan(
-                module=module,
-                weight=name,
-                module_type=module_type,
-                trtllm=spec.trtllm if spec is not None else None,
-                layer=layer,
-                out_dim=out_dim,
-                in_dim=in_dim,
-                sketch_rank=options.policy.sketch_rank(min(out_dim, in_dim)),
-            )
-        )
-    if too_big:
-        problems.append(
-            OptionError(
-                "rank is above some modules' dimensions",
-                where="--rank",
-                expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
-                found=f"{options.policy.rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
-                fix="lower --rank, or use --energy/--budget-params with --max-rank",
-            )
-        )
+        item, problem = _plan_tensor(name, base, ft, amap, options, config)
+        if problem is not None:
+            problems.append(problem)
+        if isinstance(item, TargetPlan):
+            targets.append(item)
+        elif isinstance(item, ExtraPlan):
+            extras.append(item)
+    problems.extend(_rank_problems(targets, options))
     if not targets and not problems:
         problems.append(
             OptionError(
@@ -392,14 +286,175 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             )
         )
     raise_all(problems, summary="cannot extract an adapter")
-    out_dtype = DTYPES[options.dtype] if options.dtype != "auto" else ft.info(targets[0].weight).dtype
+    storage = parse_dtype(options.dtype, "--dtype", auto=True)
+    out_dtype = storage.torch if storage is not None else ft.info(targets[0].weight).dtype
     return ExtractionPlan(
         family=amap.family if amap else "generic",
         targets=tuple(targets),
         extras=tuple(extras),
         out_dtype=out_dtype,
         warnings=tuple(warnings),
+        architecture=family_map,
     )
+
+
+def _maps(
+    base: Checkpoint,
+    ft: Checkpoint,
+    options: ExtractOptions,
+    config: dict[str, Any],
+    *,
+    problems: list[PhloraError],
+    warnings: list[str],
+) -> tuple[ArchitectureMap | None, ArchitectureMap | None]:
+    """The map that chooses targets (``--target-modules``, else the family's) and the family's own.
+
+    The family's map also lays the adapter out for TensorRT-LLM later. None: an unknown family
+    (then every 2-D linear weight is a target, with a warning).
+    """
+    family_map = find_map(config)
+    if options.target_modules:
+        return custom_map(options.target_modules), family_map
+    if family_map is None:
+        warnings.append(
+            f"unknown architecture {config.get('architectures') or config.get('model_type') or '(no config.json)'}:"
+            " targeting every 2-D linear weight; pass --target-modules REGEX to choose"
+        )
+        return None, None
+    for ckpt in (base, ft):
+        problems.extend(_config_problems(ckpt, family_map))
+    return family_map, family_map
+
+
+def _missing_tensor_problems(base: Checkpoint, ft: Checkpoint) -> list[PhloraError]:
+    """Tensors one side has and the other lacks (the first 20 of each side)."""
+    base_names, ft_names = set(base.tensors), set(ft.tensors)
+    problems: list[PhloraError] = []
+    for missing_in, names in ((base, ft_names - base_names), (ft, base_names - ft_names)):
+        side = "base" if missing_in is base else "fine-tuned"
+        for name in sorted(names)[:20]:
+            problems.append(
+                InputError(
+                    f"tensor {name!r} is missing in the {side} checkpoint",
+                    where=str(missing_in.path),
+                    expected="the same tensors on both sides",
+                    fix="pass matching checkpoints",
+                )
+            )
+    return problems
+
+
+# What planning one tensor gives: a target, an extra or nothing, and the problem it raises if any.
+PlannedTensor = tuple[TargetPlan | ExtraPlan | None, PhloraError | None]
+
+
+def _plan_tensor(
+    name: str,
+    base: Checkpoint,
+    ft: Checkpoint,
+    amap: ArchitectureMap | None,
+    options: ExtractOptions,
+    config: dict[str, Any],
+) -> PlannedTensor:
+    """One tensor present on both sides: a target to decompose, an extra to measure, or nothing
+    (integer buffers), with the problem it raises if any."""
+    bi, fi = base.info(name), ft.info(name)
+    if not (fi.dtype.is_floating_point and bi.dtype.is_floating_point):
+        if not name.endswith(".weight"):
+            return None, None  # integer buffers (position ids, masks) are not weights
+        # A weight LoRA cannot carry (integer or quantized); skipping it would lose its delta.
+        return None, InputError(
+            "weight tensor is not floating point",
+            where=f"{ft.path} {name}",
+            expected="float32, float16 or bfloat16 on both sides",
+            found=f"{str(bi.dtype).removeprefix('torch.')} in the base, "
+            f"{str(fi.dtype).removeprefix('torch.')} in the fine-tune",
+            fix="pass unquantized checkpoints saved in a float dtype",
+        )
+    floats = {d.torch for d in DTYPES.values()}
+    if fi.dtype not in floats or bi.dtype not in floats:
+        return None, InputError(
+            "unsupported tensor dtype",
+            where=f"{ft.path} {name}",
+            expected="float32, float16 or bfloat16",
+            found=f"{bi.dtype} / {fi.dtype}",
+        )
+    module = name.removesuffix(".weight") if name.endswith(".weight") else None
+    matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
+    if module is None or not (matched is not None or (amap is None and _fallback_linear(name, fi.shape))):
+        extra = ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape)
+        if not extra.resized or options.non_linear_deltas == "save":
+            return extra, None
+        return extra, InputError(
+            "tensor shape differs (vocabulary or size change)",
+            where=f"{ft.path} {name}",
+            expected=f"{bi.shape} as in the base",
+            found=str(fi.shape),
+            fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
+            "modules_to_save (the base must be resized the same way when loading)",
+        )
+    if bi.shape != fi.shape:
+        return None, InputError(
+            "weight shapes differ",
+            where=f"{ft.path} {name}",
+            expected=f"{bi.shape} as in the base",
+            found=str(fi.shape),
+            fix="pass a fine-tune of this exact base model",
+        )
+    return _plan_target(name, module, matched, fi.shape, amap, options, config, ft)
+
+
+def _plan_target(
+    name: str,
+    module: str,
+    matched: tuple[ModuleSpec, int | None] | None,
+    shape: tuple[int, ...],
+    amap: ArchitectureMap | None,
+    options: ExtractOptions,
+    config: dict[str, Any],
+    ft: Checkpoint,
+) -> PlannedTensor:
+    """A linear target, its shape checked against what the architecture map derives from config.json."""
+    out_dim, in_dim = shape
+    spec, layer = matched if matched is not None else (None, None)
+    if spec is not None and amap is not None and config:
+        dims = amap.dims(spec, config)
+        if dims is not None and dims != (in_dim, out_dim):
+            return None, InputError(
+                "weight shape does not follow from config.json",
+                where=f"{ft.path} {name}",
+                expected=f"[out={dims[1]}, in={dims[0]}] for {amap.family} {spec.name}",
+                found=f"[out={out_dim}, in={in_dim}]",
+                fix="check that config.json belongs to these weights",
+            )
+    target = TargetPlan(
+        module=module,
+        weight=name,
+        module_type=spec.name if spec is not None and spec.name != "*" else module.rsplit(".", 1)[-1],
+        trtllm=spec.trtllm if spec is not None else None,
+        layer=layer,
+        out_dim=out_dim,
+        in_dim=in_dim,
+        sketch_rank=options.policy.sketch_rank(min(out_dim, in_dim)),
+    )
+    return target, None
+
+
+def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[PhloraError]:
+    """A fixed ``--rank`` above some modules' smaller side."""
+    rank = options.policy.rank
+    too_big = [f"{t.module} [{t.out_dim}×{t.in_dim}]" for t in targets if rank is not None and rank > t.short_side]
+    if not too_big:
+        return []
+    return [
+        OptionError(
+            "rank is above some modules' dimensions",
+            where="--rank",
+            expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
+            found=f"{rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
+            fix="lower --rank, or use --energy/--budget-params with --max-rank",
+        )
+    ]
 
 
 def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint) -> None:
@@ -447,12 +502,47 @@ def run_extraction(
     """
     start = time.perf_counter()
     reader = DeltaReader(base, ft)
-    results: list[ModuleResult] = []
+    # Extras first: measuring them is cheap, and --extra error must refuse before the expensive part.
+    extras, saved, biases = _measure_extras(plan, reader, ft, options, progress=progress)
+    _refuse_changed_extras(extras, ft, options)
+    results = []
+    for t in plan.targets:
+        results.append(_decompose_target(t, reader, ft, options, statistics=statistics, out_dtype=plan.out_dtype))
+        if progress:
+            progress(t.weight)
+    adapter = LoraAdapter(
+        modules=_assign_ranks(results, options.policy),
+        base_model_name_or_path=str(base.path),
+        modules_to_save=saved,
+        lora_biases=biases,
+    )
+    return ExtractionResult(
+        adapter=adapter,
+        modules=results,
+        extras=extras,
+        plan=plan,
+        timings={
+            "load_s": sum(r.load_s for r in results),
+            "decompose_s": sum(r.decompose_s for r in results),
+            "extract_s": time.perf_counter() - start,
+        },
+    )
+
+
+def _measure_extras(
+    plan: ExtractionPlan,
+    reader: DeltaReader,
+    ft: Checkpoint,
+    options: ExtractOptions,
+    *,
+    progress: Callable[[str], None] | None,
+) -> tuple[list[ExtraResult], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every extra's delta energy and what became of it; with ``--extra save`` also the tensors kept
+    whole (``modules_to_save``) and the bias deltas of LoRA targets (``lora_biases``)."""
+    target_modules = {t.module for t in plan.targets}
     extras: list[ExtraResult] = []
     saved: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
-    target_modules = {t.module for t in plan.targets}
-    # Extras first: measuring them is cheap, and --extra error must refuse before the expensive part.
     for e in plan.extras:
         if e.resized:
             energy = frobenius_energy(ft.load(e.name).float())
@@ -474,6 +564,10 @@ def run_extraction(
         extras.append(ExtraResult(plan=e, energy=energy, action=action))
         if progress:
             progress(e.name)
+    return extras, saved, biases
+
+
+def _refuse_changed_extras(extras: list[ExtraResult], ft: Checkpoint, options: ExtractOptions) -> None:
     changed = [x for x in extras if x.action != "unchanged"]
     if options.non_linear_deltas == "error" and changed:
         names = ", ".join(x.plan.name for x in changed[:5])
@@ -484,63 +578,57 @@ def run_extraction(
             found=f"{len(changed)} changed tensors: {names}",
             fix="pass --extra drop to measure and drop them, or --extra save to keep them",
         )
-    for t in plan.targets:
-        t0 = time.perf_counter()
-        delta = reader.delta(t.weight)
-        energy = frobenius_energy(delta)
-        _check_finite(delta, energy, t.weight, ft)
-        t1 = time.perf_counter()
-        if energy == 0.0:
-            results.append(ModuleResult(plan=t, factors=None, load_s=t1 - t0))
-        else:
-            chol = statistics.cholesky(t.module) if statistics is not None else None
-            if chol is not None:
-                f = whitened_decompose(
-                    delta,
-                    chol,
-                    t.sketch_rank,
-                    exact=options.exact,
-                    device=options.device,
-                    seed=module_seed(t.module, options.seed),
-                )
-            else:
-                f = decompose(
-                    delta,
-                    t.sketch_rank,
-                    exact=options.exact,
-                    device=options.device,
-                    seed=module_seed(t.module, options.seed),
-                    total_energy=energy,
-                )
-            fixed = options.policy.fixed_rank(t.short_side)
-            lora = None
-            if fixed is not None:
-                # Rank known now: keep the final factors in the storage dtype and only the spectrum
-                # of the sketch, so what is held per module is the adapter itself.
-                kept = min(fixed, f.available_rank)
-                a, b = f.lora(kept)
-                lora = (a.to(plan.out_dtype), b.to(plan.out_dtype))
-                f = f.spectrum_only()
-            else:
-                # Ranks are assigned across modules later: keep up to the cap, in compact storage.
-                f = f.truncated(min(f.available_rank, t.sketch_rank)).compact()
-            results.append(
-                ModuleResult(
-                    plan=t,
-                    factors=f,
-                    lora=lora,
-                    load_s=t1 - t0,
-                    decompose_s=time.perf_counter() - t1,
-                )
-            )
-        if progress:
-            progress(t.weight)
+
+
+def _decompose_target(
+    t: TargetPlan,
+    reader: DeltaReader,
+    ft: Checkpoint,
+    options: ExtractOptions,
+    *,
+    statistics: InputStatistics | None,
+    out_dtype: torch.dtype,
+) -> ModuleResult:
+    """Decompose one target's delta (whitened where ``statistics`` has its inputs), keeping only what
+    the rank policy can still use: the final factors when the rank is known now, else the sketch."""
+    t0 = time.perf_counter()
+    delta = reader.delta(t.weight)
+    energy = frobenius_energy(delta)
+    _check_finite(delta, energy, t.weight, ft)
+    t1 = time.perf_counter()
+    if energy == 0.0:
+        return ModuleResult(plan=t, factors=None, load_s=t1 - t0)
+    seed = module_seed(t.module, options.seed)
+    chol = statistics.cholesky(t.module) if statistics is not None else None
+    f: Factors
+    if chol is not None:
+        f = whitened_decompose(delta, chol, t.sketch_rank, exact=options.exact, device=options.device, seed=seed)
+    else:
+        f = decompose(delta, t.sketch_rank, exact=options.exact, device=options.device, seed=seed, total_energy=energy)
+    fixed = options.policy.fixed_rank(t.short_side)
+    lora = None
+    if fixed is not None:
+        # Rank known now: keep the final factors in the storage dtype and only the spectrum of the
+        # sketch, so what is held per module is the adapter itself.
+        a, b = f.lora(min(fixed, f.available_rank))
+        lora = (a.to(out_dtype), b.to(out_dtype))
+        f = f.spectrum_only()
+    else:
+        # Ranks are assigned across modules later: keep up to the cap, in compact storage.
+        f = f.truncated(min(f.available_rank, t.sketch_rank)).compact()
+    return ModuleResult(plan=t, factors=f, lora=lora, load_s=t1 - t0, decompose_s=time.perf_counter() - t1)
+
+
+def _policy_ranks(live: list[ModuleResult], policy: RankPolicy) -> list[int]:
+    """``policy``'s rank for every module with factors, in order."""
+    return policy.assign([(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live])  # type: ignore[misc]
+
+
+def _assign_ranks(results: list[ModuleResult], policy: RankPolicy) -> dict[str, LoraWeights]:
+    """Give every decomposed module its rank (recorded in ``results``) and its final factors."""
     live = [r for r in results if r.factors is not None]
-    ranks = options.policy.assign(
-        [(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live if r.factors is not None]
-    )
     modules: dict[str, LoraWeights] = {}
-    for r, rank in zip(live, ranks, strict=True):
+    for r, rank in zip(live, _policy_ranks(live, policy), strict=True):
         r.rank = rank
         if rank == 0 or r.factors is None:
             continue
@@ -553,24 +641,7 @@ def run_extraction(
         r.rank = rank
         # alpha = r: PEFT's scale alpha/r is exactly 1, so B·A is the update as stored.
         modules[r.plan.module] = LoraWeights(a=a, b=b, alpha=float(rank))
-    adapter = LoraAdapter(
-        modules=modules,
-        base_model_name_or_path=str(base.path),
-        modules_to_save=saved,
-        lora_biases=biases,
-    )
-    total = time.perf_counter() - start
-    return ExtractionResult(
-        adapter=adapter,
-        modules=results,
-        extras=extras,
-        plan=plan,
-        timings={
-            "load_s": sum(r.load_s for r in results),
-            "decompose_s": sum(r.decompose_s for r in results),
-            "extract_s": total,
-        },
-    )
+    return modules
 
 
 def summary_energy(result: ExtractionResult) -> dict[str, Any]:
@@ -609,7 +680,7 @@ def reassign(result: ExtractionResult, policy: RankPolicy) -> ExtractionResult:
     live = [r for r in result.modules if r.factors is not None]
     if any(r.lora is not None for r in live):
         raise ValueError("reassign needs an extraction that kept its factors (a budget or energy policy)")
-    ranks = policy.assign([(r.factors, r.plan.short_side, r.plan.in_dim + r.plan.out_dim) for r in live])  # type: ignore[misc]
+    ranks = _policy_ranks(live, policy)
     new_ranks = {id(r): min(rank, r.factors.available_rank) for r, rank in zip(live, ranks, strict=True)}  # type: ignore[union-attr]
     modules_out: list[ModuleResult] = []
     weights: dict[str, LoraWeights] = {}

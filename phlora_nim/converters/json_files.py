@@ -9,12 +9,13 @@ from typing import Any
 from phlora_nim.converters.errors import InputError
 
 
-def read_json(path: Path, *, what: str) -> dict[str, Any]:
+def read_json(path: Path, *, what: str, fix: str | None = None) -> dict[str, Any]:
     """The JSON object in ``path``.
 
     Args:
         path: the file.
         what: what the file is, for the error message (``"engine config"``).
+        fix: what to do about an unreadable file (default: check the path / say what it must hold).
 
     Raises:
         InputError: the file is missing, unreadable, not JSON or not an object.
@@ -26,9 +27,9 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{what} not found", where=str(path), fix="check the path") from None
+        raise InputError(f"{what} not found", where=str(path), fix=fix or "check the path") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable {what} ({exc})", where=str(path), expected="a JSON object") from None
+        raise InputError(f"unreadable {what} ({exc})", where=str(path), expected="a JSON object", fix=fix) from None
     if not isinstance(data, dict):
-        raise InputError(f"{what} must be a JSON object", where=str(path), found=type(data).__name__)
+        raise InputError(f"{what} must be a JSON object", where=str(path), found=type(data).__name__, fix=fix)
     return data

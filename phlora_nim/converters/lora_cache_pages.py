@@ -33,7 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES, EngineSpec
+from phlora_nim.converters.dtypes import DTYPES
+from phlora_nim.converters.trtllm_contract import EngineSpec
 
 # createLoraModules: modules whose *input* is split over TP ranks (inTpSplitDim 1); routers are
 # not split at all; every other module splits its output (outTpSplitDim 0).
@@ -75,7 +76,7 @@ class CacheShape:
                 ("build_config.lora_config.max_lora_rank", spec.max_rank),
                 ("pretrained_config.num_hidden_layers", spec.num_layers),
                 ("pretrained_config.hidden_size / num_attention_heads", spec.dims),
-                ("pretrained_config.dtype", spec.dtype in ENGINE_DTYPES),
+                ("pretrained_config.dtype", spec.dtype in DTYPES),
             )
             if not ok
         ]
@@ -91,7 +92,7 @@ class CacheShape:
         return cls(
             modules=modules,
             layers=int(spec.num_layers or 0) // max(1, spec.pp),
-            itemsize=ENGINE_DTYPES[str(spec.dtype)].itemsize,
+            itemsize=DTYPES[str(spec.dtype)].itemsize,
             max_lora_rank=int(spec.max_rank or 0),
             pp=spec.pp,
         )

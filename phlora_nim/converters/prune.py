@@ -35,7 +35,8 @@ def prune_adapter(adapter: LoraAdapter, policy: RankPolicy) -> tuple[LoraAdapter
     Returns:
         The pruned adapter (alpha = r per module: scale 1, the update stored in B·A) and one
         record per module with ``name``, ``shape``, ``old_rank``, ``rank``, ``energy_kept`` (share
-        of that module's adapter update) and ``delta_energy``.
+        of that module's adapter update) and ``delta_energy``. A module pruned to rank 0 is left
+        out together with its bias change (``bias_dropped`` in its record).
     """
     names = sorted(adapter.modules)
     factors = [adapter_factors(adapter.modules[n], use_rslora=adapter.use_rslora) for n in names]
@@ -62,6 +63,9 @@ def prune_adapter(adapter: LoraAdapter, policy: RankPolicy) -> tuple[LoraAdapter
             }
         )
         if rank == 0:
+            # The module leaves the adapter, its bias change with it: PEFT holds a bias only as
+            # lora_B.bias, inside the module's LoRA update, so a bias alone is no LoRA module.
+            records[-1]["bias_dropped"] = name in adapter.lora_biases
             continue
         a, b = f.lora(rank)
         modules[name] = LoraWeights(a=a.to(old.a.dtype), b=b.to(old.b.dtype), alpha=float(rank))
@@ -71,6 +75,6 @@ def prune_adapter(adapter: LoraAdapter, policy: RankPolicy) -> tuple[LoraAdapter
         base_model_name_or_path=adapter.base_model_name_or_path,
         task_type=adapter.task_type,
         modules_to_save=dict(adapter.modules_to_save),
-        lora_biases=dict(adapter.lora_biases),
+        lora_biases={name: bias for name, bias in adapter.lora_biases.items() if name in modules},
     )
     return pruned, records

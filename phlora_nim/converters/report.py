@@ -8,12 +8,60 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.converters.errors import InputError
-from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, summary_energy
+from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, summary_energy
+from phlora_nim.converters.json_files import read_json
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 
 REPORT_NAME = "phlora_report.json"
 _TOP_SINGULAR = 16
 _CURVE_POINTS = 256
+
+
+def _module_entry(r: ModuleResult) -> dict[str, Any]:
+    """One module's entry: plan, rank and energy figures (weight space; for activation-aware
+    factors the output-space figures beside them)."""
+    p = r.plan
+    entry: dict[str, Any] = {
+        "name": p.module,
+        "type": p.module_type,
+        "trtllm": p.trtllm,
+        "layer": p.layer,
+        "shape": [p.out_dim, p.in_dim],
+        "rank": r.rank,
+    }
+    if r.factors is None:
+        entry.update(
+            zero_delta=True,
+            energy_kept=1.0,
+            relative_error=0.0,
+            delta_energy=0.0,
+            top_singular_values=[],
+            energy_curve=[],
+        )
+    else:
+        f = r.factors
+        curve = (f.S[:_CURVE_POINTS].double().pow(2).cumsum(0) / f.total_energy).clamp(max=1.0)
+        kept = weight_energy(f, r.rank)
+        if isinstance(f, WhitenedFactors):
+            # Weight-space figures stay what they say; the output-space ones go beside them.
+            entry.update(
+                activation_aware=True,
+                output_energy_kept=f.energy(r.rank),
+                output_relative_error=f.relative_error(r.rank),
+                output_delta_energy=f.total_energy,
+            )
+            curve = (f.weight_gain[:_CURVE_POINTS].cumsum(0) / max(f.weight_total, 1e-300)).clamp(0.0, 1.0)
+        entry.update(
+            zero_delta=False,
+            energy_kept=kept,
+            relative_error=(1.0 - kept) ** 0.5,
+            delta_energy=f.weight_total if isinstance(f, WhitenedFactors) else f.total_energy,
+            top_singular_values=[round(float(s), 8) for s in f.S[:_TOP_SINGULAR]],
+            energy_curve=[round(float(c), 6) for c in curve],
+            method="exact" if f.exact else f"randomized ({f.power_iterations} Krylov steps)",
+            seconds=round(r.load_s + r.decompose_s, 4),
+        )
+    return entry
 
 
 def build_report(
@@ -25,50 +73,7 @@ def build_report(
     command: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (energies in float64 against the full ‖ΔW‖²_F)."""
-    modules = []
-    for r in result.modules:
-        p = r.plan
-        entry: dict[str, Any] = {
-            "name": p.module,
-            "type": p.module_type,
-            "trtllm": p.trtllm,
-            "layer": p.layer,
-            "shape": [p.out_dim, p.in_dim],
-            "rank": r.rank,
-        }
-        if r.factors is None:
-            entry.update(
-                zero_delta=True,
-                energy_kept=1.0,
-                relative_error=0.0,
-                delta_energy=0.0,
-                top_singular_values=[],
-                energy_curve=[],
-            )
-        else:
-            f = r.factors
-            curve = (f.S[:_CURVE_POINTS].double().pow(2).cumsum(0) / f.total_energy).clamp(max=1.0)
-            kept = weight_energy(f, r.rank)
-            if isinstance(f, WhitenedFactors):
-                # Weight-space figures stay what they say; the output-space ones go beside them.
-                entry.update(
-                    activation_aware=True,
-                    output_energy_kept=f.energy(r.rank),
-                    output_relative_error=f.relative_error(r.rank),
-                    output_delta_energy=f.total_energy,
-                )
-                curve = (f.weight_gain[:_CURVE_POINTS].cumsum(0) / max(f.weight_total, 1e-300)).clamp(0.0, 1.0)
-            entry.update(
-                zero_delta=False,
-                energy_kept=kept,
-                relative_error=(1.0 - kept) ** 0.5,
-                delta_energy=f.weight_total if isinstance(f, WhitenedFactors) else f.total_energy,
-                top_singular_values=[round(float(s), 8) for s in f.S[:_TOP_SINGULAR]],
-                energy_curve=[round(float(c), 6) for c in curve],
-                method="exact" if f.exact else f"randomized ({f.power_iterations} Krylov steps)",
-                seconds=round(r.load_s + r.decompose_s, 4),
-            )
-        modules.append(entry)
+    modules = [_module_entry(r) for r in result.modules]
     extras = [
         {
             "name": x.plan.name,
@@ -140,15 +145,12 @@ def read_report(folder: Path) -> dict[str, Any]:
             found="no such file",
             fix="pass a folder written by `phlora-nim extract` or `prune`",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable report ({exc})", where=str(path), fix="re-run the extraction") from None
-    if not isinstance(data, dict) or data.get("format") != "phlora-report/1":
+    data = read_json(path, what="report", fix="re-run the extraction")
+    if data.get("format") != "phlora-report/1":
         raise InputError(
             "not a phlora-nim report",
             where=str(path),
             expected='"format": "phlora-report/1"',
-            found=repr(data.get("format") if isinstance(data, dict) else data),
+            found=repr(data.get("format")),
         )
     return data

@@ -19,86 +19,16 @@ import ast
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from phlora_nim.converters.dtypes import DTYPES, dtype_name_of
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
-
-if TYPE_CHECKING:
-    import torch
 
 WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"
 META_FILE = "phlora_trtllm.json"  # our sidecar (module paths, dims, tp); TensorRT-LLM ignores it
-
-
-# --- engine dtypes ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EngineDtype:
-    """One dtype an engine (and so its LoRA weights) can have, in every vocabulary that names it.
-
-    Args:
-        name: TensorRT-LLM's name (``pretrained_config.dtype``, ``--lora_plugin``).
-        numpy: the numpy dtype of arrays holding it (``ml_dtypes.bfloat16`` for bfloat16).
-        triton: Triton's ``DataType`` enum name in config.pbtxt.
-        wire: the KServe v2 datatype string of a tensor on the wire.
-        npy_readable: whether the runtime's npy reader (``lora_prefetch_dir``) can load it.
-    """
-
-    name: str
-    numpy: np.dtype
-    triton: str
-    wire: str
-    npy_readable: bool
-
-    @property
-    def torch(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.name)
-
-    @property
-    def itemsize(self) -> int:
-        return self.numpy.itemsize
-
-
-# cpp/tensorrt_llm/runtime/utils/numpyUtils.cpp, typeFromNumpyDesc: "f2" and "f4" only, no bfloat16.
-ENGINE_DTYPES: dict[str, EngineDtype] = {
-    d.name: d
-    for d in (
-        EngineDtype("float16", np.dtype(np.float16), "TYPE_FP16", "FP16", True),
-        EngineDtype("bfloat16", np.dtype(ml_dtypes.bfloat16), "TYPE_BF16", "BF16", False),
-        EngineDtype("float32", np.dtype(np.float32), "TYPE_FP32", "FP32", True),
-    )
-}
-
-
-def engine_dtype(name: str) -> EngineDtype:
-    """The table entry for ``name`` (KeyError if it is not an engine dtype)."""
-    return ENGINE_DTYPES[name]
-
-
-def dtype_for_wire(datatype: str) -> EngineDtype | None:
-    """The engine dtype a KServe datatype string (``FP16`` …) stands for, or None."""
-    return next((d for d in ENGINE_DTYPES.values() if d.wire == datatype), None)
-
-
-def dtype_name_of(array: np.ndarray) -> str | None:
-    """The engine dtype name of an array; a 2-byte void (``np.save`` of bfloat16) counts as bfloat16."""
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
-        return "bfloat16"
-    return next((d.name for d in ENGINE_DTYPES.values() if d.numpy == array.dtype), None)
-
-
-def as_engine_array(array: np.ndarray, dtype: str) -> np.ndarray:
-    """``array`` viewed as the engine dtype when it is stored as 2-byte void (bfloat16 or float16)."""
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
-        return array.view(ENGINE_DTYPES[dtype].numpy if dtype in ("bfloat16", "float16") else ml_dtypes.bfloat16)
-    return array
 
 
 # --- the runtime's words ----------------------------------------------------------------------
@@ -210,7 +140,7 @@ def pack_rows(rows: list[np.ndarray], dtype: str) -> np.ndarray:
     out = np.zeros((1, len(rows), width), dtype=np.float32)
     for i, r in enumerate(rows):
         out[0, i, : r.size] = r
-    return out.astype(ENGINE_DTYPES[dtype].numpy)
+    return out.astype(DTYPES[dtype].numpy)
 
 
 # --- checks -----------------------------------------------------------------------------------

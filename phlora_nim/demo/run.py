@@ -117,23 +117,11 @@ def run_demo(
         steps: full fine-tuning steps per checkpoint.
         energy: energy policy of the extraction (share of each module's delta kept).
     """
-    import warnings
-
-    import transformers
     from transformers import AutoTokenizer
 
-    from phlora_nim.converters.extract import ExtractOptions
-    from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import make_finetunes
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
-    from phlora_nim.router.config import RouterConfig
-    from phlora_nim.router.server import RouterThread
-    from phlora_nim.triton.launcher import LocalTriton, free_port
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    _quiet_transformers()
     console = console or Console()
     out = Path(out)
     if out.exists():
@@ -144,58 +132,96 @@ def run_demo(
             base, fts = make_finetunes("llama", out / "checkpoints", len(NAMES), steps=steps, linear_only=True)
         repo = out / "model_repository"
         with _step(progress, f"convert → {repo} (PHLoRA, energy ≥ {energy:g} per module)"):
-            job = ConvertJob(
-                base=base,
-                finetuned=tuple(fts),
-                names=NAMES,
-                repository=repo,
-                options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
-                settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
-            )
-            converted = {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
+            converted = _convert(base, fts, repo, energy)
         tokenizer = AutoTokenizer.from_pretrained(base)
         with _step(progress, "reference outputs of each fine-tuned model, in PyTorch"):
             expected = {"ensemble": _reference_outputs(base, tokenizer, PROMPTS)}
             for name, ft in zip(NAMES, fts, strict=True):
                 expected[name] = _reference_outputs(ft, tokenizer, PROMPTS)
-        with _step(progress, "start tritonserver (CPU) and the router (gRPC + OpenAI API)"):
-            triton = LocalTriton(repo).start()
-        try:
-            config = RouterConfig(
-                model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=free_port()
-            )
-            with RouterThread(config) as router:
-                url = router.http_url or ""
-                # The OpenAI API names the base model after its checkpoint folder; gRPC calls it "ensemble".
-                paths = {
-                    "OpenAI API": (Path(base).name, lambda m, p: _ask_openai(url, m, p)),
-                    "Triton gRPC": ("ensemble", lambda m, p: _ask(router.address, m, p)),
-                }
-                jobs, answers = [], []
-                for path, (base_name, ask) in paths.items():
-                    batch = [(path, m, p) for p in PROMPTS for m in (base_name, *NAMES)]
-                    described = f"{len(batch)} requests through the router's {path}, mixed and concurrent"
-                    with _step(progress, described), ThreadPoolExecutor(len(batch)) as pool:
-                        answers += list(pool.map(lambda job, ask=ask: ask(job[1], job[2]), batch))
-                    jobs += batch
-                console.print(f"OpenAI API of the router: {url} (the same requests with curl or the openai SDK)")
-        finally:
-            triton.stop()
-    rows = []
-    for (path, model, prompt), answer in zip(jobs, answers, strict=True):
-        c = converted.get(model)
-        ranks = sorted(set(c.entry.ranks.values())) if c else []
-        rows.append(
-            DemoRow(
-                path=path,
-                model=model if c else "base (no adapter)",
-                prompt=prompt,
-                output=answer,
-                expected=expected[model if c else "ensemble"][PROMPTS.index(prompt)],
-                rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
-                energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
-            )
+        asked = _ask_through_the_router(progress, repo, Path(base).name)
+    rows = [_row(path, model, prompt, answer, converted, expected) for (path, model, prompt), answer in asked]
+    _print_table(console, rows, repo)
+    return rows
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _convert(base: Path, fts: list[Path], repo: Path, energy: float) -> dict[str, Any]:
+    """``convert`` every fine-tune into one repository (CPU reference backend); results by adapter name."""
+    from phlora_nim.converters.extract import ExtractOptions
+    from phlora_nim.converters.rank_policy import RankPolicy
+    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.convert import ConvertJob, convert
+
+    job = ConvertJob(
+        base=base,
+        finetuned=tuple(fts),
+        names=NAMES,
+        repository=repo,
+        options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
+        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+    )
+    return {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
+
+
+def _ask_through_the_router(progress: Progress, repo: Path, base_name: str) -> list[tuple[tuple[str, str, str], str]]:
+    """Start Triton and the router, send every (path, model, prompt) concurrently; pairs it with its answer.
+
+    The OpenAI API names the base model after its checkpoint folder (``base_name``); gRPC calls it "ensemble".
+    """
+    from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
+    from phlora_nim.router.server import RouterThread
+    from phlora_nim.triton.launcher import LocalTriton
+
+    with _step(progress, "start tritonserver (CPU) and the router (gRPC + OpenAI API)"):
+        triton = LocalTriton(repo).start()
+    try:
+        config = RouterConfig(
+            model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=ANY_FREE_PORT
         )
+        with RouterThread(config) as router:
+            url = router.http_url or ""
+            paths = {
+                "OpenAI API": (base_name, lambda m, p: _ask_openai(url, m, p)),
+                "Triton gRPC": ("ensemble", lambda m, p: _ask(router.address, m, p)),
+            }
+            asked = []
+            for path, (base_model, ask) in paths.items():
+                batch = [(path, m, p) for p in PROMPTS for m in (base_model, *NAMES)]
+                described = f"{len(batch)} requests through the router's {path}, mixed and concurrent"
+                with _step(progress, described), ThreadPoolExecutor(len(batch)) as pool:
+                    asked += zip(batch, pool.map(lambda job, ask=ask: ask(job[1], job[2]), batch), strict=True)
+            progress.console.print(f"OpenAI API of the router: {url} (the same requests with curl or the openai SDK)")
+    finally:
+        triton.stop()
+    return asked
+
+
+def _row(
+    path: str, model: str, prompt: str, answer: str, converted: dict[str, Any], expected: dict[str, list[str]]
+) -> DemoRow:
+    c = converted.get(model)
+    ranks = sorted(set(c.entry.ranks.values())) if c else []
+    return DemoRow(
+        path=path,
+        model=model if c else "base (no adapter)",
+        prompt=prompt,
+        output=answer,
+        expected=expected[model if c else "ensemble"][PROMPTS.index(prompt)],
+        rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
+        energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
+    )
+
+
+def _print_table(console: Console, rows: list[DemoRow], repo: Path) -> None:
     table = Table(title="one base model on Triton, an adapter per request (through the router)")
     for col in ("path", "model", "rank", "energy kept", "prompt", "output via Triton", "matches its own model"):
         table.add_column(col)
@@ -207,4 +233,3 @@ def run_demo(
         f"{matched}/{len(rows)} answers equal the output of the fine-tuned model they stand for. "
         f"Repository: {repo} (serve it: phlora-nim triton -m {repo})"
     )
-    return rows

@@ -11,8 +11,9 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.atomic import atomic_dir, check_output_dir
+from phlora_nim.converters.dtypes import DTYPES, parse_dtype
 from phlora_nim.converters.errors import OptionError
-from phlora_nim.converters.extract import DTYPES, ExtractOptions
+from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.peft import load_peft, save_peft
 from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine, save_trtllm
@@ -90,6 +91,7 @@ def prune(
 ) -> dict[str, Any]:
     """Re-truncate a PEFT LoRA adapter into ``out`` (QR + small-core SVD; no dense delta)."""
     start = time.perf_counter()
+    storage = parse_dtype(dtype, "--dtype", auto=True)
     check_output_dir(Path(out), force=force)
     adapter = load_peft(Path(adapter_dir))
     pruned, records = prune_adapter(adapter, policy)
@@ -119,7 +121,7 @@ def prune(
         "modules": records,
     }
     with atomic_dir(Path(out), force=force) as tmp:
-        save_peft(pruned, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+        save_peft(pruned, tmp, dtype=storage.torch if storage else None)
         report["timings"] = {"total_s": round(time.perf_counter() - start, 4)}
         write_report(report, tmp)
     return report
@@ -161,8 +163,7 @@ def export(
     """
     if fmt not in ("peft", "trtllm", "nim"):
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
-    if dtype != "auto" and dtype not in DTYPES:
-        raise OptionError("unknown dtype", where="--dtype", expected="auto, " + ", ".join(DTYPES), found=repr(dtype))
+    storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
     if fmt == "nim":
         target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
@@ -181,12 +182,12 @@ def export(
             check_engine(lora, engine, where=str(engine_config))
     with atomic_dir(target, force=force) as tmp:
         if fmt == "peft":
-            save_peft(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+            save_peft(adapter, tmp, dtype=storage.torch if storage else None)
         elif fmt == "trtllm":
             assert lora is not None
             save_trtllm(lora, tmp, source=str(adapter_dir))
         else:
-            save_nim_adapter(adapter, tmp, dtype=None if dtype == "auto" else DTYPES[dtype])
+            save_nim_adapter(adapter, tmp, dtype=storage.torch if storage else None)
             if lora is not None:
                 save_trtllm(lora, tmp, source=str(adapter_dir))
     log.info("exported %s as %s to %s", adapter_dir, fmt, target)

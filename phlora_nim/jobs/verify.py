@@ -136,23 +136,35 @@ def compare_log_probs(ref: Sequence[torch.Tensor], other: Sequence[torch.Tensor]
 
 @contextlib.contextmanager
 def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
-    """``model`` with the adapter's updates added to its weights (restored exactly on exit).
+    """``model`` with the adapter's updates added to its weights and biases (restored exactly on exit).
 
-    Mathematically what PEFT computes (x Wᵀ + x Aᵀ Bᵀ), in one matmul per module: fast enough to
-    evaluate many adapters of one base in a search.
+    Mathematically what PEFT computes (x Wᵀ + x Aᵀ Bᵀ, plus ``lora_B.bias``), in one matmul per
+    module: fast enough to evaluate many adapters of one base in a search. A bias change on a
+    module without a bias gives it one for the duration.
     """
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    added: list[torch.nn.Module] = []
     try:
         with torch.no_grad():
             for name, w in adapter.modules.items():
                 weight = model.get_submodule(name).weight
                 saved.append((weight, weight.detach().clone()))
                 weight.add_(w.delta(use_rslora=adapter.use_rslora).to(weight.dtype))
+            for name, change in adapter.lora_biases.items():
+                module = model.get_submodule(name)
+                if module.bias is None:
+                    module.bias = torch.nn.Parameter(torch.zeros_like(change, dtype=module.weight.dtype))
+                    added.append(module)
+                else:
+                    saved.append((module.bias, module.bias.detach().clone()))
+                module.bias.add_(change.to(module.bias.dtype))
         yield model
     finally:
         with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+            for tensor, original in saved:
+                tensor.copy_(original)
+            for module in added:
+                module.bias = None
 
 
 def logit_agreement(

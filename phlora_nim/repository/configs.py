@@ -26,8 +26,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from phlora_nim.converters.atomic import atomic_write_text
+from phlora_nim.converters.dtypes import DTYPES, parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError, OutputError
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES, EngineSpec, engine_spec
+from phlora_nim.converters.trtllm_contract import EngineSpec, engine_spec
 from phlora_nim.repository.layout import (
     ENSEMBLE_MODEL,
     LLM_MODEL,
@@ -61,7 +62,6 @@ CHUNKED_CONTEXT_NEEDS = (
     "Chunked context requires context FMHA, paged kv_cache and paged context FMHA all enabled at the same time."
 )
 # Engine dtype → Triton data type of lora_weights.
-LORA_DTYPES = {d.name: mc.DataType.Value(d.triton) for d in ENGINE_DTYPES.values()}
 _MiB = 1 << 20
 _DEFAULT_HOST_CACHE = 1 << 30  # TensorRT-LLM's default lora_cache_host_memory_bytes
 # The thin model.py files copied into every repository (package data beside this module).
@@ -135,15 +135,11 @@ class RepositorySettings:
                 expected=" or ".join(TRTLLM_RELEASES),
                 found=repr(self.trtllm_version),
             )
-        if self.dtype in ENGINE_DTYPES and not ENGINE_DTYPES[self.dtype].npy_readable:
+        if not parse_dtype(self.dtype, "--engine-dtype").npy_readable:
             object.__setattr__(self, "lora_prefetch", False)
         if self.backend not in BACKENDS:
             raise OptionError(
                 "unknown backend", where="--backend", expected=" or ".join(BACKENDS), found=repr(self.backend)
-            )
-        if self.dtype not in LORA_DTYPES:
-            raise OptionError(
-                "unknown engine dtype", where="--dtype", expected=", ".join(LORA_DTYPES), found=repr(self.dtype)
             )
         if self.max_batch_size < 1:
             raise OptionError("max batch size must be ≥ 1", where="--max-batch-size", found=str(self.max_batch_size))
@@ -222,7 +218,7 @@ def lora_inputs(dtype: str, *, for_llm: bool) -> list[mc.ModelInput]:
     """
     return [
         _input("lora_task_id", mc.TYPE_UINT64, [1], optional=True, reshape=[] if for_llm else None),
-        _input("lora_weights", LORA_DTYPES[dtype], [-1, -1], optional=True, ragged=True),
+        _input("lora_weights", mc.DataType.Value(DTYPES[dtype].triton), [-1, -1], optional=True, ragged=True),
         _input("lora_config", mc.TYPE_INT32, [-1, 3], optional=True, ragged=True),
     ]
 

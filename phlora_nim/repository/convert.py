@@ -361,7 +361,12 @@ def _stage(
     start = time.perf_counter()
     extracted = extract_adapter(plan, pair, command=command, progress=progress)
     lora = adapter_to_trtllm(
-        extracted.adapter, config=model_config, dtype=job.settings.dtype, tp=job.tp, strict=job.strict
+        extracted.adapter,
+        config=model_config,
+        architecture=pair.plan.architecture,
+        dtype=job.settings.dtype,
+        tp=job.tp,
+        strict=job.strict,
     )
     if engine is not None:
         check_engine(lora, engine, where=str(job.engine_config))

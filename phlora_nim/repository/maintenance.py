@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from phlora_nim.converters.dtypes import parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError
-from phlora_nim.converters.extract import DTYPES
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES
 from phlora_nim.converters.json_files import read_json
 from phlora_nim.repository.configs import RepositorySettings, cache_request, planned_adapters, write_repository
@@ -74,8 +74,8 @@ def engine_plan(state: RegistryState, *, dtype: str | None = None) -> dict[str, 
     )
     max_rank = max(e.max_rank for e in state.adapters.values())
     plugin = dtype or (dtypes[0] if len(dtypes) == 1 else "auto")
-    if dtype is not None and dtype not in DTYPES:
-        raise OptionError("unknown dtype", where="--dtype", expected=", ".join(DTYPES), found=repr(dtype))
+    if dtype is not None:
+        parse_dtype(dtype, "engine dtype")
     flags = ["--lora_plugin", plugin, "--lora_target_modules", *modules, "--max_lora_rank", str(max_rank)]
     return {
         "lora_plugin": plugin,

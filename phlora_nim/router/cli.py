@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -76,7 +78,7 @@ def run_workers(config: RouterConfig) -> int:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
-        server, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        server, _ = start_http_server(max(config.metrics_port, 0), addr=config.host, registry=registry)
         log.info(
             "merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
         )
@@ -112,132 +114,151 @@ def run_workers(config: RouterConfig) -> int:
     return code
 
 
-def serve(
-    model_repository: Annotated[
-        Path | None,
-        typer.Option(
-            "--model-repository", "-m", help="Model repository holding phlora_registry.json and the adapters."
-        ),
-    ] = None,
-    upstream: Annotated[
-        list[str] | None, typer.Option("--upstream", help="Triton gRPC address HOST:PORT (repeat for each replica).")
-    ] = None,
-    upstream_dns: Annotated[
-        str | None,
-        typer.Option(
-            "--upstream-dns", help="NAME:PORT resolving to every replica (e.g. a Kubernetes headless Service)."
-        ),
-    ] = None,
-    dns_interval: Annotated[
-        float | None, typer.Option("--dns-interval", help="Seconds between DNS resolutions (default 10).")
-    ] = None,
-    upstream_model: Annotated[
-        str | None, typer.Option("--upstream-model", help="Triton model that serves the adapters (default ensemble).")
-    ] = None,
-    expose_model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--expose-model",
-            help="Another Triton model clients may call (name or glob; repeat). Default: only the upstream model; "
-            "internal models (preprocessing, tensorrt_llm, ...) stay unknown to clients.",
-        ),
-    ] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="gRPC port of the router (default 8001).")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="Prometheus HTTP port (default 9090; 0: off).")
-    ] = None,
-    tenants: Annotated[
-        Path | None, typer.Option("--tenants", help="YAML file of API keys, tenants and their adapters.")
-    ] = None,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate for TLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key for TLS.")] = None,
-    max_message_mb: Annotated[
-        int | None, typer.Option("--max-message-mb", help="gRPC message limit, both ways (default 256).")
-    ] = None,
-    health_interval: Annotated[
-        float | None,
-        typer.Option("--health-interval", help="Seconds between readiness checks of each replica (default 2)."),
-    ] = None,
-    attempt_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--attempt-timeout",
-            help="Seconds without an answer from a replica before it is probed; failing, it is taken out "
-            "and the request retried elsewhere if nothing was streamed yet (default 30).",
-        ),
-    ] = None,
-    spill_factor: Annotated[
-        float | None,
-        typer.Option(
-            "--spill-factor", help="ε: a replica above (1+ε)× the mean load spills to the next choice (default 0.25)."
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", help="Router processes sharing the port, to use more cores (default 1; metrics merged)."
-        ),
-    ] = None,
-    http_port: Annotated[
-        int | None,
-        typer.Option(
-            "--http-port",
-            help="Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models; "
-            "default 0: off).",
-        ),
-    ] = None,
-    served_model_name: Annotated[
-        str | None,
-        typer.Option(
-            "--served-model-name", help="OpenAI model id of the base model (default: its checkpoint folder's name)."
-        ),
-    ] = None,
-    llm_model: Annotated[
-        str | None,
-        typer.Option(
-            "--llm-model", help="Token-level Triton model the HTTP API sends token ids to (default tensorrt_llm)."
-        ),
-    ] = None,
-    config_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="router.yaml with any of these options (dashes or underscores) and finer settings "
-            "(residency_capacity, weight_cache_mb, registry_interval, grace, max_choices, max_body_mb); "
-            "flags given here win.",
-        ),
-    ] = None,
-) -> None:
+@dataclass(frozen=True)
+class ServeFlag:
+    """One ``serve`` option: which :class:`RouterConfig` field it sets and what it says.
+
+    The default shown in ``--help`` is the field's own default, so the two cannot drift.
+
+    Args:
+        flag: the long option (the parameter is its name in snake case).
+        field: the RouterConfig field it sets.
+        kind: the option's type (``list[str]`` for a repeatable option, kept as a tuple).
+        help: what it does, without the default.
+        short: an extra short option (``-m``).
+        show_default: append ``(default X)`` from the field (off where the help says it in words).
+    """
+
+    flag: str
+    field: str
+    kind: Any
+    help: str
+    short: str | None = None
+    show_default: bool = True
+
+    @property
+    def param(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def help_text(self) -> str:
+        default = _DEFAULTS.get(self.field)
+        if not self.show_default or default is None or default == ():
+            return self.help
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        text = self.help.removesuffix(".")
+        return f"{text} (default {shown})."
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(RouterConfig) if f.default is not MISSING}
+
+# Every setting ``serve`` takes as a flag; ``--config`` takes these and the finer ones (below).
+SERVE_FLAGS: tuple[ServeFlag, ...] = (
+    ServeFlag(
+        "--model-repository",
+        "model_repository",
+        Path,
+        "Model repository holding phlora_registry.json and the adapters.",
+        short="-m",
+    ),
+    ServeFlag("--upstream", "upstreams", list[str], "Triton gRPC address HOST:PORT (repeat for each replica)."),
+    ServeFlag(
+        "--upstream-dns",
+        "upstream_dns",
+        str,
+        "NAME:PORT resolving to every replica (e.g. a Kubernetes headless Service).",
+    ),
+    ServeFlag("--dns-interval", "dns_interval", float, "Seconds between DNS resolutions."),
+    ServeFlag("--upstream-model", "upstream_model", str, "Triton model that serves the adapters."),
+    ServeFlag(
+        "--expose-model",
+        "expose_models",
+        list[str],
+        "Another Triton model clients may call (name or glob; repeat). Default: only the upstream model; "
+        "internal models (preprocessing, tensorrt_llm, ...) stay unknown to clients.",
+    ),
+    ServeFlag("--host", "host", str, "Address to listen on."),
+    ServeFlag("--port", "port", int, "gRPC port of the router."),
+    ServeFlag("--metrics-port", "metrics_port", int, "Prometheus HTTP port; 0: off."),
+    ServeFlag("--tenants", "tenants", Path, "YAML file of API keys, tenants and their adapters."),
+    ServeFlag("--tls-cert", "tls_cert", Path, "PEM certificate for TLS."),
+    ServeFlag("--tls-key", "tls_key", Path, "PEM private key for TLS."),
+    ServeFlag("--max-message-mb", "max_message_mb", int, "gRPC message limit, both ways."),
+    ServeFlag("--health-interval", "health_interval", float, "Seconds between readiness checks of each replica."),
+    ServeFlag(
+        "--attempt-timeout",
+        "attempt_timeout",
+        float,
+        "Seconds without an answer from a replica before it is probed; failing, it is taken out "
+        "and the request retried elsewhere if nothing was streamed yet.",
+    ),
+    ServeFlag(
+        "--spill-factor", "spill_factor", float, "ε: a replica above (1+ε)× the mean load spills to the next choice."
+    ),
+    ServeFlag("--workers", "workers", int, "Router processes sharing the port, to use more cores (metrics merged)."),
+    ServeFlag(
+        "--http-port",
+        "http_port",
+        int,
+        "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models); 0: off.",
+    ),
+    ServeFlag(
+        "--served-model-name",
+        "served_model_name",
+        str,
+        "OpenAI model id of the base model (default: its checkpoint folder's name).",
+    ),
+    ServeFlag("--llm-model", "llm_model", str, "Token-level Triton model the HTTP API sends token ids to."),
+)
+
+# Set only in --config (or by the CLI itself: reuse_port).
+_FILE_ONLY = tuple(
+    name for name in _DEFAULTS if name not in {f.field for f in SERVE_FLAGS} | {"reuse_port", "model_repository"}
+)
+
+
+def _serve_signature() -> inspect.Signature:
+    """``serve``'s parameters for typer: one per :data:`SERVE_FLAGS` entry, then ``--config``."""
+    params = [
+        inspect.Parameter(
+            f.param,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                f.kind | None, typer.Option(f.flag, *((f.short,) if f.short else ()), help=f.help_text())
+            ],
+        )
+        for f in SERVE_FLAGS
+    ]
+    config_help = (
+        "router.yaml with any of these options (dashes or underscores) and finer settings "
+        f"({', '.join(_FILE_ONLY)}); flags given here win."
+    )
+    params.append(
+        inspect.Parameter(
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--config", help=config_help)],
+        )
+    )
+    return inspect.Signature(params, return_annotation=None)
+
+
+def serve(*, config_file: Path | None = None, **options: Any) -> None:
     """Serve every registered adapter through one KServe v2 gRPC endpoint in front of Triton replicas.
 
     Clients name an adapter as the model (or with the `lora_adapter` parameter, or `phlora-adapter`
     metadata); the router adds its `lora_task_id`, sends its weights only to replicas lacking them,
     keeps each adapter on few replicas and applies tenants' API keys and limits.
     """
+    unknown = set(options) - {f.param for f in SERVE_FLAGS}
+    if unknown:
+        raise TypeError(f"serve() got unexpected options {sorted(unknown)}")
     settings = load_router_file(config_file) if config_file is not None else {}
-    flags = {
-        "model_repository": model_repository,
-        "upstreams": tuple(upstream) if upstream else None,
-        "upstream_dns": upstream_dns,
-        "dns_interval": dns_interval,
-        "upstream_model": upstream_model,
-        "expose_models": tuple(expose_model) if expose_model else None,
-        "host": host,
-        "port": port,
-        "metrics_port": metrics_port,
-        "tenants": tenants,
-        "tls_cert": tls_cert,
-        "tls_key": tls_key,
-        "max_message_mb": max_message_mb,
-        "health_interval": health_interval,
-        "attempt_timeout": attempt_timeout,
-        "spill_factor": spill_factor,
-        "workers": workers,
-        "http_port": http_port,
-        "served_model_name": served_model_name,
-        "llm_model": llm_model,
-    }
+    flags: dict[str, Any] = {}
+    for f in SERVE_FLAGS:
+        value = options.get(f.param)
+        flags[f.field] = (tuple(value) or None) if isinstance(value, list | tuple) else value
     if flags["upstreams"] or flags["upstream_dns"]:  # a flag's way of finding replicas replaces the file's
         settings.pop("upstreams", None)
         settings.pop("upstream_dns", None)
@@ -254,3 +275,6 @@ def serve(
     if config.workers > 1:
         raise typer.Exit(run_workers(config))
     asyncio.run(run_router(config))
+
+
+serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]  # typer reads the options from here

@@ -26,6 +26,11 @@ def split_host_port(text: str, *, flag: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# http_port / metrics_port: on, at a port the OS picks as it is bound (0 means off there). Picking
+# a "free" port first and passing it would race with any other process binding one meanwhile.
+ANY_FREE_PORT = -1
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """What the router serves and where it sends requests.
@@ -40,7 +45,8 @@ class RouterConfig:
             model an adapter runs on); every other model (``preprocessing``, ``tensorrt_llm``,
             ``postprocessing``...) is unknown to clients, whatever their tenant's patterns.
         host, port: where the router listens (port 0: any free port).
-        metrics_port: Prometheus HTTP port on ``host`` (0: no metrics server).
+        metrics_port: Prometheus HTTP port on ``host`` (0: no metrics server; :data:`ANY_FREE_PORT`:
+            a port the OS picks, named by ``Router.metrics_port``).
         tenants: YAML file of API keys and tenants (None: no authentication).
         tls_cert, tls_key: PEM files for TLS on the front (both or neither).
         max_message_mb: gRPC message limit, both ways, front and upstream.
@@ -55,7 +61,8 @@ class RouterConfig:
         registry_interval: seconds between checks of the registry file.
         grace: seconds in-flight requests get at shutdown.
         workers: router processes sharing the port (SO_REUSEPORT), to use more than one core.
-        http_port: port of the OpenAI-compatible HTTP front on ``host`` (0: none).
+        http_port: port of the OpenAI-compatible HTTP front on ``host`` (0: none; :data:`ANY_FREE_PORT`:
+            a port the OS picks when the front binds it, named by ``Router.http_url``).
         served_model_name: the OpenAI ``model`` id of the base model (default: the name of the base
             checkpoint's folder, from ``phlora_repository.json``).
         llm_model: the token-level Triton model the HTTP front sends token ids to (TensorRT-LLM's
@@ -132,7 +139,7 @@ class RouterConfig:
         for name, value in (("max_choices", self.max_choices), ("max_body_mb", self.max_body_mb)):
             if value < 1:
                 problems.append(OptionError("must be ≥ 1", where=name, found=str(value)))
-        if self.http_port and self.http_port in (self.port, self.metrics_port):
+        if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
             problems.append(
                 OptionError(
                     "must differ from --port and --metrics-port", where="--http-port", found=str(self.http_port)
@@ -144,7 +151,7 @@ class RouterConfig:
             problems.append(OptionError("must not be empty", where="--served-model-name"))
         ports = (("--port", self.port), ("--metrics-port", self.metrics_port), ("--http-port", self.http_port))
         for name, value in ports:
-            if not 0 <= value < 65536:
+            if not 0 <= value < 65536 and not (name != "--port" and value == ANY_FREE_PORT):
                 problems.append(OptionError("not a port number", where=name, expected="0–65535", found=str(value)))
         if not 1 <= self.workers <= 64:
             problems.append(OptionError("workers must be 1–64", where="--workers", found=str(self.workers)))

@@ -176,7 +176,7 @@ class Router:
                 raise
             self.http = http
         if config.metrics_port:
-            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            self.metrics_port = self.metrics.serve(config.host, max(config.metrics_port, 0))  # ANY_FREE_PORT: 0
         self._tasks.append(asyncio.create_task(self._watch_registry()))
         log.info(
             "router on %s%s: %d adapters, %d/%d replicas ready, upstream model %s",

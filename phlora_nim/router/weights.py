@@ -15,17 +15,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from phlora_nim.converters.dtypes import DTYPES, dtype_for_wire
 from phlora_nim.converters.errors import InputError
 from phlora_nim.converters.formats.trtllm_files import load_trtllm
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WEIGHTS_FILE
+from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes
 from phlora_nim.router.rewrite import LoraTensors
-
-# Triton datatype of lora_weights → engine dtype name (ENGINE_DTYPES key).
-DATATYPES = {d.wire: d.name for d in ENGINE_DTYPES.values()}
 
 
 def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id: int) -> LoraTensors:
@@ -36,12 +34,14 @@ def read_lora_tensors(folder: Path, *, stored_dtype: str, datatype: str, task_id
     """
     lora = load_trtllm(folder, dtype=stored_dtype, mmap=True)  # the converters' own checks
     weights, config = lora.weights, lora.config
-    target = ENGINE_DTYPES[DATATYPES[datatype]].numpy
+    engine = dtype_for_wire(datatype)
+    assert engine is not None, datatype  # AdapterWeights.get refuses other datatypes
+    target = engine.numpy
     with np.errstate(over="ignore"):  # checked just below
         converted = np.ascontiguousarray(weights, dtype=target)
     if converted.dtype != weights.dtype and not np.isfinite(converted.astype(np.float32)).all():
         raise InputError(
-            f"lora_weights overflow {DATATYPES[datatype]}, the upstream model's dtype",
+            f"lora_weights overflow {engine.name}, the upstream model's dtype",
             where=str(folder / WEIGHTS_FILE),
             fix="export the adapter in the engine's dtype",
         )
@@ -89,7 +89,7 @@ class WeightStore:
             AdapterFilesError: the files are missing, unreadable or malformed.
             RequestError: FAILED_PRECONDITION when the datatype is not one TensorRT-LLM takes.
         """
-        if datatype not in DATATYPES:
+        if dtype_for_wire(datatype) is None:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the upstream model's lora_weights input is {datatype}; expected FP16, BF16 or FP32",
@@ -116,5 +116,5 @@ class WeightStore:
         """Drop the tensors of adapters no longer registered."""
         with self._lock:
             for task_id in task_ids:
-                for datatype in DATATYPES:
+                for datatype in (d.wire for d in DTYPES.values()):
                     self._cache.pop((task_id, datatype))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, ENGINE_DTYPES, WEIGHTS_FILE
+from phlora_nim.converters.dtypes import DTYPES
+from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for
 
@@ -31,7 +32,7 @@ def adapter_tensors(offset: int, dtype: str, *, rows: int = 2, width: int = 8) -
     weights[0, :, :4] = 0.25  # rows·1.0 in small values, the rest in one element
     weights[0, 0, 4] = offset - rows
     config = np.array([[[1, layer, 2] for layer in range(rows)]], dtype=np.int32)
-    return weights.astype(ENGINE_DTYPES[dtype].numpy), config
+    return weights.astype(DTYPES[dtype].numpy), config
 
 
 def add_adapters(root: Path, adapters: dict[str, tuple[int, str]]) -> dict[str, AdapterEntry]:

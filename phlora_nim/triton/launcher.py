@@ -153,6 +153,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+# server/src/grpc/grpc_server.cc (Server::Start): the line once the gRPC endpoint is bound, and the
+# words of a failed bind (the same for the HTTP and metrics endpoints).
+_GRPC_STARTED = "Started GRPCInferenceService at "
+_PORT_TAKEN = "already in use"
+_PORT_ATTEMPTS = 3
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS says is free now (for tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -221,6 +228,9 @@ class LocalTriton:
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
+        # Ports given as 0 are picked here; another process may bind one before Triton does, so
+        # start() tries again on fresh ports when Triton reports one of them taken.
+        self._picked = (grpc_port == 0, http_port == 0, metrics_port == 0)
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
@@ -294,6 +304,8 @@ class LocalTriton:
                 fix="run `phlora-nim convert … --model-repository DIR` first",
             )
         check_prefetch_dirs(self.model_repository)
+        if not all(port_is_free(port, self.host) for port in (self.grpc_port, self.http_port, self.metrics_port)):
+            self._repick_ports()  # ports given stay as they are (and are refused just below)
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
             if not port_is_free(port, self.host):
                 raise OptionError(
@@ -311,6 +323,30 @@ class LocalTriton:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self._tmp_log = self._log_path = Path(name)
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._launch(install, backends)
+                return self
+            except TritonStartError:
+                if attempt == _PORT_ATTEMPTS or not self._lost_a_picked_port():
+                    raise
+                log.info("a port picked for tritonserver was taken meanwhile: trying fresh ports")
+                self.stop()
+                self._repick_ports()
+        return self
+
+    def _lost_a_picked_port(self) -> bool:
+        """Whether Triton failed because a port this launcher picked was bound by someone else first."""
+        return any(self._picked) and any(_PORT_TAKEN in line for line in self._lines)
+
+    def _repick_ports(self) -> None:
+        grpc, http, metrics = self._picked
+        self.grpc_port = free_port(self.host) if grpc else self.grpc_port
+        self.http_port = free_port(self.host) if http else self.http_port
+        self.metrics_port = free_port(self.host) if metrics else self.metrics_port
+        self._lines = []
+
+    def _launch(self, install: TritonInstall, backends: Path) -> None:
         log.info("starting tritonserver on %s (log: %s)", self.grpc_url, self._log_path)
         self._process = subprocess.Popen(
             self.command(install, backends),
@@ -322,7 +358,6 @@ class LocalTriton:
         self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
         self._reader.start()
         self._wait_ready()
-        return self
 
     def _pump(self) -> None:
         assert self._process is not None and self._process.stdout is not None and self._log_path is not None
@@ -334,6 +369,11 @@ class LocalTriton:
                 sink.flush()
                 if self.on_log:
                     self.on_log(line.rstrip("\n"))
+
+    def _listening(self) -> bool:
+        """Whether this server's own log says it listens on its gRPC port (not another server there)."""
+        started = f"{_GRPC_STARTED}{self.grpc_url}"
+        return any(started in line for line in self._lines)
 
     def _ready(self) -> bool:
         import tritonclient.grpc as grpcclient  # deferred: heavy import
@@ -357,7 +397,7 @@ class LocalTriton:
                     found=self._tail(),
                     fix=f"read the full log in {self._log_path}",
                 )
-            if self._ready():
+            if self._listening() and self._ready():
                 log.info("tritonserver ready on %s", self.grpc_url)
                 return
             time.sleep(0.25)

@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phlora_nim.converters.dtypes import DTYPES, dtype_name_of
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
-    ENGINE_DTYPES,
     MAP_AT,
     WEIGHTS_FILE,
     LoraRequestError,
     cache_full_message,
     decode_row,
     dtype_mismatch_message,
-    dtype_name_of,
     incompatible_dtypes_message,
     module_name,
     not_found_message,
@@ -148,7 +147,7 @@ def unpack_task(
     if problems:  # LoraCache::put looks the module up with unordered_map::at
         p = problems[0]
         raise LoraRequestError(f"{MAP_AT} (row {p.row}: lora module {p.module} is not in the engine)")
-    values = _as_torch(weights).to(ENGINE_DTYPES[dtype].torch)
+    values = _as_torch(weights).to(DTYPES[dtype].torch)
     factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     nbytes = 0
     for i in range(config.shape[0]):

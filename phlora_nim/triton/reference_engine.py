@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from phlora_nim.converters.architecture import find_map
-from phlora_nim.converters.trtllm_contract import ENGINE_DTYPES, LoraRequestError, hf_runtime_dims, module_name
+from phlora_nim.converters.dtypes import DTYPES
+from phlora_nim.converters.trtllm_contract import LoraRequestError, hf_runtime_dims, module_name
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 from phlora_nim.triton.limits import EngineLimits
 from phlora_nim.triton.lora_cache import (
@@ -181,9 +182,7 @@ class ReferenceEngine:
         """
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=ENGINE_DTYPES[dtype].torch, attn_implementation="eager"
-        )
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype].torch, attn_implementation="eager")
         limits = EngineLimits.from_parameters(limit_parameters or {}, model.config.to_dict())
         engine = cls(model, dtype=dtype, max_lora_rank=max_lora_rank, cache_bytes=cache_bytes, limits=limits)
         if prefetch_dir is not None:
@@ -302,7 +301,7 @@ class ReferenceEngine:
 
     @contextmanager
     def _adapters(self, tasks: list[LoraTask | None]) -> Iterator[None]:
-        self._state.batch = _BatchLora(tasks, ENGINE_DTYPES[self.dtype].torch) if any(tasks) else None
+        self._state.batch = _BatchLora(tasks, DTYPES[self.dtype].torch) if any(tasks) else None
         try:
             yield
         finally:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
 from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.converters.json_files import read_json
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -144,12 +145,7 @@ def load_peft_config(folder: Path) -> dict[str, Any]:
             expected="adapter_config.json + adapter_model.safetensors",
             fix="point at a folder written by PEFT's save_pretrained or phlora-nim",
         )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable adapter config ({exc})", where=str(path), fix="restore the file") from None
-    if not isinstance(cfg, dict):
-        raise InputError("adapter config must be a JSON object", where=str(path), found=type(cfg).__name__)
+    cfg = read_json(path, what="adapter config", fix="restore the file")
     problems: list[PhloraError] = []
     if cfg.get("peft_type") != "LORA":
         problems.append(
@@ -222,20 +218,17 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_peft(folder: Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder (ours or third-party) into a :class:`LoraAdapter`.
+_Tensors = dict[str, torch.Tensor]
 
-    Raises:
-        InputError: not LoRA, DoRA/fan_in_fan_out, unpaired or mis-shaped factors, corrupt files.
-    """
-    folder = Path(folder)
-    cfg = load_peft_config(folder)
-    tensors = _load_tensors(folder)
-    a_parts: dict[str, torch.Tensor] = {}
-    b_parts: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    saved: dict[str, torch.Tensor] = {}
-    problems: list[PhloraError] = []
+
+def _sort_tensors(
+    tensors: _Tensors, *, folder: Path, problems: list[PhloraError]
+) -> tuple[_Tensors, _Tensors, _Tensors, _Tensors]:
+    """lora_A, lora_B, lora_B.bias and modules_to_save tensors, by module path (PEFT's prefix removed)."""
+    a_parts: _Tensors = {}
+    b_parts: _Tensors = {}
+    biases: _Tensors = {}
+    saved: _Tensors = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name.endswith(".lora_B.bias"):
@@ -257,6 +250,20 @@ def load_peft(folder: Path) -> LoraAdapter:
                 )
             else:
                 saved[name] = tensor
+    return a_parts, b_parts, biases, saved
+
+
+def load_peft(folder: Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (ours or third-party) into a :class:`LoraAdapter`.
+
+    Raises:
+        InputError: not LoRA, DoRA/fan_in_fan_out, unpaired or mis-shaped factors, corrupt files.
+    """
+    folder = Path(folder)
+    cfg = load_peft_config(folder)
+    tensors = _load_tensors(folder)
+    problems: list[PhloraError] = []
+    a_parts, b_parts, biases, saved = _sort_tensors(tensors, folder=folder, problems=problems)
     modules: dict[str, LoraWeights] = {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))

@@ -20,23 +20,26 @@ Reading and writing the files (numpy only, what the router needs) is in ``trtllm
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, builtin_maps, find_map
+from phlora_nim.converters.architecture import ArchitectureMap, builtin_maps, find_map
+from phlora_nim.converters.dtypes import parse_dtype
 from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
-from phlora_nim.converters.formats.trtllm_files import TrtllmLora, load_trtllm, save_trtllm
+from phlora_nim.converters.formats.trtllm_files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
     DTYPE_MISMATCH,
-    ENGINE_DTYPES,
     META_FILE,
     MOE_SPLIT_MODULES,
     QKV,
     WEIGHTS_FILE,
+    EngineSpec,
     decode_row,
     encode_row,
     engine_spec,
@@ -56,6 +59,7 @@ __all__ = [
     "TRTLLM_MODULES",
     "WEIGHTS_FILE",
     "TrtllmLora",
+    "TrtllmRow",
     "adapter_to_trtllm",
     "check_engine",
     "load_trtllm",
@@ -175,61 +179,52 @@ def _drop_misread_dense(adapter: LoraAdapter, amap: ArchitectureMap, *, strict: 
     return paths, share
 
 
-def _zero_qkv_rows(
-    groups: dict[tuple[int, int], list[tuple[int, str, ModuleSpec, int, int]]],
-    adapter: LoraAdapter,
-    config: dict[str, Any] | None,
-) -> list[tuple[int, int, int, int]]:
-    """(layer, module id, in, out) of zero rows for q/k/v modules missing beside present ones.
+RowKey = tuple[int, int]  # (layer, TensorRT-LLM module id): one row of lora_weights
 
-    TensorRT-LLM's attention runs q/k/v LoRA as one plugin call with all three or none
-    (``Attention.forward`` asserts it); its HF loader fills the missing ones with zeros
-    (``LoraManager.load_from_hf``). Rank 1 zeros: the cheapest row the runtime takes.
+
+@dataclass(frozen=True, order=True)
+class RowMember:
+    """One adapter module's share of a row (members sort by expert, then path)."""
+
+    expert: int  # MoE expert index (0 elsewhere)
+    path: str  # the adapter's module path
+    part: int  # which of ``parts`` even row blocks of the module's B this row takes
+    parts: int  # how many rows the module is written as (2 for Phi-3's gate_up_proj, else 1)
+
+
+@dataclass(frozen=True)
+class LaidOutRow:
+    """One row ready to pack: float32 values, its ``lora_config`` entry and its sidecar description."""
+
+    values: np.ndarray
+    module_id: int
+    layer: int
+    rank: int
+    meta: TrtllmRow
+
+
+def expert_rows_at_tp(
+    modules: Iterable[str], tp: int, *, where: str, setting: str, error: type[PhloraError]
+) -> PhloraError | None:
+    """The error for expert (MoE) rows at tensor parallelism > 1, or None.
+
+    ``LoraCache::copyToPages`` splits every row by its module's TP split dim with no notion of
+    experts: a rank would get whole experts' blocks instead of every expert's slice (correct at TP 1).
     """
-    dims = hf_runtime_dims(config) if config and config.get("hidden_size") else {}
-    by_layer: dict[int, dict[str, int]] = {}
-    for (layer, module_id), members in groups.items():
-        name = TRTLLM_MODULES[module_id]
-        if name in QKV:
-            by_layer.setdefault(layer, {})[name] = adapter.modules[members[0][1]].a.shape[1]
-    zeros = []
-    for layer, present in sorted(by_layer.items()):
-        hidden = next(iter(present.values()))
-        for name in QKV:
-            if name not in present:
-                in_dim, out_dim = dims.get(name, (hidden, hidden))
-                zeros.append((layer, TRTLLM_MODULE_IDS[name], in_dim, out_dim))
-    return zeros
+    experts = sorted(set(modules) & set(MOE_SPLIT_MODULES))
+    if tp <= 1 or not experts:
+        return None
+    return error(
+        "TensorRT-LLM cannot split expert (MoE) LoRA rows over tensor-parallel ranks",
+        where=where,
+        expected=f"{setting} 1 for adapters with expert modules",
+        found=f"{setting} {tp} with {', '.join(experts)} rows",
+        fix="serve MoE adapters from a tp_size 1 engine, or extract attention-only adapters (--target-modules)",
+    )
 
 
-def adapter_to_trtllm(
-    adapter: LoraAdapter,
-    *,
-    config: dict[str, Any] | None = None,
-    dtype: str = "float16",
-    tp: int = 1,
-    strict: bool = False,
-) -> TrtllmLora:
-    """Lay a LoRA adapter out as TensorRT-LLM's ``lora_weights`` / ``lora_config`` tensors.
-
-    Writes only what the engine computes correctly: o_proj is left out (with a warning giving the
-    energy lost) where its input width is not the hidden size, Phi-3's ``gate_up_proj`` becomes the
-    ``mlp_h_to_4h`` + ``mlp_gate`` pair, and q/k/v missing beside present ones get zero rows.
-
-    Args:
-        adapter: any LoRA adapter (scales are folded into B).
-        config: the base model's ``config.json`` (needed for fused ``qkv_proj`` at ``tp > 1``).
-        dtype: engine dtype: ``float16``, ``bfloat16`` or ``float32``.
-        tp: tensor parallelism of the engine.
-        strict: refuse, rather than leave out, modules the runtime would read wrongly.
-
-    Raises:
-        OptionError: bad dtype/tp, fused rows that do not split evenly over ``tp``, expert rows at
-            ``tp > 1``, or (``strict``) an o_proj the runtime misreads.
-        InputError: modules with no TensorRT-LLM equivalent.
-    """
-    if dtype not in ENGINE_DTYPES:
-        raise OptionError("unknown dtype", where="--dtype", expected=", ".join(ENGINE_DTYPES), found=repr(dtype))
+def _check_layout_request(adapter: LoraAdapter, dtype: str, tp: int) -> None:
+    parse_dtype(dtype, "dtype of the TensorRT-LLM weights")
     if tp < 1:
         raise OptionError("tensor parallelism must be ≥ 1", where="--tp", found=str(tp))
     if adapter.modules_to_save or adapter.lora_biases:
@@ -239,14 +234,13 @@ def adapter_to_trtllm(
             expected="LoRA factors of linear modules only",
             fix="re-extract with --extra drop (the default)",
         )
-    paths = sorted(adapter.modules)
-    amap = _infer_map(paths, config)
-    dropped, dropped_energy = _drop_misread_dense(adapter, amap, strict=strict)
-    left_out = set(dropped)
-    # (layer, module id) → members (expert, path, spec, part, parts)
-    groups: dict[tuple[int, int], list[tuple[int, str, ModuleSpec, int, int]]] = {}
+
+
+def _group_rows(adapter: LoraAdapter, amap: ArchitectureMap, left_out: set[str]) -> dict[RowKey, list[RowMember]]:
+    """Which adapter modules go into which row; every module the runtime has no row for is reported."""
+    groups: dict[RowKey, list[RowMember]] = {}
     problems: list[PhloraError] = []
-    for path in paths:
+    for path in sorted(adapter.modules):
         hit = amap.match(path)
         if hit is None or not hit[0].trtllm_rows or hit[1] is None:
             problems.append(
@@ -265,84 +259,155 @@ def adapter_to_trtllm(
         expert = int(m.groupdict()["expert"]) if m is not None and m.groupdict().get("expert") else 0
         parts = spec.trtllm_rows
         for k, module in enumerate(parts):
-            groups.setdefault((layer, TRTLLM_MODULE_IDS[module]), []).append((expert, path, spec, k, len(parts)))
+            member = RowMember(expert=expert, path=path, part=k, parts=len(parts))
+            groups.setdefault((layer, TRTLLM_MODULE_IDS[module]), []).append(member)
     raise_all(problems, summary="cannot lay out the adapter for TensorRT-LLM")
     if not groups:
         raise InputError(
             "nothing of the adapter is left for TensorRT-LLM",
-            where=", ".join(paths[:3]),
+            where=", ".join(sorted(adapter.modules)[:3]),
             expected="at least one module the runtime applies correctly",
             fix="serve this adapter through PEFT (vLLM)",
         )
-    experts = sorted({TRTLLM_MODULES[mid] for _, mid in groups} & set(MOE_SPLIT_MODULES))
-    if tp > 1 and experts:
-        # LoraCache::copyToPages splits every row by its module's TP split dim with no notion of experts:
-        # a rank gets whole experts' blocks instead of every expert's slice (correct only at TP 1).
-        raise OptionError(
-            "TensorRT-LLM cannot split expert (MoE) LoRA rows over tensor-parallel ranks",
-            where="--tp",
-            expected="--tp 1 for adapters with expert modules",
-            found=f"--tp {tp} with {', '.join(experts)} rows",
-            fix="serve MoE adapters from a tp_size 1 engine, or extract attention-only adapters (--target-modules)",
-        )
-    rows: list[np.ndarray] = []
-    meta_rows: list[dict[str, Any]] = []
-    config_rows: list[list[int]] = []
-    for (layer, module_id), members in sorted(groups.items()):
-        members.sort()
-        module = TRTLLM_MODULES[module_id]
-        ws = [adapter.modules[p] for _, p, _, _, _ in members]
-        rank = max(w.rank for w in ws)
-        parts = members[0][4]
-        in_dim, out_dim = ws[0].a.shape[1], ws[0].b.shape[0] // parts
-        splits = _fused_splits(module, config, out_dim)
-        if tp > 1 and module in ("attn_qkv", "mlp_gate_up"):
-            if splits is None:
-                raise OptionError(
-                    "fused qkv_proj needs the model config to interleave for --tp",
-                    where="--tp",
-                    fix="pass --config with the base model's config.json",
+    return {key: sorted(members) for key, members in groups.items()}
+
+
+def _tp_splits(module: str, config: dict[str, Any] | None, out_dim: int, tp: int, *, where: str) -> list[int] | None:
+    """:func:`_fused_splits`, checked to interleave over ``tp`` ranks where it has to."""
+    splits = _fused_splits(module, config, out_dim)
+    if tp > 1 and module in ("attn_qkv", "mlp_gate_up"):
+        if splits is None:
+            raise OptionError(
+                "fused qkv_proj needs the model config to interleave for --tp",
+                where="--tp",
+                fix="pass --config with the base model's config.json",
+            )
+        if any(s % tp for s in splits):
+            raise OptionError(
+                "fused module rows do not split evenly over tensor-parallel ranks",
+                where=where,
+                expected=f"blocks {splits} divisible by {tp}",
+                found=str(tp),
+            )
+    return splits
+
+
+def _lay_out_row(
+    adapter: LoraAdapter, key: RowKey, members: list[RowMember], *, config: dict[str, Any] | None, tp: int
+) -> LaidOutRow:
+    """Encode one row: every member zero-padded to the row's rank, its scale folded into B."""
+    layer, module_id = key
+    module = TRTLLM_MODULES[module_id]
+    ws = [adapter.modules[m.path] for m in members]
+    rank = max(w.rank for w in ws)
+    parts = members[0].parts
+    in_dim, out_dim = ws[0].a.shape[1], ws[0].b.shape[0] // parts
+    splits = _tp_splits(module, config, out_dim, tp, where=members[0].path)
+    pairs = []
+    for member, w in zip(members, ws, strict=True):
+        # Heterogeneous expert ranks: zero-pad to the row's rank (the product is unchanged).
+        a = torch.zeros(rank, in_dim)
+        b = torch.zeros(out_dim, rank)
+        a[: w.rank] = w.a.float()
+        b[:, : w.rank] = w.b.float().chunk(parts, dim=0)[member.part] * w.scale(use_rslora=adapter.use_rslora)
+        if module == "mlp_gate_up":
+            b = _swap_halves(b)
+        if tp > 1 and splits is not None:
+            b = interleave_for_tp(b, splits, tp)
+        pairs.append((a.numpy(), b.numpy()))
+    meta = TrtllmRow(
+        modules=tuple(m.path for m in members),
+        in_dim=in_dim,
+        out_dim=out_dim,
+        trtllm=module,
+        splits=tuple(splits) if splits is not None else None,
+        part=(members[0].part, parts) if parts > 1 else None,
+    )
+    return LaidOutRow(values=encode_row(pairs), module_id=module_id, layer=layer, rank=rank, meta=meta)
+
+
+def _zero_qkv_rows(
+    groups: dict[RowKey, list[RowMember]], adapter: LoraAdapter, config: dict[str, Any] | None
+) -> list[LaidOutRow]:
+    """Rank-1 zero rows for q/k/v modules missing beside present ones.
+
+    TensorRT-LLM's attention runs q/k/v LoRA as one plugin call with all three or none
+    (``Attention.forward`` asserts it); its HF loader fills the missing ones with zeros
+    (``LoraManager.load_from_hf``). Rank 1 zeros: the cheapest row the runtime takes.
+    """
+    dims = hf_runtime_dims(config) if config and config.get("hidden_size") else {}
+    by_layer: dict[int, dict[str, int]] = {}
+    for (layer, module_id), members in groups.items():
+        name = TRTLLM_MODULES[module_id]
+        if name in QKV:
+            by_layer.setdefault(layer, {})[name] = adapter.modules[members[0].path].a.shape[1]
+    zeros = []
+    for layer, present in sorted(by_layer.items()):
+        hidden = next(iter(present.values()))
+        for name in QKV:
+            if name not in present:
+                in_dim, out_dim = dims.get(name, (hidden, hidden))
+                zeros.append(
+                    LaidOutRow(
+                        values=np.zeros(row_length(1, in_dim, out_dim), dtype=np.float32),
+                        module_id=TRTLLM_MODULE_IDS[name],
+                        layer=layer,
+                        rank=1,
+                        meta=TrtllmRow(modules=(), in_dim=in_dim, out_dim=out_dim, trtllm=name),
+                    )
                 )
-            if any(s % tp for s in splits):
-                raise OptionError(
-                    "fused module rows do not split evenly over tensor-parallel ranks",
-                    where=members[0][1],
-                    expected=f"blocks {splits} divisible by {tp}",
-                    found=str(tp),
-                )
-        pairs = []
-        for (_, _, _, part, _), w in zip(members, ws, strict=True):
-            # Heterogeneous expert ranks: zero-pad to the row's rank (the product is unchanged).
-            a = torch.zeros(rank, in_dim)
-            b = torch.zeros(out_dim, rank)
-            a[: w.rank] = w.a.float()
-            b[:, : w.rank] = w.b.float().chunk(parts, dim=0)[part] * w.scale(use_rslora=adapter.use_rslora)
-            if module == "mlp_gate_up":
-                b = _swap_halves(b)
-            if tp > 1 and splits is not None:
-                b = interleave_for_tp(b, splits, tp)
-            pairs.append((a.numpy(), b.numpy()))
-        rows.append(encode_row(pairs))
-        config_rows.append([module_id, layer, rank])
-        meta: dict[str, Any] = {
-            "modules": [p for _, p, _, _, _ in members],
-            "in": in_dim,
-            "out": out_dim,
-            "trtllm": module,
-            "splits": splits,
-        }
-        if parts > 1:
-            meta["part"] = [members[0][3], parts]
-        meta_rows.append(meta)
-    for layer, module_id, in_dim, out_dim in _zero_qkv_rows(groups, adapter, config):
-        rows.append(np.zeros(row_length(1, in_dim, out_dim), dtype=np.float32))
-        config_rows.append([module_id, layer, 1])
-        meta_rows.append({"modules": [], "in": in_dim, "out": out_dim, "trtllm": TRTLLM_MODULES[module_id]})
-    order = sorted(range(len(rows)), key=lambda i: (config_rows[i][1], config_rows[i][0]))
+    return zeros
+
+
+def adapter_to_trtllm(
+    adapter: LoraAdapter,
+    *,
+    config: dict[str, Any] | None = None,
+    architecture: ArchitectureMap | None = None,
+    dtype: str = "float16",
+    tp: int = 1,
+    strict: bool = False,
+) -> TrtllmLora:
+    """Lay a LoRA adapter out as TensorRT-LLM's ``lora_weights`` / ``lora_config`` tensors.
+
+    Writes only what the engine computes correctly: o_proj is left out (with a warning giving the
+    energy lost) where its input width is not the hidden size, Phi-3's ``gate_up_proj`` becomes the
+    ``mlp_h_to_4h`` + ``mlp_gate`` pair, and q/k/v missing beside present ones get zero rows.
+
+    Args:
+        adapter: any LoRA adapter (scales are folded into B).
+        config: the base model's ``config.json`` (needed for fused ``qkv_proj`` at ``tp > 1``).
+        architecture: the family's map, as the extraction plan found it (default: found from
+            ``config``, else from the module paths).
+        dtype: engine dtype: ``float16``, ``bfloat16`` or ``float32``.
+        tp: tensor parallelism of the engine.
+        strict: refuse, rather than leave out, modules the runtime would read wrongly.
+
+    Raises:
+        OptionError: bad dtype/tp, fused rows that do not split evenly over ``tp``, expert rows at
+            ``tp > 1``, or (``strict``) an o_proj the runtime misreads.
+        InputError: modules with no TensorRT-LLM equivalent.
+
+    Example:
+        >>> lora = adapter_to_trtllm(adapter, config=config, dtype="float16")  # doctest: +SKIP
+        >>> save_trtllm(lora, folder)  # doctest: +SKIP
+    """
+    _check_layout_request(adapter, dtype, tp)
+    amap = architecture or _infer_map(sorted(adapter.modules), config)
+    dropped, dropped_energy = _drop_misread_dense(adapter, amap, strict=strict)
+    groups = _group_rows(adapter, amap, set(dropped))
+    moe = expert_rows_at_tp(
+        (TRTLLM_MODULES[mid] for _, mid in groups), tp, where="--tp", setting="--tp", error=OptionError
+    )
+    if moe is not None:
+        raise moe
+    rows = [_lay_out_row(adapter, key, groups[key], config=config, tp=tp) for key in sorted(groups)]
+    rows += _zero_qkv_rows(groups, adapter, config)
+    rows.sort(key=lambda r: (r.layer, r.module_id))
     return TrtllmLora(
-        weights=pack_rows([rows[i] for i in order], dtype),
-        config=np.asarray([[config_rows[i] for i in order]], dtype=np.int32),
-        rows=tuple(meta_rows[i] for i in order),
+        weights=pack_rows([r.values for r in rows], dtype),
+        config=np.asarray([[[r.module_id, r.layer, r.rank] for r in rows]], dtype=np.int32),
+        rows=tuple(r.meta for r in rows),
         dtype=dtype,
         tp=tp,
         dropped=tuple(dropped),
@@ -369,25 +434,36 @@ def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
     modules: dict[str, LoraWeights] = {}
     parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = {}
     for i, meta in enumerate(lora.rows):
-        module_id, _layer, rank = (int(x) for x in lora.config[0, i, :3])
-        experts = len(meta["modules"])
-        if not experts:
+        rank = int(lora.config[0, i, 2])
+        if not meta.modules:
             continue
-        in_dim, out_dim = int(meta["in"]), int(meta["out"])
         a_all, b_all = decode_row(
-            torch.from_numpy(weights[i]), rank=rank, in_dim=in_dim, out_dim=out_dim, experts=experts
+            torch.from_numpy(weights[i]),
+            rank=rank,
+            in_dim=meta.in_dim,
+            out_dim=meta.out_dim,
+            experts=len(meta.modules),
         )
-        for e, path in enumerate(meta["modules"]):
+        for e, path in enumerate(meta.modules):
             b = b_all[e]
-            if lora.tp > 1 and meta.get("splits"):
-                b = deinterleave_for_tp(b, meta["splits"], lora.tp)
-            if TRTLLM_MODULES[module_id] == "mlp_gate_up":
+            if lora.tp > 1 and meta.splits:
+                b = deinterleave_for_tp(b, list(meta.splits), lora.tp)
+            if meta.trtllm == "mlp_gate_up":
                 b = _swap_halves(b)
-            if meta.get("part"):
-                k, n = meta["part"]
-                parts.setdefault(path, {})[int(k)] = (a_all[e].clone(), b.clone(), int(n))
+            if meta.part is not None:
+                k, n = meta.part
+                parts.setdefault(path, {})[k] = (a_all[e].clone(), b.clone(), n)
                 continue
             modules[path] = LoraWeights(a=a_all[e].clone(), b=b.clone(), alpha=float(rank))
+    modules.update(_joined_parts(parts, source=source))
+    return LoraAdapter(modules=modules)
+
+
+def _joined_parts(
+    parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, int]]], *, source: str
+) -> dict[str, LoraWeights]:
+    """Modules written as several rows, put back together (B's row blocks in part order)."""
+    modules = {}
     for path, pieces in parts.items():
         n = next(iter(pieces.values()))[2]
         if sorted(pieces) != list(range(n)):
@@ -401,7 +477,7 @@ def trtllm_to_adapter(lora: TrtllmLora, *, source: str = "lora") -> LoraAdapter:
         a = pieces[0][0]
         b = torch.cat([pieces[k][1] for k in range(n)], dim=0)
         modules[path] = LoraWeights(a=a, b=b, alpha=float(a.shape[0]))
-    return LoraAdapter(modules=modules)
+    return modules
 
 
 def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str) -> None:
@@ -416,6 +492,9 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
         lora: the laid-out adapter.
         engine_config: the engine's ``config.json``.
         where: the engine config path, for messages.
+
+    Raises:
+        InputError: every problem found, in one error.
     """
     spec = engine_spec(engine_config)
     if not spec.lora_plugin:
@@ -426,6 +505,23 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
             found=repr(spec.lora_plugin),
             fix="rebuild with trtllm-build --lora_plugin <dtype> (see `phlora-nim engine-plan`)",
         )
+    problems = _build_problems(lora, spec, where=where)
+    moe = expert_rows_at_tp(
+        (TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]),
+        spec.tp,
+        where=f"{where} pretrained_config.mapping.tp_size",
+        setting="tp_size",
+        error=InputError,
+    )
+    if moe is not None:
+        problems.append(moe)
+    problems += _row_problems(lora, spec)
+    problems += _dims_problems(lora, spec)
+    raise_all(problems, summary=f"the engine {where} would reject this adapter")
+
+
+def _build_problems(lora: TrtllmLora, spec: EngineSpec, *, where: str) -> list[PhloraError]:
+    """Dtype, tensor parallelism and q/k/v targets of the engine's build against the adapter's layout."""
     problems: list[PhloraError] = []
     # The runtime compares with the model dtype; a LoRA plugin built for another dtype cannot take it either.
     wanted = sorted({d for d in (spec.dtype, spec.lora_plugin) if d and d != "auto"})
@@ -460,48 +556,46 @@ def check_engine(lora: TrtllmLora, engine_config: dict[str, Any], *, where: str)
                 fix="rebuild with the modules `phlora-nim engine-plan` prints",
             )
         )
-    if spec.tp > 1:
-        moe = sorted({TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]} & set(MOE_SPLIT_MODULES))
-        if moe:
-            problems.append(
-                InputError(
-                    "TensorRT-LLM cannot split expert (MoE) LoRA rows over tensor-parallel ranks",
-                    where=f"{where} pretrained_config.mapping.tp_size",
-                    expected="tp_size 1 for adapters with expert modules",
-                    found=f"tp_size {spec.tp} and {', '.join(moe)} rows",
-                    fix="serve MoE adapters from a tp_size 1 engine, or extract attention-only adapters",
-                )
-            )
+    return problems
+
+
+def _row_problems(lora: TrtllmLora, spec: EngineSpec) -> list[PhloraError]:
+    """Layers, modules, ranks and row lengths the engine's LoRA cache would refuse."""
 
     def dims(module_id: int, _layer: int) -> tuple[int, int] | None:
         return spec.module_dims(module_name(module_id)) if module_id < len(TRTLLM_MODULES) else None
 
-    for p in row_problems(
+    found = row_problems(
         lora.config[0], lora.weights.shape[2], dims=dims, num_layers=spec.num_layers, max_rank=spec.max_rank
-    ):
-        problems.append(
-            InputError(
-                p.message,
-                where=f"row {p.row} ({p.module}, layer {p.layer})",
-                fix="prune the adapter (`phlora-nim prune --rank`), or rebuild the engine with this module in "
-                "--lora_target_modules (see `phlora-nim engine-plan`)",
-            )
+    )
+    return [
+        InputError(
+            p.message,
+            where=f"row {p.row} ({p.module}, layer {p.layer})",
+            fix="prune the adapter (`phlora-nim prune --rank`), or rebuild the engine with this module in "
+            "--lora_target_modules (see `phlora-nim engine-plan`)",
         )
+        for p in found
+    ]
+
+
+def _dims_problems(lora: TrtllmLora, spec: EngineSpec) -> list[PhloraError]:
+    """Rows laid out for other dims than the engine's modules read (a wrong delta, no runtime error)."""
+    problems: list[PhloraError] = []
     for i, meta in enumerate(lora.rows):
-        engine_dims = spec.dims.get(str(meta.get("trtllm")))
-        experts = len(meta.get("modules") or ())
-        if not engine_dims or not experts:  # unknown dims, or a zero row: only its length matters
+        engine_dims = spec.dims.get(meta.trtllm)
+        if not engine_dims or not meta.modules:  # unknown dims, or a zero row: only its length matters
             continue
-        factor = experts if meta["trtllm"] in MOE_SPLIT_MODULES else 1
-        laid_out = (int(meta["in"]) * factor, int(meta["out"]) * factor)
+        factor = len(meta.modules) if meta.trtllm in MOE_SPLIT_MODULES else 1
+        laid_out = (meta.in_dim * factor, meta.out_dim * factor)
         if laid_out != engine_dims:
             problems.append(
                 InputError(
                     "the row is laid out for other dims than the engine reads: it would apply a wrong delta",
-                    where=f"row {i} ({meta['trtllm']}, {meta['modules'][0]})",
+                    where=f"row {i} ({meta.trtllm}, {meta.modules[0]})",
                     expected=f"[in, out] = {list(engine_dims)} (LoraModule::createLoraModules)",
                     found=str(list(laid_out)),
                     fix="convert against this engine's base model",
                 )
             )
-    raise_all(problems, summary=f"the engine {where} would reject this adapter")
+    return problems

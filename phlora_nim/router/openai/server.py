@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from phlora_nim.converters.errors import OptionError
-from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
 from phlora_nim.router.openai.app import HttpFront, create_app
 from phlora_nim.router.openai.completions import Completions
 from phlora_nim.router.openai.models import ModelDirectory
@@ -63,7 +63,8 @@ class OpenAIServer:
 
     async def start(self) -> None:
         config = self.config
-        self._socket = _listen(config.host, config.http_port, reuse_port=config.reuse_port)
+        port = 0 if config.http_port == ANY_FREE_PORT else config.http_port
+        self._socket = _listen(config.host, port, reuse_port=config.reuse_port)
         self.port = int(self._socket.getsockname()[1])
         uv = uvicorn.Config(
             create_app(self.front),
