@@ -144,11 +144,10 @@ def test_calibration_on_prompts_the_finetune_does_not_act_on_warns(
 ) -> None:
     """The shipped generic prompts cannot see a fine-tune that changed only behaviour after trigger
     tokens: whitening on them is warned about, with the measured KL, and the extraction still runs."""
-    from conftest import make_hidden_finetune
-
     from phlora_nim.jobs.target_kl import MIN_GAP_KL
+    from phlora_nim.testing.finetunes import make_hidden_finetune
 
-    base, ft, _ = make_hidden_finetune(tmp_path_factory, "calib-hidden")
+    base, ft, _ = make_hidden_finetune(tmp_path_factory.mktemp("calib-hidden"))
     out = tmp_path_factory.mktemp("calib-out") / "a"
     code, _, err = run_cli(
         "extract", "--base", base, "--finetuned", ft, "--out", out, "--rank", "2", "--no-plot", "--calibration", PROMPTS

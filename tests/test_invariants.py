@@ -188,3 +188,16 @@ def test_the_long_function_check_sees_methods_and_async_functions(tmp_path: Path
     source += function("def at_the_limit():", MAX_FUNCTION_LINES - 1) + function("def short():", 1)
     (package / "m.py").write_text(source)
     assert _long_functions(package) == {"pkg/m.py:C.long": MAX_FUNCTION_LINES + 1}
+
+
+def test_tests_share_helpers_through_fixtures_or_modules_not_conftest_imports() -> None:
+    """``from conftest import`` works only when pytest put tests/ on sys.path first; shared helpers
+    live in ``phlora_nim.testing`` or are fixtures."""
+    tests = Path(__file__).parent
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(tests.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if line.strip().startswith(("from conftest import", "import conftest"))
+    ]
+    assert not offenders, f"import helpers from phlora_nim.testing instead: {offenders}"
