@@ -79,6 +79,7 @@ def test_cli_extract_and_convert_with_target_kl(pair, tmp_path: Path, run_cli) -
     report = json.loads((tmp_path / "a" / "phlora_report.json").read_text())
     search = report["fidelity_target"]
     assert search["chosen"]["met"] and search["chosen"]["kl"] <= 0.01
+    assert search["floor"] is None  # an absolute target: no floor measured, nothing relative to it
     assert report["policy"]["kind"] == "budget" and report["policy"]["budget_params"] == search["chosen"]["budget"]
     assert report["totals"]["adapter_parameters"] == search["chosen"]["params"]
     assert {"budget", "params", "kl", "top1", "met"} <= set(search["steps"][0])

@@ -73,8 +73,7 @@ class SearchOutcome:
     prompts: str
     base_kl: float
     base_top1: float
-    floor_kl: float = 0.0
-    floor_top1: float = 1.0
+    floor: tuple[float, float] | None = None  # (KL, top-1) of base + every linear delta; None: not measured
 
     def report(self, target: FidelityTarget) -> dict[str, Any]:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
@@ -85,7 +84,7 @@ class SearchOutcome:
             "min_gap_kl": MIN_GAP_KL,
             "scored_tokens": self.tokens,
             "base_alone": {"kl": self.base_kl, "top1": self.base_top1},
-            "floor": floor_report((self.base_kl, self.base_top1), (self.floor_kl, self.floor_top1)),
+            "floor": floor_report((self.base_kl, self.base_top1), self.floor) if self.floor else None,
             "chosen": dataclasses.asdict(chosen),
             "steps": [dataclasses.asdict(s) for s in self.steps],
         }
@@ -217,8 +216,13 @@ def search_budget(
             f"{top_step.recovery_top1:.1%} of the reachable gap, raw {top_step.raw_recovery_kl:.1%} / "
             f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
             f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters)",
-            fix="raise --max-rank, loosen the target, or keep the non-linear deltas (--extra save) "
-            "if the fine-tune changed embeddings or norms",
+            fix="raise --max-rank or loosen the target"
+            + (
+                "; an absolute target also counts the part of the gap no adapter carries (embeddings, norms), "
+                "--target-recovery is relative to what an adapter can reach"
+                if target.absolute
+                else ""
+            ),
         )
     return found[0], found[1], steps
 
@@ -246,12 +250,14 @@ def run_to_target(
     )  # fmt: skip
     check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
     result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
-    floor = measure_floor(probe, result, job.base, pair.checkpoint) if not target.absolute else (0.0, 1.0)
-    if not target.absolute:
+    base, floor = (base_kl, base_top1), None
+    if not target.absolute:  # only recovery is relative to the floor
+        floor = measure_floor(probe, result, job.base, pair.checkpoint)
         log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", floor[0], 100 * floor[1])
-        check_reachable((base_kl, base_top1), floor, source=source, tokens=probe.tokens)
-    base = (base_kl, base_top1)
-    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure, base=base, floor=floor)
+        check_reachable(base, floor, source=source, tokens=probe.tokens)
+    budget, chosen, steps = search_budget(
+        result, ceiling, target, probe.measure, base=base, floor=floor if floor else (0.0, 1.0)
+    )
     policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
     return SearchOutcome(
         budget=budget,
@@ -262,8 +268,7 @@ def run_to_target(
         prompts=source,
         base_kl=base_kl,
         base_top1=base_top1,
-        floor_kl=floor[0],
-        floor_top1=floor[1],
+        floor=floor,
     )
 
 
