@@ -477,8 +477,8 @@ _REFUSALS = {
 def target_table(results: dict[str, Any]) -> str:
     """Markdown: task × method → chosen size, needed size, ratio chosen/needed, task accuracy."""
     lines = [
-        "| task | method | KL(ft ‖ base) on its prompts | reachable share (KL) | chosen params | needed params | "
-        "chosen/needed | task accuracy (base → fine-tune) |",
+        "| task | method | KL(ft ‖ base) on its prompts | reachable share (KL / top-1) | chosen params | "
+        "needed params | chosen/needed | task accuracy (base → fine-tune) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for task, r in results.items():
@@ -487,7 +487,8 @@ def target_table(results: dict[str, Any]) -> str:
         for key, row in r["chosen"].items():
             method = key.replace("recovery ", "recovery ≥ ")
             accs = f"({r['base_accuracy']:.0%} → {r['finetuned_accuracy']:.0%})"
-            reach = f"{row['floor']['reachable_kl']:.0%}" if "floor" in row else "–"
+            floor = row.get("floor")
+            reach = f"{floor['reachable_kl']:.1%} / {floor['reachable_top1']:.1%}" if floor else "–"
             if "refused" in row:
                 why = next((w for k, w in _REFUSALS.items() if k in row["refused"]), row["refused"])
                 lines.append(

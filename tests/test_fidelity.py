@@ -183,4 +183,4 @@ def test_bench_target_comparison_runs_the_cli_search_on_each_probe_set(linear_pa
     if out["needed"]:
         assert out["needed"]["accuracy"] >= out["needed_accuracy"] - 1e-9
     table = _bench().target_table({"shift1": out})
-    assert table.count("| shift1 | recovery ≥ 0.9 /") == 3 and "reachable share (KL)" in table
+    assert table.count("| shift1 | recovery ≥ 0.9 /") == 3 and "reachable share (KL / top-1)" in table
