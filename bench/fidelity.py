@@ -355,18 +355,30 @@ def smallest_keeping_gain(plain: Any, ceiling: RankPolicy, tprobe: Any, need: fl
     return {"budget": found[0], "params": params, "accuracy": accuracy[params], "tried": len(accuracy)}
 
 
-def chosen_by(probe: Any, source: str, target: FidelityTarget, plain: Any, ceiling: RankPolicy, tprobe: Any) -> dict:
+def chosen_by(
+    probe: Any,
+    source: str,
+    target: FidelityTarget,
+    plain: Any,
+    ceiling: RankPolicy,
+    tprobe: Any,
+    floor: tuple[float, float],
+) -> dict:
     """What ``--target-*`` chooses on one probe set, exactly as ``extract`` does: refused (exit 2, with
-    why), or the adapter it picks and that adapter's accuracy on the held-out task prompts."""
+    why), or the adapter it picks and that adapter's accuracy on the held-out task prompts. ``floor``:
+    base + every linear delta at full rank on ``probe``, which recovery is relative to."""
     from phlora_nim.converters.errors import PhloraError
-    from phlora_nim.jobs.target_kl import check_informative, search_budget
+    from phlora_nim.jobs.target_kl import check_informative, check_reachable, floor_report, search_budget
 
     t0 = time.perf_counter()
     base_kl, base_top1 = probe.measure(None)
-    row: dict[str, Any] = {"prompts": source, "tokens": probe.tokens, "base_kl": base_kl, "base_top1": base_top1}
+    row: dict[str, Any] = {"prompts": source, "tokens": probe.tokens, "base_kl": base_kl, "base_top1": base_top1,
+                           "floor": floor_report((base_kl, base_top1), floor)}  # fmt: skip
     try:
         check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
-        budget, chosen, steps = search_budget(plain, ceiling, target, probe.measure, base=(base_kl, base_top1))
+        check_reachable((base_kl, base_top1), floor, source=source, tokens=probe.tokens)
+        base = (base_kl, base_top1)
+        budget, chosen, steps = search_budget(plain, ceiling, target, probe.measure, base=base, floor=floor)
     except PhloraError as exc:
         return {**row, "refused": str(exc).splitlines()[0], "seconds": round(time.perf_counter() - t0, 1)}
     step = next(s for s in steps if s.budget == budget)
@@ -376,6 +388,8 @@ def chosen_by(probe: Any, source: str, target: FidelityTarget, plain: Any, ceili
         "kl": step.kl,
         "recovery_kl": step.recovery_kl,
         "recovery_top1": step.recovery_top1,
+        "raw_recovery_kl": step.raw_recovery_kl,
+        "raw_recovery_top1": step.raw_recovery_top1,
         "steps": len(steps),
         "accuracy": tprobe.measure_all(chosen.adapter)[2],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -397,6 +411,22 @@ def probe_sets(base_model: Any, ft_model: Any, tok: Any, task: ftasks.Task) -> d
     }
 
 
+def probe_floors(
+    probes: dict[str, tuple[Any, str]], plain: Any, base: Path, ft: Path
+) -> dict[str, tuple[float, float]]:
+    """Each probe set's floor: (KL, top-1) of base + every linear delta at full rank."""
+    from phlora_nim.converters.checkpoint import open_checkpoint
+    from phlora_nim.jobs.target_kl import measure_floor
+
+    floors = {}
+    with open_checkpoint(base) as b, open_checkpoint(ft) as f:
+        for method, (probe, _) in probes.items():
+            floors[method] = measure_floor(probe, plain, b, f)
+            log.info("%s floor (every linear delta at full rank): KL %.4g, top-1 %.2f%%", method, floors[method][0],
+                     100 * floors[method][1])  # fmt: skip
+    return floors
+
+
 def target_comparison(base: Path, ft: Path, task: ftasks.Task, recoveries: list[float], max_rank: int) -> dict:
     """For one task: the size ``--target-recovery F`` chooses on each probe set against the smallest
     adapter keeping ≥ 95 % of the fine-tune's accuracy gain; one decomposition at ``max_rank``."""
@@ -415,11 +445,12 @@ def target_comparison(base: Path, ft: Path, task: ftasks.Task, recoveries: list[
     del ft_model
     ceiling = search_policy(max_rank)
     plain = extract_at_ceiling(base, ft, max_rank, None)
+    floors = probe_floors(probes, plain, base, ft)
     needed = smallest_keeping_gain(plain, ceiling, tprobe, need) if ft_acc > base_acc else None
     chosen: dict[str, Any] = {}
     for f in recoveries:
         for method, (probe, source) in probes.items():
-            row = chosen_by(probe, source, FidelityTarget(min_recovery=f), plain, ceiling, tprobe)
+            row = chosen_by(probe, source, FidelityTarget(min_recovery=f), plain, ceiling, tprobe, floors[method])
             if needed and "params" in row:
                 row["ratio"] = row["params"] / needed["params"]
             chosen[f"recovery {f:g} / {method}"] = row
@@ -438,6 +469,7 @@ def target_comparison(base: Path, ft: Path, task: ftasks.Task, recoveries: list[
 _REFUSALS = {
     "already meets": "the base alone meets it",
     "barely tell": "KL(ft ‖ base) below the floor",
+    "gap an adapter can close is too small": "reachable KL gap below the floor",
     "out of reach": "out of reach at the rank cap",
 }
 
@@ -445,9 +477,9 @@ _REFUSALS = {
 def target_table(results: dict[str, Any]) -> str:
     """Markdown: task × method → chosen size, needed size, ratio chosen/needed, task accuracy."""
     lines = [
-        "| task | method | KL(ft ‖ base) on its prompts | chosen params | needed params | chosen/needed | "
-        "task accuracy (base → fine-tune) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| task | method | KL(ft ‖ base) on its prompts | reachable share (KL / top-1) | chosen params | "
+        "needed params | chosen/needed | task accuracy (base → fine-tune) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for task, r in results.items():
         need = r["needed"]
@@ -455,13 +487,17 @@ def target_table(results: dict[str, Any]) -> str:
         for key, row in r["chosen"].items():
             method = key.replace("recovery ", "recovery ≥ ")
             accs = f"({r['base_accuracy']:.0%} → {r['finetuned_accuracy']:.0%})"
+            floor = row.get("floor")
+            reach = f"{floor['reachable_kl']:.1%} / {floor['reachable_top1']:.1%}" if floor else "–"
             if "refused" in row:
                 why = next((w for k, w in _REFUSALS.items() if k in row["refused"]), row["refused"])
-                lines.append(f"| {task} | {method} | {row['base_kl']:.3g} | refused ({why}) | {needed} | – | {accs} |")
+                lines.append(
+                    f"| {task} | {method} | {row['base_kl']:.3g} | {reach} | refused ({why}) | {needed} | – | {accs} |"
+                )
                 continue
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else "–"
             lines.append(
-                f"| {task} | {method} | {row['base_kl']:.3g} | {row['params']:,} | {needed} | {ratio} | "
+                f"| {task} | {method} | {row['base_kl']:.3g} | {reach} | {row['params']:,} | {needed} | {ratio} | "
                 f"{row['accuracy']:.0%} {accs} |"
             )
     return "\n".join(lines)

@@ -169,10 +169,13 @@ def test_bench_target_comparison_runs_the_cli_search_on_each_probe_set(linear_pa
     assert set(out["chosen"]) == {"recovery 0.9 / generic", "recovery 0.9 / self", "recovery 0.9 / task"}
     for row in out["chosen"].values():
         assert row["base_kl"] > 0 and row["tokens"] > 0
+        # Linear-only: base + every linear delta is the fine-tune, so the whole gap is reachable.
+        assert row["floor"]["kl"] < 1e-4 and row["floor"]["reachable_kl"] > 0.999
         if "refused" in row:
             assert any(k in row["refused"] for k in ("barely tell", "out of reach")), row
             continue
         assert min(row["recovery_kl"], row["recovery_top1"]) >= 0.9 and row["params"] > 0
+        assert row["raw_recovery_kl"] == pytest.approx(row["recovery_kl"], abs=1e-3)
         assert 0 <= row["accuracy"] <= 1
         if out["needed"]:
             assert row["ratio"] == pytest.approx(row["params"] / out["needed"]["params"])
@@ -180,4 +183,4 @@ def test_bench_target_comparison_runs_the_cli_search_on_each_probe_set(linear_pa
     if out["needed"]:
         assert out["needed"]["accuracy"] >= out["needed_accuracy"] - 1e-9
     table = _bench().target_table({"shift1": out})
-    assert table.count("| shift1 | recovery ≥ 0.9 /") == 3
+    assert table.count("| shift1 | recovery ≥ 0.9 /") == 3 and "reachable share (KL / top-1)" in table

@@ -1,4 +1,4 @@
-"""--target-kl / --target-top1: the smallest budget meeting a fidelity target, by bisection."""
+"""--target-kl / --target-top1 / --target-recovery: the smallest budget meeting a fidelity target, by bisection."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def test_cli_extract_and_convert_with_target_kl(pair, tmp_path: Path, run_cli) -
     report = json.loads((tmp_path / "a" / "phlora_report.json").read_text())
     search = report["fidelity_target"]
     assert search["chosen"]["met"] and search["chosen"]["kl"] <= 0.01
+    assert search["floor"] is None  # an absolute target: no floor measured, nothing relative to it
     assert report["policy"]["kind"] == "budget" and report["policy"]["budget_params"] == search["chosen"]["budget"]
     assert report["totals"]["adapter_parameters"] == search["chosen"]["params"]
     assert {"budget", "params", "kl", "top1", "met"} <= set(search["steps"][0])
@@ -206,11 +207,12 @@ def test_recovery_with_self_probes_keeps_the_hidden_behaviour(hidden, tmp_path: 
     code, stdout, err = run_cli(
         "verify", "--base", base, "--finetuned", ft, "--adapter", out, "--max-kl", "10", "--min-recovery", "0.01"
     )
-    assert "recovery of the base→fine-tune gap" in " ".join(stdout.split())  # rich wraps lines
+    printed = " ".join(stdout.split())  # rich wraps lines
+    assert "recovery of the reachable base→fine-tune gap" in printed and "raw recovery of the whole gap" in printed
     assert "base model alone passes" in err  # --max-kl 10 is met by the base alone
     assert code in (0, 1)
     code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", out, "--min-recovery", "1")
-    assert code == 1 and "--min-recovery 1" in err
+    assert code == 1 and "--min-recovery 1" in " ".join(err.split()) and "reachable gap" in err
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-1"])
@@ -218,3 +220,94 @@ def test_bad_min_recovery(hidden, tmp_path: Path, run_cli, value: str) -> None:
     base, ft, _ = hidden
     code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", tmp_path, "--min-recovery", value)
     assert code == 2 and "recovery gate must be a share" in err
+
+
+@pytest.fixture(scope="module")
+def norm_pair(pair, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The linear fine-tune with its final norm also changed: a gap no LoRA adapter can close."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phlora_nim.demo.toy_models import save_tokenizer
+
+    base, ft = pair
+    model = AutoModelForCausalLM.from_pretrained(ft)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.6)
+    out = tmp_path_factory.mktemp("norm") / "norm-ft"
+    model.save_pretrained(out)
+    save_tokenizer(out, model.config.vocab_size)
+    return base, out
+
+
+def test_recovery_is_relative_to_the_floor_the_linear_deltas_reach(norm_pair, tmp_path: Path, run_cli) -> None:
+    from phlora_nim.converters.calibration import read_prompts
+    from phlora_nim.converters.checkpoint import open_checkpoint
+    from phlora_nim.converters.extract import ExtractOptions, plan_extraction, run_extraction
+    from phlora_nim.converters.rank_policy import recovery, search_policy
+    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
+    from phlora_nim.jobs.target_kl import measure_floor, search_budget
+
+    base, ft = norm_pair
+    options = ExtractOptions(policy=search_policy(None), exact=True)
+    probe = probe_for_checkpoints(base, ft, read_prompts(generic_prompts_path()))
+    with open_checkpoint(base) as b, open_checkpoint(ft) as f:
+        result = run_extraction(plan_extraction(b, f, options), b, f, options)
+        floor = measure_floor(probe, result, b, f)
+    base_m = probe.measure(None)
+    full = probe.measure(result.adapter)
+    # The norm's change is out of every adapter's reach: the floor is well above zero, and the
+    # full-rank adapter sits on it (the floor is exactly base + every linear delta).
+    assert floor[0] > 1e-3 and floor[0] < base_m[0] / 2
+    assert full[0] == pytest.approx(floor[0], rel=1e-3, abs=1e-6) and full[1] == pytest.approx(floor[1])
+    raw = recovery(*full, *base_m)
+    assert min(raw) < 0.97  # the raw share of the whole gap caps below 1 …
+    assert min(recovery(*full, *base_m, *floor)) > 0.999  # … the share of the reachable gap does not
+    goal = (1 + min(raw)) / 2
+    target = FidelityTarget(min_recovery=goal)
+    with pytest.raises(OptionError, match="out of reach"):
+        search_budget(result, options.policy, target, probe.measure, base=base_m)  # the raw rule
+    budget, chosen, steps = search_budget(result, options.policy, target, probe.measure, base=base_m, floor=floor)
+    step = next(s for s in steps if s.budget == budget)
+    assert step.met and min(step.recovery_kl, step.recovery_top1) >= goal
+    assert step.raw_recovery_kl < step.recovery_kl
+    assert chosen.adapter.num_parameters() < result.adapter.num_parameters()  # not simply everything
+
+    # The CLI: the floor and the reachable share in the report, raw and relative recovery per step.
+    out = tmp_path / "a"
+    code, stdout, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", out, "--target-recovery", f"{goal:.4f}", "--no-plot"
+    )
+    assert code == 0, err
+    assert "reachable" in " ".join(stdout.split())
+    search = json.loads((out / "phlora_report.json").read_text())["fidelity_target"]
+    assert search["floor"]["kl"] == pytest.approx(floor[0], rel=0.05)
+    assert search["floor"]["reachable_kl"] == pytest.approx(1 - floor[0] / base_m[0], rel=0.05)
+    assert search["chosen"]["met"] and search["chosen"]["raw_recovery_kl"] < search["chosen"]["recovery_kl"]
+    assert {"raw_recovery_kl", "raw_recovery_top1"} <= set(search["steps"][0])
+
+
+@pytest.mark.parametrize(
+    ("base", "floor", "match"),
+    [
+        ((0.5, 0.5), (0.49, 0.6), r"too small.*floor \(base \+ every linear delta.*KL 0\.49.*reachable gap 0\.01"),
+        ((0.05, 0.9), (0.045, 0.95), r"KL\(fine-tuned ‖ base\) − KL\(fine-tuned ‖ floor\) ≥ 0\.02"),
+    ],
+)
+def test_a_reachable_gap_below_the_floor_is_refused(base, floor, match: str) -> None:
+    from phlora_nim.jobs.target_kl import check_reachable
+
+    with pytest.raises(InputError, match=match):
+        check_reachable(base, floor, source="p.txt", tokens=100)
+    check_reachable((0.5, 0.5), (0.1, 0.9), source="p.txt", tokens=100)  # reachable gap 0.4: informative
+
+
+def test_recovery_rule() -> None:
+    from phlora_nim.converters.rank_policy import recovery
+
+    assert recovery(0.25, 0.8, 1.0, 0.6) == pytest.approx((0.75, 0.5))  # raw: the floor is a perfect match
+    assert recovery(0.25, 0.8, 1.0, 0.6, 0.5, 0.9) == pytest.approx((1.5, 2 / 3))
+    assert recovery(0.5, 0.9, 1.0, 0.6, 0.5, 0.9) == pytest.approx((1.0, 1.0))  # at the floor
+    assert recovery(0.5, 0.9, 0.5, 0.9, 0.5, 0.9) == (1.0, 1.0)  # no reachable gap at all
+    t = FidelityTarget(min_recovery=0.9)
+    assert not t.met(0.54, 0.88, (1.0, 0.6)) and t.met(0.54, 0.88, (1.0, 0.6), (0.5, 0.9))

@@ -160,12 +160,18 @@ def _print_search(search: dict[str, Any]) -> None:
         + ([f"KL ≤ {target['max_kl']:g}"] if target["max_kl"] is not None else [])
         + ([f"top-1 ≥ {target['min_top1']:g}"] if target["min_top1"] is not None else [])
     )
-    base = search["base_alone"]
+    base, floor = search["base_alone"], search.get("floor")
+    reach = (
+        f"; floor, base + every linear delta at full rank: KL {floor['kl']:.4g}, top-1 {floor['top1']:.2%}, "
+        f"reachable {floor['reachable_kl']:.1%} / {floor['reachable_top1']:.1%} of the gap"
+        if floor and target.get("min_recovery") is not None
+        else ""
+    )
     table = Table(
         title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']} "
-        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
+        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%}{reach}); recovery: share of the reachable gap"
     )
-    for col in ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", ""):
+    for col in ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", "raw KL / top-1", ""):
         table.add_column(col, justify="right")
     for i, s in enumerate(search["steps"], 1):
         table.add_row(
@@ -176,6 +182,7 @@ def _print_search(search: dict[str, Any]) -> None:
             f"{s['top1']:.2%}",
             f"{s['recovery_kl']:.1%}",
             f"{s['recovery_top1']:.1%}",
+            f"{s['raw_recovery_kl']:.1%} / {s['raw_recovery_top1']:.1%}",
             "meets" if s["met"] else "misses",
         )
     out_console.print(table)
@@ -183,6 +190,7 @@ def _print_search(search: dict[str, Any]) -> None:
     out_console.print(
         f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
         f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
+        f"of the reachable gap, raw {chosen['raw_recovery_kl']:.1%} / {chosen['raw_recovery_top1']:.1%} "
         f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"
     )
 
@@ -354,8 +362,9 @@ def verify_command(
         float | None,
         typer.Option(
             "--min-recovery",
-            help="Fail (exit 1) if the adapter closes less than this share of the base→fine-tune gap, in KL "
-            "(1 − KL_adapter/KL_base) or in top-1 disagreement (0–1).",
+            help="Fail (exit 1) if the adapter closes less than this share of the reachable base→fine-tune gap, in "
+            "KL ((KL_base − KL_adapter)/(KL_base − KL_floor), the floor being base + the fine-tune's whole delta on "
+            "every module the adapter carries) or in top-1 disagreement (0–1); the raw share is printed beside it.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -399,8 +408,10 @@ def _print_verify(result: dict[str, Any]) -> None:
         out_console.print(
             f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
             f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
-            f"(base alone: {logits['base_top1_agreement']:.2%}); recovery of the base→fine-tune gap "
-            f"{logits['recovery_kl']:.1%} (KL) / {logits['recovery_top1']:.1%} (top-1)"
+            f"(base alone: {logits['base_top1_agreement']:.2%}); recovery of the reachable base→fine-tune gap "
+            f"{logits['recovery_kl']:.1%} (KL) / {logits['recovery_top1']:.1%} (top-1) (floor, every carried module "
+            f"at full rank: KL {logits['floor_mean_kl']:.4g}, top-1 {logits['floor_top1_agreement']:.2%}; raw "
+            f"recovery of the whole gap {logits['raw_recovery_kl']:.1%} / {logits['raw_recovery_top1']:.1%})"
         )
     elif result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")

@@ -22,8 +22,9 @@ TargetRecoveryOpt = Annotated[
     float | None,
     typer.Option(
         "--target-recovery",
-        help="Smallest global budget whose adapter closes ≥ F of the base→fine-tune gap on the probes: "
-        "1 − KL(ft ‖ base+adapter)/KL(ft ‖ base) ≥ F and the same for top-1 disagreement (0–1; "
+        help="Smallest global budget whose adapter closes ≥ F of the reachable base→fine-tune gap on the probes: "
+        "(KL_base − KL_adapter)/(KL_base − KL_floor) ≥ F, the floor being base + every linear delta at full "
+        "rank, and the same for top-1 disagreement; the raw share of the whole gap is reported beside it (0–1; "
         f"default {DEFAULT_RECOVERY} with --prompts or --self-probes and no other target).",
         rich_help_panel=_PANEL,
     ),

@@ -169,8 +169,9 @@ class FidelityTarget:
     Fidelity is measured on prompts (``prompts``, else the generic ones shipped with phlora-nim):
     ``max_kl`` bounds the mean KL(fine-tuned ‖ base+adapter) per scored token, ``min_top1`` the
     share of tokens whose most likely next token agrees, ``min_recovery`` the share of the
-    base→fine-tune gap the adapter closes, in KL and in top-1 disagreement alike (see
-    :func:`recovery`); ``self_probes``: measure on continuations sampled from the fine-tune where
+    reachable base→fine-tune gap the adapter closes, in KL and in top-1 disagreement alike (see
+    :func:`recovery`: the gap between the base alone and the floor, base plus every linear delta at
+    full rank); ``self_probes``: measure on continuations sampled from the fine-tune where
     it disagrees most with its base instead of on prompts. Bisection over the budget stops when the
     bracket is within ``tolerance`` (relative) or after ``max_steps`` evaluations.
     """
@@ -233,15 +234,22 @@ class FidelityTarget:
         """Only absolute bounds (KL, top-1): the base model alone may already meet them."""
         return self.min_recovery is None
 
-    def met(self, kl: float, top1: float, base: tuple[float, float] | None = None) -> bool:
+    def met(
+        self,
+        kl: float,
+        top1: float,
+        base: tuple[float, float] | None = None,
+        floor: tuple[float, float] = (0.0, 1.0),
+    ) -> bool:
         """Whether (KL, top-1) meets the target; ``base``: the base model's (KL, top-1), needed for
-        a recovery bound."""
+        a recovery bound; ``floor``: the (KL, top-1) of base + every linear delta at full rank (the
+        default, a perfect floor, gives the raw recovery)."""
         absolute = (self.max_kl is None or kl <= self.max_kl) and (self.min_top1 is None or top1 >= self.min_top1)
         if self.min_recovery is None or not absolute:
             return absolute
         if base is None:
             raise ValueError("a recovery target needs the base model's KL and top-1")
-        return min(recovery(kl, top1, *base)) >= self.min_recovery
+        return min(recovery(kl, top1, *base, *floor)) >= self.min_recovery
 
     def describe(self) -> str:
         parts = (
@@ -252,11 +260,19 @@ class FidelityTarget:
         return " and ".join(parts)
 
 
-def recovery(kl: float, top1: float, base_kl: float, base_top1: float) -> tuple[float, float]:
-    """Share of the base→fine-tune gap an adapter closes: ``1 − KL_adapter / KL_base`` and
-    ``1 − (1 − top1_adapter) / (1 − top1_base)``; 1.0 where the base shows no gap at all."""
-    kl_rec = 1.0 - kl / base_kl if base_kl > 0 else 1.0
-    top1_rec = 1.0 - (1.0 - top1) / (1.0 - base_top1) if base_top1 < 1.0 else 1.0
+def recovery(
+    kl: float, top1: float, base_kl: float, base_top1: float, floor_kl: float = 0.0, floor_top1: float = 1.0
+) -> tuple[float, float]:
+    """Share of the reachable base→fine-tune gap an adapter closes, in KL and in top-1 disagreement:
+    ``(KL_base − KL_adapter) / (KL_base − KL_floor)`` and the same with ``1 − top1``.
+
+    The floor is what base + every linear delta at full rank reaches (the fine-tune with the tensors
+    no LoRA adapter carries, embeddings and norms, reverted to the base's); the default floor (KL 0,
+    top-1 1) gives the raw share of the whole gap. 1.0 where there is no reachable gap at all.
+    """
+    kl_gap, top1_gap = base_kl - floor_kl, floor_top1 - base_top1
+    kl_rec = (base_kl - kl) / kl_gap if kl_gap > 0 else 1.0
+    top1_rec = (top1 - base_top1) / top1_gap if top1_gap > 0 else 1.0
     return kl_rec, top1_rec
 
 

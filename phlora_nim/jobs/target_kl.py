@@ -11,6 +11,13 @@ The base model alone is measured first. A probe set on which the fine-tune hardl
 its base (KL(fine-tuned ‖ base) below :data:`MIN_GAP_KL`), or on which the base alone already
 meets an absolute target, cannot tell a task-keeping adapter from an empty one: the search is
 refused rather than returning an adapter that keeps nothing.
+
+A recovery target is relative to the gap an adapter can close. Part of the base→fine-tune gap may
+live in tensors no LoRA adapter carries (embeddings, norms, an untargeted or tied ``lm_head``), so
+the floor, base + every linear delta at full rank, is measured once after the extraction, and
+recovery is ``(KL_base − KL_adapter) / (KL_base − KL_floor)`` (the same in top-1 disagreement);
+the raw share of the whole gap is reported beside it. A reachable gap below :data:`MIN_GAP_KL` is
+refused like an uninformative probe set.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import read_prompts
+from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractionResult, reassign
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy, recovery
@@ -47,8 +55,10 @@ class SearchStep:
     kl: float
     top1: float
     met: bool
-    recovery_kl: float
+    recovery_kl: float  # share of the reachable gap (base → floor)
     recovery_top1: float
+    raw_recovery_kl: float  # share of the whole base → fine-tune gap
+    raw_recovery_top1: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class SearchOutcome:
     prompts: str
     base_kl: float
     base_top1: float
+    floor: tuple[float, float] | None = None  # (KL, top-1) of base + every linear delta; None: not measured
 
     def report(self, target: FidelityTarget) -> dict[str, Any]:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
@@ -73,9 +84,17 @@ class SearchOutcome:
             "min_gap_kl": MIN_GAP_KL,
             "scored_tokens": self.tokens,
             "base_alone": {"kl": self.base_kl, "top1": self.base_top1},
+            "floor": floor_report((self.base_kl, self.base_top1), self.floor) if self.floor else None,
             "chosen": dataclasses.asdict(chosen),
             "steps": [dataclasses.asdict(s) for s in self.steps],
         }
+
+
+def floor_report(base: tuple[float, float], floor: tuple[float, float]) -> dict[str, float]:
+    """The floor (base + every linear delta at full rank) and the share of the base's gap it closes:
+    what recovery is relative to."""
+    reachable_kl, reachable_top1 = recovery(*floor, *base)
+    return {"kl": floor[0], "top1": floor[1], "reachable_kl": reachable_kl, "reachable_top1": reachable_top1}
 
 
 def _caps(result: ExtractionResult, ceiling: RankPolicy) -> list[tuple[int, int]]:
@@ -143,6 +162,7 @@ def search_budget(
     measure: Callable[[LoraAdapter | None], tuple[float, float]],
     *,
     base: tuple[float, float] | None = None,
+    floor: tuple[float, float] = (0.0, 1.0),
     on_step: Callable[[SearchStep], None] | None = None,
 ) -> tuple[int, ExtractionResult, list[SearchStep]]:
     """Bisect the global budget (:func:`bisect_budget`) for the smallest one whose adapter meets ``target``.
@@ -152,6 +172,8 @@ def search_budget(
         ceiling: the policy bounding every module's rank (``max_rank``, ``snap``).
         measure: (KL, top-1) of an adapter (None: the base alone) against the fine-tune.
         base: the base model's (KL, top-1), if already measured.
+        floor: (KL, top-1) of base + every linear delta at full rank (:func:`measure_floor`), which
+            recovery is relative to; the default, a perfect floor, gives the raw recovery.
 
     Returns:
         (chosen budget, the extraction truncated to it, the steps tried in order).
@@ -168,14 +190,16 @@ def search_budget(
         if params not in measured:
             measured[params] = measure(candidate.adapter)
         kl, top1 = measured[params]
-        rec_kl, rec_top1 = recovery(kl, top1, *base)
-        step = SearchStep(budget, params, kl, top1, target.met(kl, top1, base), rec_kl, rec_top1)
+        met = target.met(kl, top1, base, floor)
+        step = SearchStep(budget, params, kl, top1, met, *recovery(kl, top1, *base, *floor), *recovery(kl, top1, *base))
         steps.append(step)
         log.info(
-            "budget %s → %s params: KL %.4g, top-1 %.2f%%, recovery %.1f%% / %.1f%% (base alone: KL %.4g, "
-            "top-1 %.2f%%) %s",
-            f"{budget:,}", f"{params:,}", kl, 100 * top1, 100 * rec_kl, 100 * rec_top1,
-            base[0], 100 * base[1], "meets" if step.met else "misses",
+            "budget %s → %s params: KL %.4g, top-1 %.2f%%, recovery %.1f%% / %.1f%% of the reachable gap "
+            "(raw %.1f%% / %.1f%%; base alone: KL %.4g, top-1 %.2f%%; floor: KL %.4g, top-1 %.2f%%, "
+            "reachable %.1f%% / %.1f%% of the gap) %s",
+            f"{budget:,}", f"{params:,}", kl, 100 * top1, 100 * step.recovery_kl, 100 * step.recovery_top1,
+            100 * step.raw_recovery_kl, 100 * step.raw_recovery_top1, base[0], 100 * base[1], floor[0],
+            100 * floor[1], *(100 * r for r in recovery(*floor, *base)), "meets" if met else "misses",
         )  # fmt: skip
         if on_step:
             on_step(step)
@@ -189,10 +213,16 @@ def search_budget(
             where=FIDELITY_FLAGS,
             expected=target.describe(),
             found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} (recovery {top_step.recovery_kl:.1%} / "
-            f"{top_step.recovery_top1:.1%}) with every module at rank ≤ "
+            f"{top_step.recovery_top1:.1%} of the reachable gap, raw {top_step.raw_recovery_kl:.1%} / "
+            f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
             f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters)",
-            fix="raise --max-rank, loosen the target, or keep the non-linear deltas (--extra save) "
-            "if the fine-tune changed embeddings or norms",
+            fix="raise --max-rank or loosen the target"
+            + (
+                "; an absolute target also counts the part of the gap no adapter carries (embeddings, norms), "
+                "--target-recovery is relative to what an adapter can reach"
+                if target.absolute
+                else ""
+            ),
         )
     return found[0], found[1], steps
 
@@ -220,7 +250,14 @@ def run_to_target(
     )  # fmt: skip
     check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
     result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
-    budget, chosen, steps = search_budget(result, ceiling, target, probe.measure, base=(base_kl, base_top1))
+    base, floor = (base_kl, base_top1), None
+    if not target.absolute:  # only recovery is relative to the floor
+        floor = measure_floor(probe, result, job.base, pair.checkpoint)
+        log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", floor[0], 100 * floor[1])
+        check_reachable(base, floor, source=source, tokens=probe.tokens)
+    budget, chosen, steps = search_budget(
+        result, ceiling, target, probe.measure, base=base, floor=floor if floor else (0.0, 1.0)
+    )
     policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
     return SearchOutcome(
         budget=budget,
@@ -231,7 +268,21 @@ def run_to_target(
         prompts=source,
         base_kl=base_kl,
         base_top1=base_top1,
+        floor=floor,
     )
+
+
+def measure_floor(probe: Any, result: ExtractionResult, base: Checkpoint, finetuned: Checkpoint) -> tuple[float, float]:
+    """(KL, top-1) on ``probe`` of base + every linear delta of ``result``'s plan at full rank (plus
+    the bias deltas its adapter carries): the fine-tune with every tensor no adapter carries reverted
+    to the base's, the best any truncation of ``result`` can do."""
+    from phlora_nim.jobs.verify import added
+
+    reader = DeltaReader(base, finetuned)
+    weights = ((t.module, reader.delta(t.weight)) for t in result.plan.targets)
+    with added(probe.base_model, weights, result.adapter.lora_biases) as model:
+        kl, top1, _ = probe.measure_all(None, model=model)
+    return kl, top1
 
 
 def _probe(base: Path, finetuned: Path, target: FidelityTarget) -> tuple[Any, str, int]:
@@ -277,3 +328,25 @@ def check_informative(target: FidelityTarget, base_kl: float, base_top1: float, 
             found=found,
             fix=fix,
         )
+
+
+def check_reachable(base: tuple[float, float], floor: tuple[float, float], *, source: str, tokens: int) -> None:
+    """Refuse a recovery target when the gap an adapter can close is itself too small to measure.
+
+    Raises:
+        InputError: KL(fine-tuned ‖ base) − KL(fine-tuned ‖ floor) < :data:`MIN_GAP_KL`.
+    """
+    if base[0] - floor[0] >= MIN_GAP_KL:
+        return
+    raise InputError(
+        "the gap an adapter can close is too small on these prompts: most of what tells the fine-tune from its "
+        "base lives in tensors no LoRA adapter carries (embeddings, norms, an untargeted lm_head)",
+        where=FIDELITY_FLAGS,
+        expected=f"KL(fine-tuned ‖ base) − KL(fine-tuned ‖ floor) ≥ {MIN_GAP_KL} nats/token on the probe prompts",
+        found=f"base model alone: KL {base[0]:.4g}, top-1 {base[1]:.2%}; floor (base + every linear delta at full "
+        f"rank): KL {floor[0]:.4g}, top-1 {floor[1]:.2%}; reachable gap {base[0] - floor[0]:.4g} nats/token on "
+        f"{tokens} tokens of {source}",
+        fix="give prompts of the fine-tune's task with --prompts or use --self-probes, target more modules "
+        "(--target-modules) if the fine-tune's change lives outside them, or set an absolute target with "
+        "--target-kl/--target-top1",
+    )

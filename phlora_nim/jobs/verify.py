@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +142,28 @@ def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
     module: fast enough to evaluate many adapters of one base in a search. A bias change on a
     module without a bias gives it one for the duration.
     """
+    weights = ((name, w.delta(use_rslora=adapter.use_rslora)) for name, w in adapter.modules.items())
+    with added(model, weights, adapter.lora_biases) as m:
+        yield m
+
+
+@contextlib.contextmanager
+def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mapping[str, torch.Tensor]) -> Iterator[Any]:
+    """``model`` with weight changes (module name → ΔW, taken one at a time: ``weights`` may be lazy)
+    and bias changes added, restored exactly on exit."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    added: list[torch.nn.Module] = []
+    created: list[torch.nn.Module] = []
     try:
         with torch.no_grad():
-            for name, w in adapter.modules.items():
+            for name, delta in weights:
                 weight = model.get_submodule(name).weight
                 saved.append((weight, weight.detach().clone()))
-                weight.add_(w.delta(use_rslora=adapter.use_rslora).to(weight.dtype))
-            for name, change in adapter.lora_biases.items():
+                weight.add_(delta.to(weight.dtype))
+            for name, change in biases.items():
                 module = model.get_submodule(name)
                 if module.bias is None:
                     module.bias = torch.nn.Parameter(torch.zeros_like(change, dtype=module.weight.dtype))
-                    added.append(module)
+                    created.append(module)
                 else:
                     saved.append((module.bias, module.bias.detach().clone()))
                 module.bias.add_(change.to(module.bias.dtype))
@@ -163,7 +172,7 @@ def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
         with torch.no_grad():
             for tensor, original in saved:
                 tensor.copy_(original)
-            for module in added:
+            for module in created:
                 module.bias = None
 
 
@@ -179,19 +188,33 @@ def logit_agreement(
     batches = _token_batches(finetuned, base, ft_model.config.vocab_size, prompts, seed=seed)
     ft_logp = log_probs(ft_model, batches, batch_size=1)
     base_logp = log_probs(base_model, batches, batch_size=1)
+    # The floor: base + the fine-tune's whole delta on every module the adapter carries.
+    carried = load_peft(adapter_dir)
+    weights = (
+        (name, ft_model.get_submodule(name).weight - base_model.get_submodule(name).weight) for name in carried.modules
+    )
+    with added(base_model, weights, carried.lora_biases) as floor_model:
+        floor_logp = log_probs(floor_model, batches, batch_size=1)
+    del ft_model
     adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     ad_logp = log_probs(adapted, batches, batch_size=1)
     kl, top1, n = compare_log_probs(ft_logp, ad_logp)
     base_kl, base_top1, _ = compare_log_probs(ft_logp, base_logp)
-    recovery_kl, recovery_top1 = recovery(kl, top1, base_kl, base_top1)
+    floor_kl, floor_top1, _ = compare_log_probs(ft_logp, floor_logp)
+    recovery_kl, recovery_top1 = recovery(kl, top1, base_kl, base_top1, floor_kl, floor_top1)
+    raw_kl, raw_top1 = recovery(kl, top1, base_kl, base_top1)
     return {
         "tokens": n,
         "mean_kl": kl,
         "top1_agreement": top1,
         "base_mean_kl": base_kl,
         "base_top1_agreement": base_top1,
-        "recovery_kl": recovery_kl,
+        "floor_mean_kl": floor_kl,
+        "floor_top1_agreement": floor_top1,
+        "recovery_kl": recovery_kl,  # share of the reachable gap (base → floor): what --min-recovery gates
         "recovery_top1": recovery_top1,
+        "raw_recovery_kl": raw_kl,  # share of the whole base → fine-tune gap
+        "raw_recovery_top1": raw_top1,
     }
 
 
@@ -211,7 +234,7 @@ def gate_failures(
     if min_recovery is not None and (not logits or min(logits["recovery_kl"], logits["recovery_top1"]) < min_recovery):
         failed.append(
             f"recovery {logits.get('recovery_kl', 'n/a')} (KL) / {logits.get('recovery_top1', 'n/a')} (top-1) "
-            f"< --min-recovery {min_recovery}"
+            f"of the reachable gap (base → floor, every carried module at full rank) < --min-recovery {min_recovery}"
         )
     warnings: list[str] = []
     absolute = max_kl is not None or min_top1 is not None
