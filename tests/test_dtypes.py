@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from phlora_nim.converters.dtypes import DTYPES, as_engine_array, dtype_for_wire, dtype_name_of, parse_dtype
 from phlora_nim.converters.errors import OptionError
@@ -48,3 +53,12 @@ def test_auto_only_where_allowed() -> None:
     assert parse_dtype("auto", "--dtype", auto=True) is None
     assert parse_dtype("bfloat16", "--dtype", auto=True) is DTYPES["bfloat16"]
     assert parse_dtype("float32", "--engine-dtype").name == "float32"
+
+
+def test_safetensors_codes_are_the_ones_safetensors_writes(tmp_path: Path) -> None:
+    for name, row in DTYPES.items():
+        file = tmp_path / f"{name}.safetensors"
+        save_file({"w": torch.zeros(2, dtype=row.torch)}, str(file))
+        raw = file.read_bytes()
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        assert json.loads(raw[8 : 8 + header_len])["w"]["dtype"] == row.safetensors

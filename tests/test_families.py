@@ -196,6 +196,19 @@ def test_extra_save_writes_modules_to_save(model_pairs, tmp_path: Path) -> None:
     assert cfg["lora_bias"] is True and "lm_head" in cfg["modules_to_save"]
 
 
+def test_reconstruction_error_counts_a_bias_change_the_adapter_drops(model_pairs, tmp_path: Path) -> None:
+    base, ft = model_pairs("qwen2")
+    full = RankPolicy(energy=1.0, max_rank=512)
+    errors = {}
+    for mode in ("save", "drop"):
+        jobs.extract(base, ft, tmp_path / mode, ExtractOptions(policy=full, non_linear_deltas=mode), plot=False)
+        errors[mode] = reconstruction_errors(base, ft, tmp_path / mode)["per_module"]
+    q = "model.layers.0.self_attn.q_proj"
+    assert errors["save"][q] < 1e-4  # full rank and the bias change carried: exact
+    assert errors["drop"][q] > 1e-3  # the same weights, the bias change left out: counted
+    assert errors["drop"]["model.layers.0.self_attn.o_proj"] < 1e-4  # no bias there
+
+
 def test_outputs_and_report(model_pairs, tmp_path: Path) -> None:
     base, ft = model_pairs("gemma")
     out = tmp_path / "g"

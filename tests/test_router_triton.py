@@ -8,6 +8,7 @@ response computed with any other adapter (or none) shows.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import shutil
@@ -632,12 +633,18 @@ def test_affinity_across_replicas(repo_root: Path, pair: list[LocalTriton], wait
 # capacity 0: "PEFT Cache is full"; -1: eviction freed too few pages and the runtime failed its
 # pageIds.has_value() assertion (LoraCache::claimPagesWithEvict): back-pressure too, never INTERNAL.
 @pytest.mark.parametrize("capacity", [0, -1], ids=["cache-full", "pages-exhausted"])
-def test_full_cache_is_back_pressure(repo_root: Path, triton: LocalTriton, tmp_path: Path, capacity: int) -> None:
+def test_full_cache_is_back_pressure(triton: LocalTriton, tmp_path: Path, capacity: int) -> None:
     with standin(standin_repo(tmp_path / "full", capacity=capacity)) as full:
-        name = next(n for n in ADAPTERS if rank_replicas(n, [full.grpc_url, triton.grpc_url])[0] == full.grpc_url)
-        with routed(config(repo_root, full.grpc_url, triton.grpc_url)) as (running, c):
-            assert infer(c, name) == shifted(OFFSET[name])  # spilled to the replica with room
-        with routed(config(repo_root, full.grpc_url)) as (running, c):
+        # An adapter whose first replica is the full one (the ranking follows from the random ports).
+        upstreams = [full.grpc_url, triton.grpc_url]
+        name = next(
+            f"spill-{i}" for i in itertools.count() if rank_replicas(f"spill-{i}", upstreams)[0] == full.grpc_url
+        )
+        root = tmp_path / "adapters"
+        add_adapters(root, {name: (700, "float16")})
+        with routed(config(root, *upstreams)) as (running, c):
+            assert infer(c, name) == shifted(700)  # spilled to the replica with room
+        with routed(config(root, full.grpc_url)) as (running, c):
             message = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: infer(c, name))
             assert "cache is full" in message
             got = stream(running.address, [("s", {"parameters": {"lora_adapter": name}})], expect=1)

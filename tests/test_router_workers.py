@@ -90,5 +90,6 @@ def test_two_workers_share_the_port_and_merge_metrics(tmp_path: Path, wait_until
             if process.poll() is None:
                 process.kill()
         assert process.returncode == 0, output[-2000:]
+        assert f"merged metrics of 2 workers on http://127.0.0.1:{metrics}/metrics" in output, output[-2000:]
         for pid in workers:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from phlora_nim.converters.dtypes import DTYPES
 from phlora_nim.converters.errors import InputError
 
 _FIX_REEXPORT = "re-download or re-save the checkpoint (save_pretrained writes a valid one)"
@@ -218,10 +219,9 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
     return infos
 
 
-_ST_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
+# Weight dtypes from the one table; the other codes are read so that a non-float tensor reaches
+# the checks that refuse it by name (a buffer of int64 position ids is not an unreadable file).
+_ST_DTYPES = {d.safetensors: d.torch for d in DTYPES.values()} | {
     "F64": torch.float64,
     "I64": torch.int64,
     "I32": torch.int32,
@@ -239,7 +239,7 @@ def _st_dtype(code: str, file: Path) -> torch.dtype:
         raise InputError(
             f"tensor dtype {code} is not supported",
             where=str(file),
-            expected="F32, F16 or BF16 weights",
+            expected=" or ".join(d.safetensors for d in DTYPES.values()) + " weights",
             fix="dequantize the checkpoint first",
         ) from None
 

@@ -50,6 +50,11 @@ class Dtype:
     def itemsize(self) -> int:
         return self.numpy.itemsize
 
+    @property
+    def safetensors(self) -> str:
+        """The safetensors header's code: the wire name with ``F`` for ``FP`` (``F16``, ``BF16``)."""
+        return self.wire.replace("FP", "F")
+
 
 # cpp/tensorrt_llm/runtime/utils/numpyUtils.cpp, typeFromNumpyDesc: "f2" and "f4" only, no bfloat16.
 DTYPES: dict[str, Dtype] = {

@@ -28,7 +28,11 @@ log = logging.getLogger("phlora_nim.jobs.verify")
 
 
 def reconstruction_errors(base: Path, finetuned: Path, adapter_dir: Path) -> dict[str, Any]:
-    """‖ΔW − scale·B·A‖_F / ‖ΔW‖_F per adapter module, streamed one module at a time."""
+    """‖(ΔW, Δb) − (scale·B·A, b̂)‖_F / ‖(ΔW, Δb)‖_F per adapter module, streamed one module at a time.
+
+    b̂ is the adapter's bias change (``lora_biases``; zero without one), so a fine-tune's bias change
+    the adapter does not carry counts against it, as it would in the served output.
+    """
     adapter = load_peft(adapter_dir)
     errors: dict[str, float] = {}
     with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
@@ -53,6 +57,8 @@ def reconstruction_errors(base: Path, finetuned: Path, adapter_dir: Path) -> dic
                 )
             total = frobenius_energy(delta)
             resid = frobenius_energy(delta - w.delta(use_rslora=adapter.use_rslora))
+            bias_total, bias_resid = _bias_energies(reader, f.tensors, name, adapter.lora_biases.get(name))
+            total, resid = total + bias_total, resid + bias_resid
             errors[name] = math.sqrt(resid / total) if total else math.sqrt(resid)
     worst = max(errors, key=lambda k: errors[k]) if errors else None
     return {
@@ -62,6 +68,18 @@ def reconstruction_errors(base: Path, finetuned: Path, adapter_dir: Path) -> dic
         "worst_module": worst,
         "per_module": errors,
     }
+
+
+def _bias_energies(
+    reader: DeltaReader, tensors: Mapping[str, Any], name: str, carried: torch.Tensor | None
+) -> tuple[float, float]:
+    """‖Δb‖² and ‖Δb − carried‖² of a module's bias (0, 0 without one): the update is (ΔW, Δb)."""
+    bias = f"{name}.bias"
+    if bias not in tensors:
+        return 0.0, 0.0
+    delta = reader.delta(bias).float()
+    change = delta if carried is None else delta - carried.float()
+    return float(delta.pow(2).sum()), float(change.pow(2).sum())
 
 
 def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None, *, seed: int) -> list[list[int]]:

@@ -79,9 +79,8 @@ def run_workers(config: RouterConfig) -> int:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
         server, _ = start_http_server(max(config.metrics_port, 0), addr=config.host, registry=registry)
-        log.info(
-            "merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
-        )
+        bound = int(server.server_address[1])  # the port the OS chose for ANY_FREE_PORT (-1)
+        log.info("merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, bound)
     stopping = {"signal": False}
 
     def _stop(signum: int, _frame: object) -> None:
