@@ -9,6 +9,15 @@ import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+# Files that take minutes on one worker (vLLM's engine starts and SmolLM2's PEFT reference) go first:
+# with ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) one worker starts them while the
+# other runs the rest. Last, they left one worker idle on their lock for minutes.
+LONG_FIRST = ("test_vllm_engine.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order is kept otherwise
+
 
 @pytest.fixture(scope="session")
 def model_pairs(tmp_path_factory: pytest.TempPathFactory):
