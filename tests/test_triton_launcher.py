@@ -91,6 +91,24 @@ def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path)
 _READY = r"Triton ready: gRPC 127\.0\.0\.1:(\d+)"
 
 
+@pytest.mark.timeout(300)
+def test_cli_sigterm_while_triton_starts_is_a_clean_stop(converted_repository: Path, wait_until) -> None:
+    """A signal before the ready line (or between it and the wait) stops Triton, not the CLI alone."""
+    process, stdout, stderr = _start_triton_cli(converted_repository, "--exit-timeout", "5")
+    try:
+        stderr.wait_for(r"starting tritonserver", timeout=120)
+        server_pid = wait_until(lambda: _triton_child(process.pid), 60, what="no tritonserver child")
+        assert not stdout.lines  # Triton launched, its models still loading: no ready line yet
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = stderr.close()
+    assert process.returncode != 130 and "Aborted" not in text, text[-2000:]  # not typer's KeyboardInterrupt exit
+    wait_until(lambda: not _group_alive(server_pid), 20, what="Triton's process group outlived the CLI")
+
+
 def _start_triton_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], OutputLines, OutputLines]:
     """``phlora-nim triton`` on ports it picks (it prints them once ready); its stdout and stderr, read."""
     exe = str(Path(sys.executable).with_name("phlora-nim"))
@@ -101,6 +119,15 @@ def _start_triton_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[s
     )
     assert process.stdout is not None and process.stderr is not None
     return process, OutputLines(process.stdout), OutputLines(process.stderr)
+
+
+def _triton_child(pid: int) -> int | None:
+    """The tritonserver process ``pid`` started, if it has started one."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if "tritonserver" in Path(f"/proc/{child}/cmdline").read_text():
+                return int(child)
+    return None
 
 
 def _group_alive(pgid: int) -> bool:

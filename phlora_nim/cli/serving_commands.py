@@ -48,12 +48,18 @@ def triton_command(
     )
 
     def _stop(signum: int, _frame: Any) -> None:
+        # Once: a second SIGTERM / Ctrl-C must not interrupt the stop that the first one began.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    server.start()
-    out_console.print(f"[bold green]Triton ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url}")
+    signal.signal(signal.SIGINT, _stop)
+    # A signal may come at any point from here on, the moment the ready line is out included: the
+    # start, the line and the wait are all inside the try, so each is a clean stop (exit 0).
     try:
+        server.start()
+        out_console.print(f"[bold green]Triton ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url}")
         code = server.wait()
         err_console.print(f"tritonserver exited with code {code}", markup=False)
     except KeyboardInterrupt:
