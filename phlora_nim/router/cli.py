@@ -36,6 +36,19 @@ async def run_router(config: RouterConfig) -> None:
         await router.stop()
 
 
+def _merged_metrics_server(config: RouterConfig, metrics_dir: str) -> Any:
+    """Prometheus on ``config.metrics_port`` serving the sum of every worker's metrics."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    server, _ = start_http_server(max(config.metrics_port, 0), addr=config.host, registry=registry)
+    bound = int(server.server_address[1])  # the port the OS chose for ANY_FREE_PORT (-1)
+    log.info("merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, bound)
+    return server
+
+
 def _worker_main(config: RouterConfig, index: int) -> None:
     """One worker process of ``serve --workers N`` (started with the spawn method)."""
     logging.basicConfig(level=logging.INFO, format=f"worker {index}: %(levelname)s %(message)s")
@@ -69,26 +82,21 @@ def run_workers(config: RouterConfig) -> int:
         context.Process(target=_worker_main, args=(worker_config, i), name=f"phlora-router-{i}", daemon=False)
         for i in range(config.workers)
     ]
-    for worker in workers:
-        worker.start()
-    server = None
-    if config.metrics_port:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)
-        server, _ = start_http_server(max(config.metrics_port, 0), addr=config.host, registry=registry)
-        bound = int(server.server_address[1])  # the port the OS chose for ANY_FREE_PORT (-1)
-        log.info("merged metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, bound)
     stopping = {"signal": False}
 
     def _stop(signum: int, _frame: object) -> None:
         stopping["signal"] = True
 
+    # Handlers first and everything after them inside the try: a signal while the workers start, or a
+    # metrics port that cannot be bound, still stops the workers already started.
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = None
     code = 0
     try:
+        for worker in workers:
+            worker.start()
+        if config.metrics_port:
+            server = _merged_metrics_server(config, metrics_dir)
         while not stopping["signal"]:
             if any(not w.is_alive() for w in workers):
                 log.error("a router worker exited: stopping the others")
@@ -100,7 +108,7 @@ def run_workers(config: RouterConfig) -> int:
             if worker.is_alive() and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
         deadline = time.monotonic() + config.grace + 10
-        for worker in workers:
+        for worker in (w for w in workers if w.pid is not None):  # a signal may come before all started
             worker.join(timeout=max(0.1, deadline - time.monotonic()))
             if worker.is_alive():
                 worker.kill()
