@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,17 +71,13 @@ def test_a_model_that_fails_to_load_is_reported_with_its_error(tmp_path: Path) -
 
 @pytest.mark.timeout(300)
 def test_cli_serves_until_sigterm_then_stops_cleanly(converted_repository: Path) -> None:
-    process, stdout, stderr = _start_triton_cli(converted_repository, "--exit-timeout", "20")
-    try:
+    with _triton_cli(converted_repository, "--exit-timeout", "20") as (process, stdout, stderr):
         port = int(stdout.wait_for(_READY, timeout=180).group(1))
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_ready() and client.is_model_ready("tensorrt_llm")
         client.close()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
     stderr_text = stderr.close()
     assert process.returncode == 0, stderr_text[-2000:]
     assert "successfully loaded 'tensorrt_llm'" in stderr_text  # the log is streamed
@@ -94,23 +91,23 @@ _READY = r"Triton ready: gRPC 127\.0\.0\.1:(\d+)"
 @pytest.mark.timeout(300)
 def test_cli_sigterm_while_triton_starts_is_a_clean_stop(converted_repository: Path, wait_until) -> None:
     """A signal before the ready line (or between it and the wait) stops Triton, not the CLI alone."""
-    process, stdout, stderr = _start_triton_cli(converted_repository, "--exit-timeout", "5")
-    try:
+    with _triton_cli(converted_repository, "--exit-timeout", "5") as (process, stdout, stderr):
         stderr.wait_for(r"starting tritonserver", timeout=120)
         server_pid = wait_until(lambda: _triton_child(process.pid), 60, what="no tritonserver child")
         assert not stdout.lines  # Triton launched, its models still loading: no ready line yet
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
     text = stderr.close()
     assert process.returncode != 130 and "Aborted" not in text, text[-2000:]  # not typer's KeyboardInterrupt exit
     wait_until(lambda: not _group_alive(server_pid), 20, what="Triton's process group outlived the CLI")
 
 
-def _start_triton_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], OutputLines, OutputLines]:
-    """``phlora-nim triton`` on ports it picks (it prints them once ready); its stdout and stderr, read."""
+@contextlib.contextmanager
+def _triton_cli(repository: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], OutputLines, OutputLines]]:
+    """``phlora-nim triton`` on ports it picks (it prints them once ready); its stdout and stderr, read.
+
+    Whatever the test does, the process is killed on the way out if it is still running.
+    """
     exe = str(Path(sys.executable).with_name("phlora-nim"))
     ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
     command = [exe, "triton", "-m", str(repository), *ports, *extra]
@@ -118,7 +115,11 @@ def _start_triton_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[s
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"}
     )
     assert process.stdout is not None and process.stderr is not None
-    return process, OutputLines(process.stdout), OutputLines(process.stderr)
+    try:
+        yield process, OutputLines(process.stdout), OutputLines(process.stderr)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def _triton_child(pid: int) -> int | None:
@@ -154,16 +155,12 @@ def test_a_killed_server_leaves_no_stub_processes_or_shared_memory(converted_rep
 
 @pytest.mark.timeout(300)
 def test_cli_exits_when_the_server_dies_and_cleans_up(converted_repository: Path, wait_until) -> None:
-    process, stdout, stderr = _start_triton_cli(converted_repository)
-    try:
+    with _triton_cli(converted_repository) as (process, stdout, stderr):
         stdout.wait_for(_READY, timeout=180)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        server_pid = next(int(c) for c in children if "tritonserver" in Path(f"/proc/{c}/cmdline").read_text())
+        server_pid = _triton_child(process.pid)
+        assert server_pid is not None
         os.kill(server_pid, signal.SIGKILL)
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode != 0
     assert "tritonserver exited" in stderr.close()
     wait_until(lambda: not _group_alive(server_pid), 20, what="Triton's Python-backend stubs outlived it")
