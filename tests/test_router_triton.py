@@ -679,7 +679,10 @@ def test_hung_replica_requests_move_to_another(repo_root: Path, pair: list[Local
         pool = running.router.pool
         assert infer(c, name) == shifted(300)  # weights now on the victim
         wait_until(lambda: pool.replicas[victim.grpc_url].healthy, timeout=10)
-        hung = lambda: sample(running, "phlora_router_upstream_failures_total", replica=victim.grpc_url, reason="hung")  # noqa: E731
+
+        def hung() -> float:
+            return sample(running, "phlora_router_upstream_failures_total", replica=victim.grpc_url, reason="hung")
+
         for _attempt in range(3):
             # On 2 loaded cores a health check of the running victim can time out just before it is
             # stopped, so the request goes elsewhere without meeting the hang: then try again.

@@ -77,9 +77,9 @@ def _bias_energies(
     bias = f"{name}.bias"
     if bias not in tensors:
         return 0.0, 0.0
-    delta = reader.delta(bias).float()
+    delta = reader.delta(bias)
     change = delta if carried is None else delta - carried.float()
-    return float(delta.pow(2).sum()), float(change.pow(2).sum())
+    return frobenius_energy(delta), frobenius_energy(change)
 
 
 def _token_batches(finetuned: Path, base: Path, vocab: int, prompts: Path | None, *, seed: int) -> list[list[int]]:
