@@ -95,7 +95,7 @@ def tiny_setup() -> Setup:
 
 def base_from_gguf(out: Path) -> None:
     """Dequantize the GGUF to a float32 transformers folder (model, tokenizer, chat template)."""
-    from phlora_nim.converters.errors import PhloraError
+    from phlora_nim.core.errors import PhloraError
     from phlora_nim.testing.smollm2 import hf_folder_from_gguf
 
     try:
@@ -367,7 +367,7 @@ def chosen_by(
     """What ``--target-*`` chooses on one probe set, exactly as ``extract`` does: refused (exit 2, with
     why), or the adapter it picks and that adapter's accuracy on the held-out task prompts. ``floor``:
     base + every linear delta at full rank on ``probe``, which recovery is relative to."""
-    from phlora_nim.converters.errors import PhloraError
+    from phlora_nim.core.errors import PhloraError
     from phlora_nim.jobs.target_kl import check_informative, check_reachable, floor_report, search_budget
 
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phlora_nim.converters.dtypes import DTYPES, as_engine_array, dtype_for_wire, dtype_name_of, parse_dtype
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.dtypes import DTYPES, as_engine_array, dtype_for_wire, dtype_name_of, parse_dtype
+from phlora_nim.core.errors import OptionError
 
 
 def test_each_row_names_one_dtype_in_every_vocabulary() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.lora_cache_pages import CacheShape, adapter_pages, page_config
 from phlora_nim.converters.trtllm_contract import engine_spec
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, adapter_digest
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
 from phlora_nim.repository.maintenance import remove_adapter
 from phlora_nim.repository.registry import (

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import typer
 from typer.testing import CliRunner
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.router.cli import serve
 from phlora_nim.testing.processes import OutputLines
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 from phlora_nim.router.config import RouterConfig, load_router_file
 
 
@@ -77,7 +77,7 @@ def test_flags_win_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_taken_port_is_an_error_not_a_shared_port(tmp_path: Path) -> None:
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
     from phlora_nim.router.server import RouterThread
 
     config = RouterConfig(model_repository=tmp_path, upstreams=("127.0.0.1:9",), port=0, metrics_port=0)
@@ -90,7 +90,7 @@ def test_a_taken_port_is_an_error_not_a_shared_port(tmp_path: Path) -> None:
 
 
 def test_any_free_port_is_for_the_http_and_metrics_fronts_only(tmp_path: Path) -> None:
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
     from phlora_nim.router.config import ANY_FREE_PORT
 
     config = RouterConfig(tmp_path, upstreams=("a:1",), http_port=ANY_FREE_PORT, metrics_port=ANY_FREE_PORT)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.lru import LruBytes, LruSet

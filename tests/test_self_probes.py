@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -339,7 +339,7 @@ def test_ensemble_feeds_tensorrt_llm_only_inputs_it_declares(release: str, tmp_p
 
 
 def test_unknown_release_is_refused(tmp_path: Path) -> None:
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
 
     with pytest.raises(OptionError, match="--trtllm-version"):
         RepositorySettings(base=str(tmp_path), trtllm_version="0.18")
@@ -426,7 +426,7 @@ def test_chunked_context_only_for_a_paged_context_fmha_engine(engine, chunked: s
 def test_chunked_context_asked_of_an_engine_without_paged_context_fmha_is_refused(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
     from phlora_nim.repository.configs import with_engine
 
     engine = _engine({"lora_plugin": "float16", "use_paged_context_fmha": False})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.testing.processes import OutputLines
 from phlora_nim.triton.launcher import LocalTriton, TritonStartError, find_triton
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.formats.trtllm import (

@@ -63,7 +63,7 @@ def toy_llama(root: Path) -> tuple[Path, Path, list[list[int]], int, int]:
 def smollm2(root: Path) -> tuple[Path, Path, list[list[int]], int, int]:
     from transformers import AutoTokenizer
 
-    from phlora_nim.converters.errors import InputError
+    from phlora_nim.core.errors import InputError
     from phlora_nim.testing.smollm2 import hf_folder_from_gguf
 
     try:

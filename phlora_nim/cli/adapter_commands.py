@@ -371,7 +371,7 @@ def verify_command(
 ) -> None:
     """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
     base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
     from phlora_nim.jobs.verify import gate_failures, verify_adapter
 
     if min_recovery is not None and not 0.0 < min_recovery <= 1.0:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from phlora_nim.converters.errors import PhloraError
+from phlora_nim.core.errors import PhloraError
 
 if TYPE_CHECKING:
     from rich.progress import Progress

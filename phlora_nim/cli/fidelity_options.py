@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.errors import OptionError
 
 if TYPE_CHECKING:
     from phlora_nim.converters.extract import ExtractOptions

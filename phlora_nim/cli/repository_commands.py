@@ -73,7 +73,7 @@ def engine_dtype_of(engine_dtype: str | None, old_spelling: str | None) -> str |
     if old_spelling is None:
         return engine_dtype
     if engine_dtype is not None and engine_dtype != old_spelling:
-        from phlora_nim.converters.errors import OptionError
+        from phlora_nim.core.errors import OptionError
 
         raise OptionError(
             "two engine dtypes",
@@ -240,7 +240,7 @@ def _usage(path: Path | None) -> dict[str, float] | None:
 
 def _key_values(items: list[str] | None, *, flag: str) -> dict[str, str] | None:
     """``KEY=VALUE`` options as a dict (None when none was given: the repository keeps its own)."""
-    from phlora_nim.converters.errors import OptionError
+    from phlora_nim.core.errors import OptionError
 
     if not items:
         return None

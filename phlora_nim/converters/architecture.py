@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 
 _MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_layers", "defaults", "modules"}

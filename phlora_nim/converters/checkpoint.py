@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from phlora_nim.converters.dtypes import DTYPES
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.dtypes import DTYPES
+from phlora_nim.core.errors import InputError
 
 _FIX_REEXPORT = "re-download or re-save the checkpoint (save_pretrained writes a valid one)"
 

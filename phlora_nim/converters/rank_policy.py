@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from phlora_nim.converters.decompose import Factors
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.errors import OptionError
 
 # vLLM's --max-lora-rank accepts only these; adapters with other ranks must be padded up.
 VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)

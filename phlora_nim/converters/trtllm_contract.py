@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.converters.dtypes import DTYPES, dtype_name_of
+from phlora_nim.core.dtypes import DTYPES, dtype_name_of
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
 
 WEIGHTS_FILE = "model.lora_weights.npy"

@@ -21,7 +21,7 @@ import torch
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import InputStatistics, base_input_statistics
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
-from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.extract import (
     ExtractionPlan,
     ExtractionResult,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 from phlora_nim.jobs.fidelity import FidelityProbe, token_ids
 from phlora_nim.jobs.verify import compare_log_probs, log_probs
 

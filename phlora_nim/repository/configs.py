@@ -25,9 +25,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from phlora_nim.converters.atomic import atomic_write_text
-from phlora_nim.converters.dtypes import DTYPES, parse_dtype
-from phlora_nim.converters.errors import InputError, OptionError, OutputError
+from phlora_nim.core.atomic import atomic_write_text
+from phlora_nim.core.dtypes import DTYPES, parse_dtype
+from phlora_nim.core.errors import InputError, OptionError, OutputError
 from phlora_nim.converters.trtllm_contract import EngineSpec, engine_spec
 from phlora_nim.repository.layout import (
     ENSEMBLE_MODEL,

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
-from phlora_nim.converters.errors import InputError, OptionError, OutputError, PhloraError, raise_all
+from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
-from phlora_nim.converters.json_files import read_json
-from phlora_nim.converters.names import validate_adapter_name
+from phlora_nim.core.json_files import read_json
+from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.jobs.pipeline import (
     Extracted,
     Planned,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.lora_cache_pages import CacheShape, PageConfig, adapter_pages, page_config
 from phlora_nim.converters.trtllm_contract import CONFIG_FILE, engine_spec, module_name
 

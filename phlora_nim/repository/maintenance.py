@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.converters.dtypes import parse_dtype
-from phlora_nim.converters.errors import InputError, OptionError
+from phlora_nim.core.dtypes import parse_dtype
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES
-from phlora_nim.converters.json_files import read_json
+from phlora_nim.core.json_files import read_json
 from phlora_nim.repository.configs import RepositorySettings, cache_request, planned_adapters, write_repository
 from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir, prefetch_dir
 from phlora_nim.repository.lora_cache_plan import engine_shape, plan_cache

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.converters.atomic import atomic_write_text
-from phlora_nim.converters.errors import InputError
-from phlora_nim.converters.names import validate_adapter_name
+from phlora_nim.core.atomic import atomic_write_text
+from phlora_nim.core.errors import InputError
+from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.repository.layout import REGISTRY_FILE, adapter_store_dir, prefetch_dir
 
 log = logging.getLogger("phlora_nim")

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from phlora_nim.converters.errors import PhloraError
+from phlora_nim.core.errors import PhloraError
 from phlora_nim.repository.layout import REGISTRY_FILE
 from phlora_nim.repository.registry import AdapterEntry, Registry
 

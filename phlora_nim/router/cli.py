@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 from phlora_nim.router.config import RouterConfig, load_router_file
 from phlora_nim.router.server import Router
 

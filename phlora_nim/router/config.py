@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 
 
 def split_host_port(text: str, *, flag: str) -> tuple[str, int]:

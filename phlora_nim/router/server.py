@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.errors import OptionError
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.metrics import RouterMetrics

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from phlora_nim.converters.errors import InputError, PhloraError, raise_all
+from phlora_nim.core.errors import InputError, PhloraError, raise_all
 
 log = logging.getLogger("phlora_nim.router")
 

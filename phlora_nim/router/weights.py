@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from phlora_nim.converters.dtypes import DTYPES, dtype_for_wire
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.dtypes import DTYPES, dtype_for_wire
+from phlora_nim.core.errors import InputError
 from phlora_nim.converters.formats.trtllm_files import load_trtllm
 from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

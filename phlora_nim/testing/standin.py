@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phlora_nim.converters.dtypes import DTYPES
+from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for

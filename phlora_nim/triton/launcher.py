@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from phlora_nim.converters.errors import InputError, OptionError, PhloraError
+from phlora_nim.core.errors import InputError, OptionError, PhloraError
 
 log = logging.getLogger("phlora_nim.triton")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phlora_nim.converters.dtypes import DTYPES, dtype_name_of
+from phlora_nim.core.dtypes import DTYPES, dtype_name_of
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
     MAP_AT,

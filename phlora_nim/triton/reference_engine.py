@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from phlora_nim.converters.architecture import find_map
-from phlora_nim.converters.dtypes import DTYPES
+from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.converters.trtllm_contract import LoraRequestError, hf_runtime_dims, module_name
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 from phlora_nim.triton.limits import EngineLimits

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
-from phlora_nim.converters.errors import InputError, PhloraError, raise_all
-from phlora_nim.converters.json_files import read_json
+from phlora_nim.core.errors import InputError, PhloraError, raise_all
+from phlora_nim.core.json_files import read_json
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -29,8 +29,8 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, builtin_maps, find_map
-from phlora_nim.converters.dtypes import parse_dtype
-from phlora_nim.converters.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.core.dtypes import parse_dtype
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.formats.trtllm_files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,

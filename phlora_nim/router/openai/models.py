@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from phlora_nim.converters.errors import PhloraError
+from phlora_nim.core.errors import PhloraError
 from phlora_nim.repository.layout import SETTINGS_FILE, adapter_store_dir, base_tokenizer_dir
 from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.catalog import AdapterCatalog

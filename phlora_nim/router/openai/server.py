@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.errors import OptionError
 from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
 from phlora_nim.router.openai.app import HttpFront, create_app
 from phlora_nim.router.openai.completions import Completions

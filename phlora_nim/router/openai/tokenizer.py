@@ -27,7 +27,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 

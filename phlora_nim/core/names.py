@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 
 MAX_NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

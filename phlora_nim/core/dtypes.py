@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, overload
 import ml_dtypes
 import numpy as np
 
-from phlora_nim.converters.errors import OptionError
+from phlora_nim.core.errors import OptionError
 
 if TYPE_CHECKING:
     import torch

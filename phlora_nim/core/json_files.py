@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.converters.errors import InputError
+from phlora_nim.core.errors import InputError
 
 
 def read_json(path: Path, *, what: str, fix: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from phlora_nim.converters.errors import OutputError
+from phlora_nim.core.errors import OutputError
 
 
 def _umask() -> int:

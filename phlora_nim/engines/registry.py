@@ -1,0 +1,96 @@
+"""The engines phlora-nim writes adapters for and routes requests to: one row each, one table.
+
+Everything else asks this table (``engine("trtllm")``) instead of comparing engine names as
+strings; what an engine needs besides its row (writers, deploy files, router transport, CPU
+reference) lives in its own package beside this module, ``phlora_nim.engines.<package>``.
+Facts here come from the upstream sources named in each package's docstring (and in
+``tests/test_engine_registry.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Literal
+
+from phlora_nim.core.errors import OptionError
+
+# How a replica of the engine is reached: Triton's KServe v2 API (a model repository) or the OpenAI API.
+Protocol = Literal["triton", "openai"]
+# What a request names an adapter by / what the engine reads from disk.
+AdapterForm = Literal["peft-folder", "trtllm-npy"]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine target.
+
+    Attributes:
+        name: the ``--backend`` value.
+        package: the package under ``phlora_nim.engines`` holding the engine's code.
+        protocol: how the router talks to a replica.
+        adapter_form: what the engine reads for an adapter.
+        versions: which releases serve it (for ``--help`` and the README's engine table).
+        summary: one line for ``--help``.
+        cpu_reference: the engine is phlora-nim's own CPU reference of another (runs here, no GPU).
+        aliases: earlier names still accepted (repositories written before keep them in their settings).
+    """
+
+    name: str
+    package: str
+    protocol: Protocol
+    adapter_form: AdapterForm
+    versions: str
+    summary: str
+    cpu_reference: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+    def module(self, name: str) -> ModuleType:
+        """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
+        return importlib.import_module(f"phlora_nim.engines.{self.package}.{name}")
+
+
+ENGINES: tuple[Engine, ...] = (
+    Engine(
+        name="trtllm-legacy",
+        package="trtllm_legacy",
+        protocol="triton",
+        adapter_form="trtllm-npy",
+        versions="TensorRT-LLM ≤ 1.3.0rc20 (C++ inflight_batcher_llm backend), NIM 1.x",
+        summary="compiled TensorRT engines on Triton's tensorrtllm backend: npy LoRA tensors, lora_task_id",
+        aliases=("tensorrtllm",),
+    ),
+    Engine(
+        name="trtllm-legacy-cpu",
+        package="trtllm_legacy",
+        protocol="triton",
+        adapter_form="trtllm-npy",
+        versions="any CPU machine: phlora-nim's reference of the legacy tensorrt_llm model",
+        summary="CPU reference of the legacy tensorrt_llm model on the real tritonserver (tests, demo)",
+        cpu_reference=True,
+        aliases=("reference",),
+    ),
+)
+
+
+def engine(name: str) -> Engine:
+    """The engine called ``name`` (or by an earlier alias).
+
+    Raises:
+        OptionError: no engine has that name; the message lists the names there are.
+    """
+    for row in ENGINES:
+        if name == row.name or name in row.aliases:
+            return row
+    raise OptionError(
+        "unknown engine",
+        where="--backend",
+        expected=" or ".join(row.name for row in ENGINES),
+        found=repr(name),
+        fix="pick one of the engines listed (`phlora-nim convert --help` says what each serves)",
+    )
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(row.name for row in ENGINES)
