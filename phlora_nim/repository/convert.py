@@ -15,18 +15,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
-from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
+from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.core.outputs import overlapping_input
 from phlora_nim.jobs.pipeline import (
     Extracted,
     Planned,
@@ -201,6 +202,20 @@ def _is_ours(root: Path) -> bool:
     )
 
 
+def _check_apart_from_inputs(root: Path, inputs: Sequence[Path | str | None]) -> None:
+    """A model repository that is, holds or lies inside a checkpoint could overwrite it: refused."""
+    overlap = overlapping_input(root, inputs)
+    if overlap is not None:
+        source, how = overlap
+        raise OutputError(
+            f"the model repository {how} an input",
+            where=f"--model-repository {root}",
+            expected="a folder apart from the base and fine-tuned checkpoints",
+            found=f"input {source}",
+            fix="choose a --model-repository outside the checkpoints",
+        )
+
+
 def _check_repository(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise OutputError("model repository is not a folder", where=str(root), fix="choose another --model-repository")
@@ -298,6 +313,7 @@ def convert(
     """
     names = _check_names(job)
     root = Path(job.repository)
+    _check_apart_from_inputs(root, (job.base, *job.finetuned, job.options.calibration))
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     job, engine = _with_engine(job)
