@@ -27,12 +27,14 @@ from phlora_nim.cli.app import (
     tensor_progress,
 )
 from phlora_nim.cli.fidelity_options import (
+    AllowMismatchOpt,
     CalibrationOpt,
     PromptsOpt,
     SelfProbesOpt,
     TargetKlOpt,
     TargetRecoveryOpt,
     TargetTop1Opt,
+    ThreadsOpt,
     extraction_options,
 )
 
@@ -83,6 +85,8 @@ def extract_command(
     prompts: PromptsOpt = None,
     self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
 
@@ -110,6 +114,8 @@ def extract_command(
         dtype=dtype,
         target_modules=target_modules,
         seed=seed,
+        allow_mismatch=allow_mismatch,
+        threads=threads,
     )
     with tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
@@ -140,6 +146,9 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
     search = report.get("fidelity_target")
     if search:
         _print_search(search)
+    if report.get("loading"):
+        out_console.print("load it under PEFT (embeddings saved whole):", markup=False)
+        out_console.print(report["loading"], markup=False, highlight=False)
     if "output_energy_kept_linear" in t:
         out_console.print(
             f"activation-aware: {t['output_energy_kept_linear']:.2%} of the output change on the calibration "
@@ -396,6 +405,10 @@ def verify_command(
         raise typer.Exit(1)
 
 
+def _share(value: float | None) -> str:
+    return "undefined (no reachable gap)" if value is None else f"{value:.1%}"
+
+
 def _print_verify(result: dict[str, Any]) -> None:
     rec = result["reconstruction"]
     out_console.print(
@@ -409,9 +422,12 @@ def _print_verify(result: dict[str, Any]) -> None:
             f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
             f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
             f"(base alone: {logits['base_top1_agreement']:.2%}); recovery of the reachable base→fine-tune gap "
-            f"{logits['recovery_kl']:.1%} (KL) / {logits['recovery_top1']:.1%} (top-1) (floor, every carried module "
-            f"at full rank: KL {logits['floor_mean_kl']:.4g}, top-1 {logits['floor_top1_agreement']:.2%}; raw "
-            f"recovery of the whole gap {logits['raw_recovery_kl']:.1%} / {logits['raw_recovery_top1']:.1%})"
+            f"{_share(logits['recovery_kl'])} (KL) / {_share(logits['recovery_top1'])} (top-1) (floor, every carried "
+            f"module at full rank and saved tensors: KL {logits['floor_mean_kl']:.4g}, top-1 "
+            f"{logits['floor_top1_agreement']:.2%}; raw recovery of the whole gap {logits['raw_recovery_kl']:.1%} / "
+            f"{logits['raw_recovery_top1']:.1%})"
         )
+        if logits.get("base_resized_to"):
+            out_console.print(f"the base was resized to the fine-tune's vocabulary ({logits['base_resized_to']})")
     elif result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")

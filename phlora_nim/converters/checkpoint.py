@@ -8,6 +8,7 @@ memory of its largest tensor, not of the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Checkpoint:
     path: Path
     config: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
+    aliases: dict[str, str] = field(default_factory=dict)  # name → stored tensor it reads (a tied head)
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -63,9 +65,15 @@ class Checkpoint:
                 fix="pass checkpoints of the same architecture, saved the same way",
             ) from None
 
+    def alias(self, name: str, stored: str) -> None:
+        """Make ``name`` read the stored tensor ``stored`` (a tied output head reads the embedding)."""
+        self.tensors[name] = dataclasses.replace(self.info(stored), name=name)
+        self.aliases[name] = stored
+
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (memory-mapped where the format allows)."""
         info = self.info(name)
+        name = self.aliases.get(name, name)
         try:
             if info.file.suffix == ".safetensors":
                 # A fresh handle per tensor: the file map lives only as long as the returned tensor,

@@ -21,7 +21,7 @@ import torch
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import InputStatistics, base_input_statistics
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
-from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.converters.embeddings import load_instructions
 from phlora_nim.converters.extract import (
     ExtractionPlan,
     ExtractionResult,
@@ -30,6 +30,8 @@ from phlora_nim.converters.extract import (
     run_extraction,
 )
 from phlora_nim.converters.report import build_report, write_report
+from phlora_nim.core.cpus import set_torch_threads
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
 
 log = logging.getLogger("phlora_nim")
@@ -91,6 +93,7 @@ def planned(
         PhloraError: unreadable or mismatched checkpoints, bad options (every pair's problems in
             one error).
     """
+    set_torch_threads(options.threads)
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(open_checkpoint(base))
         opened = [(Path(p), stack.enter_context(open_checkpoint(p))) for p in finetuned]
@@ -189,6 +192,7 @@ def extract_adapter(
         if pair.path in job.calibration_gaps:
             report["calibration"]["finetune_gap_kl"] = job.calibration_gaps[pair.path]
     _warn_dropped(result, report, hint=dropped_hint)
+    _loading_note(result, report, pair.checkpoint)
     return Extracted(
         finetuned=pair.path,
         adapter=result.adapter,
@@ -196,6 +200,25 @@ def extract_adapter(
         out_dtype=pair.plan.out_dtype,
         seconds=time.perf_counter() - start,
     )
+
+
+def _loading_note(result: ExtractionResult, report: dict[str, Any], ft: Checkpoint) -> None:
+    """With saved embeddings or head, how to load the adapter under PEFT (resize the base first)."""
+    saved = [x for x in result.extras if x.action == "saved" and x.plan.kind in ("embedding", "lm_head")]
+    if not saved:
+        return
+    resized = any(x.plan.resized for x in saved)
+    vocab = max((x.plan.ft_shape[0] for x in saved if x.plan.resized), default=None)
+    note = load_instructions(
+        result.adapter.base_model_name_or_path or "BASE",
+        vocab,
+        resized=resized,
+        tied=result.adapter.ensure_weight_tying,
+    )
+    report["loading"] = note
+    if resized:
+        log.warning("the fine-tune resized the vocabulary to %s: resize the base before loading the adapter:\n%s",
+                    vocab, note)  # fmt: skip
 
 
 def _check_not_empty(result: ExtractionResult, finetuned: Path) -> None:
