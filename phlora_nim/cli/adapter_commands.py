@@ -38,6 +38,23 @@ from phlora_nim.cli.fidelity_options import (
     extraction_options,
 )
 
+ExtraOpt = Annotated[
+    str,
+    typer.Option(
+        "--extra",
+        help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
+        "warn), save (as modules_to_save, tied heads and resized vocabularies included; not servable by "
+        "vLLM/NIM/TensorRT-LLM) or error.",
+    ),
+]
+TargetModulesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target-modules",
+        help=r"Regex over module paths to decompose instead of the architecture map, e.g. '.*\.(q_proj|v_proj)'.",
+    ),
+]
+
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
@@ -49,7 +66,9 @@ def register(app: typer.Typer) -> None:
 
 
 def extract_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint: HF model folder or .safetensors file.")],
+    base: Annotated[
+        Path, typer.Option("--base", help="Base checkpoint: HF model folder, .safetensors file or hub id (owner/name).")
+    ],
     finetuned: Annotated[Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
     rank: RankOpt = None,
@@ -59,22 +78,8 @@ def extract_command(
     snap_ranks: SnapOpt = None,
     exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
     device: DeviceOpt = "cpu",
-    extra: Annotated[
-        str,
-        typer.Option(
-            "--extra",
-            help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
-            "warn), save (as modules_to_save; not servable by vLLM/NIM/TensorRT-LLM) or error.",
-        ),
-    ] = "drop",
-    target_modules: Annotated[
-        str | None,
-        typer.Option(
-            "--target-modules",
-            help="Regex over module paths to decompose instead of the architecture map, "
-            r"e.g. '.*\.(q_proj|v_proj)'.",
-        ),
-    ] = None,
+    extra: ExtraOpt = "drop",
+    target_modules: TargetModulesOpt = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,

@@ -46,6 +46,7 @@ class Checkpoint:
     config: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
     aliases: dict[str, str] = field(default_factory=dict)  # name → stored tensor it reads (a tied head)
+    name: str | None = None  # how adapters name it (a hub id or an absolute path); None: the path
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -147,6 +148,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path=root, config=None, tensors=_safetensors_infos([root]))
     if not root.is_dir():
         raise InputError("not a file or folder", where=str(root), fix="check the path")
+    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():
+        raise InputError(
+            "this folder is a LoRA adapter, not a model checkpoint",
+            where=str(root),
+            expected="a full model folder (config.json and the weights of every layer)",
+            found="adapter_config.json without config.json",
+            fix="pass the full fine-tune (an adapter is what `extract` writes); to shrink an adapter use `prune`",
+        )
     config = _read_config(root)
     files = _weight_files(root)
     tensors = _safetensors_infos(files) if files[0].suffix == ".safetensors" else _bin_infos(files)

@@ -285,6 +285,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             targets.append(item)
         elif isinstance(item, ExtraPlan):
             extras.append(item)
+    problems.extend(_resize_problem(extras, ft, options))
     problems.extend(_rank_problems(targets, options))
     if not targets and not problems:
         problems.append(
@@ -397,17 +398,8 @@ def _plan_tensor(
     module = name.removesuffix(".weight") if name.endswith(".weight") else None
     matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
     if module is None or not (matched is not None or (amap is None and _fallback_linear(name, fi.shape))):
-        extra = ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape)
-        if not extra.resized or options.non_linear_deltas == "save":
-            return extra, None
-        return extra, InputError(
-            "tensor shape differs (vocabulary or size change)",
-            where=f"{ft.path} {name}",
-            expected=f"{bi.shape} as in the base",
-            found=str(fi.shape),
-            fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
-            "modules_to_save (the base must be resized the same way when loading)",
-        )
+        # A resize is refused once for all resized tensors (_resize_problem) unless they are saved.
+        return ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape), None
     if bi.shape != fi.shape:
         return None, InputError(
             "weight shapes differ",
@@ -455,6 +447,23 @@ def _plan_target(
     return target, None
 
 
+def _resize_problem(extras: list[ExtraPlan], ft: Checkpoint, options: ExtractOptions) -> list[PhloraError]:
+    """One error for every tensor the fine-tune resized (added tokens), unless ``--extra save`` keeps them."""
+    resized = [e for e in extras if e.resized]
+    if not resized or options.non_linear_deltas == "save":
+        return []
+    return [
+        InputError(
+            "the fine-tune resized tensors (vocabulary or size change)",
+            where=str(ft.path),
+            expected="the base's shapes",
+            found=", ".join(f"{e.name} {tuple(e.ft_shape)} (base {tuple(e.base_shape)})" for e in resized),
+            fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as modules_to_save "
+            "(the base must then be resized to the fine-tune's vocabulary before loading the adapter)",
+        )
+    ]
+
+
 def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[PhloraError]:
     """A fixed ``--rank`` above some modules' smaller side."""
     rank = options.policy.rank
@@ -472,15 +481,22 @@ def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[P
     ]
 
 
-def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint) -> None:
+def _check_finite(delta: torch.Tensor, energy: float, name: str, reader: DeltaReader) -> None:
+    """Refuse a non-finite delta, naming the checkpoint file that holds the non-finite values."""
     if math.isfinite(energy):
         return
-    bad = int((~torch.isfinite(delta)).sum())
+    culprit = reader.finetuned
+    for side in (reader.base, reader.finetuned):
+        if not bool(torch.isfinite(side.load(name)).all()):
+            culprit = side
+            break
+    bad = int((~torch.isfinite(culprit.load(name))).sum())
     # bad == 0: finite values whose squares overflowed, still a broken checkpoint for LoRA
     bad_desc = f"{bad} NaN/Inf values" if bad else "values too large to square in float32"
+    which = "base" if culprit is reader.base else "fine-tuned"
     raise InputError(
-        "the weight delta is not finite",
-        where=f"{ft.path} {name}",
+        f"the weight delta is not finite, from the {which} checkpoint",
+        where=f"{culprit.info(name).file} {name}",
         expected="finite weights",
         found=bad_desc,
         fix="the checkpoint is damaged (diverged training?): re-export it",
@@ -527,7 +543,7 @@ def run_extraction(
             progress(t.weight)
     adapter = LoraAdapter(
         modules=_assign_ranks(results, options.policy),
-        base_model_name_or_path=str(base.path),
+        base_model_name_or_path=base.name or str(base.path.resolve()),
         modules_to_save=saved,
         lora_biases=biases,
         ensure_weight_tying=HEAD in saved and both_tied(base, ft),
@@ -567,7 +583,7 @@ def _measure_extras(
         else:
             energy = reader.energy(e.name)
             if not math.isfinite(energy):
-                _check_finite(reader.delta(e.name), energy, e.name, ft)
+                _check_finite(reader.delta(e.name), energy, e.name, reader)
         if energy == 0.0:
             action = "unchanged"
         elif options.non_linear_deltas == "save":
@@ -630,7 +646,7 @@ def _decompose_target(
     t0 = time.perf_counter()
     delta = reader.delta(t.weight)
     energy = frobenius_energy(delta)
-    _check_finite(delta, energy, t.weight, ft)
+    _check_finite(delta, energy, t.weight, reader)
     t1 = time.perf_counter()
     if energy == 0.0:
         return ModuleResult(plan=t, factors=None, load_s=t1 - t0)

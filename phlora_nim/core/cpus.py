@@ -31,19 +31,39 @@ def _quota_v2(root: Path) -> float | None:
     return None if quota == "max" else int(quota) / int(period)
 
 
-def _quota_v1(root: Path) -> float | None:
+def _quota_v1(folder: Path) -> float | None:
     try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text(encoding="utf-8"))
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text(encoding="utf-8"))
+        quota = int((folder / "cpu.cfs_quota_us").read_text(encoding="utf-8"))
+        period = int((folder / "cpu.cfs_period_us").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return None if quota <= 0 or period <= 0 else quota / period
 
 
+def _own_groups(proc: Path = Path("/proc/self/cgroup")) -> list[str]:
+    """This process's cgroup paths (v2 ``0::/path``, v1 ``N:cpu,cpuacct:/path``), "/" last."""
+    paths: list[str] = []
+    try:
+        for line in proc.read_text(encoding="utf-8").splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "" or "cpu" in controllers.split(","):
+                paths.append(path.lstrip("/"))
+    except (OSError, ValueError):
+        pass
+    return [p for p in paths if p] + [""]
+
+
 def cgroup_quota(root: Path = _CGROUP) -> float | None:
-    """CPUs granted by the cgroup quota (e.g. 2.5), or None when unlimited or unknown."""
-    q = _quota_v2(root)
-    return q if q is not None else _quota_v1(root)
+    """CPUs granted by the cgroup quota (e.g. 2.5), or None when unlimited or unknown.
+
+    The process's own group is read first (a container usually sees its own as the root).
+    """
+    quotas = []
+    for group in _own_groups() if root == _CGROUP else [""]:
+        for q in (_quota_v2(root / group), _quota_v1(root / "cpu" / group)):
+            if q is not None:
+                quotas.append(q)
+    return min(quotas) if quotas else None
 
 
 def usable_cpus(root: Path = _CGROUP) -> int:

@@ -29,6 +29,7 @@ from phlora_nim.converters.extract import (
     plan_extraction,
     run_extraction,
 )
+from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.report import build_report, write_report
 from phlora_nim.core.cpus import set_torch_threads
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
@@ -94,9 +95,17 @@ def planned(
             one error).
     """
     set_torch_threads(options.threads)
+    base_src = resolve(base, flag="--base")
+    ft_srcs = [resolve(p, flag="--finetuned") for p in finetuned]
+    base = base_src.path
     with contextlib.ExitStack() as stack:
-        base_ckpt = stack.enter_context(open_checkpoint(base))
-        opened = [(Path(p), stack.enter_context(open_checkpoint(p))) for p in finetuned]
+        base_ckpt = stack.enter_context(open_checkpoint(base_src.path))
+        base_ckpt.name = base_src.name
+        opened = []
+        for src in ft_srcs:
+            ckpt = stack.enter_context(open_checkpoint(src.path))
+            ckpt.name = src.name
+            opened.append((src.path, ckpt))
         pairs: list[PlannedPair] = []
         problems: list[PhloraError] = []
         for path, ckpt in opened:
@@ -184,7 +193,10 @@ def extract_adapter(
         )
         outcome, options = None, job.options
     _check_not_empty(result, pair.path)
-    report = build_report(result, options, base=str(job.base_path), finetuned=str(pair.path), command=command)
+    report = build_report(
+        result, options, base=job.base.name or str(job.base_path), finetuned=pair.checkpoint.name or str(pair.path),
+        command=command,
+    )
     if outcome is not None and job.options.target is not None:
         report["fidelity_target"] = outcome.report(job.options.target)
     if job.statistics is not None:

@@ -21,6 +21,7 @@ from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
 from phlora_nim.converters.formats.peft import load_peft
+from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.rank_policy import recovery
 from phlora_nim.core.errors import InputError
 from phlora_nim.jobs.target_kl import MIN_GAP_KL
@@ -350,6 +351,8 @@ def _share(value: float | None) -> str:
 
 def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None) -> dict[str, Any]:
     """Both checks; the logit check is skipped (with the reason) when the model cannot be loaded."""
+    base = resolve(base, flag="--base").path
+    finetuned = resolve(finetuned, flag="--finetuned").path
     result: dict[str, Any] = {"reconstruction": reconstruction_errors(base, finetuned, adapter_dir)}
     try:
         result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)

@@ -24,6 +24,7 @@ from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
+from phlora_nim.converters.hub import resolve
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
 from phlora_nim.core.names import validate_adapter_name
@@ -150,6 +151,16 @@ def _check_names(job: ConvertJob) -> list[str]:
         seen.add(name)
     raise_all(problems, summary="bad adapter names")
     return names
+
+
+def _resolved_sources(job: ConvertJob) -> ConvertJob:
+    """Hub ids among the checkpoints replaced by their snapshot folders in the hub cache."""
+    base = resolve(job.base, flag="--base")
+    if base.hub_id is None and all(Path(f).exists() for f in job.finetuned):
+        return job
+    finetuned = tuple(resolve(f, flag="--finetuned").path for f in job.finetuned)
+    settings = dataclasses.replace(job.settings, base=str(base.path)) if base.hub_id else job.settings
+    return dataclasses.replace(job, base=base.path, finetuned=finetuned, settings=settings)
 
 
 def _settings(job: ConvertJob) -> RepositorySettings:
@@ -312,6 +323,7 @@ def convert(
             (nothing is registered).
     """
     names = _check_names(job)
+    job = _resolved_sources(job)
     root = Path(job.repository)
     _check_apart_from_inputs(root, (job.base, *job.finetuned, job.options.calibration))
     _check_repository(root)

@@ -48,7 +48,7 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     scales by 1, and the factors carry the true scale.
     """
     rank = portable_rank(adapter)
-    # Written only when set: PEFT before 0.18 does not know the field.
+    # Written only when set: older PEFT releases do not know the field.
     tying = {"ensure_weight_tying": True} if adapter.ensure_weight_tying else {}
     return tying | {
         "peft_type": "LORA",
