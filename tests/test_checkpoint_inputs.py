@@ -336,6 +336,15 @@ def test_hub_ids_from_the_cache_offline(tmp_path: Path, run_cli, monkeypatch: py
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "toy-org/toy-base"
     code, _, err = run_cli("verify", "--base", "toy-org/toy-base", "--finetuned", ft, "--adapter", out)
     assert code == 0, err
+    from phlora_nim.converters.hub import config_json
+
+    found = config_json("toy-org/toy-base")  # what export reads for the adapter's recorded base
+    assert found is not None and json.loads(found.read_text()) == json.loads((base / "config.json").read_text())
+    repo = tmp_path / "repo"
+    code, _, err = run_cli(
+        "convert", "--base", "toy-org/toy-base", "--finetuned", ft, "--name", "toy", "-m", repo, "-r", "2"
+    )
+    assert code == 0, err
     code, _, err = run_cli(
         "extract", "--base", "toy-org/missing", "--finetuned", ft, "--out", tmp_path / "x", "-r", "2"
     )

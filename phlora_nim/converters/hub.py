@@ -121,3 +121,24 @@ def _snapshot(repo: str, revision: str | None, text: str, flag: str) -> Path:
         ) from None
     log.info("%s: %s", text, folder)
     return folder
+
+
+def config_json(spec: str | Path) -> Path | None:
+    """The ``config.json`` of a model folder, or of a hub id (only that file is fetched, from the cache
+    when offline); None when there is none to be had."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    match = _HUB_ID.fullmatch(str(spec))
+    if path.exists() or match is None:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        found = hf_hub_download(
+            match["repo"], "config.json", revision=match["revision"], cache_dir=cache_dir(), local_files_only=offline()
+        )
+        return Path(found)
+    except (OSError, ValueError) as exc:  # not cached offline, unknown id, no network
+        log.debug("config.json of %s not found: %s", spec, exc)
+        return None

@@ -17,6 +17,7 @@ from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine
 from phlora_nim.converters.formats.trtllm_files import CONFIG_FILE as TRTLLM_CONFIG
 from phlora_nim.converters.formats.trtllm_files import META_FILE as TRTLLM_META
 from phlora_nim.converters.formats.trtllm_files import WEIGHTS_FILE as TRTLLM_WEIGHTS
+from phlora_nim.converters.hub import config_json
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.converters.report import REPORT_NAME, write_report
@@ -152,8 +153,8 @@ def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] |
         path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
         return read_json(path, what="model config")
     if adapter.base_model_name_or_path:
-        guess = Path(adapter.base_model_name_or_path) / "config.json"
-        if guess.is_file():
+        guess = config_json(adapter.base_model_name_or_path)  # a folder, or a hub id through the cache
+        if guess is not None:
             return read_json(guess, what="model config")
     return None
 
