@@ -287,6 +287,9 @@ def test_shipped_checkpoints(case: Shipped, tmp_path: Path, run_cli) -> None:
     assert code == 0, err
     if "--allow-mismatch" not in case.args:  # an adapter run with the base's rope reproduces nothing exactly
         assert peft_max_error(base, ft, out) < 1e-4
+    else:  # verify says the floor runs with the base's config
+        code, _, err = run_cli("verify", "--base", base, "--finetuned", ft, "--adapter", out)
+        assert code == 0 and "warning" in err and "rope_scaling" in err, err
     report = json.loads((out / "phlora_report.json").read_text())
     assert report["belonging"]["median_cosine"] > 0.2
     config = json.loads((out / "adapter_config.json").read_text())

@@ -403,8 +403,8 @@ def verify_command(
     failed, warnings = gate_failures(
         result.get("logits") or {}, max_kl=max_kl, min_top1=min_top1, min_recovery=min_recovery
     )
-    for warning in warnings:
-        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    for warning in [*result.get("warnings", []), *warnings]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if failed:
         err_console.print("[bold red]verify failed:[/] " + "; ".join(failed))
         raise typer.Exit(1)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.belonging import config_mismatch
 from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
@@ -354,6 +355,9 @@ def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: P
     base = resolve(base, flag="--base").path
     finetuned = resolve(finetuned, flag="--finetuned").path
     result: dict[str, Any] = {"reconstruction": reconstruction_errors(base, finetuned, adapter_dir)}
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
+        # The floor runs with the base's config: a change no adapter carries is outside what recovery sees.
+        result["warnings"] = [str(e) for e in config_mismatch(b, f)]
     try:
         result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
     except InputError:
