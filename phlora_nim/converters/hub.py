@@ -61,12 +61,13 @@ def resolve(spec: str | Path, *, flag: str = "--base") -> Resolved:
     text = str(spec)
     match = _HUB_ID.fullmatch(text)
     if match is None or text.startswith((".", "/", "~")):
+        what = {"--base": "base ", "--finetuned": "fine-tuned "}.get(flag, "")
         raise InputError(
-            "checkpoint not found",
-            where=f"{flag} {text}",
+            f"{what}checkpoint not found",
+            where=text,
             expected="a model folder, a .safetensors file, or a Hugging Face hub id (owner/name)",
             found="no such path",
-            fix="check the path",
+            fix=f"check {flag}",
         )
     return Resolved(_snapshot(match["repo"], match["revision"], text, flag), hub_id=text)
 

@@ -24,6 +24,7 @@ from phlora_nim.converters.decompose import frobenius_energy
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.rank_policy import recovery
+from phlora_nim.core.cpus import set_torch_threads
 from phlora_nim.core.errors import InputError
 from phlora_nim.jobs.target_kl import MIN_GAP_KL
 
@@ -352,6 +353,7 @@ def _share(value: float | None) -> str:
 
 def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None) -> dict[str, Any]:
     """Both checks; the logit check is skipped (with the reason) when the model cannot be loaded."""
+    set_torch_threads()  # the CPUs this process may use, not the machine's cores
     base = resolve(base, flag="--base").path
     finetuned = resolve(finetuned, flag="--finetuned").path
     result: dict[str, Any] = {"reconstruction": reconstruction_errors(base, finetuned, adapter_dir)}
