@@ -69,7 +69,9 @@ def extract_command(
     base: Annotated[
         Path, typer.Option("--base", help="Base checkpoint: HF model folder, .safetensors file or hub id (owner/name).")
     ],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout.")],
+    finetuned: Annotated[
+        Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout (folder, file or hub id).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
     rank: RankOpt = None,
     energy: EnergyOpt = None,
@@ -357,8 +359,8 @@ def export_command(
 
 
 def verify_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder.")],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder.")],
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder or hub id (owner/name).")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder or hub id.")],
     adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
     prompts: Annotated[
         Path | None,

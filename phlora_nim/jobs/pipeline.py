@@ -86,7 +86,7 @@ def planned(
     """Open ``base`` and every fine-tune and plan each extraction; the checkpoints close on exit.
 
     Args:
-        base, finetuned: checkpoint folders or ``.safetensors`` files.
+        base, finetuned: checkpoint folders, ``.safetensors`` files or hub ids (read through the hub cache).
         options: the extraction options every pair is planned with.
         on_plan: called with the number of tensors to process once every pair is planned.
 
