@@ -335,8 +335,8 @@ def _recovery_failures(logits: dict[str, Any], min_recovery: float) -> list[str]
         return [
             f"recovery undefined: the floor (base + every carried module at full rank + saved tensors) is not "
             f"closer to the fine-tune than the base (KL {logits['floor_mean_kl']:.4g} vs {logits['base_mean_kl']:.4g}, "
-            f"reachable gap below {MIN_GAP_KL} nats/token): the adapter cannot be judged by --min-recovery; "
-            "is the fine-tune of this base?"
+            f"reachable gap below {MIN_GAP_KL} nats/token): --min-recovery cannot judge the adapter on these "
+            "tokens; give prompts of the fine-tune's task with --prompts, and check that it is a fine-tune of this base"
         ]
     shares = [v for v in (logits["recovery_kl"], logits["recovery_top1"]) if v is not None]
     if min(shares) < min_recovery:
