@@ -32,9 +32,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from phlora_nim.converters.trtllm_contract import EngineSpec
 from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.converters.trtllm_contract import EngineSpec
 
 # createLoraModules: modules whose *input* is split over TP ranks (inTpSplitDim 1); routers are
 # not split at all; every other module splits its output (outTpSplitDim 0).

@@ -29,6 +29,8 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, builtin_maps, find_map
+from phlora_nim.core.dtypes import parse_dtype
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.formats.trtllm_files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
 from phlora_nim.converters.trtllm_contract import (
     CONFIG_FILE,
@@ -48,8 +50,6 @@ from phlora_nim.converters.trtllm_contract import (
     row_problems,
 )
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
-from phlora_nim.core.dtypes import parse_dtype
-from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 
 log = logging.getLogger("phlora_nim.converters.trtllm")
 

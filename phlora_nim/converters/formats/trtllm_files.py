@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, META_FILE, WEIGHTS_FILE, tensor_problems
 from phlora_nim.core.dtypes import as_engine_array, dtype_name_of
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
+from phlora_nim.converters.trtllm_contract import CONFIG_FILE, META_FILE, WEIGHTS_FILE, tensor_problems
 
 __all__ = ["TrtllmLora", "TrtllmRow", "load_trtllm", "save_trtllm"]
 
