@@ -133,6 +133,10 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
         f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
         f"{t['adapter_parameters']:,} parameters)"
     )
+    if t.get("rank_capped_modules"):
+        out_console.print(
+            f"rank capped at the smaller side of {t['rank_capped_modules']} modules (exact: their whole delta is kept)"
+        )
     out_console.print(
         f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
         f"(min module {t['min_energy_kept']:.2%}); {t['energy_kept_total']:.2%} of the whole fine-tune delta"

@@ -20,7 +20,18 @@ import yaml
 from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 
-_MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_layers", "defaults", "modules"}
+_MAP_FIELDS = {
+    "family",
+    "description",
+    "architectures",
+    "model_types",
+    "num_layers",
+    "defaults",
+    "modules",
+    "fused",
+    "memory_renames",
+    "components",
+}
 _MODULE_FIELDS = {"name", "match", "trtllm", "rows", "in", "out"}
 
 
@@ -55,6 +66,47 @@ class ModuleSpec:
         return self.rows or ((self.trtllm,) if self.trtllm else ())
 
 
+def _template_regex(template: str) -> re.Pattern[str]:
+    """``model.layers.{layer}.mlp`` → a regex with named integer groups for the placeholders."""
+    escaped = re.escape(template)
+    for key in ("layer", "expert"):
+        escaped = escaped.replace(re.escape("{" + key + "}"), f"(?P<{key}>\\d+)")
+    return re.compile(escaped)
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """A 3-D tensor holding every expert of a layer, and the per-expert modules it stands for.
+
+    transformers ≥ 5 builds MoE models with ``[E, rows, in]`` expert tensors (and some checkpoints are
+    saved that way). Expert ``e``'s slice is split evenly along its rows into ``parts``, in order: the
+    per-expert 2-D modules of the original checkpoint layout, which is what adapters are written in.
+    """
+
+    tensor: str
+    parts: tuple[str, ...]
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _template_regex(self.tensor)
+
+    def part_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_template_regex(p) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named part of a model (a VLM's language model, vision tower, projector): a path prefix.
+
+    ``adapter: true`` components are LoRA targets by default; the others are targeted only on request
+    (``--components``) and otherwise measured and reported as the share of the delta left out.
+    """
+
+    name: str
+    prefix: str
+    adapter: bool
+
+
 @dataclass(frozen=True)
 class ArchitectureMap:
     """The LoRA targets of one model family and how their dims follow from ``config.json``."""
@@ -66,6 +118,17 @@ class ArchitectureMap:
     num_layers: str | None
     defaults: tuple[tuple[str, str], ...]
     modules: tuple[ModuleSpec, ...]
+    fused: tuple[FusedTensor, ...] = ()
+    memory_renames: tuple[tuple[str, str], ...] = ()
+    components: tuple[Component, ...] = ()
+
+    def component(self, module_path: str) -> Component | None:
+        """The component a module path belongs to (the longest matching prefix), or None."""
+        best = None
+        for c in self.components:
+            if module_path.startswith(c.prefix) and (best is None or len(c.prefix) > len(best.prefix)):
+                best = c
+        return best
 
     def match(self, module_path: str) -> tuple[ModuleSpec, int | None] | None:
         """The spec matching a module path (weight name without ``.weight``) and its layer."""
@@ -139,6 +202,7 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
     unknown = set(data) - _MAP_FIELDS
     if unknown:
         problems.append(f"unknown fields {sorted(unknown)}")
+    fused, renames, components = _parse_extras(data, problems)
     modules = []
     for i, entry in enumerate(data.get("modules") or []):
         extra = set(entry) - _MODULE_FIELDS
@@ -172,7 +236,39 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
         num_layers=data.get("num_layers"),
         defaults=tuple((k, str(v)) for k, v in (data.get("defaults") or {}).items()),
         modules=tuple(modules),
+        fused=fused,
+        memory_renames=renames,
+        components=components,
     )
+
+
+def _parse_extras(
+    data: dict[str, Any], problems: list[str]
+) -> tuple[tuple[FusedTensor, ...], tuple[tuple[str, str], ...], tuple[Component, ...]]:
+    """The optional ``fused``, ``memory_renames`` and ``components`` sections of a map."""
+    fused = []
+    for i, entry in enumerate(data.get("fused") or []):
+        if not isinstance(entry, dict) or set(entry) != {"tensor", "parts"} or not entry["parts"]:
+            problems.append(f"fused[{i}] needs tensor and a non-empty parts list")
+            continue
+        fused.append(FusedTensor(tensor=str(entry["tensor"]), parts=tuple(str(p) for p in entry["parts"])))
+    renames = data.get("memory_renames") or {}
+    if not isinstance(renames, dict):
+        problems.append("memory_renames must map checkpoint substrings to in-memory ones")
+        renames = {}
+    components = []
+    for i, entry in enumerate(data.get("components") or []):
+        if (
+            not isinstance(entry, dict)
+            or not {"name", "prefix"} <= set(entry)
+            or set(entry) - {"name", "prefix", "adapter"}
+        ):
+            problems.append(f"components[{i}] needs name and prefix, may have adapter")
+            continue
+        components.append(
+            Component(name=entry["name"], prefix=entry["prefix"], adapter=bool(entry.get("adapter", False)))
+        )
+    return tuple(fused), tuple((str(k), str(v)) for k, v in renames.items()), tuple(components)
 
 
 @cache

@@ -44,6 +44,8 @@ _CONFIG_KEYS_MUST_MATCH = (
     "intermediate_size",
     "head_dim",
     "num_local_experts",
+    "num_experts",
+    "moe_intermediate_size",
 )
 
 
@@ -274,7 +276,8 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             targets.append(item)
         elif isinstance(item, ExtraPlan):
             extras.append(item)
-    problems.extend(_rank_problems(targets, options))
+    problems.extend(_rank_problems(targets, options.policy))
+    warnings.extend(_rank_cap_warning(targets, options.policy))
     if not targets and not problems:
         problems.append(
             OptionError(
@@ -440,20 +443,40 @@ def _plan_target(
     return target, None
 
 
-def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[PhloraError]:
-    """A fixed ``--rank`` above some modules' smaller side."""
-    rank = options.policy.rank
-    too_big = [f"{t.module} [{t.out_dim}×{t.in_dim}]" for t in targets if rank is not None and rank > t.short_side]
-    if not too_big:
+def rank_capped(targets: list[TargetPlan] | tuple[TargetPlan, ...], policy: RankPolicy) -> list[TargetPlan]:
+    """The modules whose smaller side is below a fixed ``--rank``: their rank is capped there.
+
+    Capping is exact (a module of smaller side s is reproduced fully at rank s); a MoE router gate
+    (experts × hidden) is the usual case.
+    """
+    rank = policy.rank
+    return [t for t in targets if rank is not None and rank > t.short_side]
+
+
+def _rank_problems(targets: list[TargetPlan], policy: RankPolicy) -> list[PhloraError]:
+    """A fixed ``--rank`` above every module's smaller side: every module would be full rank (a typo?)."""
+    rank = policy.rank
+    if rank is None or not targets or rank <= max(t.short_side for t in targets):
         return []
     return [
         OptionError(
-            "rank is above some modules' dimensions",
+            "rank is above every module's smaller side",
             where="--rank",
-            expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
-            found=f"{rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
-            fix="lower --rank, or use --energy/--budget-params with --max-rank",
+            expected=f"a rank ≤ the largest smaller side of a module ({max(t.short_side for t in targets)})",
+            found=str(rank),
+            fix="lower --rank (ranks above a module's smaller side are capped there), or use --energy 1.0",
         )
+    ]
+
+
+def _rank_cap_warning(targets: list[TargetPlan], policy: RankPolicy) -> list[str]:
+    capped = rank_capped(targets, policy)
+    if not capped:
+        return []
+    examples = ", ".join(f"{t.module} [{t.out_dim}×{t.in_dim}]" for t in capped[:3])
+    return [
+        f"--rank {policy.rank} is above the smaller side of {len(capped)} modules (e.g. {examples}): "
+        "their rank is capped there, which keeps their whole delta"
     ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.core.errors import InputError
-from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, summary_energy
+from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, rank_capped, summary_energy
 from phlora_nim.core.json_files import read_json
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 
@@ -17,7 +17,7 @@ _TOP_SINGULAR = 16
 _CURVE_POINTS = 256
 
 
-def _module_entry(r: ModuleResult) -> dict[str, Any]:
+def _module_entry(r: ModuleResult, *, capped: bool = False) -> dict[str, Any]:
     """One module's entry: plan, rank and energy figures (weight space; for activation-aware
     factors the output-space figures beside them)."""
     p = r.plan
@@ -29,6 +29,8 @@ def _module_entry(r: ModuleResult) -> dict[str, Any]:
         "shape": [p.out_dim, p.in_dim],
         "rank": r.rank,
     }
+    if capped:
+        entry["rank_capped"] = True  # --rank is above this module's smaller side: capped there (exact)
     if r.factors is None:
         entry.update(
             zero_delta=True,
@@ -73,7 +75,8 @@ def build_report(
     command: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (energies in float64 against the full ‖ΔW‖²_F)."""
-    modules = [_module_entry(r) for r in result.modules]
+    capped = {t.module for t in rank_capped(result.plan.targets, options.policy)}
+    modules = [_module_entry(r, capped=r.plan.module in capped) for r in result.modules]
     extras = [
         {
             "name": x.plan.name,
@@ -99,6 +102,7 @@ def build_report(
         max_rank=max(ranks) if ranks else 0,
         mean_rank=sum(ranks) / len(ranks) if ranks else 0.0,
         dropped_extra_energy=sum(x.energy for x in result.extras if x.action == "dropped"),
+        rank_capped_modules=len(capped),
     )
     pol = options.policy
     return {

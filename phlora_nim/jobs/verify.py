@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.architecture import ArchitectureMap, find_map
+from phlora_nim.converters.experts import memory_slot
 from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
@@ -171,10 +173,11 @@ def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mappi
     and bias changes added, restored exactly on exit."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     created: list[torch.nn.Module] = []
+    amap = find_map(model.config.to_dict()) if hasattr(model, "config") else None
     try:
         with torch.no_grad():
             for name, delta in weights:
-                weight = model.get_submodule(name).weight
+                weight = module_weight(model, amap, name)
                 saved.append((weight, weight.detach().clone()))
                 weight.add_(delta.to(weight.dtype))
             for name, change in biases.items():
@@ -194,6 +197,18 @@ def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mappi
                 module.bias = None
 
 
+def module_weight(model: Any, amap: ArchitectureMap | None, module: str) -> torch.Tensor:
+    """The weight of checkpoint module ``module`` in ``model`` (a view: writing to it changes the model).
+
+    transformers ≥ 5 builds MoE models with fused 3-D expert tensors and moved routers: the family's
+    map says where a per-expert module of the checkpoint lives there.
+    """
+    try:
+        return model.get_submodule(module).weight
+    except AttributeError:
+        return memory_slot(amap, module).view(model)
+
+
 def logit_agreement(
     base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -208,8 +223,9 @@ def logit_agreement(
     base_logp = log_probs(base_model, batches, batch_size=1)
     # The floor: base + the fine-tune's whole delta on every module the adapter carries.
     carried = load_peft(adapter_dir)
+    amap = find_map(ft_model.config.to_dict())
     weights = (
-        (name, ft_model.get_submodule(name).weight - base_model.get_submodule(name).weight) for name in carried.modules
+        (name, module_weight(ft_model, amap, name) - module_weight(base_model, amap, name)) for name in carried.modules
     )
     with added(base_model, weights, carried.lora_biases) as floor_model:
         floor_logp = log_probs(floor_model, batches, batch_size=1)
