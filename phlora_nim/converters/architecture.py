@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import yaml
 
@@ -31,6 +31,7 @@ _MAP_FIELDS = {
     "fused",
     "memory_renames",
     "components",
+    "adapter_names",
 }
 _MODULE_FIELDS = {"name", "match", "trtllm", "rows", "in", "out"}
 
@@ -64,6 +65,14 @@ class ModuleSpec:
         lists the separate modules it does take; B's rows are split evenly among them.
         """
         return self.rows or ((self.trtllm,) if self.trtllm else ())
+
+
+def _rename(name: str, old: str, new: str) -> str:
+    """``old`` → ``new`` in ``name``: as a prefix when either starts with ``^``, else every occurrence."""
+    if old.startswith("^") or new.startswith("^"):
+        old, new = old.removeprefix("^"), new.removeprefix("^")
+        return new + name[len(old) :] if name.startswith(old) else name
+    return name.replace(old, new)
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -121,6 +130,19 @@ class ArchitectureMap:
     fused: tuple[FusedTensor, ...] = ()
     memory_renames: tuple[tuple[str, str], ...] = ()
     components: tuple[Component, ...] = ()
+    adapter_names: Literal["checkpoint", "memory"] = "checkpoint"
+
+    def to_memory(self, name: str) -> str:
+        """A checkpoint tensor/module name as the model transformers builds calls it."""
+        for checkpoint_part, memory_part in self.memory_renames:
+            name = _rename(name, checkpoint_part, memory_part)
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        """The inverse of :meth:`to_memory`."""
+        for checkpoint_part, memory_part in reversed(self.memory_renames):
+            name = _rename(name, memory_part, checkpoint_part)
+        return name
 
     def component(self, module_path: str) -> Component | None:
         """The component a module path belongs to (the longest matching prefix), or None."""
@@ -141,10 +163,14 @@ class ArchitectureMap:
 
     def resolved_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` with this family's derived fields filled where config.json omits them."""
-        values = dict(config)
+        values = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
         for key, expr in self.defaults:
-            if values.get(key) is None:
-                values[key] = evaluate(expr, values, where=f"{self.family}.yaml defaults.{key}")
+            *parents, leaf = key.split(".")  # ``text_config.head_dim``: a field of a sub-config
+            scope = values
+            for parent in parents:
+                scope = scope.setdefault(parent, {})
+            if scope.get(leaf) is None:
+                scope[leaf] = evaluate(expr, values, where=f"{self.family}.yaml defaults.{key}")
         return values
 
     def dims(self, spec: ModuleSpec, config: dict[str, Any]) -> tuple[int, int] | None:
@@ -165,7 +191,8 @@ _BINOPS = {
 
 
 def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
-    """Evaluate integer arithmetic (``+ - * //``, parentheses) over config fields, safely.
+    """Evaluate integer arithmetic (``+ - * //``, parentheses) over config fields (``a.b``: field b of
+    sub-config a), safely.
 
     Raises:
         InputError: a referenced field is missing from config.json or not an integer.
@@ -176,14 +203,19 @@ def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
-        if isinstance(node, ast.Name):
-            value = values.get(node.id)
+        if isinstance(node, ast.Name | ast.Attribute):
+            path = _field_path(node)
+            scope: Any = values
+            for part in path[:-1]:
+                scope = scope.get(part) if isinstance(scope, dict) else None
+            present = isinstance(scope, dict) and path[-1] in scope
+            value = scope.get(path[-1]) if isinstance(scope, dict) else None
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InputError(
-                    f"config field {node.id!r} is needed to size modules",
+                    f"config field {'.'.join(path)!r} is needed to size modules",
                     where=f"config.json (for {where})",
                     expected="an integer",
-                    found=repr(value) if node.id in values else "no such field",
+                    found=repr(value) if present else "no such field",
                     fix="use the config.json saved with the checkpoint",
                 )
             return value
@@ -192,6 +224,15 @@ def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
         raise OptionError(f"unsupported expression {expr!r}", where=where, expected="+ - * // over field names")
 
     return ev(ast.parse(expr, mode="eval"))
+
+
+def _field_path(node: ast.AST) -> list[str]:
+    """``text_config.hidden_size`` → ``["text_config", "hidden_size"]`` (a field of a sub-config)."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        return [*_field_path(node.value), node.attr]
+    raise OptionError("unsupported field reference", where=ast.dump(node), expected="name or name.name")
 
 
 def _parse_map(text: str, source: str) -> ArchitectureMap:
@@ -239,7 +280,16 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
         fused=fused,
         memory_renames=renames,
         components=components,
+        adapter_names=_adapter_names(data, problems),
     )
+
+
+def _adapter_names(data: dict[str, Any], problems: list[str]) -> Literal["checkpoint", "memory"]:
+    value = data.get("adapter_names", "checkpoint")
+    if value not in ("checkpoint", "memory"):
+        problems.append(f"adapter_names must be checkpoint or memory, not {value!r}")
+        return "checkpoint"
+    return value
 
 
 def _parse_extras(

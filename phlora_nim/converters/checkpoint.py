@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from phlora_nim.converters.architecture import find_map
-from phlora_nim.converters.experts import TensorView, expert_views
+from phlora_nim.converters.experts import TensorView, expert_views, renamed_views
 from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.core.errors import InputError
 
@@ -172,8 +172,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _with_expert_views(ckpt: Checkpoint) -> Checkpoint:
-    """``ckpt`` under per-expert names when its family's experts are stored fused (3-D tensors)."""
-    views = expert_views({n: i.shape for n, i in ckpt.tensors.items()}, find_map(ckpt.config), where=str(ckpt.path))
+    """``ckpt`` under the names its adapters are written in: per expert where the family's experts are stored
+    fused (3-D tensors), transformers' in-memory names for families that write those (``adapter_names``)."""
+    amap = find_map(ckpt.config)
+    views = renamed_views(list(ckpt.tensors), amap) or expert_views(
+        {n: i.shape for n, i in ckpt.tensors.items()}, amap, where=str(ckpt.path)
+    )
     if not views:
         return ckpt
     tensors = {}

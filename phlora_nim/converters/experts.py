@@ -74,10 +74,7 @@ def expert_views(
     for name, shape in shapes.items():
         rule, match = next(((f, m) for f in amap.fused if (m := f.pattern.fullmatch(name))), (None, None))
         if rule is None or match is None:
-            original = name
-            for checkpoint_part, memory_part in amap.memory_renames:
-                original = original.replace(memory_part, checkpoint_part)
-            views[original] = TensorView(source=name)
+            views[amap.to_checkpoint(name)] = TensorView(source=name)
             continue
         found = True
         if len(shape) != 3 or shape[1] % len(rule.parts):
@@ -109,6 +106,15 @@ def memory_slot(amap: ArchitectureMap | None, module: str) -> MemorySlot:
                         part=k,
                         parts=len(rule.parts),
                     )
-        for checkpoint_part, memory_part in amap.memory_renames:
-            module = module.replace(checkpoint_part, memory_part)
+        module = amap.to_memory(module)
     return MemorySlot(parameter=f"{module}.weight")
+
+
+def renamed_views(names: list[str], amap: ArchitectureMap | None) -> dict[str, TensorView]:
+    """Every tensor under the name transformers gives it in memory, for a family whose adapters are written
+    in those names (``adapter_names: memory``, e.g. vision-language models, whose tower and projector keys
+    PEFT matches only by their in-memory names); empty when no name changes."""
+    if amap is None or amap.adapter_names != "memory":
+        return {}
+    views = {amap.to_memory(n): TensorView(source=n) for n in names}
+    return views if any(v.source != k for k, v in views.items()) else {}

@@ -65,6 +65,8 @@ class ExtractOptions:
         calibration: a prompts file: decompose ΔW weighted by the base model's input activations
             on them (whitened SVD) instead of plain SVD.
         target: pick the smallest budget meeting this fidelity (``policy`` is then the ceiling).
+        components: the parts of a multi-part model (a VLM's ``language_model``, ``vision_tower``,
+            ``multi_modal_projector``) to write adapters for; None: the map's defaults (the language model).
     """
 
     policy: RankPolicy
@@ -76,6 +78,7 @@ class ExtractOptions:
     seed: int = 0
     calibration: Path | None = None
     target: FidelityTarget | None = None
+    components: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.non_linear_deltas not in ("drop", "save", "error"):
@@ -263,6 +266,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
     config = ft.config or base.config or {}
     warnings: list[str] = []
     amap, family_map = _maps(base, ft, options, config, problems=problems, warnings=warnings)
+    problems.extend(_component_problems(family_map, options))
     problems.extend(_missing_tensor_problems(base, ft))
     targets: list[TargetPlan] = []
     extras: list[ExtraPlan] = []
@@ -384,8 +388,11 @@ def _plan_tensor(
         )
     module = name.removesuffix(".weight") if name.endswith(".weight") else None
     matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
+    left_out = _component_left_out(amap, module, options) if matched is not None else None
+    if left_out is not None:
+        matched = None
     if module is None or not (matched is not None or (amap is None and _fallback_linear(name, fi.shape))):
-        extra = ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape)
+        extra = ExtraPlan(name=name, kind=left_out or _classify(name), base_shape=bi.shape, ft_shape=fi.shape)
         if not extra.resized or options.non_linear_deltas == "save":
             return extra, None
         return extra, InputError(
@@ -405,6 +412,37 @@ def _plan_tensor(
             fix="pass a fine-tune of this exact base model",
         )
     return _plan_target(name, module, matched, fi.shape, amap, options, config, ft)
+
+
+def _component_left_out(amap: ArchitectureMap | None, module: str | None, options: ExtractOptions) -> str | None:
+    """The component (a VLM's vision tower, its projector) ``module`` belongs to when it is not an adapter
+    target this time: by the map's default, or not named in ``--components``. None: a target."""
+    if amap is None or module is None:
+        return None
+    component = amap.component(module)
+    if component is None:
+        return None
+    chosen = component.adapter if options.components is None else component.name in options.components
+    return None if chosen else component.name
+
+
+def _component_problems(amap: ArchitectureMap | None, options: ExtractOptions) -> list[PhloraError]:
+    """``--components`` names that the family's map does not have."""
+    if options.components is None:
+        return []
+    known = [c.name for c in amap.components] if amap is not None else []
+    unknown = [c for c in options.components if c not in known]
+    if not unknown:
+        return []
+    return [
+        OptionError(
+            f"unknown component {', '.join(map(repr, unknown))}",
+            where="--components",
+            expected=f"some of {', '.join(known)}" if known else "no --components: this family has no components",
+            found=", ".join(options.components),
+            fix="name components of this family's architecture map (README: Supported architectures)",
+        )
+    ]
 
 
 def _plan_target(

@@ -104,6 +104,8 @@ def build_report(
         dropped_extra_energy=sum(x.energy for x in result.extras if x.action == "dropped"),
         rank_capped_modules=len(capped),
     )
+    if result.plan.architecture is not None and result.plan.architecture.components:
+        totals["components"] = _component_shares(result, modules, extras)
     pol = options.policy
     return {
         "format": "phlora-report/1",
@@ -130,6 +132,37 @@ def build_report(
         "modules": modules,
         "extras": extras,
     }
+
+
+def _component_shares(
+    result: ExtractionResult, modules: list[dict[str, Any]], extras: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Each component's share of the fine-tune's delta energy (a VLM's language model, vision tower,
+    projector), whether the adapter carries it, and the energy the adapter keeps of it."""
+    amap = result.plan.architecture
+    assert amap is not None
+    carried = {m["name"] for m in modules if not m["zero_delta"]}
+    shares: dict[str, dict[str, Any]] = {}
+    whole = 0.0
+    rows = [(m["name"], m["delta_energy"], m["delta_energy"] * m["energy_kept"], True) for m in modules]
+    rows += [
+        (x["name"], x["delta_energy"], x["delta_energy"] if x["action"] == "saved" else 0.0, False)
+        for x in extras
+        if x["delta_energy"] is not None
+    ]
+    for name, energy, kept, is_module in rows:
+        whole += energy
+        component = amap.component(name)
+        if component is None:
+            continue
+        entry = shares.setdefault(component.name, {"delta_energy": 0.0, "kept_energy": 0.0, "adapter_modules": 0})
+        entry["delta_energy"] += energy
+        entry["kept_energy"] += kept
+        entry["adapter_modules"] += is_module and name in carried
+    for entry in shares.values():
+        entry["share_of_delta"] = entry["delta_energy"] / whole if whole else 0.0
+        entry["in_adapter"] = entry["adapter_modules"] > 0
+    return shares
 
 
 def write_report(report: dict[str, Any], folder: Path) -> Path:

@@ -289,7 +289,16 @@ def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: P
     """Both checks; the logit check is skipped (with the reason) when the model cannot be loaded."""
     result: dict[str, Any] = {"reconstruction": reconstruction_errors(base, finetuned, adapter_dir)}
     try:
-        result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
+        with open_checkpoint(finetuned) as ft:
+            config = ft.config
+        from phlora_nim.jobs.vlm_verify import is_vision_language, vlm_logit_agreement
+
+        if is_vision_language(config):
+            # Text prompts are what --prompts and the gates read; image prompts are checked beside them.
+            both = vlm_logit_agreement(base, finetuned, adapter_dir)
+            result["logits"], result["image_logits"] = both["text"], both["image"]
+        else:
+            result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
     except InputError:
         raise
     except ImportError as exc:
