@@ -143,6 +143,14 @@ def convert_command(
     prompts: PromptsOpt = None,
     self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            "--index",
+            help="Convert only the fine-tune at this 0-based position of the --finetuned list (named as in the "
+            "whole list): one pod of a Kubernetes Indexed Job each, e.g. --index $(JOB_COMPLETION_INDEX).",
+        ),
+    ] = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -155,6 +163,10 @@ def convert_command(
     Repository settings not given keep the values the repository was written with.
     """
     job = _convert_job(dict(locals()))  # the options by parameter name
+    if index is not None:
+        from phlora_nim.repository.fanout import one_of
+
+        job = one_of(job, index)
     done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
 
