@@ -92,6 +92,11 @@ def test_default_rank_is_capped_at_the_router_and_reported(family: str, default_
     assert f"rank capped at the smaller side of {len(routers)} modules" in " ".join(stdout.split())
     experts = [m for m in report["modules"] if EXPERT.fullmatch(m["name"])]
     assert len(experts) >= 12 and {m["rank"] for m in experts} == {16}
+    # What each engine would miss: only the router gate, where the engine ignores its LoRA.
+    serving = report["expert_serving"]
+    assert serving["peft"] == serving["vllm"] == []
+    for engine in ("sglang", "trtllm"):
+        assert serving[engine] == [f"{engine} ignores the router gate's LoRA ({len(routers)} modules)"]
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -149,6 +149,9 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
             f"{name}: {part['share_of_delta']:.2%} of the fine-tune's delta, "
             + ("in the adapter" if part["in_adapter"] else "not in the adapter (--components to include it)")
         )
+    for problems in (report.get("expert_serving") or {}).values():
+        for problem in problems:
+            out_console.print(f"serving: {problem}")
     if t.get("rank_capped_modules"):
         out_console.print(
             f"rank capped at the smaller side of {t['rank_capped_modules']} modules (exact: their whole delta is kept)"

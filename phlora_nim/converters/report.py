@@ -9,6 +9,7 @@ from typing import Any
 
 from phlora_nim.core.errors import InputError
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, rank_capped, summary_energy
+from phlora_nim.converters.expert_serving import expert_readers, serving_problems
 from phlora_nim.core.json_files import read_json
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 
@@ -106,6 +107,7 @@ def build_report(
     )
     if result.plan.architecture is not None and result.plan.architecture.components:
         totals["components"] = _component_shares(result, modules, extras)
+    serving = _expert_serving(result)
     pol = options.policy
     return {
         "format": "phlora-report/1",
@@ -131,7 +133,25 @@ def build_report(
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "modules": modules,
         "extras": extras,
+        **({"expert_serving": serving} if serving else {}),
     }
+
+
+def _expert_serving(result: ExtractionResult) -> dict[str, list[str]]:
+    """For a MoE family: per engine, what it would miss of this adapter (``expert_serving.yaml``); the
+    written folder pads every module to one rank, so what remains is a router gate some engines ignore."""
+    amap = result.plan.architecture
+    if amap is None:
+        return {}
+    modules = result.adapter.modules
+    experts = {name: w.rank for name, w in modules.items() if ".experts." in name}
+    routers = [name for name, w in modules.items() if amap.match(name) and amap.match(name)[0].trtllm == "moe_router"]
+    rank = max((w.rank for w in modules.values()), default=0)
+    out = {}
+    for reader in expert_readers():
+        if reader.family == amap.family and experts:
+            out[reader.engine] = serving_problems(reader, dict.fromkeys(experts, rank), routers)
+    return out
 
 
 def _component_shares(
