@@ -56,6 +56,7 @@ def test_three_indexed_converts_at_once_register_every_adapter_once(llama_finetu
     assert retry.returncode == 0, err.decode()
     after = Registry(repo).read().adapters
     assert {n: (e.task_id, e.digest) for n, e in after.items()} == before
+    assert json.loads((repo / REGISTRY_FILE).read_text())["generation"] == 3  # a no-op commit writes nothing
 
 
 def test_index_outside_the_list_is_one_clear_error(llama_finetunes, run_cli, tmp_path: Path) -> None:

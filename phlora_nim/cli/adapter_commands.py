@@ -37,6 +37,26 @@ from phlora_nim.cli.fidelity_options import (
 )
 
 
+TargetModulesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target-modules",
+        help="Regex over module paths to decompose instead of the architecture map, "
+        r"e.g. '.*\.(q_proj|v_proj)'.",
+    ),
+]
+ComponentsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--components",
+        help="Multi-part models (VLMs): comma-separated parts to write adapters for, e.g. "
+        "language_model,vision_tower,multi_modal_projector (default: the language model; the others' "
+        "share of the delta is reported). Tower/projector LoRA is served by vLLM with "
+        "--enable-tower-connector-lora only.",
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
     app.command("extract")(extract_command)
@@ -65,24 +85,8 @@ def extract_command(
             "warn), save (as modules_to_save; not servable by vLLM/NIM/TensorRT-LLM) or error.",
         ),
     ] = "drop",
-    target_modules: Annotated[
-        str | None,
-        typer.Option(
-            "--target-modules",
-            help="Regex over module paths to decompose instead of the architecture map, "
-            r"e.g. '.*\.(q_proj|v_proj)'.",
-        ),
-    ] = None,
-    components: Annotated[
-        str | None,
-        typer.Option(
-            "--components",
-            help="Multi-part models (VLMs): comma-separated parts to write adapters for, e.g. "
-            "language_model,vision_tower,multi_modal_projector (default: the language model; the others' "
-            "share of the delta is reported). Tower/projector LoRA is served by vLLM with "
-            "--enable-tower-connector-lora only.",
-        ),
-    ] = None,
+    target_modules: TargetModulesOpt = None,
+    components: ComponentsOpt = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,

@@ -266,6 +266,7 @@ class Registry:
                 generation = _read_generation(lock)
                 state = self._read_at_least(generation)
                 state.now = self.now
+                stored = self._stored()
                 yield state
                 try:
                     due = state.take_due(self.root)
@@ -273,15 +274,11 @@ class Registry:
                     raise InputError(
                         str(exc), where=str(self.path), fix="remove that entry from pending_deletions"
                     ) from None
-                payload = {
-                    "format": _FORMAT,
-                    "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
-                    "retired": {str(k): v for k, v in sorted(state.retired.items())},
-                    "pending_deletions": [asdict(p) for p in state.pending_deletions],
-                }
-                payload["generation"] = generation + 1
-                atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
-                _write_generation(lock, generation + 1)
+                payload = _payload(state)
+                if payload != stored:  # a no-op leaves the file (and its readers) alone
+                    payload["generation"] = generation + 1
+                    atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+                    _write_generation(lock, generation + 1)
                 for action in state.after_commit:
                     action()
                 for folder in due:
@@ -313,6 +310,16 @@ class Registry:
                 )
             time.sleep(0.2)
 
+    def _stored(self) -> dict[str, Any] | None:
+        """The registry file as stored, without its commit count (None: no file, or not JSON)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict):
+            data.pop("generation", None)
+        return data
+
     def _read_with_generation(self) -> tuple[RegistryState, int]:
         if not self.path.exists():
             return RegistryState(), 0
@@ -322,6 +329,16 @@ class Registry:
         except (OSError, ValueError):
             return state, 0
         return state, int(data.get("generation", 0))
+
+
+def _payload(state: RegistryState) -> dict[str, Any]:
+    """What the registry file stores of ``state`` (without its commit count)."""
+    return {
+        "format": _FORMAT,
+        "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
+        "retired": {str(k): v for k, v in sorted(state.retired.items())},
+        "pending_deletions": [asdict(p) for p in state.pending_deletions],
+    }
 
 
 # How long a writer waits for a shared filesystem to show the registry its lock file announces.
