@@ -149,3 +149,72 @@ def test_unknown_component_is_one_clear_error(llava, run_cli, tmp_path: Path) ->
     )
     assert code == 2 and "unknown component 'audio_tower'" in err and "vision_tower" in err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2-VL and a changed copy (every linear weight of its language model, vision blocks and
+    merger moved by seeded noise): the map, the names and PEFT's loading are what is checked here."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": 128,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2},
+        image_token_id=120,
+        video_token_id=121,
+        vision_start_token_id=122,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    root = tmp_path_factory.mktemp("qwen2-vl")
+    model.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("layers." in name or "visual." in name) and "embed" not in name:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(root / "finetuned")
+    return root / "base", root / "finetuned"
+
+
+def test_qwen2_vl_map_and_language_model_adapter_through_peft(qwen2_vl, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    base, ft = qwen2_vl
+    ckpt = open_checkpoint(ft)
+    amap = find_map(ckpt.config)
+    assert amap is not None and amap.family == "qwen2_vl"
+    matched = [n for n in ckpt.names() if n.endswith(".weight") and amap.match(n.removesuffix(".weight"))]
+    assert {amap.component(n).name for n in matched} == set(PARTS)
+    two_d = [n for n in ckpt.names() if len(ckpt.info(n).shape) == 2 and "embed" not in n and "lm_head" not in n]
+    assert set(two_d) == set(matched)  # every linear weight is mapped
+    for name in matched:
+        spec, _ = amap.match(name.removesuffix(".weight"))
+        in_dim, out_dim = amap.dims(spec, ckpt.config)
+        assert ckpt.info(name).shape == (out_dim, in_dim), name
+    report = jobs.extract(base, ft, tmp_path / "a", ExtractOptions(policy=RankPolicy(rank=8)), plot=False)
+    parts = report["totals"]["components"]
+    assert parts["language_model"]["in_adapter"] and not parts["vision_tower"]["in_adapter"]
+    assert parts["vision_tower"]["share_of_delta"] > 0.05 and parts["multi_modal_projector"]["share_of_delta"] > 0
+    lora = load_peft(tmp_path / "a")
+    assert lora.modules and all(m.startswith("model.language_model.layers.") for m in lora.modules)
+    from transformers import AutoModelForImageTextToText
+
+    base_model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
+    ids = {"input_ids": torch.randint(3, 110, (2, 12), generator=torch.Generator().manual_seed(3))}
+    with merged(base_model, lora) as reference:
+        expected = _logits(reference, ids)
+    adapted = PeftModel.from_pretrained(base_model, str(tmp_path / "a")).eval()
+    assert torch.allclose(_logits(adapted, ids), expected, atol=2e-5, rtol=1e-5)
+    skipped = verify_adapter(base, ft, tmp_path / "a")
+    assert "LLaVA-style models only" in skipped["logits_skipped"] and skipped["reconstruction"]["modules"] == 14

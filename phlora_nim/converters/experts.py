@@ -116,5 +116,7 @@ def renamed_views(names: list[str], amap: ArchitectureMap | None) -> dict[str, T
     PEFT matches only by their in-memory names); empty when no name changes."""
     if amap is None or amap.adapter_names != "memory":
         return {}
+    if any(amap.to_checkpoint(n) != n for n in names):
+        return {}  # saved in the in-memory layout already
     views = {amap.to_memory(n): TensorView(source=n) for n in names}
     return views if any(v.source != k for k, v in views.items()) else {}

@@ -291,9 +291,14 @@ def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: P
     try:
         with open_checkpoint(finetuned) as ft:
             config = ft.config
-        from phlora_nim.jobs.vlm_verify import is_vision_language, vlm_logit_agreement
+        from phlora_nim.jobs.vlm_verify import image_prompts_built_for, is_vision_language, vlm_logit_agreement
 
-        if is_vision_language(config):
+        if is_vision_language(config) and not image_prompts_built_for(config):
+            result["logits_skipped"] = (
+                f"{config.get('model_type') if config else 'this model'}: the logit check of vision-language "
+                "models is built for LLaVA-style models only (the per-module reconstruction above still holds)"
+            )
+        elif is_vision_language(config):
             # Text prompts are what --prompts and the gates read; image prompts are checked beside them.
             both = vlm_logit_agreement(base, finetuned, adapter_dir)
             result["logits"], result["image_logits"] = both["text"], both["image"]

@@ -26,6 +26,12 @@ def is_vision_language(config: dict[str, Any] | None) -> bool:
     return amap is not None and bool(amap.components) and "vision_config" in (config or {})
 
 
+def image_prompts_built_for(config: dict[str, Any] | None) -> bool:
+    """Whether image prompts can be built for this VLM here: LLaVA-style (one token per patch) only."""
+    amap = find_map(config)
+    return amap is not None and amap.family == "llava"
+
+
 def _image_tokens(config: Any) -> int:
     """Image tokens one image takes in a LLaVA-style prompt: one per patch (plus CLS with ``full``)."""
     vision = config.vision_config
