@@ -110,3 +110,24 @@ def test_a_stale_registry_view_is_never_merged_into(tmp_path: Path, monkeypatch:
         state.add("b", "bb" * 32, {"m": 1}, dtype="float16", sources={})
     timer.join()
     assert sorted(reg.read().adapters) == ["a", "b"] and reg.lock_path.read_text().strip() == "3"
+
+
+def test_prefetch_may_name_an_adapter_a_sibling_index_converts(llama_finetunes, run_cli, tmp_path: Path) -> None:
+    """``--prefetch`` names adapters of the whole list: an index that commits before the named adapter's
+    own index is not refused, and the named adapter is preloaded once it is registered."""
+    from tests.test_convert import _config, _trtllm_args
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    args = [*_trtllm_args(base, fts, repo, tmp_path), "--prefetch", "support"]
+    alone = [*_trtllm_args(base, fts[:1], tmp_path / "alone", tmp_path), "--prefetch", "legal"]
+    code, _, err = run_cli(*alone)
+    assert code == 2 and "--prefetch names an adapter that is not registered" in err  # a typo stays an error
+    code, _, err = run_cli(*args, "--index", "1")  # legal first: support is not registered yet
+    assert code == 0, err
+    code, _, err = run_cli(*args, "--index", "0")
+    assert code == 0, err
+    state = Registry(repo).read()
+    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    preload = repo / params["lora_prefetch_dir"].removeprefix("/models/")
+    assert [p.name for p in preload.iterdir()] == [str(state.adapters["support"].task_id)]

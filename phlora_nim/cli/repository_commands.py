@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -163,11 +164,13 @@ def convert_command(
     Repository settings not given keep the values the repository was written with.
     """
     job = _convert_job(dict(locals()))  # the options by parameter name
+    fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if index is not None:
-        from phlora_nim.repository.fanout import one_of
+        from phlora_nim.repository.fanout import one_of, siblings_pending
 
-        job = one_of(job, index)
-    done, seconds = _convert_with_progress(job)
+        job, fanout = one_of(job, index), siblings_pending(job, index)
+    with fanout:
+        done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
 
 

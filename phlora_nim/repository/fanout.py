@@ -9,11 +9,14 @@ register as a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 from phlora_nim.core.errors import OptionError
 from phlora_nim.repository.convert import ConvertJob
+from phlora_nim.repository.lora_cache_plan import PENDING_ADAPTERS
 
 
 def one_of(job: ConvertJob, index: int, *, where: str = "--index") -> ConvertJob:
@@ -34,3 +37,18 @@ def one_of(job: ConvertJob, index: int, *, where: str = "--index") -> ConvertJob
         )
     names = job.adapter_names()
     return dataclasses.replace(job, finetuned=(Path(job.finetuned[index]),), names=(names[index],))
+
+
+@contextlib.contextmanager
+def siblings_pending(job: ConvertJob, index: int) -> Iterator[None]:
+    """While converting entry ``index`` of ``job``: the other entries' adapters count as coming.
+
+    ``--prefetch`` may name any adapter of the whole list; until its own process registers it, a commit
+    preloads the named adapters registered so far instead of refusing the name as unknown.
+    """
+    names = job.adapter_names()
+    token = PENDING_ADAPTERS.set(frozenset(n for i, n in enumerate(names) if i != index))
+    try:
+        yield
+    finally:
+        PENDING_ADAPTERS.reset(token)
