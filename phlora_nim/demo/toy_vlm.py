@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from phlora_nim.demo.toy_models import _COMMON, training_batch
+from phlora_nim.jobs.vlm_verify import image_tokens
 
 IMAGE_TOKEN = 95  # the last id of the toy vocabulary
 
@@ -29,17 +30,11 @@ def tiny_llava_config() -> Any:
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_TOKEN,
-        image_seq_length=image_tokens_of(vision),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
-
-
-def image_tokens_of(vision_config: Any, strategy: str = "default") -> int:
-    """Image tokens one image takes in a LLaVA prompt: one per patch (plus CLS with ``full``)."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + (1 if strategy == "full" else 0)
 
 
 def image_batch(config: Any, *, batch: int = 4, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -53,7 +48,7 @@ def image_batch(config: Any, *, batch: int = 4, length: int = 12, seed: int = 0)
     text = training_batch(config.text_config.vocab_size - 1, batch=batch, length=length, seed=seed)
     start = (pixels.mean(dim=(1, 2, 3)) > 0).long() * 7  # two image classes, two starts
     text = (text + start[:, None]) % (config.text_config.vocab_size - 4) + 3
-    n = image_tokens_of(config.vision_config, config.vision_feature_select_strategy)
+    n = image_tokens(config)
     ids = torch.cat([torch.full((batch, n), config.image_token_index), text], dim=1)
     labels = ids.clone()
     labels[:, :n] = -100

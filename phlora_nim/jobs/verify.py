@@ -232,6 +232,16 @@ def logit_agreement(
     del ft_model
     adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     ad_logp = log_probs(adapted, batches, batch_size=1)
+    return agreement_figures(ft_logp, ad_logp, base_logp, floor_logp)
+
+
+def agreement_figures(
+    ft_logp: Sequence[torch.Tensor],
+    ad_logp: Sequence[torch.Tensor],
+    base_logp: Sequence[torch.Tensor],
+    floor_logp: Sequence[torch.Tensor],
+) -> dict[str, Any]:
+    """The fine-tune against base+adapter, the base alone and the floor: KL, top-1 and recoveries."""
     kl, top1, n = compare_log_probs(ft_logp, ad_logp)
     base_kl, base_top1, _ = compare_log_probs(ft_logp, base_logp)
     floor_kl, floor_top1, _ = compare_log_probs(ft_logp, floor_logp)

@@ -16,8 +16,7 @@ import torch
 
 from phlora_nim.converters.architecture import ArchitectureMap, find_map
 from phlora_nim.converters.formats.peft import load_peft
-from phlora_nim.converters.rank_policy import recovery
-from phlora_nim.jobs.verify import added, compare_log_probs, module_weight
+from phlora_nim.jobs.verify import added, agreement_figures, module_weight
 
 
 def is_vision_language(config: dict[str, Any] | None) -> bool:
@@ -32,7 +31,7 @@ def image_prompts_built_for(config: dict[str, Any] | None) -> bool:
     return amap is not None and amap.family == "llava"
 
 
-def _image_tokens(config: Any) -> int:
+def image_tokens(config: Any) -> int:
     """Image tokens one image takes in a LLaVA-style prompt: one per patch (plus CLS with ``full``)."""
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
@@ -45,7 +44,7 @@ def _inputs(config: Any, *, seed: int) -> dict[str, list[dict[str, torch.Tensor]
     vocab = config.text_config.vocab_size
     image_id = config.image_token_index
     size = config.vision_config.image_size
-    n = _image_tokens(config)
+    n = image_tokens(config)
 
     def tokens(length: int) -> torch.Tensor:
         t = torch.randint(0, vocab - 1, (1, length), generator=gen)
@@ -73,27 +72,6 @@ def _log_probs(model: Any, prompts: list[dict[str, torch.Tensor]]) -> list[torch
     return out
 
 
-def _summary(ft: list[torch.Tensor], adapted: list[torch.Tensor], base: list[torch.Tensor], floor: list[torch.Tensor]):
-    kl, top1, n = compare_log_probs(ft, adapted)
-    base_kl, base_top1, _ = compare_log_probs(ft, base)
-    floor_kl, floor_top1, _ = compare_log_probs(ft, floor)
-    recovery_kl, recovery_top1 = recovery(kl, top1, base_kl, base_top1, floor_kl, floor_top1)
-    raw_kl, raw_top1 = recovery(kl, top1, base_kl, base_top1)
-    return {
-        "tokens": n,
-        "mean_kl": kl,
-        "top1_agreement": top1,
-        "base_mean_kl": base_kl,
-        "base_top1_agreement": base_top1,
-        "floor_mean_kl": floor_kl,
-        "floor_top1_agreement": floor_top1,
-        "recovery_kl": recovery_kl,
-        "recovery_top1": recovery_top1,
-        "raw_recovery_kl": raw_kl,
-        "raw_recovery_top1": raw_top1,
-    }
-
-
 def vlm_logit_agreement(base: Path, finetuned: Path, adapter_dir: Path, *, seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{"text": …, "image": …}``: the figures of :func:`~phlora_nim.jobs.verify.logit_agreement` on text
     prompts and on image prompts."""
@@ -115,4 +93,4 @@ def vlm_logit_agreement(base: Path, finetuned: Path, adapter_dir: Path, *, seed:
     del ft_model
     adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     ad_lp = {kind: _log_probs(adapted, p) for kind, p in prompts.items()}
-    return {kind: _summary(ft_lp[kind], ad_lp[kind], base_lp[kind], floor_lp[kind]) for kind in prompts}
+    return {kind: agreement_figures(ft_lp[kind], ad_lp[kind], base_lp[kind], floor_lp[kind]) for kind in prompts}
