@@ -66,6 +66,26 @@ def hidden_finetune(built_once) -> tuple[Path, Path, list[int]]:
     return built_once("hidden", lambda folder: make_hidden_finetune(folder, steps=40, seed=0), steps=40, seed=0)
 
 
+@pytest.fixture(scope="session")
+def moe_pairs(tmp_path_factory: pytest.TempPathFactory):
+    """``moe_pairs(family)`` → (base_dir, finetuned_dir) of a tiny MoE model whose decoder weights (attention,
+    experts, router) were really fine-tuned: a full-rank adapter then reproduces the fine-tune exactly."""
+    import transformers
+
+    from phlora_nim.demo.toy_models import make_pair
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in cache:
+            cache[family] = make_pair(family, tmp_path_factory.mktemp(f"moe-{family}"), steps=12, linear_only=True)
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]):
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""

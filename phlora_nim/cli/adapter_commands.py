@@ -56,6 +56,26 @@ TargetModulesOpt = Annotated[
 ]
 
 
+TargetModulesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target-modules",
+        help="Regex over module paths to decompose instead of the architecture map, "
+        r"e.g. '.*\.(q_proj|v_proj)'.",
+    ),
+]
+ComponentsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--components",
+        help="Multi-part models (VLMs): comma-separated parts to write adapters for, e.g. "
+        "language_model,vision_tower,multi_modal_projector (default: the language model; the others' "
+        "share of the delta is reported). Tower/projector LoRA is served by vLLM with "
+        "--enable-tower-connector-lora only.",
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
     app.command("extract")(extract_command)
@@ -82,6 +102,7 @@ def extract_command(
     device: DeviceOpt = "cpu",
     extra: ExtraOpt = "drop",
     target_modules: TargetModulesOpt = None,
+    components: ComponentsOpt = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
@@ -123,6 +144,7 @@ def extract_command(
         seed=seed,
         allow_mismatch=allow_mismatch,
         threads=threads,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
     )
     with tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
@@ -146,6 +168,18 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
         f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
         f"{t['adapter_parameters']:,} parameters)"
     )
+    for name, part in (t.get("components") or {}).items():
+        out_console.print(
+            f"{name}: {part['share_of_delta']:.2%} of the fine-tune's delta, "
+            + ("in the adapter" if part["in_adapter"] else "not in the adapter (--components to include it)")
+        )
+    for problems in (report.get("expert_serving") or {}).values():
+        for problem in problems:
+            out_console.print(f"serving: {problem}")
+    if t.get("rank_capped_modules"):
+        out_console.print(
+            f"rank capped at the smaller side of {t['rank_capped_modules']} modules (exact: their whole delta is kept)"
+        )
     out_console.print(
         f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
         f"(min module {t['min_energy_kept']:.2%}); {t['energy_kept_total']:.2%} of the whole fine-tune delta"
@@ -436,5 +470,14 @@ def _print_verify(result: dict[str, Any]) -> None:
         )
         if logits.get("base_resized_to"):
             out_console.print(f"the base was resized to the fine-tune's vocabulary ({logits['base_resized_to']})")
-    elif result.get("logits_skipped"):
+    image = result.get("image_logits")
+    if image:
+        out_console.print(
+            f"logits on {image['tokens']} tokens after an image: mean KL {image['mean_kl']:.4g} (base alone: "
+            f"{image['base_mean_kl']:.4g}, floor {image['floor_mean_kl']:.4g}); top-1 agreement "
+            f"{image['top1_agreement']:.2%}; recovery {image['recovery_kl']:.1%} (KL) / {image['recovery_top1']:.1%} "
+            f"(top-1) of the reachable gap, {image['raw_recovery_kl']:.1%} / {image['raw_recovery_top1']:.1%} of the "
+            "whole gap (a language-model adapter leaves the tower's and projector's change out)"
+        )
+    if result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")

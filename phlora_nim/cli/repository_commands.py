@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -147,6 +148,14 @@ def convert_command(
     calibration: CalibrationOpt = None,
     allow_mismatch: AllowMismatchOpt = False,
     threads: ThreadsOpt = None,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            "--index",
+            help="Convert only the fine-tune at this 0-based position of the --finetuned list (named as in the "
+            "whole list): one pod of a Kubernetes Indexed Job each, e.g. --index $(JOB_COMPLETION_INDEX).",
+        ),
+    ] = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -159,7 +168,13 @@ def convert_command(
     Repository settings not given keep the values the repository was written with.
     """
     job = _convert_job(dict(locals()))  # the options by parameter name
-    done, seconds = _convert_with_progress(job)
+    fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if index is not None:
+        from phlora_nim.repository.fanout import one_of, siblings_pending
+
+        job, fanout = one_of(job, index), siblings_pending(job, index)
+    with fanout:
+        done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
 
 

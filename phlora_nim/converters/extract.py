@@ -46,6 +46,8 @@ _CONFIG_KEYS_MUST_MATCH = (
     "intermediate_size",
     "head_dim",
     "num_local_experts",
+    "num_experts",
+    "moe_intermediate_size",
 )
 
 
@@ -67,6 +69,8 @@ class ExtractOptions:
         target: pick the smallest budget meeting this fidelity (``policy`` is then the ceiling).
         allow_mismatch: extract even when the fine-tune does not look like one of this base
             (config fields no adapter carries differ, or unrelated weights): warn instead of refusing.
+        components: the parts of a multi-part model (a VLM's ``language_model``, ``vision_tower``,
+            ``multi_modal_projector``) to write adapters for; None: the map's defaults (the language model).
     """
 
     policy: RankPolicy
@@ -80,6 +84,7 @@ class ExtractOptions:
     target: FidelityTarget | None = None
     allow_mismatch: bool = False
     threads: int | None = None  # torch threads (None: $PHLORA_THREADS, else the CPUs this process may use)
+    components: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.non_linear_deltas not in ("drop", "save", "error"):
@@ -272,6 +277,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
     config = ft.config or base.config or {}
     warnings: list[str] = []
     amap, family_map = _maps(base, ft, options, config, problems=problems, warnings=warnings)
+    problems.extend(_component_problems(family_map, options))
     problems.extend(_missing_tensor_problems(base, ft))
     targets: list[TargetPlan] = []
     extras: list[ExtraPlan] = []
@@ -286,7 +292,8 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         elif isinstance(item, ExtraPlan):
             extras.append(item)
     problems.extend(_resize_problem(extras, ft, options))
-    problems.extend(_rank_problems(targets, options))
+    problems.extend(_rank_problems(targets, options.policy))
+    warnings.extend(_rank_cap_warning(targets, options.policy))
     if not targets and not problems:
         problems.append(
             OptionError(
@@ -397,9 +404,12 @@ def _plan_tensor(
         )
     module = name.removesuffix(".weight") if name.endswith(".weight") else None
     matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
+    left_out = _component_left_out(amap, module, options) if matched is not None else None
+    if left_out is not None:
+        matched = None
     if module is None or not (matched is not None or (amap is None and _fallback_linear(name, fi.shape))):
         # A resize is refused once for all resized tensors (_resize_problem) unless they are saved.
-        return ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape), None
+        return ExtraPlan(name=name, kind=left_out or _classify(name), base_shape=bi.shape, ft_shape=fi.shape), None
     if bi.shape != fi.shape:
         return None, InputError(
             "weight shapes differ",
@@ -409,6 +419,37 @@ def _plan_tensor(
             fix="pass a fine-tune of this exact base model",
         )
     return _plan_target(name, module, matched, fi.shape, amap, options, config, ft)
+
+
+def _component_left_out(amap: ArchitectureMap | None, module: str | None, options: ExtractOptions) -> str | None:
+    """The component (a VLM's vision tower, its projector) ``module`` belongs to when it is not an adapter
+    target this time: by the map's default, or not named in ``--components``. None: a target."""
+    if amap is None or module is None:
+        return None
+    component = amap.component(module)
+    if component is None:
+        return None
+    chosen = component.adapter if options.components is None else component.name in options.components
+    return None if chosen else component.name
+
+
+def _component_problems(amap: ArchitectureMap | None, options: ExtractOptions) -> list[PhloraError]:
+    """``--components`` names that the family's map does not have."""
+    if options.components is None:
+        return []
+    known = [c.name for c in amap.components] if amap is not None else []
+    unknown = [c for c in options.components if c not in known]
+    if not unknown:
+        return []
+    return [
+        OptionError(
+            f"unknown component {', '.join(map(repr, unknown))}",
+            where="--components",
+            expected=f"some of {', '.join(known)}" if known else "no --components: this family has no components",
+            found=", ".join(options.components),
+            fix="name components of this family's architecture map (README: Supported architectures)",
+        )
+    ]
 
 
 def _plan_target(
@@ -464,20 +505,40 @@ def _resize_problem(extras: list[ExtraPlan], ft: Checkpoint, options: ExtractOpt
     ]
 
 
-def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[PhloraError]:
-    """A fixed ``--rank`` above some modules' smaller side."""
-    rank = options.policy.rank
-    too_big = [f"{t.module} [{t.out_dim}×{t.in_dim}]" for t in targets if rank is not None and rank > t.short_side]
-    if not too_big:
+def rank_capped(targets: list[TargetPlan] | tuple[TargetPlan, ...], policy: RankPolicy) -> list[TargetPlan]:
+    """The modules whose smaller side is below a fixed ``--rank``: their rank is capped there.
+
+    Capping is exact (a module of smaller side s is reproduced fully at rank s); a MoE router gate
+    (experts × hidden) is the usual case.
+    """
+    rank = policy.rank
+    return [t for t in targets if rank is not None and rank > t.short_side]
+
+
+def _rank_problems(targets: list[TargetPlan], policy: RankPolicy) -> list[PhloraError]:
+    """A fixed ``--rank`` above every module's smaller side: every module would be full rank (a typo?)."""
+    rank = policy.rank
+    if rank is None or not targets or rank <= max(t.short_side for t in targets):
         return []
     return [
         OptionError(
-            "rank is above some modules' dimensions",
+            "rank is above every module's smaller side",
             where="--rank",
-            expected=f"a rank ≤ the smaller side of every module ({min(t.short_side for t in targets)})",
-            found=f"{rank} for {len(too_big)} modules, e.g. {', '.join(too_big[:3])}",
-            fix="lower --rank, or use --energy/--budget-params with --max-rank",
+            expected=f"a rank ≤ the largest smaller side of a module ({max(t.short_side for t in targets)})",
+            found=str(rank),
+            fix="lower --rank (ranks above a module's smaller side are capped there), or use --energy 1.0",
         )
+    ]
+
+
+def _rank_cap_warning(targets: list[TargetPlan], policy: RankPolicy) -> list[str]:
+    capped = rank_capped(targets, policy)
+    if not capped:
+        return []
+    examples = ", ".join(f"{t.module} [{t.out_dim}×{t.in_dim}]" for t in capped[:3])
+    return [
+        f"--rank {policy.rank} is above the smaller side of {len(capped)} modules (e.g. {examples}): "
+        "their rank is capped there, which keeps their whole delta"
     ]
 
 

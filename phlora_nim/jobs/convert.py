@@ -330,10 +330,11 @@ def convert(
                         progress=progress,
                     )
                 )
-            done = _register(job, root, staged, steps)
-            if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's HTTP front
-                replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
-            return done
+            tokenizer = stage / "base.tokenizer"  # for the router's HTTP front
+            has_tokenizer = copy_tokenizer_files(job.base, tokenizer)
+            # Moved into place under the registry lock: concurrent converts (one pod per fine-tune) each
+            # replace it, and two renames onto one folder at once would fail.
+            return _register(job, root, staged, steps, tokenizer=tokenizer if has_tokenizer else None)
 
 
 def _stage(
@@ -372,10 +373,19 @@ def _stage(
     return StagedAdapter(name=name, extracted=extracted, store=store, form=form, seconds=time.perf_counter() - start)
 
 
-def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter], steps: ModuleType) -> list[Converted]:
+def _register(
+    job: ConvertJob,
+    root: Path,
+    staged: list[StagedAdapter],
+    steps: ModuleType,
+    *,
+    tokenizer: Path | None = None,
+) -> list[Converted]:
     registry = Registry(root)
     done: list[Converted] = []
     with registry.locked() as state:
+        if tokenizer is not None:
+            state.after_commit.append(lambda: replace_dir(tokenizer, base_tokenizer_dir(root)))
         entries = []
         for item in staged:
             old = state.adapters.get(item.name)

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.architecture import ArchitectureMap, find_map
 from phlora_nim.converters.belonging import config_mismatch
 from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
+from phlora_nim.converters.experts import memory_slot
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.rank_policy import recovery
@@ -175,10 +177,11 @@ def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mappi
     and bias changes added, restored exactly on exit."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     created: list[torch.nn.Module] = []
+    amap = find_map(model.config.to_dict()) if hasattr(model, "config") else None
     try:
         with torch.no_grad():
             for name, delta in weights:
-                weight = model.get_submodule(name).weight
+                weight = module_weight(model, amap, name)
                 saved.append((weight, weight.detach().clone()))
                 weight.add_(delta.to(weight.dtype))
             for name, change in biases.items():
@@ -196,6 +199,18 @@ def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mappi
                 tensor.copy_(original)
             for module in created:
                 module.bias = None
+
+
+def module_weight(model: Any, amap: ArchitectureMap | None, module: str) -> torch.Tensor:
+    """The weight of checkpoint module ``module`` in ``model`` (a view: writing to it changes the model).
+
+    transformers ≥ 5 builds MoE models with fused 3-D expert tensors and moved routers: the family's
+    map says where a per-expert module of the checkpoint lives there.
+    """
+    try:
+        return model.get_submodule(module).weight
+    except AttributeError:
+        return memory_slot(amap, module).view(model)
 
 
 def logit_agreement(
@@ -221,15 +236,26 @@ def logit_agreement(
     base_logp = log_probs(base_model, batches, batch_size=1)
     # The floor: base + the fine-tune's whole delta on every module the adapter carries, and the
     # fine-tune's own tensors where the adapter saves them whole (modules_to_save).
+    amap = find_map(ft_model.config.to_dict())
     weights = [
-        (f"{name}.weight", ft_model.get_submodule(name).weight - base_model.get_submodule(name).weight)
-        for name in carried.modules
-    ] + [(name, ft_model.get_parameter(name) - base_model.get_parameter(name)) for name in carried.modules_to_save]
-    with shifted(base_model, weights, carried.lora_biases) as floor_model:
+        (name, module_weight(ft_model, amap, name) - module_weight(base_model, amap, name)) for name in carried.modules
+    ]
+    saved = [(name, ft_model.get_parameter(name) - base_model.get_parameter(name)) for name in carried.modules_to_save]
+    with shifted(base_model, saved, {}), added(base_model, weights, carried.lora_biases) as floor_model:
         floor_logp = log_probs(floor_model, batches, batch_size=1)
     del ft_model
     adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     ad_logp = log_probs(adapted, batches, batch_size=1)
+    return agreement_figures(ft_logp, ad_logp, base_logp, floor_logp) | {"base_resized_to": resized}
+
+
+def agreement_figures(
+    ft_logp: Sequence[torch.Tensor],
+    ad_logp: Sequence[torch.Tensor],
+    base_logp: Sequence[torch.Tensor],
+    floor_logp: Sequence[torch.Tensor],
+) -> dict[str, Any]:
+    """The fine-tune against base+adapter, the base alone and the floor: KL, top-1 and recoveries."""
     kl, top1, n = compare_log_probs(ft_logp, ad_logp)
     base_kl, base_top1, _ = compare_log_probs(ft_logp, base_logp)
     floor_kl, floor_top1, _ = compare_log_probs(ft_logp, floor_logp)
@@ -253,7 +279,6 @@ def logit_agreement(
         "recovery_top1": recovery_top1,
         "raw_recovery_kl": raw_kl,  # share of the whole base → fine-tune gap
         "raw_recovery_top1": raw_top1,
-        "base_resized_to": resized,
     }
 
 
@@ -361,7 +386,21 @@ def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: P
         # The floor runs with the base's config: a change no adapter carries is outside what recovery sees.
         result["warnings"] = [str(e) for e in config_mismatch(b, f)]
     try:
-        result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
+        with open_checkpoint(finetuned) as ft:
+            config = ft.config
+        from phlora_nim.jobs.vlm_verify import image_prompts_built_for, is_vision_language, vlm_logit_agreement
+
+        if is_vision_language(config) and not image_prompts_built_for(config):
+            result["logits_skipped"] = (
+                f"{config.get('model_type') if config else 'this model'}: the logit check of vision-language "
+                "models is built for LLaVA-style models only (the per-module reconstruction above still holds)"
+            )
+        elif is_vision_language(config):
+            # Text prompts are what --prompts and the gates read; image prompts are checked beside them.
+            both = vlm_logit_agreement(base, finetuned, adapter_dir)
+            result["logits"], result["image_logits"] = both["text"], both["image"]
+        else:
+            result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
     except InputError:
         raise
     except ImportError as exc:
