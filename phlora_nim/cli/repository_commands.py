@@ -170,7 +170,7 @@ def convert_command(
     job = _convert_job(dict(locals()))  # the options by parameter name
     fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if index is not None:
-        from phlora_nim.repository.fanout import one_of, siblings_pending
+        from phlora_nim.jobs.fanout import one_of, siblings_pending
 
         job, fanout = one_of(job, index), siblings_pending(job, index)
     with fanout:

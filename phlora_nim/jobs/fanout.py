@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from phlora_nim.core.errors import OptionError
-from phlora_nim.repository.convert import ConvertJob
-from phlora_nim.repository.lora_cache_plan import PENDING_ADAPTERS
+from phlora_nim.engines.trtllm_legacy.cache_plan import PENDING_ADAPTERS
+from phlora_nim.jobs.convert import ConvertJob
 
 
 def one_of(job: ConvertJob, index: int, *, where: str = "--index") -> ConvertJob:
