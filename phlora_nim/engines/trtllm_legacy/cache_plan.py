@@ -167,7 +167,7 @@ def read_usage(path: Path) -> dict[str, float]:
     return counts
 
 
-# Names of adapters that sibling processes of a ``convert --index`` fan-out register (repository/fanout.py).
+# Names of adapters that sibling processes of a ``convert --index`` fan-out register (jobs/fanout.py).
 PENDING_ADAPTERS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "pending_adapters", default=frozenset()
 )
