@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from phlora_nim.repository.layout import (
@@ -24,11 +23,11 @@ from phlora_nim.repository.layout import (
 )
 from phlora_nim.repository.registry import Registry
 from phlora_nim.router.catalog import AdapterCatalog
+from phlora_nim.testing.legacy_engine import LLAMA_TRTLLM_MODULES, convert_args, engine_config, model_config
 
 pytestmark = pytest.mark.slow
 MODELS = (PREPROCESSING_MODEL, LLM_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL)
 # The TensorRT-LLM modules of a Llama adapter on every linear layer, in engine-plan's order.
-LLAMA_TRTLLM_MODULES = ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -42,17 +41,13 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     }
 
 
-def _config(root: Path, model: str) -> mc.ModelConfig:
-    return text_format.Parse((root / model / "config.pbtxt").read_text(), mc.ModelConfig())
-
-
 def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -> None:
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--engine-dtype", "float16"]
     args += ["--backend", "trtllm-legacy"]
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
-    args += ["--engine-config", _engine_config(tmp_path, **f16, plugin_config__use_paged_context_fmha=True)]
+    args += ["--engine-config", engine_config(tmp_path, **f16, plugin_config__use_paged_context_fmha=True)]
     for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
         args += ["--finetuned", ft, "--name", name]
     code, out, err = run_cli(*args)
@@ -73,7 +68,7 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
             assert (store / f).is_file(), f
         assert entry.sources["finetuned"].endswith(str(fts[["support", "legal", "code"].index(name)].name))
     # Every config parses into Triton's ModelConfig; LoRA inputs typed to the engine dtype.
-    llm = _config(repo, LLM_MODEL)
+    llm = model_config(repo, LLM_MODEL)
     assert llm.backend == "tensorrtllm"
     assert llm.parameters["enable_chunked_context"].string_value == "true"  # the engine has paged context FMHA
     inputs = {i.name: i for i in llm.input}
@@ -91,13 +86,13 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     # Read with no default by the backend; empty, as upstream's template leaves them: no guided decoding.
     assert params["tokenizer_dir"] == params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == ""
     assert not (repo / LLM_MODEL / "1" / "model.py").exists()  # C++ backend: no Python model
-    ensemble = _config(repo, ENSEMBLE_MODEL)
+    ensemble = model_config(repo, ENSEMBLE_MODEL)
     llm_step = next(s for s in ensemble.ensemble_scheduling.step if s.model_name == LLM_MODEL)
     for name in ("lora_task_id", "lora_weights", "lora_config"):
         assert llm_step.input_map[name] == name
     assert {i.name: i.data_type for i in ensemble.input}["lora_weights"] == mc.TYPE_FP16
     for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
-        assert _config(repo, model).backend == "python"
+        assert model_config(repo, model).backend == "python"
         assert (repo / model / "1" / "model.py").is_file()
 
     code, out, _ = run_cli("engine-plan", "-m", repo, "--json")
@@ -184,35 +179,6 @@ def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, 
     assert [p.path for p in state.pending_deletions] == [f"tensorrt_llm/lora_prefetch/{old.task_id}"]
 
 
-def _engine_config(tmp_path: Path, **over: object) -> Path:
-    cfg = {  # the toy Llama's shape, as trtllm-build records it
-        "pretrained_config": {
-            "dtype": "float32",
-            "num_hidden_layers": 2,
-            "hidden_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_size": 16,
-            "intermediate_size": 128,
-        },
-        "build_config": {
-            "plugin_config": {"lora_plugin": "float32"},
-            "lora_config": {
-                "max_lora_rank": 8,
-                "lora_target_modules": LLAMA_TRTLLM_MODULES,
-            },
-        },
-    }
-    for key, value in over.items():
-        section, field = key.split("__")
-        target = cfg["build_config"][section] if section in ("lora_config", "plugin_config") else cfg[section]
-        target[field] = value  # type: ignore[index]
-    path = tmp_path / "engine" / "config.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(cfg))
-    return path
-
-
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
@@ -249,7 +215,7 @@ def test_bad_convert_input_writes_nothing(
         if a.startswith("ENGINE:"):
             key, _, value = a[len("ENGINE:") :].partition("=")
             parsed: object = value.split(",") if "modules" in key else (int(value) if value.isdigit() else value)
-            a = str(_engine_config(tmp_path, **{key: parsed}))
+            a = str(engine_config(tmp_path, **{key: parsed}))
         args.append(a)
     code, _, err = run_cli("convert", "--base", base, "--finetuned", fts[0], "-m", repo, "-r", "8", *args)
     assert code == 2, err
@@ -357,17 +323,17 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
     assert run_cli(*args, "--backend", "reference")[0] == 0
     before = _snapshot(repo)
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
-    served = ("--served-path", "/srv/models", "--engine-config", _engine_config(tmp_path, **f16))
+    served = ("--served-path", "/srv/models", "--engine-config", engine_config(tmp_path, **f16))
     assert run_cli(*args, "--backend", "trtllm-legacy", "--engine-dir", "/engines/llama", *served)[0] == 0
     after = _snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert changed == {"tensorrt_llm/config.pbtxt", "tensorrt_llm/1/model.py", "phlora_repository.json"}
-    llm = _config(repo, LLM_MODEL)
+    llm = model_config(repo, LLM_MODEL)
     assert llm.backend == "tensorrtllm" and llm.parameters["gpt_model_path"].string_value == "/engines/llama"
     assert llm.parameters["lora_prefetch_dir"].string_value == "/srv/models/tensorrt_llm/lora_prefetch"
     assert run_cli(*args, "--backend", "trtllm-legacy", *served, "--tokenizer-dir", "/ckpt/base")[0] == 0
     for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
-        assert _config(repo, model).parameters["tokenizer_dir"].string_value == "/ckpt/base"
+        assert model_config(repo, model).parameters["tokenizer_dir"].string_value == "/ckpt/base"
 
 
 def _tree(root: Path) -> set[str]:
@@ -463,13 +429,13 @@ def test_later_converts_keep_the_repository_settings(llama_finetunes, run_cli, t
         4,
         "float16",
     )
-    assert _config(repo, LLM_MODEL).model_transaction_policy.decoupled
+    assert model_config(repo, LLM_MODEL).model_transaction_policy.decoupled
     # Given explicitly: changed.
     again = ("--no-decoupled", "--lora-cache-mb", "0")
     assert run_cli("convert", "--base", base, "--finetuned", fts[1], "-m", repo, "-r", "4", *again)[0] == 0
     settings = RepositorySettings.load(repo)
     assert settings is not None and (settings.decoupled, settings.lora_cache_bytes) == (False, 0)
-    assert settings.max_batch_size == 4 and not _config(repo, LLM_MODEL).model_transaction_policy.decoupled
+    assert settings.max_batch_size == 4 and not model_config(repo, LLM_MODEL).model_transaction_policy.decoupled
 
 
 def test_llm_parameters_and_trtllm_version_reach_the_configs_and_are_kept(
@@ -503,25 +469,16 @@ def test_bad_repository_options_are_refused(llama_finetunes, run_cli, tmp_path: 
     assert not (tmp_path / "r").exists()
 
 
-def _trtllm_args(base: Path, fts: list[Path], repo: Path, tmp_path: Path) -> list[object]:
-    f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
-    args: list[object] = ["convert", "--base", base, "-m", repo, "-r", "8", "--dtype", "float16"]
-    args += ["--backend", "trtllm-legacy", "--engine-config", _engine_config(tmp_path, **f16)]
-    for ft, name in zip(fts, ("support", "legal", "code")[: len(fts)], strict=True):
-        args += ["--finetuned", ft, "--name", name]
-    return args
-
-
 def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> None:
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     usage = tmp_path / "usage.json"
     usage.write_text(json.dumps({"support": 3, "legal": 40, "code": 7}))
-    args = [*_trtllm_args(base, fts, repo, tmp_path), "--prefetch-limit", "1", "--prefetch-usage", usage]
+    args = [*convert_args(base, fts, repo, tmp_path), "--prefetch-limit", "1", "--prefetch-usage", usage]
     code, _, err = run_cli(*args)
     assert code == 0, err
     state = Registry(repo).read()
-    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    params = {k: v.string_value for k, v in model_config(repo, LLM_MODEL).parameters.items()}
     # TensorRT-LLM preloads every folder of lora_prefetch_dir: it names a folder with the most used only.
     assert params["lora_prefetch_dir"] == "/models/tensorrt_llm/lora_preload"
     preload = repo / "tensorrt_llm" / "lora_preload"
@@ -534,13 +491,13 @@ def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> N
         assert linked.read_bytes() == source.read_bytes()
     assert params["lora_cache_host_memory_bytes"] == str((1 + 8) * 36864)  # 1 preloaded + 8 spare pages
     # Kept by later runs; lifting the cap preloads all again and the preload folder goes.
-    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path))[0] == 0
+    assert run_cli(*convert_args(base, fts[:1], repo, tmp_path))[0] == 0
     assert preload.is_dir()
-    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch-limit", "3")[0] == 0
-    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    assert run_cli(*convert_args(base, fts[:1], repo, tmp_path), "--prefetch-limit", "3")[0] == 0
+    params = {k: v.string_value for k, v in model_config(repo, LLM_MODEL).parameters.items()}
     assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch") and not preload.exists()
     # Removing a named adapter drops it from --prefetch (the repository stays writable).
-    assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch", "legal")[0] == 0
+    assert run_cli(*convert_args(base, fts[:1], repo, tmp_path), "--prefetch", "legal")[0] == 0
     legal = Registry(repo).read().adapters["legal"]
     code, _, err = run_cli("remove", "legal", "-m", repo, "--grace", "0")
     assert code == 0, err
@@ -565,7 +522,7 @@ def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> N
 def test_a_cache_that_cannot_fit_writes_nothing(extra, match, llama_finetunes, run_cli, tmp_path: Path) -> None:
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    code, _, err = run_cli(*_trtllm_args(base, fts, repo, tmp_path), *extra)
+    code, _, err = run_cli(*convert_args(base, fts, repo, tmp_path), *extra)
     assert code == 2, err
     assert match in err, err
     assert "Traceback" not in err
@@ -576,7 +533,7 @@ def test_served_path_checked_where_the_repository_is_mounted(llama_finetunes, ru
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     repo.mkdir()
-    args = [*_trtllm_args(base, fts[:1], repo, tmp_path), "--served-path", str(repo), "--check-served-path"]
+    args = [*convert_args(base, fts[:1], repo, tmp_path), "--served-path", str(repo), "--check-served-path"]
     assert run_cli(*args)[0] == 0
-    params = _config(repo, LLM_MODEL).parameters
+    params = model_config(repo, LLM_MODEL).parameters
     assert params["lora_prefetch_dir"].string_value == f"{repo}/tensorrt_llm/lora_prefetch"

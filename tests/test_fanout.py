@@ -115,12 +115,12 @@ def test_a_stale_registry_view_is_never_merged_into(tmp_path: Path, monkeypatch:
 def test_prefetch_may_name_an_adapter_a_sibling_index_converts(llama_finetunes, run_cli, tmp_path: Path) -> None:
     """``--prefetch`` names adapters of the whole list: an index that commits before the named adapter's
     own index is not refused, and the named adapter is preloaded once it is registered."""
-    from tests.test_convert import _config, _trtllm_args
+    from phlora_nim.testing.legacy_engine import convert_args, model_config
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    args = [*_trtllm_args(base, fts, repo, tmp_path), "--prefetch", "support"]
-    alone = [*_trtllm_args(base, fts[:1], tmp_path / "alone", tmp_path), "--prefetch", "legal"]
+    args = [*convert_args(base, fts, repo, tmp_path), "--prefetch", "support"]
+    alone = [*convert_args(base, fts[:1], tmp_path / "alone", tmp_path), "--prefetch", "legal"]
     code, _, err = run_cli(*alone)
     assert code == 2 and "--prefetch names an adapter that is not registered" in err  # a typo stays an error
     code, _, err = run_cli(*args, "--index", "1")  # legal first: support is not registered yet
@@ -128,6 +128,6 @@ def test_prefetch_may_name_an_adapter_a_sibling_index_converts(llama_finetunes, 
     code, _, err = run_cli(*args, "--index", "0")
     assert code == 0, err
     state = Registry(repo).read()
-    params = {k: v.string_value for k, v in _config(repo, LLM_MODEL).parameters.items()}
+    params = {k: v.string_value for k, v in model_config(repo, LLM_MODEL).parameters.items()}
     preload = repo / params["lora_prefetch_dir"].removeprefix("/models/")
     assert [p.name for p in preload.iterdir()] == [str(state.adapters["support"].task_id)]

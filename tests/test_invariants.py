@@ -171,13 +171,13 @@ def test_the_long_function_check_sees_methods_and_async_functions(tmp_path: Path
 
 
 def test_tests_share_helpers_through_fixtures_or_modules_not_conftest_imports() -> None:
-    """``from conftest import`` works only when pytest put tests/ on sys.path first; shared helpers
-    live in ``phlora_nim.testing`` or are fixtures."""
+    """``from conftest import`` (or from another test module) works only when pytest put tests/ or the
+    checkout on sys.path first; shared helpers live in ``phlora_nim.testing`` or are fixtures."""
     tests = Path(__file__).parent
     offenders = [
         f"{path.name}:{number}"
         for path in sorted(tests.rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
-        if line.strip().startswith(("from conftest import", "import conftest"))
+        if line.strip().startswith(("from conftest import", "import conftest", "from tests.", "import tests", "from test_"))
     ]
     assert not offenders, f"import helpers from phlora_nim.testing instead: {offenders}"
