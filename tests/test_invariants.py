@@ -178,6 +178,8 @@ def test_tests_share_helpers_through_fixtures_or_modules_not_conftest_imports() 
         f"{path.name}:{number}"
         for path in sorted(tests.rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
-        if line.strip().startswith(("from conftest import", "import conftest", "from tests.", "import tests", "from test_"))
+        if line.strip().startswith(
+            ("from conftest import", "import conftest", "from tests.", "import tests", "from test_")
+        )
     ]
     assert not offenders, f"import helpers from phlora_nim.testing instead: {offenders}"
