@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from phlora_nim.core.atomic import atomic_write_text
 from phlora_nim.core.errors import InputError
 from phlora_nim.repository import registry as registry_module
 from phlora_nim.repository.layout import LLM_MODEL, REGISTRY_FILE, adapter_store_dir, prefetch_dir
@@ -104,7 +105,8 @@ def test_a_stale_registry_view_is_never_merged_into(tmp_path: Path, monkeypatch:
     newer = json.loads(reg.path.read_text())
     newer["generation"] = 2
     monkeypatch.setattr(registry_module, "_STALE_WAIT_S", 5.0)
-    timer = threading.Timer(0.4, lambda: reg.path.write_text(json.dumps(newer)))
+    # Another writer renames its registry into place, as every writer does (a reader never sees it half written).
+    timer = threading.Timer(0.4, lambda: atomic_write_text(reg.path, json.dumps(newer)))
     timer.start()
     with reg.locked() as state:
         state.add("b", "bb" * 32, {"m": 1}, dtype="float16", sources={})
