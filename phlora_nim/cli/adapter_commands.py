@@ -16,6 +16,7 @@ from phlora_nim.cli.app import (
     DtypeOpt,
     EnergyOpt,
     ForceOpt,
+    LayoutOpt,
     MaxRankOpt,
     RankOpt,
     SnapOpt,
@@ -75,6 +76,7 @@ def extract_command(
     ] = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
+    layout: LayoutOpt = "padded",
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
     force: ForceOpt = False,
     target_recovery: TargetRecoveryOpt = None,
@@ -88,7 +90,9 @@ def extract_command(
 
     Every linear module's delta ΔW = W_ft − W_base is decomposed by SVD and truncated. Writes a
     PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
-    Default policy: --rank 16.
+    Default policy: --rank 16. With ranks that differ per module (--energy, --budget-params, a fidelity
+    target) the default --layout padded stores every module at the largest rank; the summary and the
+    report give the true and the stored parameter counts.
     """
     from phlora_nim.jobs.adapter_jobs import extract
 
@@ -123,15 +127,18 @@ def extract_command(
             plot=not no_plot,
             on_plan=lambda n: bar.update(task, total=n, description=""),
             progress=lambda name: bar.update(task, advance=1, description=name),
+            layout=layout,
         )
     _print_extract_summary(report, out)
 
 
 def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
     t = report["totals"]
+    stored = t.get("stored_parameters", t["adapter_parameters"])
+    how = "mixed" if t.get("layout") == "mixed" else f"padded: every module at rank {t['max_rank']}"
     out_console.print(
         f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
-        f"{t['adapter_parameters']:,} parameters)"
+        f"{t['adapter_parameters']:,} parameters, {stored:,} stored ({how}))"
     )
     out_console.print(
         f"energy kept: {t['energy_kept_linear']:.2%} of linear-module delta energy "
@@ -249,6 +256,7 @@ def prune_command(
     snap_ranks: SnapOpt = None,
     dtype: DtypeOpt = "auto",
     force: ForceOpt = False,
+    layout: LayoutOpt = "padded",
 ) -> None:
     """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
 
@@ -264,12 +272,13 @@ def prune_command(
         force=force,
         command=command_line(),
         dtype=dtype,
+        layout=layout,
     )
     t = report["totals"]
     out_console.print(
         f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
-        f"parameters; {t['energy_kept_of_adapter']:.2%} of the adapter's update energy kept, "
-        f"min module {t['min_energy_kept']:.2%})"
+        f"parameters, {t['stored_parameters']:,} stored ({t['layout']}); {t['energy_kept_of_adapter']:.2%} of "
+        f"the adapter's update energy kept, min module {t['min_energy_kept']:.2%})"
     )
 
 
