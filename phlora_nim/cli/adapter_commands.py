@@ -194,6 +194,20 @@ def _print_search(search: dict[str, Any]) -> None:
         )
     out_console.print(table)
     chosen = search["chosen"]
+    check = search.get("check_on_own_samples") or {}
+    if check.get("checked"):
+        out_console.print(
+            f"checked on {check['samples']} held-out samples of the fine-tune: recovery {check['recovery']:.1%} "
+            f"(on the probes {check['recovery_on_probes']:.1%}); greedy continuations reproduced "
+            f"{check['adapter']['greedy_same']:.0%} (base alone {check['base_alone']['greedy_same']:.0%})"
+        )
+    tm = search.get("search_timings") or {}
+    if tm:
+        out_console.print(
+            f"search: decomposed to rank {', '.join(map(str, search.get('decomposed_to_ranks', [])))}; probes "
+            f"{tm.get('probes_s', 0):.1f} s, decomposing {tm.get('decompose_s', 0):.1f} s, floor "
+            f"{tm.get('floor_s', 0):.1f} s, {tm.get('evaluations', 0):.0f} evaluations {tm.get('evaluate_s', 0):.1f} s"
+        )
     out_console.print(
         f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
         f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
