@@ -41,13 +41,15 @@ log = logging.getLogger("bench.sizing")
 DEFAULT_FINETUNES = "spell=ft-spell-40x0.0002,facts=ft-facts-60x0.0003"
 
 
-def timed_extract(base: Path, ft: Path, out: Path, options: Any) -> tuple[dict[str, Any], float]:
+def timed_extract(base: Path, ft: Path, out: Path, options: Any) -> tuple[dict[str, Any], float, float]:
+    """The report, wall seconds and CPU seconds (this process, user + system: what the shared cores
+    actually gave it) of one ``extract``."""
     from phlora_nim.jobs.adapter_jobs import extract
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = extract(base, ft, out, options, plot=False)
-    return report, time.perf_counter() - t0
+    return report, time.perf_counter() - t0, time.process_time() - c0
 
 
 def task_side(base: Path, ft: Path, task_name: str, chosen_dir: Path, max_rank: int) -> dict[str, Any]:
@@ -96,10 +98,12 @@ def run_task(work: Path, base: Path, name: str, ft: Path, recovery: float, neede
 
     out = work / "sizing" / name
     target = ExtractOptions(policy=search_policy(None), target=FidelityTarget(min_recovery=recovery))
-    report, search_s = timed_extract(base, ft, out / "chosen", target)
+    report, search_s, search_cpu = timed_extract(base, ft, out / "chosen", target)
     totals = report["totals"]
     rank = int(totals["max_rank"])
-    _, extract_s = timed_extract(base, ft, out / f"rank{rank}", ExtractOptions(policy=RankPolicy(rank=rank)))
+    _, extract_s, extract_cpu = timed_extract(
+        base, ft, out / f"rank{rank}", ExtractOptions(policy=RankPolicy(rank=rank))
+    )
     search = report["fidelity_target"]
     row = {
         "task": name,
@@ -107,6 +111,9 @@ def run_task(work: Path, base: Path, name: str, ft: Path, recovery: float, neede
         "search_s": round(search_s, 1),
         "extract_s": round(extract_s, 1),
         "ratio": round(search_s / extract_s, 2),
+        "search_cpu_s": round(search_cpu, 1),
+        "extract_cpu_s": round(extract_cpu, 1),
+        "cpu_ratio": round(search_cpu / extract_cpu, 2),
         "chosen_params": totals["adapter_parameters"],
         "chosen_stored_params": totals["stored_parameters"],
         "chosen_max_rank": rank,
@@ -115,7 +122,10 @@ def run_task(work: Path, base: Path, name: str, ft: Path, recovery: float, neede
         "check": {k: search["check_on_own_samples"].get(k) for k in ("recovery", "recovery_on_probes", "passed")},
         "load_average": os.getloadavg(),
     }
-    log.info("%s: search %.1f s, extract --rank %d %.1f s: ratio %.2f", name, search_s, rank, extract_s, row["ratio"])
+    log.info(
+        "%s: search %.1f s (CPU %.1f s), extract --rank %d %.1f s (CPU %.1f s): ratio %.2f (CPU %.2f)",
+        name, search_s, search_cpu, rank, extract_s, extract_cpu, row["ratio"], row["cpu_ratio"],
+    )  # fmt: skip
     print(json.dumps(row), flush=True)
     if needed_rank is not None:
         row.update(task_side(base, ft, name, out / "chosen", needed_rank))
@@ -124,8 +134,8 @@ def run_task(work: Path, base: Path, name: str, ft: Path, recovery: float, neede
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| task | search s | extract --rank R s | ratio | chosen true (stored, R) | chosen share of gain | "
-        "needed true (stored) | needed share | chosen/needed true (stored) |",
+        "| task | search s (CPU) | extract --rank R s (CPU) | ratio (CPU) | chosen true (stored, R) | chosen share "
+        "of gain | needed true (stored) | needed share | chosen/needed true (stored) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -139,7 +149,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
         share = f"{r['chosen_share_of_gain']:.0%}" if r.get("chosen_share_of_gain") is not None else "–"
         lines.append(
-            f"| {r['task']} | {r['search_s']:.1f} | {r['extract_s']:.1f} | {r['ratio']:.2f} | "
+            f"| {r['task']} | {r['search_s']:.1f} ({r['search_cpu_s']:.1f}) | {r['extract_s']:.1f} "
+            f"({r['extract_cpu_s']:.1f}) | {r['ratio']:.2f} ({r['cpu_ratio']:.2f}) | "
             f"{r['chosen_params'] / 1e6:.2f} M ({r['chosen_stored_params'] / 1e6:.2f} M, {r['chosen_max_rank']}) | "
             f"{share} | {need} | {nshare} | {ratio} |"
         )
@@ -153,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery", type=float, default=0.9, help="--target-recovery")
     ap.add_argument("--needed-rank", type=int, default=64, help="cap of the decomposition the needed size is found on")
     ap.add_argument("--no-task", action="store_true", help="times only (skip accuracy and the needed size)")
+    ap.add_argument(
+        "--task-only", action="store_true", help="accuracy and needed size of the adapters a --no-task run chose"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -162,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     base = work / "base"
     rows = []
-    for item in args.finetunes.split(","):
+    if args.task_only:
+        rows = json.loads((work / "sizing.json").read_text())
+        for row in rows:
+            folder = dict(item.split("=") for item in args.finetunes.split(","))[row["task"]]
+            row.update(task_side(base, work / folder, row["task"], work / "sizing" / row["task"] / "chosen", 64))
+            print(json.dumps(row), flush=True)
+    for item in [] if args.task_only else args.finetunes.split(","):
         name, folder = item.split("=")
         needed_rank = None if args.no_task else args.needed_rank
         rows.append(run_task(work, base, name, work / folder, args.recovery, needed_rank))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_recovery_with_self_probes_keeps_the_hidden_behaviour(hidden, tmp_path: 
     )  # the fine-tune's own samples are the default probes
     assert code == 0, err
     assert "recovery" in stdout and "self-probes" in " ".join(stdout.split())
-    assert "checked on 8 held-out samples" in " ".join(stdout.split())
+    assert re.search(r"checked on \d+ held-out samples of the fine-tune", " ".join(stdout.split()))
     search = json.loads((out / "phlora_report.json").read_text())["fidelity_target"]
     assert search["target"]["min_recovery"] == 0.8 and search["prompts"].startswith("(self-probes)")
     check = search["check_on_own_samples"]

@@ -11,6 +11,7 @@ user data, no gradient: a bounded number of sampled tokens and two forward passe
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,12 @@ OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
 
 @dataclass(frozen=True)
 class SelfProbeSettings:
-    """How many continuations to sample (``per_start`` per opening and temperature), how long, and
-    how many of the most disagreeing to keep."""
+    """How many continuations to sample (``per_start`` per opening and temperature, more when that
+    gives fewer than twice the samples kept), how long, and how many of the most disagreeing to keep."""
 
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
-    per_start: int = 8
-    length: int = 24
+    per_start: int = 4
+    length: int = 16
     keep: int = 16
     seed: int = 0
 
@@ -127,10 +128,15 @@ def self_probe_sets(
     pad, eos = token_ids(tokenizer)
     torch.manual_seed(settings.seed)
     samples: list[tuple[list[int], list[int]]] = []
-    for start in openings(tokenizer):
+    starts = openings(tokenizer)
+    # At least twice as many samples as are kept, whatever the number of openings, to rank from.
+    count = max(
+        settings.per_start, math.ceil(2 * (settings.keep + held_out) / (len(starts) * len(settings.temperatures)))
+    )
+    for start in starts:
         for temperature in settings.temperatures:
             conts = sample(
-                ft_model, start, count=settings.per_start, length=settings.length,
+                ft_model, start, count=count, length=settings.length,
                 temperature=temperature, pad_id=pad, eos_id=eos,
             )  # fmt: skip
             samples += [(start, c) for c in conts]
@@ -139,7 +145,7 @@ def self_probe_sets(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
             expected="non-empty samples from its generation prompt",
-            found=f"{settings.per_start * len(settings.temperatures)} empty ones per opening",
+            found=f"{count * len(settings.temperatures)} empty ones per opening",
             fix="give task prompts with --prompts instead",
         )
     ranked = _ranked(base_model, ft_model, samples)[: settings.keep + held_out]
