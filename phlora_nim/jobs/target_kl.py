@@ -349,10 +349,13 @@ def run_to_target(
     for i, cap in enumerate(caps):
         ceiling = search_policy(cap, given.snap)
         options = dataclasses.replace(job.options, policy=ceiling)
-        t0 = time.perf_counter()
-        result = run_extraction(
-            pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics
+        # The plan's sketch ranks were sized for the policy's cap: compute only as far as this one.
+        targets = tuple(
+            dataclasses.replace(t, sketch_rank=ceiling.sketch_rank(t.short_side)) for t in pair.plan.targets
         )
+        plan = dataclasses.replace(pair.plan, targets=targets)
+        t0 = time.perf_counter()
+        result = run_extraction(plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
         timings["decompose_s"] += time.perf_counter() - t0
         decomposed.append(cap)
         if floors is None:
