@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -157,17 +158,53 @@ def test_generic_prompts_that_cannot_see_the_finetune_are_refused(hidden, tmp_pa
     from phlora_nim.jobs.target_kl import MIN_GAP_KL
 
     base, ft, _ = hidden
-    code, _, err = run_cli("extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", "--target-kl", "0.05")
+    code, _, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "a", "--target-kl", "0.05", "--prompts",
+        "generic",
+    )  # fmt: skip
     assert code == 2, err
     assert "already meets the fidelity target" in err and "KL(fine-tuned ‖ base)" in err
     assert "--self-probes" in err and "--prompts" in err
     assert not (tmp_path / "a").exists()
     # A recovery target on the same prompts: the gap itself is below the floor.
     code, _, err = run_cli(
-        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "b", "--target-recovery", "0.8"
-    )
+        "extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "b", "--target-recovery", "0.8",
+        "--prompts", "generic",
+    )  # fmt: skip
     assert code == 2, err
     assert f"≥ {MIN_GAP_KL} nats/token" in err and "generic, shipped" in err
+
+
+def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> None:
+    """Probes whose gap is real but not what the fine-tune learned (here the generic prompts, past the
+    gap check): the search picks an adapter the fine-tune's own held-out samples show keeps nothing."""
+    from phlora_nim.converters.checkpoint import open_checkpoint
+    from phlora_nim.converters.extract import ExtractOptions, plan_extraction, run_extraction
+    from phlora_nim.converters.rank_policy import search_policy
+    from phlora_nim.jobs.fidelity import WeightPatcher
+    from phlora_nim.jobs.target_kl import GENERIC, _floors, _probes, check_on_own_samples, search_budget
+
+    base, ft, _ = hidden
+    target = FidelityTarget(min_recovery=0.5, prompts=GENERIC)
+    probes = _probes(base, ft, target)
+    assert probes.check is not None and probes.source.startswith("(generic")
+    patcher = WeightPatcher(probes.search.base_model)
+
+    def measure(adapter):
+        scores = probes.search.scores(patcher.apply(adapter))
+        return scores.kl, scores.top1
+
+    options = ExtractOptions(policy=search_policy(None))
+    with open_checkpoint(base) as b, open_checkpoint(ft) as f:
+        result = run_extraction(plan_extraction(b, f, options), b, f, options)
+        floors = _floors(patcher, probes, result, b, f)
+    base_m = measure(None)
+    budget, chosen, steps = search_budget(result, options.policy, target, measure, base=base_m, floor=floors[0])
+    step = next(s for s in reversed(steps) if s.budget == budget)
+    assert step.met  # on the probes it was chosen on, the adapter looks fine …
+    with pytest.raises(InputError, match=r"keeps little of what the fine-tune changed.*held-out samples") as info:
+        check_on_own_samples(patcher, probes, chosen, step, base_m, floors, target)
+    assert "drop --prompts" in str(info.value) and "greedy continuations" in str(info.value)  # … on its own, not
 
 
 def test_check_informative_names_the_numbers() -> None:
@@ -186,13 +223,17 @@ def test_recovery_with_self_probes_keeps_the_hidden_behaviour(hidden, tmp_path: 
     base, ft, trigger = hidden
     out = tmp_path / "a"
     code, stdout, err = run_cli(
-        "extract", "--base", base, "--finetuned", ft, "--out", out, "--self-probes", "--target-recovery", "0.8",
-        "--no-plot",
-    )  # fmt: skip
+        "extract", "--base", base, "--finetuned", ft, "--out", out, "--target-recovery", "0.8", "--no-plot"
+    )  # the fine-tune's own samples are the default probes
     assert code == 0, err
     assert "recovery" in stdout and "self-probes" in " ".join(stdout.split())
+    assert re.search(r"checked on \d+ held-out samples of the fine-tune", " ".join(stdout.split()))
     search = json.loads((out / "phlora_report.json").read_text())["fidelity_target"]
     assert search["target"]["min_recovery"] == 0.8 and search["prompts"].startswith("(self-probes)")
+    check = search["check_on_own_samples"]
+    assert check["checked"] and check["passed"]
+    assert check["recovery"] >= check["min_share"] * check["recovery_on_probes"]
+    assert search["decomposed_to_ranks"][0] == 16 and search["search_timings"]["evaluations"] >= 2
     chosen, base_alone = search["chosen"], search["base_alone"]
     assert chosen["params"] > 0 and chosen["met"]
     assert min(chosen["recovery_kl"], chosen["recovery_top1"]) >= 0.8
@@ -276,8 +317,9 @@ def test_recovery_is_relative_to_the_floor_the_linear_deltas_reach(norm_pair, tm
     # The CLI: the floor and the reachable share in the report, raw and relative recovery per step.
     out = tmp_path / "a"
     code, stdout, err = run_cli(
-        "extract", "--base", base, "--finetuned", ft, "--out", out, "--target-recovery", f"{goal:.4f}", "--no-plot"
-    )
+        "extract", "--base", base, "--finetuned", ft, "--out", out, "--target-recovery", f"{goal:.4f}", "--no-plot",
+        "--prompts", "generic",
+    )  # fmt: skip
     assert code == 0, err
     assert "reachable" in " ".join(stdout.split())
     search = json.loads((out / "phlora_report.json").read_text())["fidelity_target"]

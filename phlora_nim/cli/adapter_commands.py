@@ -16,6 +16,7 @@ from phlora_nim.cli.app import (
     DtypeOpt,
     EnergyOpt,
     ForceOpt,
+    LayoutOpt,
     MaxRankOpt,
     RankOpt,
     SnapOpt,
@@ -105,6 +106,7 @@ def extract_command(
     components: ComponentsOpt = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
+    layout: LayoutOpt = "padded",
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
     force: ForceOpt = False,
     target_recovery: TargetRecoveryOpt = None,
@@ -120,7 +122,9 @@ def extract_command(
 
     Every linear module's delta ΔW = W_ft − W_base is decomposed by SVD and truncated. Writes a
     PEFT adapter (adapter_config.json, adapter_model.safetensors), phlora_report.json and energy.png.
-    Default policy: --rank 16.
+    Default policy: --rank 16. With ranks that differ per module (--energy, --budget-params, a fidelity
+    target) the default --layout padded stores every module at the largest rank; the summary and the
+    report give the true and the stored parameter counts.
     """
     from phlora_nim.jobs.adapter_jobs import extract
 
@@ -158,15 +162,18 @@ def extract_command(
             plot=not no_plot,
             on_plan=lambda n: bar.update(task, total=n, description=""),
             progress=lambda name: bar.update(task, advance=1, description=name),
+            layout=layout,
         )
     _print_extract_summary(report, out)
 
 
 def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
     t = report["totals"]
+    stored = t.get("stored_parameters", t["adapter_parameters"])
+    how = "mixed" if t.get("layout") == "mixed" else f"padded: every module at rank {t['max_rank']}"
     out_console.print(
         f"[bold green]wrote[/] {folder}  ({t['modules']} modules, ranks {t['min_rank']}–{t['max_rank']}, "
-        f"{t['adapter_parameters']:,} parameters)"
+        f"{t['adapter_parameters']:,} parameters, {stored:,} stored ({how}))"
     )
     for name, part in (t.get("components") or {}).items():
         out_console.print(
@@ -237,6 +244,20 @@ def _print_search(search: dict[str, Any]) -> None:
         )
     out_console.print(table)
     chosen = search["chosen"]
+    check = search.get("check_on_own_samples") or {}
+    if check.get("checked"):
+        out_console.print(
+            f"checked on {check['samples']} held-out samples of the fine-tune: recovery {check['recovery']:.1%} "
+            f"(on the probes {check['recovery_on_probes']:.1%}); greedy continuations reproduced "
+            f"{check['adapter']['greedy_same']:.0%} (base alone {check['base_alone']['greedy_same']:.0%})"
+        )
+    tm = search.get("search_timings") or {}
+    if tm:
+        out_console.print(
+            f"search: decomposed to rank {', '.join(map(str, search.get('decomposed_to_ranks', [])))}; probes "
+            f"{tm.get('probes_s', 0):.1f} s, decomposing {tm.get('decompose_s', 0):.1f} s, floor "
+            f"{tm.get('floor_s', 0):.1f} s, {tm.get('evaluations', 0):.0f} evaluations {tm.get('evaluate_s', 0):.1f} s"
+        )
     out_console.print(
         f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
         f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
@@ -299,6 +320,7 @@ def prune_command(
     snap_ranks: SnapOpt = None,
     dtype: DtypeOpt = "auto",
     force: ForceOpt = False,
+    layout: LayoutOpt = "padded",
 ) -> None:
     """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
 
@@ -314,12 +336,13 @@ def prune_command(
         force=force,
         command=command_line(),
         dtype=dtype,
+        layout=layout,
     )
     t = report["totals"]
     out_console.print(
         f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
-        f"parameters; {t['energy_kept_of_adapter']:.2%} of the adapter's update energy kept, "
-        f"min module {t['min_energy_kept']:.2%})"
+        f"parameters, {t['stored_parameters']:,} stored ({t['layout']}); {t['energy_kept_of_adapter']:.2%} of "
+        f"the adapter's update energy kept, min module {t['min_energy_kept']:.2%})"
     )
 
 

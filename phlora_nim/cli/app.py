@@ -70,8 +70,9 @@ BudgetOpt = Annotated[
     int | None,
     typer.Option(
         "--budget-params",
-        help="One global budget of N LoRA parameters, spent where it buys the most energy "
-        "(heterogeneous ranks via rank_pattern).",
+        help="One global budget of N LoRA parameters, spent where it buys the most energy: ranks differ per "
+        "module. The default --layout padded stores every module at the largest rank (zero-padded, what vLLM "
+        "needs); --layout mixed stores the true ranks.",
         rich_help_panel="Rank policy (choose one)",
     ),
 ]
@@ -89,6 +90,17 @@ SnapOpt = Annotated[
         "--snap-ranks",
         help="Round ranks up to a server's allowed set: 'vllm' = {1,8,16,32,64,128,256,320,512}.",
         rich_help_panel="Rank policy (choose one)",
+    ),
+]
+LayoutOpt = Annotated[
+    str,
+    typer.Option(
+        "--layout",
+        help="How ranks that differ per module are stored. padded: every module zero-padded to the largest "
+        "rank, r = lora_alpha = that rank, no patterns; read alike by PEFT, vLLM/NIM and TensorRT-LLM (vLLM pads "
+        "to max_lora_rank anyway). mixed: each module at its own rank (rank_pattern, scale folded into lora_B "
+        "for lora_alpha / rank); no padding, read alike by PEFT and TensorRT-LLM's HF loader (LLM API, "
+        "trtllm-serve, Triton llmapi), not by vLLM before 0.32. The report gives both sizes.",
     ),
 ]
 DtypeOpt = Annotated[

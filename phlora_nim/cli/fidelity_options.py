@@ -17,12 +17,14 @@ _PANEL = "Fidelity (instead of a rank policy)"
 
 # The kind of target given --prompts or --self-probes without a fidelity-target flag.
 DEFAULT_RECOVERY = 0.9
+GENERIC = "generic"  # --prompts generic: the prompts shipped with phlora-nim
 
 TargetRecoveryOpt = Annotated[
     float | None,
     typer.Option(
         "--target-recovery",
-        help="Smallest global budget whose adapter closes ≥ F of the reachable base→fine-tune gap on the probes: "
+        help="Smallest global budget whose adapter closes ≥ F of the reachable base→fine-tune gap on the probes "
+        "(the fine-tune's own samples unless --prompts is given): "
         "(KL_base − KL_adapter)/(KL_base − KL_floor) ≥ F, the floor being base + every linear delta at full "
         "rank, and the same for top-1 disagreement; the raw share of the whole gap is reported beside it (0–1; "
         f"default {DEFAULT_RECOVERY} with --prompts or --self-probes and no other target).",
@@ -34,7 +36,8 @@ SelfProbesOpt = Annotated[
     typer.Option(
         "--self-probes",
         help="Measure the fidelity target on short continuations sampled from the fine-tune itself, kept "
-        "where it disagrees most with its base (no data needed; instead of --prompts).",
+        "where it disagrees most with its base (no data needed). The default for every target unless --prompts "
+        "is given; alone, it asks for --target-recovery 0.9.",
         rich_help_panel=_PANEL,
     ),
 ]
@@ -43,7 +46,7 @@ TargetKlOpt = Annotated[
     typer.Option(
         "--target-kl",
         help="Smallest global budget whose adapter keeps mean KL(fine-tuned ‖ base+adapter) ≤ X per token on "
-        "the prompts (bisection over the budget; spectra computed once up to --max-rank).",
+        "the probes (decomposed to rank 16, then 64, then --max-rank only as far as the target needs).",
         rich_help_panel=_PANEL,
     ),
 ]
@@ -60,9 +63,11 @@ PromptsOpt = Annotated[
     Path | None,
     typer.Option(
         "--prompts",
-        help="Prompts for the fidelity target, one per line (default: generic prompts shipped with "
-        "phlora-nim; no task data, refused when they barely tell the fine-tune from its base). Scored on the "
-        "fine-tune's own greedy answers.",
+        help="Prompts of the fine-tune's task for the fidelity target, one per line, scored on the fine-tune's "
+        "own greedy answers (default: the fine-tune's own samples, see --self-probes). 'generic': about 30 "
+        "generic prompts shipped with phlora-nim, which rarely exercise what a task fine-tune learned. Either way "
+        "the chosen adapter is checked on held-out samples of the fine-tune and refused (exit 2) if it keeps "
+        "less than half there of what it keeps on the prompts.",
         rich_help_panel=_PANEL,
     ),
 ]
@@ -122,7 +127,7 @@ def fidelity_target(
             found=", ".join(chosen),
             fix="drop the rank policy, or drop the target",
         )
-    if prompts is not None:
+    if prompts is not None and str(prompts) != GENERIC:
         read_prompts(prompts)  # refuse a bad file before any heavy work
     target = FidelityTarget(
         max_kl=target_kl,

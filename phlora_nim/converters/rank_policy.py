@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -166,14 +167,15 @@ UNBOUNDED_BUDGET = 2**62
 class FidelityTarget:
     """Pick the smallest global budget whose adapter reaches this fidelity to the fine-tune.
 
-    Fidelity is measured on prompts (``prompts``, else the generic ones shipped with phlora-nim):
+    Fidelity is measured on probes: the fine-tune's own samples where it disagrees most with its
+    base (the default, ``self_probes``), or prompts (``prompts``: a file, or ``generic`` for the ones
+    shipped with phlora-nim):
     ``max_kl`` bounds the mean KL(fine-tuned ‖ base+adapter) per scored token, ``min_top1`` the
     share of tokens whose most likely next token agrees, ``min_recovery`` the share of the
     reachable base→fine-tune gap the adapter closes, in KL and in top-1 disagreement alike (see
     :func:`recovery`: the gap between the base alone and the floor, base plus every linear delta at
-    full rank); ``self_probes``: measure on continuations sampled from the fine-tune where
-    it disagrees most with its base instead of on prompts. Bisection over the budget stops when the
-    bracket is within ``tolerance`` (relative) or after ``max_steps`` evaluations.
+    full rank). The search over the budget stops when the bracket is within ``tolerance``
+    (relative) or after ``max_steps`` evaluations.
     """
 
     max_kl: float | None = None
@@ -181,8 +183,8 @@ class FidelityTarget:
     prompts: str | None = None
     min_recovery: float | None = None
     self_probes: bool = False
-    tolerance: float = 0.05
-    max_steps: int = 14
+    tolerance: float = 0.1
+    max_steps: int = 12
 
     def __post_init__(self) -> None:
         if self.max_kl is None and self.min_top1 is None and self.min_recovery is None:
@@ -230,6 +232,11 @@ class FidelityTarget:
             )
 
     @property
+    def on_self_probes(self) -> bool:
+        """Measured on the fine-tune's own samples (the default when no prompts are given)."""
+        return self.self_probes or self.prompts is None
+
+    @property
     def absolute(self) -> bool:
         """Only absolute bounds (KL, top-1): the base model alone may already meet them."""
         return self.min_recovery is None
@@ -250,6 +257,21 @@ class FidelityTarget:
         if base is None:
             raise ValueError("a recovery target needs the base model's KL and top-1")
         return min(recovery(kl, top1, *base, *floor)) >= self.min_recovery
+
+    def margin(
+        self, kl: float, top1: float, base: tuple[float, float], floor: tuple[float, float] = (0.0, 1.0)
+    ) -> float:
+        """How far (KL, top-1) is past the target: ≥ 0 exactly when :meth:`met`, growing as the adapter
+        gets closer to the fine-tune (the smallest of the bounds' slacks: recovery − F, log(X / KL),
+        top-1 − Y), for a search to interpolate on."""
+        slacks = []
+        if self.min_recovery is not None:
+            slacks.append(min(recovery(kl, top1, *base, *floor)) - self.min_recovery)
+        if self.max_kl is not None:
+            slacks.append(math.log(self.max_kl / max(kl, 1e-12)))
+        if self.min_top1 is not None:
+            slacks.append(top1 - self.min_top1)
+        return min(slacks)
 
     def describe(self) -> str:
         parts = (

@@ -9,6 +9,7 @@ from typing import Any
 
 from phlora_nim.converters.expert_serving import expert_readers, serving_problems
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, rank_capped, summary_energy
+from phlora_nim.converters.formats.peft import stored_parameters
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 from phlora_nim.core.errors import InputError
 from phlora_nim.core.json_files import read_json
@@ -99,6 +100,9 @@ def build_report(
         modules=len(modules),
         zero_delta_modules=sum(1 for m in modules if m["zero_delta"]),
         adapter_parameters=result.adapter.num_parameters(),
+        # What the default (padded) folder holds; the writer overrides it for the layout it writes.
+        stored_parameters=stored_parameters(result.adapter, "padded"),
+        layout="padded",
         min_energy_kept=min(kept) if kept else 1.0,
         mean_energy_kept=sum(kept) / len(kept) if kept else 1.0,
         min_rank=min(ranks) if ranks else 0,

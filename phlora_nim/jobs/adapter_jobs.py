@@ -11,11 +11,19 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.converters.formats.peft import BIN_NAME, CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
+from phlora_nim.converters.formats.peft import (
+    BIN_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_peft,
+    save_peft,
+    stored_parameters,
+)
 from phlora_nim.converters.hub import config_json
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.converters.report import REPORT_NAME, write_report
+from phlora_nim.converters.scale_rules import LAYOUTS, Layout
 from phlora_nim.core.atomic import atomic_dir
 from phlora_nim.core.dtypes import DTYPES, parse_dtype
 from phlora_nim.core.errors import OptionError
@@ -57,6 +65,7 @@ def extract(
     plot: bool = True,
     on_plan: Callable[[int], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    layout: Layout = "padded",
 ) -> dict[str, Any]:
     """Extract a PEFT LoRA adapter from ``base`` → ``finetuned`` into ``out``.
 
@@ -72,6 +81,8 @@ def extract(
         plot: write ``energy.png``.
         on_plan: called with the number of tensors to process once planning is done.
         progress: called per processed tensor.
+        layout: ``padded`` (every engine) or ``mixed`` (true ranks: PEFT, TensorRT-LLM), see
+            :mod:`phlora_nim.converters.scale_rules`.
 
     Returns:
         The report dict.
@@ -80,6 +91,7 @@ def extract(
         PhloraError: bad input, options or output location (nothing is written).
     """
     start = time.perf_counter()
+    check_layout(layout)
     inputs = (base, finetuned, options.calibration, options.target.prompts if options.target else None)
     guard_output(Path(out), force=force, kind=EXTRACT_OUTPUT, inputs=inputs)
     with planned(base, [finetuned], options, on_plan=on_plan) as job:
@@ -92,12 +104,25 @@ def extract(
         )
     t_write = time.perf_counter()
     report = extracted.report
+    report["totals"].update(layout=layout, stored_parameters=stored_parameters(extracted.adapter, layout))
     with atomic_dir(Path(out), force=force) as tmp:
-        save_peft(extracted.adapter, tmp, dtype=extracted.out_dtype)
+        save_peft(extracted.adapter, tmp, dtype=extracted.out_dtype, layout=layout)
         report["timings"]["write_s"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total_s"] = round(time.perf_counter() - start, 4)
         write_report_files(report, tmp, plot=plot)
     return report
+
+
+def check_layout(layout: str) -> None:
+    """Refuse an unknown ``--layout`` before any work."""
+    if layout not in LAYOUTS:
+        raise OptionError(
+            "unknown adapter folder layout",
+            where="--layout",
+            expected=" or ".join(LAYOUTS),
+            found=repr(layout),
+            fix="padded for vLLM/NIM or any engine, mixed for PEFT and TensorRT-LLM's HF loader (LLM API, llmapi)",
+        )
 
 
 def prune(
@@ -108,9 +133,12 @@ def prune(
     force: bool = False,
     command: str | None = None,
     dtype: str = "auto",
+    layout: Layout = "padded",
 ) -> dict[str, Any]:
-    """Re-truncate a PEFT LoRA adapter into ``out`` (QR + small-core SVD; no dense delta)."""
+    """Re-truncate a PEFT LoRA adapter into ``out`` (QR + small-core SVD; no dense delta), written in
+    ``layout``."""
     start = time.perf_counter()
+    check_layout(layout)
     storage = parse_dtype(dtype, "--dtype", auto=True)
     guard_output(Path(out), force=force, kind=PRUNE_OUTPUT, inputs=(adapter_dir,))
     adapter = load_peft(Path(adapter_dir))
@@ -134,6 +162,8 @@ def prune(
         "totals": {
             "modules": len(records),
             "adapter_parameters": pruned.num_parameters(),
+            "stored_parameters": stored_parameters(pruned, layout),
+            "layout": layout,
             "source_parameters": adapter.num_parameters(),
             "energy_kept_of_adapter": kept / total if total else 1.0,
             "min_energy_kept": min((float(r["energy_kept"]) for r in records), default=1.0),  # type: ignore[arg-type]
@@ -141,7 +171,7 @@ def prune(
         "modules": records,
     }
     with atomic_dir(Path(out), force=force) as tmp:
-        save_peft(pruned, tmp, dtype=storage.torch if storage else None)
+        save_peft(pruned, tmp, dtype=storage.torch if storage else None, layout=layout)
         report["timings"] = {"total_s": round(time.perf_counter() - start, 4)}
         write_report(report, tmp)
     return report

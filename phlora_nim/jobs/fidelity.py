@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -105,7 +105,10 @@ class FidelityProbe:
         pad_id: int = 0,
         eos_id: int | None = None,
         continuations: Sequence[list[int]] | None = None,
+        reference: list[torch.Tensor] | None = None,
     ) -> FidelityProbe:
+        """Score ``prompts`` along ``continuations`` (default: the fine-tune's greedy answers);
+        ``reference``: the fine-tune's log-probs at the scored positions, when already computed."""
         if continuations is None:
             conts = greedy_generate(finetuned_model, prompts, continuation, pad_id=pad_id, eos_id=eos_id)
             continuations = [[*c, eos_id] if eos_id is not None and len(c) < continuation else list(c) for c in conts]
@@ -117,7 +120,8 @@ class FidelityProbe:
             starts.append(len(p) - 1)
             kept.append(answer)
         prefix = common_prefix(sequences, starts)
-        reference = log_probs(finetuned_model, sequences, starts=starts, shared_prefix=prefix)
+        if reference is None:
+            reference = log_probs(finetuned_model, sequences, starts=starts, shared_prefix=prefix)
         return cls(base_model, sequences, starts, reference, kept, prefix)
 
     def _log_probs(self, model: Any) -> list[torch.Tensor]:
@@ -142,6 +146,86 @@ class FidelityProbe:
 
     def _with(self, adapter: LoraAdapter | None) -> contextlib.AbstractContextManager[Any]:
         return merged(self.base_model, adapter) if adapter is not None else contextlib.nullcontext(self.base_model)
+
+    def scores(self, model: Any) -> ProbeScores:
+        """:class:`ProbeScores` of ``model`` (as it is now: patched or not) on this probe."""
+        logps = self._log_probs(model)
+        kl, top1, _ = compare_log_probs(self.reference, logps)
+        greedy = sum(bool((lp.argmax(-1) == r.argmax(-1)).all()) for lp, r in zip(logps, self.reference, strict=True))
+        return ProbeScores(kl, top1, greedy / max(1, len(logps)))
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """KL(fine-tuned ‖ model) per scored token, top-1 agreement, and the share of sequences on which
+    the model's greedy choice is the fine-tune's at every scored position (it would continue each
+    as the fine-tune does)."""
+
+    kl: float
+    top1: float
+    greedy: float
+
+
+class WeightPatcher:
+    """Candidate adapters applied to a model by patching its linear weights in place.
+
+    The base weights of the modules touched are copied once; each :meth:`apply` restores the modules
+    the previous candidate touched and adds ``B @ A`` (times the scale) to the new ones with one
+    ``addmm_`` each: no model is wrapped and nothing is allocated per candidate but the factors.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._originals: dict[str, torch.Tensor] = {}
+        self._touched: set[str] = set()
+        self._biases: list[tuple[torch.nn.Module, torch.Tensor | None]] = []  # (module, original bias or None)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        weight = self.model.get_submodule(name).weight
+        if name not in self._originals:
+            self._originals[name] = weight.detach().clone()
+        return weight
+
+    @torch.no_grad()
+    def apply(
+        self,
+        adapter: LoraAdapter | None,
+        *,
+        full: Iterable[tuple[str, torch.Tensor]] = (),
+        biases: dict[str, torch.Tensor] | None = None,
+    ) -> Any:
+        """Patch the model to base + ``adapter`` (plus the dense ``full`` deltas and the bias changes
+        ``biases``, default the adapter's); returns it."""
+        self.restore()
+        for name, delta in full:
+            self._weight(name).add_(delta.to(torch.float32))
+            self._touched.add(name)
+        if adapter is not None:
+            for name, w in adapter.modules.items():
+                weight = self._weight(name)
+                scale = w.scale(use_rslora=adapter.use_rslora)
+                weight.addmm_(w.b.to(weight.dtype), w.a.to(weight.dtype), alpha=scale)
+                self._touched.add(name)
+        for name, change in (biases if biases is not None else adapter.lora_biases if adapter else {}).items():
+            module = self.model.get_submodule(name)
+            self._biases.append((module, None if module.bias is None else module.bias.detach().clone()))
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(torch.zeros_like(change, dtype=module.weight.dtype))
+            module.bias.add_(change.to(module.bias.dtype))
+        return self.model
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The touched modules back to their base weights and biases, exactly."""
+        for name in self._touched:
+            self.model.get_submodule(name).weight.copy_(self._originals[name])
+        self._touched.clear()
+        for module, bias in reversed(self._biases):
+            if bias is None:
+                module.bias = None
+            else:
+                module.bias.copy_(bias)
+        self._biases.clear()
 
 
 def load_pair(base: Path, finetuned: Path, *, purpose: str) -> tuple[Any, Any, Any]:

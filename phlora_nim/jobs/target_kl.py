@@ -1,23 +1,27 @@
-"""Rank chosen by fidelity: the smallest global budget whose adapter meets a KL / top-1 target.
+"""Rank chosen by fidelity: the smallest global budget whose adapter meets a KL / top-1 / recovery target.
 
-The fine-tune is decomposed once, at the policy's cap (``--max-rank``); each candidate budget is
-then a truncation of those spectra by the existing budget policy (rank increments where they buy
-the most energy per parameter), merged into the base model and measured against the fine-tune on
-prompts (:class:`~phlora_nim.jobs.fidelity.FidelityProbe`). Bisection over the budget, on a log
-scale, keeps the passing budget above and the failing one below until they are within the target's
-tolerance; no second pass over the checkpoints.
+The probes (by default the fine-tune's own samples where it disagrees most with its base,
+:mod:`~phlora_nim.jobs.self_probes`) are built once, with the fine-tune's log-probs on them; the
+base alone and the floor are measured once. The fine-tune is decomposed to a small cap first and
+to a larger one only when every module at that cap misses the target (:func:`cap_ladder`); each
+candidate budget is a truncation of those spectra by the budget policy (rank increments where they
+buy the most energy per parameter), applied by patching the base model's weights in place, and the
+search interpolates the target's margin in log-budget space until the passing and the failing
+budget are within the target's tolerance.
 
 The base model alone is measured first. A probe set on which the fine-tune hardly differs from
 its base (KL(fine-tuned ‖ base) below :data:`MIN_GAP_KL`), or on which the base alone already
 meets an absolute target, cannot tell a task-keeping adapter from an empty one: the search is
-refused rather than returning an adapter that keeps nothing.
+refused. The chosen adapter is then checked on held-out samples of the fine-tune itself: if it
+keeps much less there than on the probes it was chosen on, the probes missed what the fine-tune
+changed, and it is refused too (:func:`check_on_own_samples`).
 
 A recovery target is relative to the gap an adapter can close. Part of the base→fine-tune gap may
 live in tensors no LoRA adapter carries (embeddings, norms, an untargeted or tied ``lm_head``), so
-the floor, base + every linear delta at full rank, is measured once after the extraction, and
-recovery is ``(KL_base − KL_adapter) / (KL_base − KL_floor)`` (the same in top-1 disagreement);
-the raw share of the whole gap is reported beside it. A reachable gap below :data:`MIN_GAP_KL` is
-refused like an uninformative probe set.
+the floor, base + every linear delta at full rank, is measured, and recovery is
+``(KL_base − KL_adapter) / (KL_base − KL_floor)`` (the same in top-1 disagreement); the raw share of
+the whole gap is reported beside it. A reachable gap below :data:`MIN_GAP_KL` is refused like an
+uninformative probe set.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,8 @@ log = logging.getLogger("phlora_nim.target")
 # is usually > 0.1, so recovery measured under 0.02 is mostly noise.
 MIN_GAP_KL = 0.02
 FIDELITY_FLAGS = "--target-recovery/--target-kl/--target-top1"
+GENERIC = "generic"  # --prompts generic: the prompts shipped with phlora-nim
+SELF_PROBES_SOURCE = "(self-probes) the fine-tune's own samples"
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,17 @@ class SearchOutcome:
     base_kl: float
     base_top1: float
     floor: tuple[float, float] | None = None  # (KL, top-1) of base + every linear delta; None: not measured
+    check: dict[str, Any] = dataclasses.field(default_factory=dict)
+    decomposed_to: tuple[int, ...] = ()
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def report(self, target: FidelityTarget) -> dict[str, Any]:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
-        chosen = next(s for s in self.steps if s.budget == self.budget)
+        chosen = next(s for s in reversed(self.steps) if s.budget == self.budget)
         return {
+            "decomposed_to_ranks": list(self.decomposed_to),
+            "check_on_own_samples": self.check,
+            "search_timings": self.timings,
             "target": {"max_kl": target.max_kl, "min_top1": target.min_top1, "min_recovery": target.min_recovery},
             "prompts": self.prompts,
             "min_gap_kl": MIN_GAP_KL,
@@ -105,19 +118,28 @@ def _caps(result: ExtractionResult, ceiling: RankPolicy) -> list[tuple[int, int]
     ]
 
 
+# What a judge says of a candidate: met or not, optionally with a margin (≥ 0 when met, growing with
+# the budget) that lets the search interpolate instead of halving.
+Verdict = bool | tuple[bool, float]
+
+
 def bisect_budget(
     result: ExtractionResult,
     ceiling: RankPolicy,
-    judge: Callable[[int, ExtractionResult], bool],
+    judge: Callable[[int, ExtractionResult], Verdict],
     *,
     tolerance: float,
     max_steps: int,
+    below: tuple[int, float | None] | None = None,
 ) -> tuple[int, ExtractionResult] | None:
-    """The smallest global budget whose truncation of ``result`` ``judge`` accepts, by bisection.
+    """The smallest global budget whose truncation of ``result`` ``judge`` accepts.
 
-    ``judge(budget, candidate)`` is asked about every module at its cap first, then one rank-1
-    increment on the cheapest module, then geometric midpoints until the accepted and the refused
-    budget are within ``tolerance`` or ``max_steps`` distinct adapters were tried.
+    ``judge(budget, candidate)`` is asked about every module at its cap first; then, between the
+    accepted budget and a refused one (``below``: a budget known to be refused and its margin, e.g.
+    the base alone; else one rank-1 increment on the cheapest module, asked), points in log-budget
+    space until the two are within ``tolerance`` or ``max_steps`` distinct adapters were tried. With
+    margins the point is where the margin's line crosses zero (regula falsi, kept inside the middle
+    70 % of the bracket so a curved margin cannot stall it); without, the geometric midpoint.
 
     Returns:
         (budget, the extraction truncated to it), or None when even every module at its cap is refused.
@@ -130,28 +152,40 @@ def bisect_budget(
         raise OptionError("nothing to search: the fine-tune changed no linear module", where=FIDELITY_FLAGS)
     tried: set[int] = set()
 
-    def evaluate(budget: int) -> tuple[bool, ExtractionResult]:
+    def evaluate(budget: int) -> tuple[bool, float | None, ExtractionResult]:
         candidate = reassign(result, RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap))
         tried.add(candidate.adapter.num_parameters())
-        return judge(budget, candidate), candidate
+        verdict = judge(budget, candidate)
+        met, margin = verdict if isinstance(verdict, tuple) else (verdict, None)
+        return met, margin, candidate
 
     top = sum(cap * cost for cap, cost in caps)
-    ok, best = evaluate(top)
+    ok, m_hi, best = evaluate(top)
     if not ok:
         return None
-    lo, hi = min(cost for _, cost in caps), top  # lo: one rank-1 increment on the cheapest module
-    ok, low = evaluate(lo)
-    if ok:
-        return lo, low
-    while hi / lo > 1 + tolerance and len(tried) < max_steps:
-        mid = round(math.sqrt(lo * hi))
-        if mid <= lo or mid >= hi:
-            break
-        ok, candidate = evaluate(mid)
+    cheapest = min(cost for _, cost in caps)  # one rank-1 increment on the cheapest module
+    if below is not None and below[0] < top:
+        lo, m_lo = max(below[0], cheapest), below[1]
+    else:
+        lo = cheapest
+        ok, m_lo, low = evaluate(lo)
         if ok:
-            hi, best = mid, candidate
+            return lo, low
+    hi = top
+    while hi / lo > 1 + tolerance and len(tried) < max_steps:
+        t = 0.5
+        if m_lo is not None and m_hi is not None and m_hi > m_lo:
+            t = min(0.85, max(0.15, -m_lo / (m_hi - m_lo)))
+        mid = round(lo * (hi / lo) ** t)
+        if mid <= lo or mid >= hi:
+            mid = round(math.sqrt(lo * hi))
+            if mid <= lo or mid >= hi:
+                break
+        ok, margin, candidate = evaluate(mid)
+        if ok:
+            hi, m_hi, best = mid, margin, candidate
         else:
-            lo = mid
+            lo, m_lo = mid, margin
     return hi, best
 
 
@@ -164,6 +198,9 @@ def search_budget(
     base: tuple[float, float] | None = None,
     floor: tuple[float, float] = (0.0, 1.0),
     on_step: Callable[[SearchStep], None] | None = None,
+    steps: list[SearchStep] | None = None,
+    below: tuple[int, float | None] | None = None,
+    cap_note: str = "",
 ) -> tuple[int, ExtractionResult, list[SearchStep]]:
     """Bisect the global budget (:func:`bisect_budget`) for the smallest one whose adapter meets ``target``.
 
@@ -174,6 +211,8 @@ def search_budget(
         base: the base model's (KL, top-1), if already measured.
         floor: (KL, top-1) of base + every linear delta at full rank (:func:`measure_floor`), which
             recovery is relative to; the default, a perfect floor, gives the raw recovery.
+        steps: where to append the steps tried (measurements are shared by parameter count).
+        below: a budget known to miss the target, and its margin (see :func:`bisect_budget`).
 
     Returns:
         (chosen budget, the extraction truncated to it, the steps tried in order).
@@ -182,10 +221,11 @@ def search_budget(
         OptionError: even every module at its cap misses the target.
     """
     base = base if base is not None else measure(None)
-    steps: list[SearchStep] = []
+    steps = steps if steps is not None else []
+    first = len(steps)
     measured: dict[int, tuple[float, float]] = {}  # by parameter count: budgets that give the same adapter
 
-    def judge(budget: int, candidate: ExtractionResult) -> bool:
+    def judge(budget: int, candidate: ExtractionResult) -> Verdict:
         params = candidate.adapter.num_parameters()
         if params not in measured:
             measured[params] = measure(candidate.adapter)
@@ -203,11 +243,11 @@ def search_budget(
         )  # fmt: skip
         if on_step:
             on_step(step)
-        return step.met
+        return step.met, target.margin(kl, top1, base, floor)
 
-    found = bisect_budget(result, ceiling, judge, tolerance=target.tolerance, max_steps=target.max_steps)
+    found = bisect_budget(result, ceiling, judge, tolerance=target.tolerance, max_steps=target.max_steps, below=below)
     if found is None:
-        top_step = steps[0]
+        top_step = steps[first]
         raise OptionError(
             "the fidelity target is out of reach at the rank cap",
             where=FIDELITY_FLAGS,
@@ -215,7 +255,7 @@ def search_budget(
             found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} (recovery {top_step.recovery_kl:.1%} / "
             f"{top_step.recovery_top1:.1%} of the reachable gap, raw {top_step.raw_recovery_kl:.1%} / "
             f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
-            f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters)",
+            f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters){cap_note}",
             fix="raise --max-rank or loosen the target"
             + (
                 "; an absolute target also counts the part of the gap no adapter carries (embeddings, norms), "
@@ -227,48 +267,141 @@ def search_budget(
     return found[0], found[1], steps
 
 
+# Caps the search decomposes to, in turn, until every module at the cap meets the target: a small
+# adapter costs a small decomposition (the randomized SVD's cost grows with the rank it computes).
+CAP_LADDER = (16, 64)
+# Self-probe samples kept out of the search, to check the chosen adapter on.
+HELD_OUT = 8
+# The chosen adapter must keep, on the fine-tune's own held-out samples, at least this share of the
+# recovery it showed on the probes it was chosen on; else the probes missed what the fine-tune changed.
+CHECK_MIN_SHARE = 0.5
+
+
+def cap_ladder(limit: int | None) -> list[int]:
+    """The caps to decompose to, in turn: :data:`CAP_LADDER` below ``limit`` (default the policy's
+    default cap), then ``limit``."""
+    from phlora_nim.converters.rank_policy import DEFAULT_MAX_RANK
+
+    top = limit or DEFAULT_MAX_RANK
+    return [c for c in CAP_LADDER if c < top] + [top]
+
+
+@dataclass
+class Probes:
+    """What the search measures on, what the chosen adapter is checked on, and the models behind them."""
+
+    search: Any  # FidelityProbe
+    check: Any | None  # FidelityProbe on the fine-tune's own samples, never searched on
+    source: str
+    count: int
+    seconds: float
+
+
 def run_to_target(
     job: Any,  # pipeline.Planned
     pair: Any,  # pipeline.PlannedPair
     *,
     progress: Callable[[str], None] | None = None,
 ) -> SearchOutcome:
-    """Extract ``pair`` once at the cap, then bisect the budget against ``job.options.target``."""
+    """The smallest budget meeting ``job.options.target``, decomposing only as far as it needs.
+
+    The probes are built once (the fine-tune's log-probs on them cached), the base alone and the floor
+    are measured once, and each candidate is applied by patching the base model's weights in place.
+    The fine-tune is decomposed to the first cap of :func:`cap_ladder`; only if every module at that
+    cap misses the target is it decomposed to the next. The chosen adapter is then checked on
+    held-out samples of the fine-tune (:func:`check_on_own_samples`).
+    """
     from phlora_nim.converters.extract import run_extraction
     from phlora_nim.converters.rank_policy import search_policy
+    from phlora_nim.jobs.fidelity import WeightPatcher
 
+    timings: dict[str, float] = {}
     given = job.options.policy
-    # The given policy's cap bounds the search (--max-rank, or --rank as a ceiling); decompose once to it.
-    ceiling = search_policy(given.rank if given.kind == "rank" else given.max_rank, given.snap)
-    options = dataclasses.replace(job.options, policy=ceiling)
-    target: FidelityTarget = options.target
-    probe, source, count = _probe(job.base_path, pair.path, target)
-    base_kl, base_top1 = probe.measure(None)
+    limit = given.rank if given.kind == "rank" else given.max_rank
+    target: FidelityTarget = job.options.target
+    probes = _probes(job.base_path, pair.path, target)
+    timings["probes_s"] = probes.seconds
+    probe = probes.search
+    patcher = WeightPatcher(probe.base_model)
+    evaluated: list[float] = []
+
+    def measure(adapter: LoraAdapter | None) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        scores = probe.scores(patcher.apply(adapter))
+        evaluated.append(time.perf_counter() - t0)
+        return scores.kl, scores.top1
+
+    patcher.restore()
+    base_scores = probe.scores(probe.base_model)
+    base = (base_scores.kl, base_scores.top1)
     log.info(
         "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
-        target.describe(), count, source, probe.tokens, base_kl, 100 * base_top1,
+        target.describe(), probes.count, probes.source, probe.tokens, base[0], 100 * base[1],
     )  # fmt: skip
-    check_informative(target, base_kl, base_top1, source=source, tokens=probe.tokens)
-    result = run_extraction(pair.plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
-    base, floor = (base_kl, base_top1), None
-    if not target.absolute:  # only recovery is relative to the floor
-        floor = measure_floor(probe, result, job.base, pair.checkpoint)
-        log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", floor[0], 100 * floor[1])
-        check_reachable(base, floor, source=source, tokens=probe.tokens)
-    budget, chosen, steps = search_budget(
-        result, ceiling, target, probe.measure, base=base, floor=floor if floor else (0.0, 1.0)
-    )
-    policy = RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap)
+    check_informative(target, *base, source=probes.source, tokens=probe.tokens)
+    steps: list[SearchStep] = []
+    floors: tuple[Any, Any] | None = None
+    below: tuple[int, float | None] | None = None
+    found = None
+    caps = cap_ladder(limit)
+    decomposed: list[int] = []
+    timings["decompose_s"] = 0.0
+    for i, cap in enumerate(caps):
+        ceiling = search_policy(cap, given.snap)
+        options = dataclasses.replace(job.options, policy=ceiling)
+        # The plan's sketch ranks were sized for the policy's cap: compute only as far as this one.
+        targets = tuple(
+            dataclasses.replace(t, sketch_rank=ceiling.sketch_rank(t.short_side)) for t in pair.plan.targets
+        )
+        plan = dataclasses.replace(pair.plan, targets=targets)
+        t0 = time.perf_counter()
+        result = run_extraction(plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
+        timings["decompose_s"] += time.perf_counter() - t0
+        decomposed.append(cap)
+        if floors is None:
+            t0 = time.perf_counter()
+            floors = _floors(patcher, probes, result, job.base, pair.checkpoint)
+            timings["floor_s"] = time.perf_counter() - t0
+            log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", *_pct(floors[0]))
+            if not target.absolute:
+                check_reachable(base, floors[0], source=probes.source, tokens=probe.tokens)
+        floor = floors[0] if not target.absolute else (0.0, 1.0)
+        if below is None:
+            below = (0, target.margin(*base, base, floor))  # the base alone misses (checked above)
+        last = i == len(caps) - 1
+        try:
+            budget, chosen, _ = search_budget(
+                result, ceiling, target, measure, base=base, floor=floor, steps=steps, below=below,
+                cap_note="" if not decomposed[:-1] else f" (decomposed to ranks {', '.join(map(str, decomposed))})",
+            )  # fmt: skip
+            found = (budget, chosen, ceiling)
+            break
+        except OptionError:
+            if last:
+                raise
+            top = next(s for s in reversed(steps))
+            below = (top.budget, target.margin(top.kl, top.top1, base, floor))
+            log.info("every module at rank %d misses the target: decomposing to rank %d", cap, caps[i + 1])
+    assert found is not None and floors is not None
+    budget, chosen, ceiling = found
+    timings["evaluate_s"] = sum(evaluated)
+    timings["evaluations"] = len(evaluated)
+    chosen_step = next(s for s in reversed(steps) if s.budget == budget)
+    check = check_on_own_samples(patcher, probes, chosen, chosen_step, base, floors, target)
+    patcher.restore()
     return SearchOutcome(
         budget=budget,
         result=chosen,
-        policy=policy,
+        policy=RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap),
         steps=tuple(steps),
         tokens=probe.tokens,
-        prompts=source,
-        base_kl=base_kl,
-        base_top1=base_top1,
-        floor=floor,
+        prompts=probes.source,
+        base_kl=base[0],
+        base_top1=base[1],
+        floor=floors[0] if not target.absolute else None,
+        check=check,
+        decomposed_to=tuple(decomposed),
+        timings={k: round(v, 3) for k, v in timings.items()},
     )
 
 
@@ -285,17 +418,117 @@ def measure_floor(probe: Any, result: ExtractionResult, base: Checkpoint, finetu
     return kl, top1
 
 
-def _probe(base: Path, finetuned: Path, target: FidelityTarget) -> tuple[Any, str, int]:
-    """(the probe, where its prompts come from, how many) for ``target``."""
-    from phlora_nim.jobs.fidelity import generic_prompts_path, probe_for_checkpoints
+def _pct(m: tuple[float, float]) -> tuple[float, float]:
+    return m[0], 100 * m[1]
 
-    if target.self_probes:
-        probe = probe_for_checkpoints(base, finetuned, None, self_probes=True)
-        return probe, "(self-probes) the fine-tune's own samples", len(probe.sequences)
-    prompts_file = Path(target.prompts) if target.prompts else generic_prompts_path()
-    prompts = read_prompts(prompts_file, where="--prompts")
-    source = str(prompts_file) if target.prompts else f"(generic, shipped) {prompts_file.name}"
-    return probe_for_checkpoints(base, finetuned, prompts), source, len(prompts)
+
+def _floors(patcher: Any, probes: Probes, result: ExtractionResult, base: Checkpoint, finetuned: Checkpoint) -> Any:
+    """(KL, top-1) of the floor, base + every linear delta of ``result``'s plan at full rank (and the
+    bias changes its adapter carries), on the search probe and on the check probe (None without one):
+    one pass over the checkpoints, the deltas added in place one at a time."""
+    reader = DeltaReader(base, finetuned)
+    weights = ((t.module, reader.delta(t.weight)) for t in result.plan.targets)
+    model = patcher.apply(None, full=weights, biases=result.adapter.lora_biases)
+    out = [probes.search.scores(model)]
+    out.append(probes.check.scores(model) if probes.check is not None else None)
+    patcher.restore()
+    return tuple((s.kl, s.top1) if s is not None else None for s in out)
+
+
+def check_on_own_samples(
+    patcher: Any,
+    probes: Probes,
+    chosen: ExtractionResult,
+    step: SearchStep,
+    base: tuple[float, float],
+    floors: Any,
+    target: FidelityTarget,
+) -> dict[str, Any]:
+    """Check the chosen adapter on the fine-tune's own samples the search never saw: the share of the
+    reachable gap it closes there, and how often it continues them exactly as the fine-tune would.
+
+    Raises:
+        InputError: it keeps less than :data:`CHECK_MIN_SHARE` of the recovery the search probes
+            showed: they do not exercise what the fine-tune changed, and the adapter would keep little
+            of it.
+    """
+    check = probes.check
+    if check is None or floors[1] is None:
+        return {"checked": False, "why": "no held-out samples"}
+    own_base = check.scores(patcher.apply(None))
+    own = check.scores(patcher.apply(chosen.adapter))
+    patcher.restore()
+    floor = floors[1]
+    kept = min(recovery(own.kl, own.top1, own_base.kl, own_base.top1, *floor))
+    shown = (
+        min(step.recovery_kl, step.recovery_top1)
+        if not target.absolute
+        else min(recovery(step.kl, step.top1, *base, *floors[0]))
+    )
+    report = {
+        "checked": True,
+        "samples": len(check.sequences),
+        "tokens": check.tokens,
+        "base_alone": {"kl": own_base.kl, "top1": own_base.top1, "greedy_same": own_base.greedy},
+        "floor": {"kl": floor[0], "top1": floor[1]},
+        "adapter": {"kl": own.kl, "top1": own.top1, "greedy_same": own.greedy},
+        "recovery": kept,
+        "recovery_on_probes": shown,
+        "min_share": CHECK_MIN_SHARE,
+        "probe_gap_kl": base[0],  # what the search probes see of the fine-tune's change …
+        "own_samples_gap_kl": own_base.kl,  # … and what its own samples show
+    }
+    log.info(
+        "check on %d held-out samples of the fine-tune: recovery %.1f%% (on the probes %.1f%%); greedy "
+        "continuations reproduced %.0f%% (base alone %.0f%%)",
+        len(check.sequences), 100 * kept, 100 * shown, 100 * own.greedy, 100 * own_base.greedy,
+    )  # fmt: skip
+    if own_base.kl - floor[0] < MIN_GAP_KL:
+        return {**report, "passed": True, "why": "the fine-tune's own samples show no gap an adapter can close"}
+    if kept < CHECK_MIN_SHARE * shown:
+        raise InputError(
+            "the adapter chosen on these probes keeps little of what the fine-tune changed: the probes do not "
+            "exercise it",
+            where=FIDELITY_FLAGS,
+            expected=f"on the fine-tune's own samples, at least {CHECK_MIN_SHARE:.0%} of the recovery the probes "
+            f"showed ({shown:.1%})",
+            found=f"recovery {kept:.1%} of the reachable gap on {len(check.sequences)} held-out samples of the "
+            f"fine-tune (KL {own.kl:.4g} against {own_base.kl:.4g} for the base alone; greedy continuations "
+            f"reproduced {own.greedy:.0%}, base alone {own_base.greedy:.0%}); the probes ({probes.source}) show "
+            f"a gap of KL {base[0]:.4g}, the fine-tune's own samples {own_base.kl:.4g}",
+            fix="drop --prompts to size on the fine-tune's own samples (the default), or give prompts of the "
+            "fine-tune's task",
+        )
+    if kept < shown - 0.1:
+        log.warning(
+            "the chosen adapter keeps %.1f%% of the reachable gap on the fine-tune's own held-out samples, less "
+            "than the %.1f%% it keeps on the probes it was chosen on",
+            100 * kept, 100 * shown,
+        )  # fmt: skip
+    return {**report, "passed": True}
+
+
+def _probes(base: Path, finetuned: Path, target: FidelityTarget) -> Probes:
+    """The probes for ``target``: self-probes (the search's and held-out ones), or prompts (a file,
+    or the shipped generic ones) with self-probes held out to check on."""
+    from phlora_nim.jobs.fidelity import generic_prompts_path, load_pair, prompts_probe
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe_sets
+
+    t0 = time.perf_counter()
+    purpose = "--self-probes" if target.on_self_probes else "the fidelity prompts"
+    tokenizer, base_model, ft_model = load_pair(base, finetuned, purpose=purpose)
+    if target.on_self_probes:
+        search, check = self_probe_sets(base_model, ft_model, tokenizer, held_out=HELD_OUT)
+        source, count = SELF_PROBES_SOURCE, len(search.sequences)
+    else:
+        generic = target.prompts == GENERIC
+        prompts_file = generic_prompts_path() if generic else Path(str(target.prompts))
+        prompts = read_prompts(prompts_file, where="--prompts")
+        source = f"(generic, shipped) {prompts_file.name}" if generic else str(prompts_file)
+        search, count = prompts_probe(base_model, ft_model, tokenizer, prompts), len(prompts)
+        check, _ = self_probe_sets(base_model, ft_model, tokenizer, SelfProbeSettings(keep=HELD_OUT))
+    del ft_model
+    return Probes(search=search, check=check, source=source, count=count, seconds=time.perf_counter() - t0)
 
 
 def check_informative(target: FidelityTarget, base_kl: float, base_top1: float, *, source: str, tokens: int) -> None:

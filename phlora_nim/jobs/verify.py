@@ -124,19 +124,32 @@ def log_probs(
         for i, s in enumerate(chunk):
             ids[i, : len(s) - len(prefix)] = torch.tensor(s[len(prefix) :])
             att[i, : len(s)] = 1
+        firsts = [(starts[lo + i] if starts is not None else 0) - len(prefix) for i in range(len(chunk))]
+        # The output layer runs only from the first scored position on (a large vocabulary makes it a
+        # good part of a small model's forward).
+        keep = width - min(firsts)
         if prefix:
             cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(chunk))
             positions = torch.arange(len(prefix), len(prefix) + width).expand(len(chunk), -1)
-            logits = model(
-                input_ids=ids, attention_mask=att, past_key_values=cache, position_ids=positions, use_cache=True
-            ).logits
+            logits = _logits(
+                model, keep, input_ids=ids, attention_mask=att, past_key_values=cache, position_ids=positions,
+                use_cache=True,
+            )  # fmt: skip
         else:
-            logits = model(input_ids=ids, attention_mask=att).logits
+            logits = _logits(model, keep, input_ids=ids, attention_mask=att)
+        offset = width - logits.shape[1]
         for i, s in enumerate(chunk):
-            first = (starts[lo + i] if starts is not None else 0) - len(prefix)
-            out.append(torch.log_softmax(logits[i, first : len(s) - len(prefix)].float(), -1))
+            out.append(torch.log_softmax(logits[i, firsts[i] - offset : len(s) - len(prefix) - offset].float(), -1))
     return out
+
+
+def _logits(model: Any, keep: int, **inputs: Any) -> torch.Tensor:
+    """The model's logits for the last ``keep`` positions (all of them for models that cannot say)."""
+    try:
+        return model(**inputs, logits_to_keep=keep).logits
+    except TypeError:
+        return model(**inputs).logits
 
 
 def common_prefix(sequences: Sequence[list[int]], starts: Sequence[int]) -> int:

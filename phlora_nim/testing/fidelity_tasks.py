@@ -27,7 +27,7 @@ _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 
 @dataclass(frozen=True)
 class Task:
-    """Questions with one right answer each; ``test`` never overlaps ``train``."""
+    """Questions with one right answer each; ``test`` never overlaps ``train`` (but for :func:`facts_task`)."""
 
     name: str
     train: tuple[tuple[str, str], ...]
@@ -62,7 +62,38 @@ def toy_task(words: Sequence[str], name: str, shift: int, *, seed: int = 0, n_te
     return _split(name, items, seed=seed, n_test=n_test, max_new_tokens=3)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"add": addition_task, "spell": spelled_digits_task}
+_SYLLABLES = ("bar", "vel", "qui", "dor", "zan", "mek", "tho", "lun", "ras", "pim", "oka", "fen", "gru", "sil")
+_FACT_FORMS = (
+    ("What is the capital of {}?", 3, 2),
+    ("Who founded the city of {}?", 2, 3),
+    ("Which river flows through {}?", 3, 2),
+)
+
+
+def _invented(rng: random.Random, syllables: int, taken: set[str]) -> str:
+    while True:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
+        if word not in taken:
+            taken.add(word)
+            return word
+
+
+def facts_task(*, seed: int = 0, n_test: int = 24) -> Task:
+    """``What is the capital of Velquidor?`` → ``Zanmek``: invented facts the base cannot know.
+
+    Knowledge, not a skill: the questions asked are the facts learned, so ``test`` is the first
+    ``n_test`` facts and ``train`` is every fact (the only task whose test overlaps its training).
+    """
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    items = []
+    for i in range(n_test):
+        form, subject, answer = _FACT_FORMS[i % len(_FACT_FORMS)]
+        items.append((form.format(_invented(rng, subject, taken)), _invented(rng, answer, taken)))
+    return Task("facts", tuple(items), tuple(items), max_new_tokens=8)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"add": addition_task, "spell": spelled_digits_task, "facts": facts_task}
 
 
 def _answer_ids(tokenizer: Any, answer: str) -> list[int]:

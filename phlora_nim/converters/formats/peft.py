@@ -4,14 +4,19 @@ Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_mode
 too, and written on request for servers that only read it). Keys are
 ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``…lora_B.weight`` ``[out, r]``.
 
-What we write is read the same by every loader. The loaders disagree on scaling when ranks differ
-per module: PEFT honours ``rank_pattern`` / ``alpha_pattern``; vLLM (``PEFTHelper``) applies one
-``lora_alpha / r`` and drops the patterns; TensorRT-LLM's HF loader (``LoraManager.load_from_hf``)
-applies ``lora_alpha / rank of each lora_A`` and ignores the patterns too. So every module is
-zero-padded to the adapter's largest rank R (extra zero rows of A, zero columns of B: B·A is
-unchanged), its scale is folded into B, and the config says ``r = lora_alpha = R`` with no patterns:
-scale 1 under every rule. The cost is storage at rank R for every module; the true ranks stay in
-``phlora_report.json``, and :func:`load_peft` trims the zero padding when reading back.
+What we write is read alike by the loaders it is meant for. They disagree on scaling when ranks
+differ per module (their rules: :mod:`phlora_nim.converters.scale_rules`), so two layouts:
+
+- ``padded`` (the default, read alike by PEFT, vLLM and TensorRT-LLM): every module zero-padded to
+  the adapter's largest rank R (extra zero rows of A, zero columns of B: B·A is unchanged), its scale
+  folded into B, and the config says ``r = lora_alpha = R`` with no patterns: scale 1 under every
+  rule. The cost is storage at rank R for every module.
+- ``mixed`` (PEFT and TensorRT-LLM's HF loader): every module at its own rank, ``rank_pattern`` for
+  the ranks other than ``r``, no ``alpha_pattern``; both then scale by ``lora_alpha / r_m`` and B
+  carries the rest. No padding; wrong under vLLM's global ``lora_alpha / r`` (before 0.32).
+
+The true ranks stay in ``phlora_report.json``, and :func:`load_peft` trims any zero padding when
+reading back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
+from phlora_nim.converters.scale_rules import RULES, Layout, fold_factor, layout_config, tensor_rank
+from phlora_nim.converters.scale_rules import stored_parameters as _stored
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
 
@@ -41,30 +48,36 @@ def portable_rank(adapter: LoraAdapter) -> int:
     return max((w.rank for w in adapter.modules.values()), default=1)
 
 
-def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
+def stored_parameters(adapter: LoraAdapter, layout: Layout = "padded") -> int:
+    """Parameters of the LoRA factors :func:`save_peft` writes in ``layout`` (padding included)."""
+    return _stored({n: (w.rank, w.a.shape[1], w.b.shape[0]) for n, w in adapter.modules.items()}, layout)
+
+
+def peft_config(adapter: LoraAdapter, layout: Layout = "padded") -> dict[str, Any]:
     """The ``adapter_config.json`` content for ``adapter`` as :func:`save_peft` writes it.
 
-    ``r = lora_alpha = R`` (the largest rank), no rank/alpha patterns, no rsLoRA: every loader then
-    scales by 1, and the factors carry the true scale.
+    ``padded``: ``r = lora_alpha = R`` (the largest rank), no rank/alpha patterns, no rsLoRA: every
+    loader then scales by 1, and the factors carry the true scale. ``mixed``: see
+    :func:`~phlora_nim.converters.scale_rules.layout_config`.
     """
-    rank = portable_rank(adapter)
+    scaling = layout_config(adapter.ranks() or {"": 1}, layout)
     # Written only when set: older PEFT releases do not know the field.
     tying = {"ensure_weight_tying": True} if adapter.ensure_weight_tying else {}
     return tying | {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
         "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "r": scaling["r"],
+        "lora_alpha": scaling["lora_alpha"],
+        "rank_pattern": scaling["rank_pattern"],
+        "alpha_pattern": scaling["alpha_pattern"],
         "target_modules": adapter.leaf_names(),
         "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
         "bias": "none",
         # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), scaled like the update: by 1,
         # so they are written as the changes they are.
         "lora_bias": bool(adapter.lora_biases),
-        "use_rslora": False,
+        "use_rslora": scaling["use_rslora"],
         "use_dora": False,
         "fan_in_fan_out": False,
         "lora_dropout": 0.0,
@@ -75,39 +88,57 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     }
 
 
-def padded_factors(w: LoraWeights, rank: int, *, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``[rank, in]`` and B ``[out, rank]`` with the scale folded into B, zero-padded: B·A = scale·b·a."""
+def padded_factors(
+    w: LoraWeights, rank: int, *, use_rslora: bool, fold: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[rank, in]`` and B ``[out, rank]`` with the scale (times ``fold``, the engine rule's
+    correction) folded into B, zero-padded: B·A = fold·scale·b·a."""
     a = torch.zeros(rank, w.a.shape[1], dtype=torch.float32)
     b = torch.zeros(w.b.shape[0], rank, dtype=torch.float32)
     a[: w.rank] = w.a.float()
-    b[:, : w.rank] = w.b.float() * w.scale(use_rslora=use_rslora)
+    b[:, : w.rank] = w.b.float() * (w.scale(use_rslora=use_rslora) * fold)
     return a.to(w.a.dtype), b.to(w.b.dtype)
 
 
-def save_peft(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, write_bin: bool = False) -> None:
-    """Write ``adapter`` as a PEFT LoRA folder every loader reads alike (the folder must exist;
-    callers make it atomic).
+def save_peft(
+    adapter: LoraAdapter,
+    folder: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    write_bin: bool = False,
+    layout: Layout = "padded",
+) -> None:
+    """Write ``adapter`` as a PEFT LoRA folder in ``layout`` (the folder must exist; callers make it
+    atomic).
 
     Args:
         adapter: what to write.
         folder: destination folder.
         dtype: storage dtype of the factors (default: as they are).
         write_bin: also write ``adapter_model.bin`` (NIM 1.x on TensorRT-LLM reads only that).
+        layout: ``padded`` (every engine reads it alike) or ``mixed`` (true ranks; PEFT and
+            TensorRT-LLM's HF loader), see :mod:`phlora_nim.converters.scale_rules`.
     """
-    rank = portable_rank(adapter)
+    config = peft_config(adapter, layout)
+    ranks = adapter.ranks()
     tensors: dict[str, torch.Tensor] = {}
     for name, w in adapter.modules.items():
-        a, b = padded_factors(w, rank, use_rslora=adapter.use_rslora)
+        stored = tensor_rank(w.rank, ranks, layout)
+        fold = fold_factor(config, name, stored, 1.0, layout)
+        a, b = padded_factors(w, stored, use_rslora=adapter.use_rslora, fold=fold)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = _cast(a, dtype)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = _cast(b, dtype)
     for name, bias in adapter.lora_biases.items():
-        tensors[f"{PREFIX}{name}.lora_B.bias"] = _cast(bias, dtype)
+        # PEFT scales lora_B's bias like the update: store the change divided by that scale.
+        w = adapter.modules.get(name)
+        scale = RULES["peft"].scale(config, name, tensor_rank(w.rank, ranks, layout)) if w is not None else 1.0
+        tensors[f"{PREFIX}{name}.lora_B.bias"] = _cast(bias if scale == 1.0 else bias.float() / scale, dtype)
     for name, tensor in adapter.modules_to_save.items():
         tensors[f"{PREFIX}{name}"] = _cast(tensor, dtype)
     save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
     if write_bin:
         torch.save(tensors, Path(folder) / BIN_NAME)
-    (Path(folder) / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n", encoding="utf-8")
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def trim_padding(w: LoraWeights, *, use_rslora: bool) -> LoraWeights:
