@@ -20,9 +20,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
+from phlora_nim.engines.trtllm_llmapi.transport import LORA_INPUTS as LLMAPI_LORA_INPUTS
 from phlora_nim.router.errors import RequestError, shown
 
-LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")
+# The router sets these (a client naming a server path in lora_path would make replicas read it).
+LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config", *LLMAPI_LORA_INPUTS)
 ADAPTER_PARAMETER = "lora_adapter"
 ADAPTER_METADATA = "phlora-adapter"
 
