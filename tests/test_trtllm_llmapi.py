@@ -28,7 +28,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.core.errors import InputError
+from phlora_nim.core.errors import InputError, PhloraError
 from phlora_nim.engines.trtllm_llmapi import interface, model_yaml, transport
 from phlora_nim.engines.trtllm_llmapi.adapter_folder import save_for_trtllm
 from phlora_nim.engines.trtllm_llmapi.loader_rule import TRTLLM_TO_HF, LoaderError, load_for_trtllm, trtllm_modules_of
@@ -395,3 +395,66 @@ def test_reference_error_texts(reference_server) -> None:
         _ask(client, "a b", 2, (5, "x", "/nowhere/x"))
     with pytest.raises(InferenceServerException, match=r"lora_ckpt_source must be one of \('hf', 'nemo'\), got 'npy'"):
         _ask(client, "a b", 2, (11, "support", str(adapters["support"][1])), lora_ckpt_source="npy")
+
+
+# ---------------------------------------------------------------- convert for the llmapi engine
+
+
+def _job(base, fts, names, repo, **kw):
+    from phlora_nim.engines.registry import engine
+    from phlora_nim.jobs.convert_llmapi import LlmapiJob
+
+    policy = kw.pop("policy", RankPolicy(rank=4))
+    target = kw.pop("target_modules", None)
+    return LlmapiJob(
+        base=base,
+        finetuned=tuple(fts),
+        names=tuple(names),
+        repository=repo,
+        options=ExtractOptions(policy=policy, target_modules=target),
+        engine=engine(kw.pop("backend", "trtllm-cpu")),
+        **kw,
+    )
+
+
+def test_convert_writes_the_repository_and_widens_model_yaml(llama_finetunes, tmp_path: Path) -> None:
+    import yaml
+
+    from phlora_nim.jobs.convert_llmapi import convert_llmapi, store_dir
+    from phlora_nim.repository.registry import Registry
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    job = _job(base, fts[:1], ["support"], repo, target_modules=r".*\.(q_proj|v_proj)")
+    (support,) = convert_llmapi(job)
+    cfg = text_format.Parse((repo / "tensorrt_llm/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [t.name for t in cfg.input] == [t[0] for t in UPSTREAM_INPUTS]
+    data = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
+    assert data["lora_config"]["lora_target_modules"] == ["attn_q", "attn_v"]
+    assert data["lora_config"]["max_lora_rank"] == 4
+    assert support.entry.lora_path == str(store_dir(repo.resolve(), support.entry.task_id))
+    assert (Path(support.entry.lora_path) / "adapter_config.json").is_file()
+    job2 = _job(base, fts[1:2], ["legal"], repo, policy=RankPolicy(rank=6))
+    convert_llmapi(job2)
+    data = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
+    assert data["lora_config"]["max_lora_rank"] == 6
+    assert set(data["lora_config"]["lora_target_modules"]) > {"attn_q", "attn_v", "attn_dense", "mlp_4h_to_h"}
+    assert any("widened" in n for n in job2.notes) and any("4 → 6" in n for n in job2.notes)
+    assert set(Registry(repo).read().adapters) == {"support", "legal"}
+
+
+def test_convert_refuses_with_nothing_written(llama_finetunes, tmp_path: Path) -> None:
+    from phlora_nim.jobs.convert_llmapi import convert_llmapi
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    with pytest.raises(PhloraError, match="store path Triton cannot see"):
+        convert_llmapi(_job(base, fts[:1], ["a"], repo, served_root="/models"))
+    assert not repo.exists()
+    fixed = tmp_path / "model.yaml"
+    model_yaml.write(fixed, model_yaml.LlmapiConfig(model=str(base), lora_target_modules=("attn_q",), max_lora_rank=2))
+    with pytest.raises(
+        PhloraError, match=r"a: modules .*not in lora_target_modules \[attn_q\].*rank 4 > max_lora_rank 2"
+    ):
+        convert_llmapi(_job(base, fts[:1], ["a"], repo, model_yaml=fixed, fixed=True, backend="trtllm"))
+    assert not repo.exists()
