@@ -35,6 +35,8 @@ class Engine:
         summary: one line for ``--help``.
         cpu_reference: the engine is phlora-nim's own CPU reference of another (runs here, no GPU).
         aliases: earlier names still accepted (repositories written before keep them in their settings).
+        triton_releases: the Triton backend releases whose config.pbtxt input names the engine's
+            repository can be written for (``--trtllm-version``), the default first.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Engine:
     summary: str
     cpu_reference: bool = False
     aliases: tuple[str, ...] = field(default=())
+    triton_releases: tuple[str, ...] = field(default=())
 
     def module(self, name: str) -> ModuleType:
         """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
@@ -77,6 +80,8 @@ ENGINES: tuple[Engine, ...] = (
         versions="TensorRT-LLM ≤ 1.3.0rc20 (C++ inflight_batcher_llm backend), NIM 1.x",
         summary="compiled TensorRT engines on Triton's tensorrtllm backend: npy LoRA tensors, lora_task_id",
         aliases=("tensorrtllm",),
+        # v0.20.0 renamed random_seed → seed (tensorrtllm_backend commit c2e65b8, 2025-05-13).
+        triton_releases=("0.20", "0.19"),
     ),
     Engine(
         name="trtllm-legacy-cpu",
@@ -87,8 +92,13 @@ ENGINES: tuple[Engine, ...] = (
         summary="CPU reference of the legacy tensorrt_llm model on the real tritonserver (tests, demo)",
         cpu_reference=True,
         aliases=("reference",),
+        triton_releases=("0.20", "0.19"),
     ),
 )
+
+
+# What `convert` writes when no --backend is given: the CPU reference, so that a repository runs here.
+DEFAULT_ENGINE = "trtllm-legacy-cpu"
 
 
 def engine(name: str) -> Engine:

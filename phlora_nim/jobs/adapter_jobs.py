@@ -10,21 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
-from phlora_nim.core.atomic import atomic_dir, check_output_dir
-from phlora_nim.core.dtypes import DTYPES, parse_dtype
-from phlora_nim.core.errors import OptionError
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.peft import load_peft, save_peft
-from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine, save_trtllm
-from phlora_nim.core.json_files import read_json
-from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.converters.report import write_report
+from phlora_nim.core.atomic import atomic_dir, check_output_dir
+from phlora_nim.core.dtypes import DTYPES, parse_dtype
+from phlora_nim.core.errors import OptionError
+from phlora_nim.core.json_files import read_json
+from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
+from phlora_nim.engines.trtllm_legacy.tensors import adapter_to_trtllm, check_engine, save_trtllm
 from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_files
 
 log = logging.getLogger("phlora_nim")
+
+# export --format values (file formats, not engines: "trtllm" is the legacy npy pair)
+NPY_FORMAT = "trtllm"
+EXPORT_FORMATS = ("peft", NPY_FORMAT, "nim")
 
 
 def extract(
@@ -161,7 +165,7 @@ def export(
     Raises:
         PhloraError: unreadable adapter, bad options, or an adapter the engine would reject.
     """
-    if fmt not in ("peft", "trtllm", "nim"):
+    if fmt not in EXPORT_FORMATS:
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
     storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
@@ -176,14 +180,14 @@ def export(
         pretrained = (engine or {}).get("pretrained_config") or {}
         trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
     lora = None
-    if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
+    if fmt == NPY_FORMAT or (fmt == "nim" and with_trtllm):
         lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp, strict=strict)
         if engine is not None:
             check_engine(lora, engine, where=str(engine_config))
     with atomic_dir(target, force=force) as tmp:
         if fmt == "peft":
             save_peft(adapter, tmp, dtype=storage.torch if storage else None)
-        elif fmt == "trtllm":
+        elif fmt == NPY_FORMAT:
             assert lora is not None
             save_trtllm(lora, tmp, source=str(adapter_dir))
         else:

@@ -9,8 +9,8 @@ request: …``). Adapters are PEFT folders read from ``lora_path`` with TensorRT
 on next use, as the engine does. A request's text is tokenized with the base's tokenizer
 (``add_special_tokens``, as ``SamplingParams`` does by default), generation is greedy unless sampling
 parameters ask otherwise, ``max_tokens`` defaults to 32 and the answer is the generated text only.
-Generation runs on :class:`~phlora_nim.triton.reference_engine.ReferenceEngine` (one batched forward
-per step for all requests of an ``execute``, mixing adapters).
+Generation runs on :class:`~phlora_nim.triton.multi_lora.MultiLoraModel` (one batched forward per step
+for all requests of an ``execute``, mixing adapters).
 """
 
 from __future__ import annotations
@@ -24,18 +24,63 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
+from phlora_nim.converters.architecture import find_map
 from phlora_nim.engines.trtllm_llmapi import interface, model_yaml
 from phlora_nim.engines.trtllm_llmapi.loader_rule import LoaderError, effective_targets, load_for_trtllm
-from phlora_nim.triton.lora_cache import LoraTask
-from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine
+from phlora_nim.triton.multi_lora import GenerationRequest, MultiLoraModel
 
 log = logging.getLogger("phlora_nim.reference")
 
 
 class RequestFailed(Exception):
     """A request the model answers with an error (the text as TensorRT-LLM's model would send it)."""
+
+
+Key = tuple[str, int]  # (TensorRT-LLM module, layer)
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """An adapter as the model applies it: factors per wrapped (module, layer)."""
+
+    lora_id: int
+    factors: dict[Key, tuple[torch.Tensor, torch.Tensor]]
+
+
+class LlmapiEngine(MultiLoraModel):
+    """The base with every linear TensorRT-LLM applies LoRA to wrapped, keyed by (its module name, layer).
+
+    A fused linear takes one key per part (the architecture map's TensorRT-LLM rows): Phi-3's
+    ``gate_up_proj`` is ``mlp_h_to_4h`` on the gate half and ``mlp_gate`` on the up half.
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: str) -> None:
+        super().__init__(model, dtype=dtype)
+        config = model.config.to_dict()
+        amap = find_map(config)
+        if amap is None:
+            raise ValueError(f"no architecture map for model_type {config.get('model_type')!r}")
+        self.modules: dict[Key, tuple[int, int]] = {}  # (in, out) of each key's block
+        targets = []
+        for path, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            hit = amap.match(path)
+            if hit is None or hit[1] is None or not hit[0].trtllm_rows:
+                continue
+            names = hit[0].trtllm_rows
+            width = module.out_features // len(names)
+            parts = []
+            for k, name in enumerate(names):
+                self.modules[(name, hit[1])] = (module.in_features, width)
+                parts.append(((name, hit[1]), slice(k * width, (k + 1) * width)))
+            targets.append((path, module, parts))
+        if not targets:
+            raise ValueError(f"no LoRA-able linear modules recognised in {type(model).__name__}")
+        self.wrap(targets)
 
 
 @dataclass(frozen=True)
@@ -48,14 +93,14 @@ class LoraRequest:
 class AdapterLru:
     """``max_loras`` adapters by ``lora_id``, least recently used evicted; misses load from the path."""
 
-    def __init__(self, engine: ReferenceEngine, config: model_yaml.LlmapiConfig) -> None:
+    def __init__(self, engine: LlmapiEngine, config: model_yaml.LlmapiConfig) -> None:
         self.engine = engine
         self.config = config
         self.targets = effective_targets(config.lora_target_modules)
-        self.held: OrderedDict[int, LoraTask] = OrderedDict()
+        self.held: OrderedDict[int, LoadedLora] = OrderedDict()
         self.loads = 0  # folders read (first use and reloads after eviction)
 
-    def get(self, req: LoraRequest) -> LoraTask:
+    def get(self, req: LoraRequest) -> LoadedLora:
         task = self.held.get(req.lora_id)
         if task is not None:
             self.held.move_to_end(req.lora_id)
@@ -68,7 +113,7 @@ class AdapterLru:
             log.info("LoRA %d evicted (max_loras %d)", evicted, self.config.max_loras)
         return task
 
-    def _load(self, req: LoraRequest) -> LoraTask:
+    def _load(self, req: LoraRequest) -> LoadedLora:
         try:
             loaded = load_for_trtllm(
                 Path(req.path),
@@ -82,22 +127,23 @@ class AdapterLru:
                 f"LoRA rank {loaded.max_rank} of {req.path} exceeds "
                 f"lora_config.max_lora_rank {self.config.max_lora_rank}"
             )
-        factors = {}
+        factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         for (layer, module), (a, b) in loaded.factors.items():
             parts = [(module, b)]
-            key = (TRTLLM_MODULE_IDS[module], layer)
-            if key not in self.engine.modules and module == "mlp_gate_up":
-                half = b.shape[0] // 2  # the reference wraps a fused gate_up as its gate and up halves
+            if (module, layer) not in self.engine.modules and module == "mlp_gate_up":
+                half = b.shape[0] // 2  # the fused linear is wrapped as its gate and up halves
                 parts = [("mlp_h_to_4h", b[:half]), ("mlp_gate", b[half:])]
             for name, rows in parts:
-                key = (TRTLLM_MODULE_IDS[name], layer)
-                if key not in self.engine.modules:
+                dims = self.engine.modules.get((name, layer))
+                if dims is None:
                     raise RequestFailed(f"LoRA module {name} of layer {layer} has no counterpart in the served model")
-                if a.abs().sum() == 0 and rows.abs().sum() == 0:
-                    continue  # zero-filled q/k/v: no effect
-                factors[key] = (a, rows)
-        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
-        return LoraTask(task_id=req.lora_id, factors=factors, nbytes=nbytes)
+                if (a.shape[1], rows.shape[0]) != dims:
+                    raise RequestFailed(
+                        f"LoRA module {name} of layer {layer}: A [{a.shape[0]}, {a.shape[1]}], B [{rows.shape[0]}, "
+                        f"{a.shape[0]}] do not fit the layer ({dims[0]} inputs, {dims[1]} outputs)"
+                    )
+                factors[(name, layer)] = (a, rows)
+        return LoadedLora(lora_id=req.lora_id, factors=factors)
 
 
 def _scalar(value: np.ndarray | None) -> Any:
@@ -148,9 +194,8 @@ class LlmapiReferenceModel:
         self.config = model_yaml.read(yaml_path)
         dtype = dict(self.config.extra).get("dtype", "float32")
         dtype = "float32" if dtype in ("auto", None) else str(dtype)
-        self.engine = ReferenceEngine.load(
-            Path(self.config.model), dtype=dtype, max_lora_rank=self.config.max_lora_rank
-        )
+        model = LlmapiEngine.load_causal_lm(Path(self.config.model), dtype=dtype)
+        self.engine = LlmapiEngine(model, dtype=dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         eos = self.tokenizer.eos_token_id
         self.end_id = int(eos) if eos is not None else -1
