@@ -458,3 +458,30 @@ def test_convert_refuses_with_nothing_written(llama_finetunes, tmp_path: Path) -
     ):
         convert_llmapi(_job(base, fts[:1], ["a"], repo, model_yaml=fixed, fixed=True, backend="trtllm"))
     assert not repo.exists()
+
+
+def test_cli_convert_for_trtllm(llama_finetunes, tmp_path: Path, run_cli) -> None:
+    """The GPU engine: repository, model.yaml covering both adapters, and how to get NVIDIA's model files."""
+    import yaml
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    args = ["convert", "--base", base, "--finetuned", fts[0], "--finetuned", fts[1], "--name", "support"]
+    args += ["--name", "legal", "-m", repo, "--backend", "trtllm", "--rank", "4", "--served-path", "/models"]
+    code, out, err = run_cli(*args, "--max-loras", "2", "--max-cpu-loras", "4")
+    assert code == 0, err
+    cfg = text_format.Parse((repo / "tensorrt_llm/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in cfg.input] == [
+        (n, d) for n, d, _, _ in UPSTREAM_INPUTS
+    ]
+    data = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
+    assert data["lora_config"]["max_loras"] == 2 and data["lora_config"]["max_cpu_loras"] == 4
+    for folder in (repo / "tensorrt_llm/lora_store").iterdir():
+        modules, rank = trtllm_modules_of(folder)
+        assert (
+            modules <= set(data["lora_config"]["lora_target_modules"]) and rank <= data["lora_config"]["max_lora_rank"]
+        )
+    assert not (repo / "tensorrt_llm/1/model.py").exists()  # NVIDIA's, put in place from the container
+    assert "git clone --depth 1 --branch" in out and "/models/tensorrt_llm/1" in out and "helpers.py" in out
+    code, _, err = run_cli(*args, "--engine-dir", "/engines/x")
+    assert code == 2 and "--engine-dir" in err and "do not apply to --backend trtllm" in err
