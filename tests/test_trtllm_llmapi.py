@@ -485,3 +485,29 @@ def test_cli_convert_for_trtllm(llama_finetunes, tmp_path: Path, run_cli) -> Non
     assert "git clone --depth 1 --branch" in out and "/models/tensorrt_llm/1" in out and "helpers.py" in out
     code, _, err = run_cli(*args, "--engine-dir", "/engines/x")
     assert code == 2 and "--engine-dir" in err and "do not apply to --backend trtllm" in err
+
+
+def test_id_collision_is_refused_and_remove_schedules_the_folder(llama_finetunes, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from phlora_nim.jobs.convert_llmapi import convert_llmapi, store_dir
+    from phlora_nim.jobs.maintenance import remove_adapter
+    from phlora_nim.repository.registry import Registry
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    (first,) = convert_llmapi(_job(base, fts[:1], ["a"], repo))
+    folder = store_dir(repo, first.entry.task_id)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] * 2  # other weights under the same id
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    before = (repo / "phlora_registry.json").read_text()
+    with pytest.raises(PhloraError, match="lora_id collision"):
+        convert_llmapi(_job(base, fts[:2], ["a", "b"], repo))
+    assert (repo / "phlora_registry.json").read_text() == before, "nothing registered"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], "nothing moved into the store"
+    remove_adapter(repo, "a", grace=30)
+    state = Registry(repo).read()
+    assert "a" not in state.adapters
+    assert any(p.path.endswith(f"lora_store/{first.entry.task_id}") for p in state.pending_deletions)

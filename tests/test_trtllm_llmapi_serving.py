@@ -153,3 +153,17 @@ def test_vanished_files_are_unavailable_while_registered(stack) -> None:
     finally:
         shutil.move(aside, folder)
     assert _grpc(stack["router"].address, "legal", "a b")
+
+
+def test_a_removed_adapter_is_not_found(stack) -> None:
+    """Last (it removes an adapter): whether the router has re-read the registry yet or learns from the
+    engine that the path is gone, the client gets NOT_FOUND, never INTERNAL."""
+    from phlora_nim.jobs.maintenance import remove_adapter
+
+    entry = stack["entries"]["legal"]
+    _grpc(stack["router"].address, "support", "a b")  # evicts legal (max_loras 1)
+    remove_adapter(stack["repo"], "legal", grace=3600)
+    shutil.rmtree(entry.lora_path)
+    with pytest.raises(InferenceServerException) as info:
+        _grpc(stack["router"].address, "legal", "a b")
+    assert info.value.status() == "StatusCode.NOT_FOUND"

@@ -19,6 +19,7 @@ Layout (inside the ``tensorrt_llm`` model folder, which Triton skips but for ``1
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,29 +33,25 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter, adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.core.atomic import atomic_write_text
+from phlora_nim.converters.formats.peft import WEIGHTS_NAME
 from phlora_nim.core.errors import OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.engines.registry import Engine
 from phlora_nim.engines.trtllm_llmapi import model_yaml
 from phlora_nim.engines.trtllm_llmapi.adapter_folder import check_servable, modules_and_rank, save_for_trtllm
-from phlora_nim.engines.trtllm_llmapi.deploy import write_model, yaml_path
+from phlora_nim.engines.trtllm_llmapi.deploy import STORE, store_dir, write_model, yaml_path
 from phlora_nim.engines.trtllm_llmapi.interface import MODEL_NAME
 from phlora_nim.engines.trtllm_llmapi.loader_rule import trtllm_modules_of
 from phlora_nim.engines.trtllm_llmapi.upstream_files import instructions
 from phlora_nim.jobs.pipeline import Extracted, extract_adapter, planned, write_report_files
 from phlora_nim.repository.layout import DEFAULT_GRACE_S, REGISTRY_FILE, SETTINGS_FILE, base_tokenizer_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.repository.tokenizer_files import copy_tokenizer_files
 
 log = logging.getLogger("phlora_nim")
 
-STORE = f"{MODEL_NAME}/lora_store"
-
-
-def store_dir(root: Path, lora_id: int) -> Path:
-    """The PEFT folder of the adapter weights with ``lora_id`` (content-keyed: a path never holds other weights)."""
-    return Path(root) / STORE / str(int(lora_id))
+__all__ = ["STORE", "Converted", "LlmapiJob", "convert_llmapi", "store_dir"]
 
 
 @dataclass(frozen=True)
@@ -255,7 +252,8 @@ def convert_llmapi(
             write_report_files(ex.report, folder, plot=False)
             staged[name] = folder
         with Registry(root).locked() as state:
-            for name, ex, t0 in extracted:
+            planned_entries = []
+            for name, ex, t0 in extracted:  # registered first, nothing moved: a refusal leaves all as it was
                 old = state.adapters.get(name)
                 digest = adapter_digest(ex.adapter)
                 entry = state.add(
@@ -266,14 +264,17 @@ def convert_llmapi(
                     sources={"base": str(Path(job.base).resolve()), "finetuned": str(ex.finetuned.resolve())},
                     replace=job.replace,
                 )
-                target = store_dir(root, entry.task_id)
                 served = job.served() / STORE / str(entry.task_id)
                 entry = state.add(
                     name, digest, ex.adapter.ranks(), dtype=entry.dtype, sources=entry.sources, lora_path=str(served)
                 )
+                _check_no_collision(store_dir(root, entry.task_id), staged[name], name=name, lora_id=entry.task_id)
+                planned_entries.append((entry, old, ex, t0))
+            for entry, old, ex, t0 in planned_entries:
+                target = store_dir(root, entry.task_id)
                 if not target.is_dir():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged[name], target)
+                    os.replace(staged[entry.name], target)
                 if old is not None and old.task_id != entry.task_id:
                     state.delete_later(root, store_dir(root, old.task_id), grace=job.grace, adapter=old.name)
                 done.append(Converted(entry=entry, report=ex.report, seconds=time.perf_counter() - t0))
@@ -295,12 +296,32 @@ def _need(name: str, adapter: LoraAdapter) -> model_yaml.Need:
     return model_yaml.Need(name, frozenset(modules), rank)
 
 
+def _weights_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def _check_no_collision(target: Path, staged: Path, *, name: str, lora_id: int) -> None:
+    """A store folder already at ``lora_id`` must hold these very weights: the engine caches by the id.
+
+    Raises:
+        OutputError: the folder holds other weights (edited or copied in by hand); nothing is written.
+    """
+    if not target.is_dir():
+        return
+    if not (target / WEIGHTS_NAME).is_file() or _weights_digest(target) != _weights_digest(staged):
+        raise OutputError(
+            "lora_id collision: the store folder of this id holds other weights, and the engine caches "
+            "adapters by id (it would serve them for this adapter)",
+            where=str(target),
+            expected=f"the weights of {name!r} (lora_id {lora_id}) or no folder",
+            found="other or unreadable weights",
+            fix="move that folder out of the store (it is not registered under this id's weights), then run again",
+        )
+
+
 def _write_settings(root: Path, job: LlmapiJob) -> None:
     """``phlora_repository.json``: which engine, base and served path (read by later runs and the router)."""
-    settings = {
-        "backend": job.engine.name,
-        "base": str(Path(job.base).resolve()),
-        "served_path": str(job.served()),
-        "model": MODEL_NAME,
-    }
-    atomic_write_text(root / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
+    settings = RepositorySettings(
+        backend=job.engine.name, base=str(Path(job.base).resolve()), served_path=str(job.served())
+    )
+    settings.save(root)

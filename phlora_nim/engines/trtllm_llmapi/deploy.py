@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from phlora_nim.core.atomic import atomic_write_text
 from phlora_nim.engines.trtllm_llmapi import interface, model_yaml
 
 TEMPLATE = Path(__file__).parent / "templates" / interface.MODEL_NAME / "1" / "model.py"
+# One PEFT folder per adapter weights, named by lora_id (content-keyed: a path never holds other weights).
+# Inside the model folder: Triton loads only its numeric version folders and skips the rest.
+STORE = f"{interface.MODEL_NAME}/lora_store"
+
+
+def store_dir(root: Path, lora_id: int) -> Path:
+    return Path(root) / STORE / str(int(lora_id))
 
 
 def model_dir(repository: Path) -> Path:
@@ -38,3 +46,8 @@ def write_model(repository: Path, config: model_yaml.LlmapiConfig, *, cpu_refere
         tmp.replace(target)
         written.append(target)
     return written
+
+
+def write_repository(root: Path, settings: Any, state: Any) -> list[Path]:
+    """After ``remove``: nothing to rewrite (model.yaml may keep covering a removed adapter's modules)."""
+    return []
