@@ -25,6 +25,7 @@ from phlora_nim.cli.app import (
     out_console,
     tensor_progress,
 )
+from phlora_nim.cli.convert_llmapi import convert_llmapi_command, llmapi_engine, rank_and_energy
 from phlora_nim.cli.convert_options import (
     BackendOpt,
     BaseOpt,
@@ -171,113 +172,12 @@ def convert_command(
     Repository settings not given keep the values the repository was written with.
     """
     args = dict(locals())  # the options by parameter name
-    if _llmapi_engine(args) is not None:
-        _convert_llmapi(args)
+    if llmapi_engine(args) is not None:
+        convert_llmapi_command(args, _extraction(args))
         return
     job = _convert_job(args)
     done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
-
-
-# Options of the legacy engine's repository that the llmapi engine has no use for (refused when given).
-_LEGACY_ONLY = (
-    "engine_dir",
-    "engine_config",
-    "tokenizer_dir",
-    "max_batch_size",
-    "max_lora_rank",
-    "lora_cache_mb",
-    "decoupled",
-    "trtllm_version",
-    "llm_parameter",
-    "prefetch",
-    "prefetch_limit",
-    "prefetch_usage",
-    "lora_cache_spare",
-    "gpu_free_memory_gib",
-)
-
-
-def _llmapi_engine(args: Mapping[str, Any]) -> Any:
-    """The engine row when ``convert`` writes for the llmapi model (by --backend, else the repository's own)."""
-    from phlora_nim.engines.registry import engine
-    from phlora_nim.repository.layout import SETTINGS_FILE
-
-    name = args["backend"]
-    if name is None:
-        settings = Path(args["model_repository"]) / SETTINGS_FILE
-        try:
-            name = json.loads(settings.read_text()).get("backend")
-        except (OSError, ValueError):
-            name = None
-    if name is None:
-        return None
-    row = engine(name)
-    return row if row.package == "trtllm_llmapi" else None
-
-
-def _convert_llmapi(args: Mapping[str, Any]) -> None:
-    from phlora_nim.core.errors import OptionError
-    from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
-
-    row = _llmapi_engine(args)
-    given = [f"--{k.replace('_', '-')}" for k in _LEGACY_ONLY if args[k] not in (None, False, [], ())]
-    if given:
-        raise OptionError(
-            f"options of the legacy engine's repository do not apply to --backend {row.name}",
-            where=", ".join(given),
-            fix="drop them (the llmapi model takes its settings from model.yaml: --max-loras, --max-cpu-loras, "
-            "--tp, --pp, --model-yaml)",
-        )
-    job = LlmapiJob(
-        base=args["base"],
-        finetuned=tuple(args["finetuned"]),
-        names=tuple(args["name"] or ()),
-        repository=args["model_repository"],
-        options=_extraction(args),
-        engine=row,
-        served_root=args["served_path"],
-        served_base=args["served_base"],
-        model_yaml=args["model_yaml"],
-        fixed=args["fixed_model_yaml"],
-        tp=args["tp"],
-        pp=args["pp"],
-        max_loras=args["max_loras"],
-        max_cpu_loras=args["max_cpu_loras"],
-        replace=args["replace"],
-        grace=args["grace"],
-    )
-    start = time.perf_counter()
-    with tensor_progress("convert") as bar:
-        task = bar.add_task("planning", total=None)
-        current = {"name": ""}
-        done = convert_llmapi(
-            job,
-            command=command_line(),
-            on_plan=lambda n: bar.update(task, total=n, description=""),
-            on_adapter=lambda n: current.update(name=n),
-            progress=lambda t: bar.update(task, advance=1, description=f"{current['name']}: {t}"),
-        )
-    seconds = time.perf_counter() - start
-    table = Table(title=f"registered in {job.repository} for {row.name}")
-    for col in ("adapter", "lora_id", "ranks", "energy kept", "lora_path"):
-        table.add_column(col)
-    for c in done:
-        ranks = sorted(set(c.entry.ranks.values()))
-        kept = c.report["totals"].get("energy_kept_linear")
-        table.add_row(
-            c.entry.name,
-            str(c.entry.task_id),
-            f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
-            f"{kept:.4f}" if isinstance(kept, float) else "–",
-            c.entry.lora_path,
-        )
-    out_console.print(table)
-    out_console.print(f"{len(done)} adapter{'' if len(done) == 1 else 's'} in {seconds:.1f} s.")
-    for note in job.notes:
-        out_console.print(note, markup=False, highlight=False)
-    if row.cpu_reference:
-        out_console.print(f"Serve with: phlora-nim triton -m {job.repository}")
 
 
 # convert's options stored under the same name in the repository settings.
@@ -419,13 +319,10 @@ def _print_convert_summary(done: list[Converted], seconds: float, repository: Pa
     for col in ("adapter", "lora_task_id", "ranks", "energy kept", "MB"):
         table.add_column(col)
     for c in done:
-        ranks = sorted(set(c.entry.ranks.values()))
-        kept = c.report["totals"].get("energy_kept_linear")
         table.add_row(
             c.entry.name,
             str(c.entry.task_id),
-            f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
-            f"{kept:.4f}" if isinstance(kept, float) else "–",
+            *rank_and_energy(c.entry.ranks, c.report),
             f"{c.adapter_bytes / 1e6:.2f}",
         )
     out_console.print(table)

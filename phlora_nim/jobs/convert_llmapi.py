@@ -18,15 +18,13 @@ Layout (inside the ``tensorrt_llm`` model folder, which Triton skips but for ``1
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 from phlora_nim.converters.adapter import LoraAdapter, adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import WEIGHTS_NAME
+from phlora_nim.core.atomic import staging_dir
 from phlora_nim.core.errors import OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.engines.registry import Engine
@@ -100,9 +99,15 @@ class Converted:
 
 
 def _check(job: LlmapiJob) -> list[str]:
-    """Names, flags, the repository folder and the store path: every problem in one error."""
-    problems: list[PhloraError] = []
+    """Names, flags, the store path and the repository folder: every problem in one error."""
     names = job.adapter_names()
+    problems = [*_name_problems(job, names), *_served_problems(job), *_repository_problems(job)]
+    raise_all(problems, summary="convert cannot start")
+    return names
+
+
+def _name_problems(job: LlmapiJob, names: list[str]) -> list[PhloraError]:
+    problems: list[PhloraError] = []
     if not job.finetuned:
         problems.append(OptionError("no fine-tuned checkpoint given", where="--finetuned", fix="pass --finetuned DIR"))
     if job.names and len(job.names) != len(job.finetuned):
@@ -121,18 +126,23 @@ def _check(job: LlmapiJob) -> list[str]:
             problems.append(exc)
     if len(set(names)) != len(names):
         problems.append(OptionError("adapter name given twice", where="--name", found=", ".join(names)))
+    return problems
+
+
+def _served_problems(job: LlmapiJob) -> list[PhloraError]:
+    """The store path Triton sees must be absolute, and for the CPU reference the path convert writes."""
     served = job.served()
     if not served.is_absolute():
-        problems.append(
+        return [
             OptionError(
                 "the store path Triton sees must be absolute",
                 where="--served-path",
                 found=str(served),
                 fix="give the repository's mount path in the Triton pods, e.g. /models",
             )
-        )
-    elif job.engine.cpu_reference and served != Path(job.repository).resolve():
-        problems.append(
+        ]
+    if job.engine.cpu_reference and served != Path(job.repository).resolve():
+        return [
             OptionError(
                 "store path Triton cannot see: the CPU reference's Triton runs on this machine and reads the "
                 "adapters where convert writes them",
@@ -141,46 +151,38 @@ def _check(job: LlmapiJob) -> list[str]:
                 found=str(served),
                 fix="drop --served-path for trtllm-cpu (or convert on the machine and path Triton uses)",
             )
-        )
+        ]
+    return []
+
+
+def _repository_problems(job: LlmapiJob) -> list[PhloraError]:
+    """An empty or new folder, or a repository of this engine."""
     root = Path(job.repository)
     if root.exists() and not root.is_dir():
-        problems.append(OutputError("model repository is not a folder", where=str(root)))
-    elif root.is_dir() and any(root.iterdir()):
-        ours = (root / REGISTRY_FILE).exists() or (root / SETTINGS_FILE).exists()
-        if not ours:
-            problems.append(
-                OutputError(
-                    "the folder is neither empty nor a phlora-nim model repository",
-                    where=str(root),
-                    expected=f"an empty or new folder, or one holding {REGISTRY_FILE}",
-                    fix="choose a new --model-repository (it is created)",
-                )
+        return [OutputError("model repository is not a folder", where=str(root))]
+    if not root.is_dir() or not any(root.iterdir()):
+        return []
+    if not ((root / REGISTRY_FILE).exists() or (root / SETTINGS_FILE).exists()):
+        return [
+            OutputError(
+                "the folder is neither empty nor a phlora-nim model repository",
+                where=str(root),
+                expected=f"an empty or new folder, or one holding {REGISTRY_FILE}",
+                fix="choose a new --model-repository (it is created)",
             )
-        else:
-            settings = json.loads((root / SETTINGS_FILE).read_text()) if (root / SETTINGS_FILE).exists() else {}
-            if settings.get("backend") not in (None, job.engine.name, *job.engine.aliases):
-                problems.append(
-                    OptionError(
-                        "the repository serves another engine",
-                        where=f"{root / SETTINGS_FILE} backend",
-                        expected=job.engine.name,
-                        found=str(settings.get("backend")),
-                        fix="convert into a new --model-repository",
-                    )
-                )
-    raise_all(problems, summary="convert cannot start")
-    return names
-
-
-@contextlib.contextmanager
-def _staging(root: Path) -> Iterator[Path]:
-    parent = root / MODEL_NAME
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        ]
+    settings = json.loads((root / SETTINGS_FILE).read_text()) if (root / SETTINGS_FILE).exists() else {}
+    if settings.get("backend") in (None, job.engine.name, *job.engine.aliases):
+        return []
+    return [
+        OptionError(
+            "the repository serves another engine",
+            where=f"{root / SETTINGS_FILE} backend",
+            expected=job.engine.name,
+            found=str(settings.get("backend")),
+            fix="convert into a new --model-repository",
+        )
+    ]
 
 
 def _needs_of(state_entries: dict[str, AdapterEntry], root: Path, skip: set[str]) -> list[model_yaml.Need]:
@@ -211,19 +213,8 @@ def convert_llmapi(
     """
     names = _check(job)
     root = Path(job.repository)
-    existing_yaml = yaml_path(root)
-    start_from = job.model_yaml or (existing_yaml if existing_yaml.exists() else None)
-    fresh = model_yaml.LlmapiConfig(
-        model=job.served_base or str(Path(job.base).resolve()),
-        lora_target_modules=(),
-        max_lora_rank=1,
-        max_loras=job.max_loras,
-        max_cpu_loras=job.max_cpu_loras,
-        tensor_parallel_size=job.tp,
-        pipeline_parallel_size=job.pp,
-    )
+    extracted: list[tuple[str, Extracted, float]] = []
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
-        extracted: list[tuple[str, Extracted, float]] = []
         for name, pair in zip(names, plan.pairs, strict=True):
             if on_adapter:
                 on_adapter(name)
@@ -236,50 +227,16 @@ def convert_llmapi(
         except PhloraError as exc:
             problems.append(exc)
     raise_all(problems, summary="adapters TensorRT-LLM cannot serve exactly (nothing written)")
-    current = Registry(root).read()
-    needs = _needs_of(current.adapters, root, skip=set(names))
-    needs += [_need(name, ex.adapter) for name, ex, _ in extracted]
-    existing = model_yaml.read(start_from) if start_from is not None else None
-    config, notes = model_yaml.plan(existing, fresh, needs, fixed=job.fixed)
+    config, notes = _model_yaml(job, root, extracted)
     root.mkdir(parents=True, exist_ok=True)
-    done: list[Converted] = []
-    with _staging(root) as stage:
+    with staging_dir(root / MODEL_NAME) as stage:  # Triton skips it inside the model folder
         staged = {}
         for name, ex, _ in extracted:
-            folder = stage / name
-            folder.mkdir()
-            save_for_trtllm(ex.adapter, folder, name=name, dtype=ex.out_dtype)
-            write_report_files(ex.report, folder, plot=False)
-            staged[name] = folder
-        with Registry(root).locked() as state:
-            planned_entries = []
-            for name, ex, t0 in extracted:  # registered first, nothing moved: a refusal leaves all as it was
-                old = state.adapters.get(name)
-                digest = adapter_digest(ex.adapter)
-                entry = state.add(
-                    name,
-                    digest,
-                    ex.adapter.ranks(),
-                    dtype=str(ex.out_dtype).removeprefix("torch."),
-                    sources={"base": str(Path(job.base).resolve()), "finetuned": str(ex.finetuned.resolve())},
-                    replace=job.replace,
-                )
-                served = job.served() / STORE / str(entry.task_id)
-                entry = state.add(
-                    name, digest, ex.adapter.ranks(), dtype=entry.dtype, sources=entry.sources, lora_path=str(served)
-                )
-                _check_no_collision(store_dir(root, entry.task_id), staged[name], name=name, lora_id=entry.task_id)
-                planned_entries.append((entry, old, ex, t0))
-            for entry, old, ex, t0 in planned_entries:
-                target = store_dir(root, entry.task_id)
-                if not target.is_dir():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged[entry.name], target)
-                if old is not None and old.task_id != entry.task_id:
-                    state.delete_later(root, store_dir(root, old.task_id), grace=job.grace, adapter=old.name)
-                done.append(Converted(entry=entry, report=ex.report, seconds=time.perf_counter() - t0))
-            write_model(root, config, cpu_reference=job.engine.cpu_reference)
-            _write_settings(root, job)
+            staged[name] = stage / name
+            staged[name].mkdir()
+            save_for_trtllm(ex.adapter, staged[name], name=name, dtype=ex.out_dtype)
+            write_report_files(ex.report, staged[name], plot=False)
+        done = _register(job, root, extracted, staged, config)
         if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's OpenAI front
             target = base_tokenizer_dir(root)
             if target.exists():
@@ -288,6 +245,68 @@ def convert_llmapi(
     job.notes.extend(notes)
     if not job.engine.cpu_reference:
         job.notes.extend(instructions(str(job.served() / MODEL_NAME / "1")))
+    return done
+
+
+def _model_yaml(
+    job: LlmapiJob, root: Path, extracted: list[tuple[str, Extracted, float]]
+) -> tuple[model_yaml.LlmapiConfig, list[str]]:
+    """The model.yaml covering this run's adapters and those already registered, and what changed."""
+    existing_yaml = yaml_path(root)
+    start_from = job.model_yaml or (existing_yaml if existing_yaml.exists() else None)
+    fresh = model_yaml.LlmapiConfig(
+        model=job.served_base or str(Path(job.base).resolve()),
+        lora_target_modules=(),
+        max_lora_rank=1,
+        max_loras=job.max_loras,
+        max_cpu_loras=job.max_cpu_loras,
+        tensor_parallel_size=job.tp,
+        pipeline_parallel_size=job.pp,
+    )
+    needs = _needs_of(Registry(root).read().adapters, root, skip={name for name, _, _ in extracted})
+    needs += [_need(name, ex.adapter) for name, ex, _ in extracted]
+    existing = model_yaml.read(start_from) if start_from is not None else None
+    return model_yaml.plan(existing, fresh, needs, fixed=job.fixed)
+
+
+def _register(
+    job: LlmapiJob,
+    root: Path,
+    extracted: list[tuple[str, Extracted, float]],
+    staged: dict[str, Path],
+    config: model_yaml.LlmapiConfig,
+) -> list[Converted]:
+    """Under the registry lock: register every adapter (refusing id collisions), then move its folder in."""
+    done: list[Converted] = []
+    with Registry(root).locked() as state:
+        planned_entries = []
+        for name, ex, t0 in extracted:  # registered first, nothing moved: a refusal leaves all as it was
+            old = state.adapters.get(name)
+            digest = adapter_digest(ex.adapter)
+            entry = state.add(
+                name,
+                digest,
+                ex.adapter.ranks(),
+                dtype=str(ex.out_dtype).removeprefix("torch."),
+                sources={"base": str(Path(job.base).resolve()), "finetuned": str(ex.finetuned.resolve())},
+                replace=job.replace,
+            )
+            served = job.served() / STORE / str(entry.task_id)
+            entry = state.add(
+                name, digest, ex.adapter.ranks(), dtype=entry.dtype, sources=entry.sources, lora_path=str(served)
+            )
+            _check_no_collision(store_dir(root, entry.task_id), staged[name], name=name, lora_id=entry.task_id)
+            planned_entries.append((entry, old, ex, t0))
+        for entry, old, ex, t0 in planned_entries:
+            target = store_dir(root, entry.task_id)
+            if not target.is_dir():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged[entry.name], target)
+            if old is not None and old.task_id != entry.task_id:
+                state.delete_later(root, store_dir(root, old.task_id), grace=job.grace, adapter=old.name)
+            done.append(Converted(entry=entry, report=ex.report, seconds=time.perf_counter() - t0))
+        write_model(root, config, cpu_reference=job.engine.cpu_reference)
+        _write_settings(root, job)
     return done
 
 

@@ -125,6 +125,37 @@ def _choose(logits: torch.Tensor, reqs: list[GenerationRequest], generators: lis
     return picks
 
 
+def lora_targets(model: nn.Module) -> list[tuple[str, nn.Linear, list[tuple[str, int, slice]]]]:
+    """Every linear the architecture map gives LoRA rows: ``(path, linear, [(row name, layer, output block)])``.
+
+    A fused linear has one row per part, each on its block of outputs (Phi-3's ``gate_up_proj``: the
+    gate half, then the up half). Row names are the map's (TensorRT-LLM's module names); how a row
+    becomes an adapter key is the engine's business.
+
+    Raises:
+        ValueError: no architecture map for the model, or no linear it names.
+    """
+    from phlora_nim.converters.architecture import find_map
+
+    config = model.config.to_dict()
+    amap = find_map(config)
+    if amap is None:
+        raise ValueError(f"no architecture map for model_type {config.get('model_type')!r}")
+    found = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        hit = amap.match(path)
+        if hit is None or hit[1] is None or not hit[0].trtllm_rows:
+            continue
+        names = hit[0].trtllm_rows
+        width = module.out_features // len(names)
+        found.append((path, module, [(n, hit[1], slice(k * width, (k + 1) * width)) for k, n in enumerate(names)]))
+    if not found:
+        raise ValueError(f"no LoRA-able linear modules recognised in {type(model).__name__}")
+    return found
+
+
 class MultiLoraModel:
     """A causal LM whose wrapped linears add each batch row's own adapter delta, and batched generation."""
 

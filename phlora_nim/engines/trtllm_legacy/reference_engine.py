@@ -34,7 +34,7 @@ from phlora_nim.engines.trtllm_legacy.lora_cache import (
     unpack_task,
 )
 from phlora_nim.triton.limits import EngineLimits
-from phlora_nim.triton.multi_lora import GenerationRequest, MultiLoraModel
+from phlora_nim.triton.multi_lora import GenerationRequest, MultiLoraModel, lora_targets
 
 __all__ = ["GenerationRequest", "ReferenceEngine", "engine_from_parameters"]  # GenerationRequest: re-exported
 
@@ -96,21 +96,15 @@ class ReferenceEngine(MultiLoraModel):
         runtime = hf_runtime_dims(amap.resolved_config(config))
         found: dict[tuple[int, int], ModuleShape] = {}
         targets = []
-        for path, module in self.model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            hit = amap.match(path)
-            if hit is None or hit[1] is None or not hit[0].trtllm_rows:
-                continue
-            names = hit[0].trtllm_rows
-            width = module.out_features // len(names)
+        for path, module, rows in lora_targets(self.model):
             parts = []
-            for k, name in enumerate(names):
-                key = (TRTLLM_MODULE_IDS[name], hit[1])
+            for name, layer, block in rows:
+                key = (TRTLLM_MODULE_IDS[name], layer)
+                width = block.stop - block.start
                 in_dim, out_dim = runtime.get(name, (module.in_features, width))
                 found[key] = ModuleShape(key[0], in_dim, out_dim)
                 self._layer_dims[key] = (module.in_features, width)
-                parts.append((key, slice(k * width, (k + 1) * width)))
+                parts.append((key, block))
             targets.append((path, module, parts))
         self.wrap(targets)
         return found

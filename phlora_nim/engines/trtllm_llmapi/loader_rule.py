@@ -133,23 +133,7 @@ def load_for_trtllm(
             if "gate_up_proj.lora_B.weight" in key:
                 half = value.shape[0] // 2
                 tensors[key] = torch.cat((value[half:], value[:half]), dim=0)
-    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    unsupported: set[str] = set()
-    for key, value in tensors.items():
-        hit = module_of(key)
-        if hit is None:
-            if "lm_head" not in key and "embed_tokens" not in key:
-                raise LoaderError(f"unsupported key {key} from HF LoRA weights")
-            continue
-        layer, hf_name = hit
-        if hf_name not in HF_TO_TRTLLM:
-            if hf_name not in unsupported:
-                log.warning(
-                    "Skipping unsupported LoRA module '%s'. LoRA weights for this module will be ignored.", hf_name
-                )
-                unsupported.add(hf_name)
-            continue
-        found.setdefault((layer, HF_TO_TRTLLM[hf_name]), {})["in" if key.endswith("lora_A.weight") else "out"] = value
+    found = _by_module(tensors)
     targets = list(lora_target_modules)
     alpha = float(config["lora_alpha"])
     rs_lora = bool(config.get("use_rslora", False))
@@ -176,6 +160,32 @@ def load_for_trtllm(
         scale = alpha / (math.sqrt(rank) if rs_lora else rank)
         out.factors[(layer, module)] = (a.float(), b.float() * scale)
     return out
+
+
+def _by_module(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """``{(layer, TensorRT-LLM module): {"in": A, "out": B}}`` as ``iterate_hf_lora`` groups the keys.
+
+    Raises:
+        LoaderError: ``unsupported key … from HF LoRA weights`` for a key that is no LoRA weight.
+    """
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unsupported: set[str] = set()
+    for key, value in tensors.items():
+        hit = module_of(key)
+        if hit is None:
+            if "lm_head" not in key and "embed_tokens" not in key:
+                raise LoaderError(f"unsupported key {key} from HF LoRA weights")
+            continue
+        layer, hf_name = hit
+        if hf_name not in HF_TO_TRTLLM:
+            if hf_name not in unsupported:
+                log.warning(
+                    "Skipping unsupported LoRA module '%s'. LoRA weights for this module will be ignored.", hf_name
+                )
+                unsupported.add(hf_name)
+            continue
+        found.setdefault((layer, HF_TO_TRTLLM[hf_name]), {})["in" if key.endswith("lora_A.weight") else "out"] = value
+    return found
 
 
 def effective_targets(modules: list[str] | tuple[str, ...]) -> list[str]:

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from phlora_nim.converters.architecture import find_map
 from phlora_nim.engines.trtllm_llmapi import interface, model_yaml
 from phlora_nim.engines.trtllm_llmapi.loader_rule import LoaderError, effective_targets, load_for_trtllm
-from phlora_nim.triton.multi_lora import GenerationRequest, MultiLoraModel
+from phlora_nim.triton.multi_lora import GenerationRequest, MultiLoraModel, lora_targets
 
 log = logging.getLogger("phlora_nim.reference")
 
@@ -59,27 +58,12 @@ class LlmapiEngine(MultiLoraModel):
 
     def __init__(self, model: nn.Module, *, dtype: str) -> None:
         super().__init__(model, dtype=dtype)
-        config = model.config.to_dict()
-        amap = find_map(config)
-        if amap is None:
-            raise ValueError(f"no architecture map for model_type {config.get('model_type')!r}")
         self.modules: dict[Key, tuple[int, int]] = {}  # (in, out) of each key's block
         targets = []
-        for path, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            hit = amap.match(path)
-            if hit is None or hit[1] is None or not hit[0].trtllm_rows:
-                continue
-            names = hit[0].trtllm_rows
-            width = module.out_features // len(names)
-            parts = []
-            for k, name in enumerate(names):
-                self.modules[(name, hit[1])] = (module.in_features, width)
-                parts.append(((name, hit[1]), slice(k * width, (k + 1) * width)))
-            targets.append((path, module, parts))
-        if not targets:
-            raise ValueError(f"no LoRA-able linear modules recognised in {type(model).__name__}")
+        for path, module, rows in lora_targets(model):
+            for name, layer, block in rows:
+                self.modules[(name, layer)] = (module.in_features, block.stop - block.start)
+            targets.append((path, module, [((name, layer), block) for name, layer, block in rows]))
         self.wrap(targets)
 
 

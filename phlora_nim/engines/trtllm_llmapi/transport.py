@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.engines.trtllm_llmapi.interface import MODEL_NAME
+from phlora_nim.triton.wire import RAW_TAG, varint
 
 LORA_INPUTS = ("lora_id", "lora_name", "lora_path", "lora_ckpt_source")
 LORA_ID_LIMIT = 2**63
@@ -37,20 +38,8 @@ class LoraRef:
             raise ValueError(f"lora_id {self.lora_id} outside (0, 2^63)")
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-_RAW_TAG = _varint((service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3) | 2)
-
-
 def _raw(chunk: bytes) -> bytes:
-    return _RAW_TAG + _varint(len(chunk)) + chunk
+    return RAW_TAG + varint(len(chunk)) + chunk
 
 
 def lora_suffix(ref: LoraRef, *, raw: bool) -> bytes:
