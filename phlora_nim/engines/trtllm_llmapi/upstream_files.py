@@ -12,7 +12,8 @@ from __future__ import annotations
 REPO_URL = "https://github.com/NVIDIA/TensorRT-LLM.git"
 MODEL_DIR = "triton_backend/all_models/llmapi/tensorrt_llm/1"
 FILES = ("model.py", "helpers.py")
-VERSION_COMMAND = 'python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)"'
+# The installed package's version, read without importing it (importing tensorrt_llm initialises CUDA).
+VERSION_COMMAND = "python3 -c \"from importlib.metadata import version; print(version('tensorrt_llm'))\""
 
 
 def fetch_script(dest: str) -> str:
