@@ -121,7 +121,7 @@ CASES: list[tuple[str, Case, list[str], str]] = [
     ("config.json without a needed field", config_without_field, [], "config field 'intermediate_size'"),
     ("rank zero", plain, ["--rank", "0"], "rank must be positive"),
     ("negative rank", plain, ["--rank", "-2"], "rank must be positive"),
-    ("rank above module dims", plain, ["--rank", "1000"], "above some modules' dimensions"),
+    ("rank above module dims", plain, ["--rank", "1000"], "above every module's smaller side"),
     ("energy above one", plain, ["--energy", "1.5"], "energy must be a share"),
     ("energy zero", plain, ["--energy", "0"], "energy must be a share"),
     ("two policies", plain, ["--rank", "4", "--energy", "0.5"], "exactly one rank policy"),

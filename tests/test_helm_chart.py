@@ -290,6 +290,8 @@ BAD_VALUES = [
     ({"conversion": {"finetuned": [{"name": "a"}]}}, SCHEMA, r"/conversion/finetuned/0': missing property 'path'"),
     ({"conversion": {"energy": 1.5}}, SCHEMA, r"/conversion/energy': maximum"),
     ({"conversion": {"prefetchLimit": -1}}, SCHEMA, r"/conversion/prefetchLimit': minimum: got -1, want 0"),
+    ({"conversion": {"parallelism": 0}}, SCHEMA, r"/conversion/parallelism': minimum: got 0, want 1"),
+    ({"conversion": {"backoffLimit": 1}}, SCHEMA, r"additional properties 'backoffLimit' not allowed"),
     ({"conversion": {"prefetch": ["a", "a"]}}, SCHEMA, r"/conversion/prefetch'"),
     ({"modelRepository": {"source": "s3"}}, SCHEMA, r"/modelRepository/source': value must be one of"),
     ({"router": {"autoscaling": {"minReplicas": 0}}}, SCHEMA, r"/router/autoscaling/minReplicas': minimum"),
@@ -750,12 +752,22 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--check-served-path",
         "--backend=trtllm-legacy",
         "--rank=64",
+        "--index=$(JOB_COMPLETION_INDEX)",
         "--engine-dtype=bfloat16",
         "--device=cuda",
         "--engine-dir=/engines/base",
         "--engine-config=/engines/base/config.json",
     ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # One pod per fine-tune (an Indexed Job), each retried alone; the index comes from Kubernetes.
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == 2 and job["spec"]["parallelism"] == 2  # capped at the fine-tunes
+    assert job["spec"]["backoffLimitPerIndex"] == 1 and "backoffLimit" not in job["spec"]
+    assert "maxFailedIndexes" not in job["spec"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     spec = _pod_spec(job)
     assert spec["restartPolicy"] == "Never" and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -787,6 +799,17 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
     assert names["same"] == job["metadata"]["name"]
     assert len(set(names.values())) == 3 and all(len(n) <= 63 for n in names.values())
     assert "--energy=0.95" in _main_container(_one(render(chart, by_energy), "Job"))["args"]
+    wide = _deep_merge(grown, {"conversion": {"parallelism": 2, "backoffLimitPerIndex": 3, "maxFailedIndexes": 1}})
+    wide_job = _one(render(chart, wide), "Job")
+    kubernetes_validate.validate(wide_job, KUBE_VERSION, strict=True)
+    assert {
+        k: wide_job["spec"][k] for k in ("completions", "parallelism", "backoffLimitPerIndex", "maxFailedIndexes")
+    } == {
+        "completions": 3,
+        "parallelism": 2,
+        "backoffLimitPerIndex": 3,
+        "maxFailedIndexes": 1,
+    }
     capped = _deep_merge(values, {"conversion": {"prefetch": ["support-bot"], "prefetchLimit": 4}})
     args = _main_container(_one(render(chart, capped), "Job"))["args"]
     assert args[args.index("--prefetch=support-bot") :][:2] == ["--prefetch=support-bot", "--prefetch-limit=4"]
@@ -810,8 +833,7 @@ def test_every_flag_the_chart_passes_is_one_the_cli_has(
     rendered: dict[str, list[dict[str, Any]]], command: str, case: str, component: str
 ) -> None:
     options = _cli_options(command)
-    if options is None:
-        pytest.skip(f"phlora-nim {command} is not a command of phlora_nim.cli.main (yet)")
+    assert options is not None, f"the chart runs 'phlora-nim {command}', which is not a command of the CLI"
     workload = next(o for o in rendered[case] if o["kind"] in WORKLOAD_KINDS and _component(o) == component)
     container = _main_container(workload)
     assert container["command"] == ["phlora-nim"] and container["args"][0] == command

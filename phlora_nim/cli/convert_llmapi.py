@@ -33,6 +33,7 @@ _LEGACY_ONLY = (
     "prefetch_usage",
     "lora_cache_spare",
     "gpu_free_memory_gib",
+    "index",  # one pod per fine-tune: the llmapi engine's convert widens one model.yaml, so one run converts all
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -60,12 +61,14 @@ from phlora_nim.cli.convert_options import (
     TrtllmVersionOpt,
 )
 from phlora_nim.cli.fidelity_options import (
+    AllowMismatchOpt,
     CalibrationOpt,
     PromptsOpt,
     SelfProbesOpt,
     TargetKlOpt,
     TargetRecoveryOpt,
     TargetTop1Opt,
+    ThreadsOpt,
     extraction_options,
 )
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
@@ -156,6 +159,16 @@ def convert_command(
     model_yaml: ModelYamlOpt = None,
     fixed_model_yaml: FixedModelYamlOpt = False,
     served_base: ServedBaseOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
+    threads: ThreadsOpt = None,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            "--index",
+            help="Convert only the fine-tune at this 0-based position of the --finetuned list (named as in the "
+            "whole list): one pod of a Kubernetes Indexed Job each, e.g. --index $(JOB_COMPLETION_INDEX).",
+        ),
+    ] = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -176,7 +189,13 @@ def convert_command(
         convert_llmapi_command(args, _extraction(args))
         return
     job = _convert_job(args)
-    done, seconds = _convert_with_progress(job)
+    fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if index is not None:
+        from phlora_nim.jobs.fanout import one_of, siblings_pending
+
+        job, fanout = one_of(job, index), siblings_pending(job, index)
+    with fanout:
+        done, seconds = _convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
 
 
@@ -232,6 +251,8 @@ def _extraction(args: Mapping[str, Any]) -> ExtractOptions:
         prompts=args["prompts"],
         calibration=args["calibration"],
         device=args["device"],
+        allow_mismatch=args["allow_mismatch"],
+        threads=args["threads"],
     )
 
 

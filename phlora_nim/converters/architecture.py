@@ -13,14 +13,26 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import yaml
 
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 from phlora_nim.core.errors import InputError, OptionError
 
-_MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_layers", "defaults", "modules"}
+_MAP_FIELDS = {
+    "family",
+    "description",
+    "architectures",
+    "model_types",
+    "num_layers",
+    "defaults",
+    "modules",
+    "fused",
+    "memory_renames",
+    "components",
+    "adapter_names",
+}
 _MODULE_FIELDS = {"name", "match", "trtllm", "rows", "in", "out"}
 
 
@@ -55,6 +67,55 @@ class ModuleSpec:
         return self.rows or ((self.trtllm,) if self.trtllm else ())
 
 
+def _rename(name: str, old: str, new: str) -> str:
+    """``old`` → ``new`` in ``name``: as a prefix when either starts with ``^``, else every occurrence."""
+    if old.startswith("^") or new.startswith("^"):
+        old, new = old.removeprefix("^"), new.removeprefix("^")
+        return new + name[len(old) :] if name.startswith(old) else name
+    return name.replace(old, new)
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    """``model.layers.{layer}.mlp`` → a regex with named integer groups for the placeholders."""
+    escaped = re.escape(template)
+    for key in ("layer", "expert"):
+        escaped = escaped.replace(re.escape("{" + key + "}"), f"(?P<{key}>\\d+)")
+    return re.compile(escaped)
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """A 3-D tensor holding every expert of a layer, and the per-expert modules it stands for.
+
+    transformers ≥ 5 builds MoE models with ``[E, rows, in]`` expert tensors (and some checkpoints are
+    saved that way). Expert ``e``'s slice is split evenly along its rows into ``parts``, in order: the
+    per-expert 2-D modules of the original checkpoint layout, which is what adapters are written in.
+    """
+
+    tensor: str
+    parts: tuple[str, ...]
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _template_regex(self.tensor)
+
+    def part_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_template_regex(p) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named part of a model (a VLM's language model, vision tower, projector): a path prefix.
+
+    ``adapter: true`` components are LoRA targets by default; the others are targeted only on request
+    (``--components``) and otherwise measured and reported as the share of the delta left out.
+    """
+
+    name: str
+    prefix: str
+    adapter: bool
+
+
 @dataclass(frozen=True)
 class ArchitectureMap:
     """The LoRA targets of one model family and how their dims follow from ``config.json``."""
@@ -66,6 +127,30 @@ class ArchitectureMap:
     num_layers: str | None
     defaults: tuple[tuple[str, str], ...]
     modules: tuple[ModuleSpec, ...]
+    fused: tuple[FusedTensor, ...] = ()
+    memory_renames: tuple[tuple[str, str], ...] = ()
+    components: tuple[Component, ...] = ()
+    adapter_names: Literal["checkpoint", "memory"] = "checkpoint"
+
+    def to_memory(self, name: str) -> str:
+        """A checkpoint tensor/module name as the model transformers builds calls it."""
+        for checkpoint_part, memory_part in self.memory_renames:
+            name = _rename(name, checkpoint_part, memory_part)
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        """The inverse of :meth:`to_memory`."""
+        for checkpoint_part, memory_part in reversed(self.memory_renames):
+            name = _rename(name, memory_part, checkpoint_part)
+        return name
+
+    def component(self, module_path: str) -> Component | None:
+        """The component a module path belongs to (the longest matching prefix), or None."""
+        best = None
+        for c in self.components:
+            if module_path.startswith(c.prefix) and (best is None or len(c.prefix) > len(best.prefix)):
+                best = c
+        return best
 
     def match(self, module_path: str) -> tuple[ModuleSpec, int | None] | None:
         """The spec matching a module path (weight name without ``.weight``) and its layer."""
@@ -78,10 +163,14 @@ class ArchitectureMap:
 
     def resolved_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` with this family's derived fields filled where config.json omits them."""
-        values = dict(config)
+        values = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
         for key, expr in self.defaults:
-            if values.get(key) is None:
-                values[key] = evaluate(expr, values, where=f"{self.family}.yaml defaults.{key}")
+            *parents, leaf = key.split(".")  # ``text_config.head_dim``: a field of a sub-config
+            scope = values
+            for parent in parents:
+                scope = scope.setdefault(parent, {})
+            if scope.get(leaf) is None:
+                scope[leaf] = evaluate(expr, values, where=f"{self.family}.yaml defaults.{key}")
         return values
 
     def dims(self, spec: ModuleSpec, config: dict[str, Any]) -> tuple[int, int] | None:
@@ -102,7 +191,8 @@ _BINOPS = {
 
 
 def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
-    """Evaluate integer arithmetic (``+ - * //``, parentheses) over config fields, safely.
+    """Evaluate integer arithmetic (``+ - * //``, parentheses) over config fields (``a.b``: field b of
+    sub-config a), safely.
 
     Raises:
         InputError: a referenced field is missing from config.json or not an integer.
@@ -113,14 +203,19 @@ def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
-        if isinstance(node, ast.Name):
-            value = values.get(node.id)
+        if isinstance(node, ast.Name | ast.Attribute):
+            path = _field_path(node)
+            scope: Any = values
+            for part in path[:-1]:
+                scope = scope.get(part) if isinstance(scope, dict) else None
+            present = isinstance(scope, dict) and path[-1] in scope
+            value = scope.get(path[-1]) if isinstance(scope, dict) else None
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InputError(
-                    f"config field {node.id!r} is needed to size modules",
+                    f"config field {'.'.join(path)!r} is needed to size modules",
                     where=f"config.json (for {where})",
                     expected="an integer",
-                    found=repr(value) if node.id in values else "no such field",
+                    found=repr(value) if present else "no such field",
                     fix="use the config.json saved with the checkpoint",
                 )
             return value
@@ -131,6 +226,15 @@ def evaluate(expr: str, values: dict[str, Any], *, where: str) -> int:
     return ev(ast.parse(expr, mode="eval"))
 
 
+def _field_path(node: ast.AST) -> list[str]:
+    """``text_config.hidden_size`` → ``["text_config", "hidden_size"]`` (a field of a sub-config)."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        return [*_field_path(node.value), node.attr]
+    raise OptionError("unsupported field reference", where=ast.dump(node), expected="name or name.name")
+
+
 def _parse_map(text: str, source: str) -> ArchitectureMap:
     data = yaml.safe_load(text)
     problems = []
@@ -139,6 +243,7 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
     unknown = set(data) - _MAP_FIELDS
     if unknown:
         problems.append(f"unknown fields {sorted(unknown)}")
+    fused, renames, components = _parse_extras(data, problems)
     modules = []
     for i, entry in enumerate(data.get("modules") or []):
         extra = set(entry) - _MODULE_FIELDS
@@ -172,7 +277,48 @@ def _parse_map(text: str, source: str) -> ArchitectureMap:
         num_layers=data.get("num_layers"),
         defaults=tuple((k, str(v)) for k, v in (data.get("defaults") or {}).items()),
         modules=tuple(modules),
+        fused=fused,
+        memory_renames=renames,
+        components=components,
+        adapter_names=_adapter_names(data, problems),
     )
+
+
+def _adapter_names(data: dict[str, Any], problems: list[str]) -> Literal["checkpoint", "memory"]:
+    value = data.get("adapter_names", "checkpoint")
+    if value not in ("checkpoint", "memory"):
+        problems.append(f"adapter_names must be checkpoint or memory, not {value!r}")
+        return "checkpoint"
+    return value
+
+
+def _parse_extras(
+    data: dict[str, Any], problems: list[str]
+) -> tuple[tuple[FusedTensor, ...], tuple[tuple[str, str], ...], tuple[Component, ...]]:
+    """The optional ``fused``, ``memory_renames`` and ``components`` sections of a map."""
+    fused = []
+    for i, entry in enumerate(data.get("fused") or []):
+        if not isinstance(entry, dict) or set(entry) != {"tensor", "parts"} or not entry["parts"]:
+            problems.append(f"fused[{i}] needs tensor and a non-empty parts list")
+            continue
+        fused.append(FusedTensor(tensor=str(entry["tensor"]), parts=tuple(str(p) for p in entry["parts"])))
+    renames = data.get("memory_renames") or {}
+    if not isinstance(renames, dict):
+        problems.append("memory_renames must map checkpoint substrings to in-memory ones")
+        renames = {}
+    components = []
+    for i, entry in enumerate(data.get("components") or []):
+        if (
+            not isinstance(entry, dict)
+            or not {"name", "prefix"} <= set(entry)
+            or set(entry) - {"name", "prefix", "adapter"}
+        ):
+            problems.append(f"components[{i}] needs name and prefix, may have adapter")
+            continue
+        components.append(
+            Component(name=entry["name"], prefix=entry["prefix"], adapter=bool(entry.get("adapter", False)))
+        )
+    return tuple(fused), tuple((str(k), str(v)) for k, v in renames.items()), tuple(components)
 
 
 @cache

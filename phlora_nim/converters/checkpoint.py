@@ -8,6 +8,7 @@ memory of its largest tensor, not of the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from phlora_nim.converters.architecture import find_map
+from phlora_nim.converters.experts import TensorView, expert_views, renamed_views
 from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.core.errors import InputError
 
@@ -44,6 +47,10 @@ class Checkpoint:
     path: Path
     config: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
+    aliases: dict[str, str] = field(default_factory=dict)  # name → stored tensor it reads (a tied head)
+    name: str | None = None  # how adapters name it (a hub id or an absolute path); None: the path
+    # Per-expert names of a checkpoint stored with fused 3-D expert tensors (see converters/experts.py).
+    views: dict[str, TensorView] = field(default_factory=dict)
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -63,9 +70,20 @@ class Checkpoint:
                 fix="pass checkpoints of the same architecture, saved the same way",
             ) from None
 
+    def alias(self, name: str, stored: str) -> None:
+        """Make ``name`` read the stored tensor ``stored`` (a tied output head reads the embedding)."""
+        self.tensors[name] = dataclasses.replace(self.info(stored), name=name)
+        self.aliases[name] = stored
+
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (memory-mapped where the format allows)."""
         info = self.info(name)
+        view = self.views.get(name)
+        if view is not None and view.expert is not None:
+            return self._load_slice(info, view)
+        if view is not None:
+            name = view.source
+        name = self.aliases.get(name, name)
         try:
             if info.file.suffix == ".safetensors":
                 # A fresh handle per tensor: the file map lives only as long as the returned tensor,
@@ -77,6 +95,23 @@ class Checkpoint:
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise InputError(
                 f"cannot read tensor {name!r} ({exc})",
+                where=str(info.file),
+                expected="a complete, uncorrupted file",
+                fix=_FIX_REEXPORT,
+            ) from None
+
+    def _load_slice(self, info: TensorInfo, view: TensorView) -> torch.Tensor:
+        """One expert's rows of a fused 3-D tensor: only that slice is read from a safetensors file."""
+        assert view.expert is not None and view.rows is not None
+        lo, hi = view.rows
+        try:
+            if info.file.suffix == ".safetensors":
+                with safe_open(str(info.file), framework="pt") as handle:
+                    return handle.get_slice(view.source)[view.expert, lo:hi]
+            return self._bin_state(info.file)[view.source][view.expert, lo:hi]
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise InputError(
+                f"cannot read tensor {view.source!r} ({exc})",
                 where=str(info.file),
                 expected="a complete, uncorrupted file",
                 fix=_FIX_REEXPORT,
@@ -139,10 +174,35 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path=root, config=None, tensors=_safetensors_infos([root]))
     if not root.is_dir():
         raise InputError("not a file or folder", where=str(root), fix="check the path")
+    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():
+        raise InputError(
+            "this folder is a LoRA adapter, not a model checkpoint",
+            where=str(root),
+            expected="a full model folder (config.json and the weights of every layer)",
+            found="adapter_config.json without config.json",
+            fix="pass the full fine-tune (an adapter is what `extract` writes); to shrink an adapter use `prune`",
+        )
     config = _read_config(root)
     files = _weight_files(root)
     tensors = _safetensors_infos(files) if files[0].suffix == ".safetensors" else _bin_infos(files)
-    return Checkpoint(path=root, config=config, tensors=tensors)
+    return _with_expert_views(Checkpoint(path=root, config=config, tensors=tensors))
+
+
+def _with_expert_views(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` under the names its adapters are written in: per expert where the family's experts are stored
+    fused (3-D tensors), transformers' in-memory names for families that write those (``adapter_names``)."""
+    amap = find_map(ckpt.config)
+    views = renamed_views(list(ckpt.tensors), amap) or expert_views(
+        {n: i.shape for n, i in ckpt.tensors.items()}, amap, where=str(ckpt.path)
+    )
+    if not views:
+        return ckpt
+    tensors = {}
+    for name, view in views.items():
+        src = ckpt.tensors[view.source]
+        shape = src.shape if view.rows is None else (view.rows[1] - view.rows[0], *src.shape[2:])
+        tensors[name] = TensorInfo(name=name, shape=tuple(shape), dtype=src.dtype, file=src.file)
+    return Checkpoint(path=ckpt.path, config=ckpt.config, tensors=tensors, views=views)
 
 
 def _read_config(root: Path) -> dict[str, Any] | None:

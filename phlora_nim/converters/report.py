@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, summary_energy
+from phlora_nim.converters.expert_serving import expert_readers, serving_problems
+from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, rank_capped, summary_energy
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 from phlora_nim.core.errors import InputError
 from phlora_nim.core.json_files import read_json
@@ -17,7 +18,7 @@ _TOP_SINGULAR = 16
 _CURVE_POINTS = 256
 
 
-def _module_entry(r: ModuleResult) -> dict[str, Any]:
+def _module_entry(r: ModuleResult, *, capped: bool = False) -> dict[str, Any]:
     """One module's entry: plan, rank and energy figures (weight space; for activation-aware
     factors the output-space figures beside them)."""
     p = r.plan
@@ -29,6 +30,8 @@ def _module_entry(r: ModuleResult) -> dict[str, Any]:
         "shape": [p.out_dim, p.in_dim],
         "rank": r.rank,
     }
+    if capped:
+        entry["rank_capped"] = True  # --rank is above this module's smaller side: capped there (exact)
     if r.factors is None:
         entry.update(
             zero_delta=True,
@@ -73,15 +76,18 @@ def build_report(
     command: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (energies in float64 against the full ‖ΔW‖²_F)."""
-    modules = [_module_entry(r) for r in result.modules]
+    capped = {t.module for t in rank_capped(result.plan.targets, options.policy)}
+    modules = [_module_entry(r, capped=r.plan.module in capped) for r in result.modules]
     extras = [
         {
             "name": x.plan.name,
             "kind": x.plan.kind,
             "base_shape": list(x.plan.base_shape),
             "finetuned_shape": list(x.plan.ft_shape),
-            "delta_energy": x.energy if not x.plan.resized else None,
+            "delta_energy": x.energy,
             "resized": x.plan.resized,
+            "added_rows": x.added_rows,
+            "added_rows_energy": x.added_energy,
             "action": x.action,
         }
         for x in result.extras
@@ -99,7 +105,11 @@ def build_report(
         max_rank=max(ranks) if ranks else 0,
         mean_rank=sum(ranks) / len(ranks) if ranks else 0.0,
         dropped_extra_energy=sum(x.energy for x in result.extras if x.action == "dropped"),
+        rank_capped_modules=len(capped),
     )
+    if result.plan.architecture is not None and result.plan.architecture.components:
+        totals["components"] = _component_shares(result, modules, extras)
+    serving = _expert_serving(result)
     pol = options.policy
     return {
         "format": "phlora-report/1",
@@ -121,11 +131,61 @@ def build_report(
         "dtype": str(result.plan.out_dtype).removeprefix("torch."),
         "extra": options.non_linear_deltas,
         "warnings": list(result.plan.warnings),
+        "belonging": result.plan.similarity.to_json() if result.plan.similarity else None,
         "totals": totals,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "modules": modules,
         "extras": extras,
+        **({"expert_serving": serving} if serving else {}),
     }
+
+
+def _expert_serving(result: ExtractionResult) -> dict[str, list[str]]:
+    """For a MoE family: per engine, what it would miss of this adapter (``expert_serving.yaml``); the
+    written folder pads every module to one rank, so what remains is a router gate some engines ignore."""
+    amap = result.plan.architecture
+    if amap is None:
+        return {}
+    modules = result.adapter.modules
+    experts = {name: w.rank for name, w in modules.items() if ".experts." in name}
+    routers = [name for name, w in modules.items() if amap.match(name) and amap.match(name)[0].trtllm == "moe_router"]
+    rank = max((w.rank for w in modules.values()), default=0)
+    out = {}
+    for reader in expert_readers():
+        if reader.family == amap.family and experts:
+            out[reader.engine] = serving_problems(reader, dict.fromkeys(experts, rank), routers)
+    return out
+
+
+def _component_shares(
+    result: ExtractionResult, modules: list[dict[str, Any]], extras: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Each component's share of the fine-tune's delta energy (a VLM's language model, vision tower,
+    projector), whether the adapter carries it, and the energy the adapter keeps of it."""
+    amap = result.plan.architecture
+    assert amap is not None
+    carried = {m["name"] for m in modules if not m["zero_delta"]}
+    shares: dict[str, dict[str, Any]] = {}
+    whole = 0.0
+    rows = [(m["name"], m["delta_energy"], m["delta_energy"] * m["energy_kept"], True) for m in modules]
+    rows += [
+        (x["name"], x["delta_energy"], x["delta_energy"] if x["action"] == "saved" else 0.0, False)
+        for x in extras
+        if x["delta_energy"] is not None
+    ]
+    for name, energy, kept, is_module in rows:
+        whole += energy
+        component = amap.component(name)
+        if component is None:
+            continue
+        entry = shares.setdefault(component.name, {"delta_energy": 0.0, "kept_energy": 0.0, "adapter_modules": 0})
+        entry["delta_energy"] += energy
+        entry["kept_energy"] += kept
+        entry["adapter_modules"] += is_module and name in carried
+    for entry in shares.values():
+        entry["share_of_delta"] = entry["delta_energy"] / whole if whole else 0.0
+        entry["in_adapter"] = entry["adapter_modules"] > 0
+    return shares
 
 
 def write_report(report: dict[str, Any], folder: Path) -> Path:

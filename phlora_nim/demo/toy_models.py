@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 96,
@@ -39,13 +40,18 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         "gemma2": "Gemma2Config",
         "phi3": "Phi3Config",
         "mixtral": "MixtralConfig",
+        "qwen3_moe": "Qwen3MoeConfig",
     }.get(family)
     if cls_name is None:
         raise ValueError(f"unknown toy family {family!r}; choose from {', '.join(FAMILIES)}")
-    if family in ("gemma", "gemma2", "qwen3"):
+    if family in ("gemma", "gemma2", "qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 24  # heads × head_dim (96) ≠ hidden (64), as in real Gemma
     if family == "mixtral":
         kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        # The last layer keeps a dense MLP, as mlp_only_layers allows: both kinds of layer are covered.
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
+        kwargs.update(mlp_only_layers=[kwargs["num_hidden_layers"] - 1])
     if family == "phi3":
         kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kwargs.update(overrides)
@@ -99,7 +105,8 @@ def finetune(
     frozen = {id(p) for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
     if linear_only:
-        linear = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
+        # Linear weights, MoE routers and fused 3-D expert tensors: every ≥ 2-D parameter of the decoder layers.
+        linear = {id(p) for p in _decoder_layers(model).parameters() if p.dim() >= 2}
         params = [p for p in params if id(p) in linear]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     data = training_batch(model.config.vocab_size, seed=seed)
@@ -109,6 +116,12 @@ def finetune(
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def _decoder_layers(model: Any) -> torch.nn.Module:
+    """The decoder layers of a causal LM, or of a vision-language model's language model."""
+    inner = model.model
+    return inner.layers if hasattr(inner, "layers") else inner.language_model.layers
 
 
 # Readable words for the toy vocabulary, so generated text in the demo is legible.
@@ -146,6 +159,7 @@ def make_pair(
     dtype: torch.dtype = torch.float32,
     freeze_embeddings: bool = False,
     tokenizer: bool = False,
+    linear_only: bool = False,
     **overrides: Any,
 ) -> tuple[Path, Path]:
     """Save a base model and its full fine-tune under ``root/base`` and ``root/finetuned``."""
@@ -154,7 +168,7 @@ def make_pair(
     base_dir, ft_dir = root / "base", root / "finetuned"
     model.to(dtype).save_pretrained(base_dir)
     model.float()
-    finetune(model, steps=steps, seed=seed, freeze_embeddings=freeze_embeddings)
+    finetune(model, steps=steps, seed=seed, freeze_embeddings=freeze_embeddings, linear_only=linear_only)
     model.to(dtype).save_pretrained(ft_dir)
     if tokenizer:
         for folder in (base_dir, ft_dir):

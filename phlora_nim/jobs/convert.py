@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -21,9 +21,11 @@ from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.hub import resolve
 from phlora_nim.core.atomic import replace_dir, staging_dir
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.core.outputs import overlapping_input
 from phlora_nim.engines.trtllm_legacy.cache_settings import check_served_path
 from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
 from phlora_nim.jobs.maintenance import check_grace
@@ -139,6 +141,16 @@ def _check_names(job: ConvertJob) -> list[str]:
     return names
 
 
+def _resolved_sources(job: ConvertJob) -> ConvertJob:
+    """Hub ids among the checkpoints replaced by their snapshot folders in the hub cache."""
+    base = resolve(job.base, flag="--base")
+    if base.hub_id is None and all(Path(f).exists() for f in job.finetuned):
+        return job
+    finetuned = tuple(resolve(f, flag="--finetuned").path for f in job.finetuned)
+    settings = dataclasses.replace(job.settings, base=str(base.path)) if base.hub_id else job.settings
+    return dataclasses.replace(job, base=base.path, finetuned=finetuned, settings=settings)
+
+
 def _settings(job: ConvertJob) -> RepositorySettings:
     """The settings to write: the job's, with the stored ones where the user gave none.
 
@@ -187,6 +199,20 @@ def _is_ours(root: Path) -> bool:
         entry.name == LLM_MODEL and entry.is_dir() and all(p.name.startswith(".staging-") for p in entry.iterdir())
         for entry in root.iterdir()
     )
+
+
+def _check_apart_from_inputs(root: Path, inputs: Sequence[Path | str | None]) -> None:
+    """A model repository that is, holds or lies inside a checkpoint could overwrite it: refused."""
+    overlap = overlapping_input(root, inputs)
+    if overlap is not None:
+        source, how = overlap
+        raise OutputError(
+            f"the model repository {how} an input",
+            where=f"--model-repository {root}",
+            expected="a folder apart from the base and fine-tuned checkpoints",
+            found=f"input {source}",
+            fix="choose a --model-repository outside the checkpoints",
+        )
 
 
 def _check_repository(root: Path) -> None:
@@ -266,7 +292,9 @@ def convert(
             (nothing is registered).
     """
     names = _check_names(job)
+    job = _resolved_sources(job)
     root = Path(job.repository)
+    _check_apart_from_inputs(root, (job.base, *job.finetuned, job.options.calibration))
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     steps = job.settings.engine_row.module("staging")
@@ -295,10 +323,11 @@ def convert(
                         progress=progress,
                     )
                 )
-            done = _register(job, root, staged, steps)
-            if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's HTTP front
-                replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
-            return done
+            tokenizer = stage / "base.tokenizer"  # for the router's HTTP front
+            has_tokenizer = copy_tokenizer_files(job.base, tokenizer)
+            # Moved into place under the registry lock: concurrent converts (one pod per fine-tune) each
+            # replace it, and two renames onto one folder at once would fail.
+            return _register(job, root, staged, steps, tokenizer=tokenizer if has_tokenizer else None)
 
 
 def _stage(
@@ -337,10 +366,19 @@ def _stage(
     return StagedAdapter(name=name, extracted=extracted, store=store, form=form, seconds=time.perf_counter() - start)
 
 
-def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter], steps: ModuleType) -> list[Converted]:
+def _register(
+    job: ConvertJob,
+    root: Path,
+    staged: list[StagedAdapter],
+    steps: ModuleType,
+    *,
+    tokenizer: Path | None = None,
+) -> list[Converted]:
     registry = Registry(root)
     done: list[Converted] = []
     with registry.locked() as state:
+        if tokenizer is not None:
+            state.after_commit.append(lambda: replace_dir(tokenizer, base_tokenizer_dir(root)))
         entries = []
         for item in staged:
             old = state.adapters.get(item.name)

@@ -5,8 +5,11 @@ checkpoints, time. Task ids are derived from the digest (stable across runs and 
 below 2^31 because TensorRT-LLM parses prefetch folder names as a signed 32-bit int, and never
 given to other weights: a collision is detected at registration and resolved by probing.
 
-Writers take an exclusive lock and replace the file atomically, so concurrent runs never corrupt
-it and a failed run leaves it as it was.
+Writers take an exclusive lock (POSIX ``fcntl`` record lock on a lock file beside it, which shared volumes
+such as NFS enforce between machines), read the registry, change it and replace the file atomically, so
+concurrent runs (one conversion pod per fine-tune) never corrupt it or lose each other's adapters, and a
+failed run leaves it as it was. The lock file counts commits: a writer whose filesystem still shows an
+older registry waits for the current one instead of merging into a stale copy.
 
 Files of removed and replaced adapters outlive their registry entry by a grace period: a router
 polling the registry may still route a request to them for a few seconds. The registry lists them
@@ -22,11 +25,14 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from phlora_nim.core.atomic import atomic_write_text
 from phlora_nim.core.errors import InputError
@@ -260,26 +266,105 @@ class Registry:
         The write also deletes the folders whose grace period is over.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read()
-            state.now = self.now
-            yield state
+        with _THREADS, open(self.lock_path, "a+") as lock:
+            # A POSIX record lock: the kind every NFS version (and CephFS, Lustre…) enforces between machines,
+            # and on whose acquisition NFS clients drop their cached pages of the files it guards.
+            fcntl.lockf(lock, fcntl.LOCK_EX)
             try:
-                due = state.take_due(self.root)
-            except ValueError as exc:
+                generation = _read_generation(lock)
+                state = self._read_at_least(generation)
+                state.now = self.now
+                stored = self._stored()
+                yield state
+                try:
+                    due = state.take_due(self.root)
+                except ValueError as exc:
+                    raise InputError(
+                        str(exc), where=str(self.path), fix="remove that entry from pending_deletions"
+                    ) from None
+                payload = _payload(state)
+                if payload != stored:  # a no-op leaves the file (and its readers) alone
+                    payload["generation"] = generation + 1
+                    atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+                    _write_generation(lock, generation + 1)
+                for action in state.after_commit:
+                    action()
+                for folder in due:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    log.debug("deleted %s (grace period over)", folder)
+            finally:
+                fcntl.lockf(lock, fcntl.LOCK_UN)
+
+    def _read_at_least(self, generation: int) -> RegistryState:
+        """The registry once it shows ``generation`` (the lock file's count of commits) or later.
+
+        The lock file is written in place, under the lock; the registry is replaced by a rename, which a
+        client of a shared filesystem may see late (a cached name → old file). Waiting for the count to
+        match keeps a writer from merging into a stale copy and losing another pod's adapter.
+        """
+        deadline = time.monotonic() + _STALE_WAIT_S
+        while True:
+            state, found = self._read_with_generation()
+            if found >= generation:
+                return state
+            if time.monotonic() > deadline:
                 raise InputError(
-                    str(exc), where=str(self.path), fix="remove that entry from pending_deletions"
-                ) from None
-            payload = {
-                "format": _FORMAT,
-                "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
-                "retired": {str(k): v for k, v in sorted(state.retired.items())},
-                "pending_deletions": [asdict(p) for p in state.pending_deletions],
-            }
-            atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
-            for action in state.after_commit:
-                action()
-            for folder in due:
-                shutil.rmtree(folder, ignore_errors=True)
-                log.debug("deleted %s (grace period over)", folder)
+                    "the adapter registry is older than its lock file says",
+                    where=str(self.path),
+                    expected=f"generation {generation} (written by the last convert)",
+                    found=f"generation {found} after {_STALE_WAIT_S:.0f} s",
+                    fix="check that every writer mounts the repository from the same shared volume and retry; "
+                    f"if {REGISTRY_FILE} was removed on purpose, remove {self.lock_path.name} with it",
+                )
+            time.sleep(0.2)
+
+    def _stored(self) -> dict[str, Any] | None:
+        """The registry file as stored, without its commit count (None: no file, or not JSON)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict):
+            data.pop("generation", None)
+        return data
+
+    def _read_with_generation(self) -> tuple[RegistryState, int]:
+        if not self.path.exists():
+            return RegistryState(), 0
+        state = self.read()
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return state, 0
+        return state, int(data.get("generation", 0))
+
+
+def _payload(state: RegistryState) -> dict[str, Any]:
+    """What the registry file stores of ``state`` (without its commit count)."""
+    return {
+        "format": _FORMAT,
+        "adapters": {n: asdict(e) for n, e in sorted(state.adapters.items())},
+        "retired": {str(k): v for k, v in sorted(state.retired.items())},
+        "pending_deletions": [asdict(p) for p in state.pending_deletions],
+    }
+
+
+# How long a writer waits for a shared filesystem to show the registry its lock file announces.
+_STALE_WAIT_S = 30.0
+# POSIX locks belong to a process: threads of one process are kept apart by this lock as well.
+_THREADS = threading.Lock()
+
+
+def _read_generation(lock: IO[str]) -> int:
+    """The commit count kept in the lock file (0 for a new or pre-existing empty lock file)."""
+    lock.seek(0)
+    text = lock.read().strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _write_generation(lock: IO[str], generation: int) -> None:
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{generation}\n")
+    lock.flush()
+    os.fsync(lock.fileno())

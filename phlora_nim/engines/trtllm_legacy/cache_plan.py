@@ -13,6 +13,8 @@ counts from the router's ``phlora_router_requests_total`` or a JSON object), the
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -165,6 +167,12 @@ def read_usage(path: Path) -> dict[str, float]:
     return counts
 
 
+# Names of adapters that sibling processes of a ``convert --index`` fan-out register (jobs/fanout.py).
+PENDING_ADAPTERS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "pending_adapters", default=frozenset()
+)
+
+
 def select_prefetch(names: Iterable[str], request: CacheRequest) -> tuple[str, ...]:
     """The adapters to preload: named ones first, then the most used, then by name, up to the limit.
 
@@ -174,6 +182,11 @@ def select_prefetch(names: Iterable[str], request: CacheRequest) -> tuple[str, .
     names = sorted(names)
     if not request.prefetch:
         return ()
+    # Adapters other processes of the same fan-out convert (``convert --index``) may not be registered
+    # yet: named ones are preloaded once they are, by the commit that registers them.
+    pending = PENDING_ADAPTERS.get()
+    named = tuple(n for n in request.prefetch_names if n in names or n not in pending)
+    request = dataclasses.replace(request, prefetch_names=named)
     unknown = [n for n in request.prefetch_names if n not in names]
     if unknown:
         raise OptionError(

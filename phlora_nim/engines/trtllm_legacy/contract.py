@@ -2,7 +2,7 @@
 the runtime makes and the words it makes them with.
 
 Everything that writes, reads, checks or serves ``lora_weights`` / ``lora_config`` imports from
-here: the converters (``formats/trtllm.py``), the CPU reference engine (``triton/lora_cache.py``),
+here: the converters (``tensors.py``), the CPU reference engine (``lora_cache.py``),
 the router's weight store and the Triton config writer. Importing it costs numpy only (torch is
 imported where a torch dtype is asked for), so stand-in models can use the message texts too.
 
