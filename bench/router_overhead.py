@@ -85,7 +85,9 @@ def throughput(make_call: Callable[[], Callable[[], object]], concurrency: int, 
 
 
 @contextlib.contextmanager
-def router_process(repository: Path, upstream: str, workers: int = 1) -> Iterator[str]:
+def router_process(
+    repository: Path, upstream: str, workers: int = 1, extra_args: tuple[str, ...] = ()
+) -> Iterator[str]:
     port = free_port()
     command = [
         sys.executable,
@@ -96,6 +98,7 @@ def router_process(repository: Path, upstream: str, workers: int = 1) -> Iterato
         "--port", str(port),
         "--metrics-port", "0",
         "--workers", str(workers),
+        *extra_args,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT)
     address = f"127.0.0.1:{port}"

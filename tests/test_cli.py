@@ -176,3 +176,4 @@ def test_demo_runs_end_to_end(run_cli, tmp_path: Path) -> None:
         "stride-17",
         "stride-23",
     ]
+    assert (tmp_path / "demo" / "model_repository" / "tensorrt_llm" / "1" / "model.yaml").is_file()  # the llmapi engine

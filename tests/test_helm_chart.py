@@ -44,6 +44,10 @@ EXTRA_CASES: dict[str, dict[str, Any]] = {
         }
     },
     "router-grpc-only": {"router": {"http": {"enabled": False}}},
+    "legacy-defaults": {"backend": "trtllm-legacy"},
+    "trtllm-image-files": {
+        "trtllm": {"upstreamFiles": {"source": "image", "image": {"repository": "registry.example.com/llmapi-files"}}}
+    },
     "tls-and-tenants-secret": {
         "router": {
             "tls": {"existingSecret": "router-tls"},
@@ -278,7 +282,7 @@ BAD_VALUES = [
     ({"router": {"replicas": -1}}, SCHEMA, r"/router/replicas': minimum: got -1, want 0"),
     ({"server": {"replicas": -3}}, SCHEMA, r"/server/replicas': minimum: got -3, want 0"),
     ({"server": {"gpus": 1}}, SCHEMA, r"additional properties 'gpus' not allowed"),
-    ({"backend": "vllm"}, SCHEMA, r"/backend': value must be one of 'tensorrtllm', 'nim'"),
+    ({"backend": "vllm"}, SCHEMA, r"/backend': value must be one of 'trtllm', 'trtllm-legacy', 'tensorrtllm', 'nim'"),
     ({"server": {"gpu": {"resourceName": "amd.com/gpu"}}}, SCHEMA, r"/server/gpu/resourceName': 'amd.com/gpu'"),
     ({"server": {"gpu": {"count": 0}}}, SCHEMA, r"/server/gpu/count': minimum: got 0, want 1"),
     ({"conversion": {"dtype": "fp8"}}, SCHEMA, r"/conversion/dtype': value must be one of"),
@@ -296,7 +300,10 @@ BAD_VALUES = [
     ({"metrics": {"prometheusRule": {"window": "five"}}}, SCHEMA, r"/metrics/prometheusRule/window'"),
     ({"backend": "nim"}, GUARD, r"set router\.enabled=false"),
     ({"backend": "nim", "router": {"enabled": False}}, GUARD, r"nim\.ngcApiKeySecret\.name"),
-    ({"router": {"enabled": False}}, GUARD, r"backend=tensorrtllm needs the router"),
+    ({"router": {"enabled": False}}, GUARD, r"backend=trtllm needs the router"),
+    ({"backend": "tensorrtllm", "router": {"enabled": False}}, GUARD, r"backend=tensorrtllm needs the router"),
+    ({"trtllm": {"upstreamFiles": {"source": "image"}}}, GUARD, r"trtllm\.upstreamFiles\.image\.repository"),
+    ({"trtllm": {"maxLoras": 0}}, SCHEMA, r"/trtllm/maxLoras': minimum"),
     ({"modelRepository": {"source": "image"}}, GUARD, r"modelRepository\.image\.repository"),
     ({"modelRepository": {"source": "url"}}, GUARD, r"modelRepository\.url\.location"),
     (
@@ -368,7 +375,9 @@ def test_triton_requests_gpus_on_gpu_nodes(rendered: dict[str, list[dict[str, An
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert container["command"] == ["tritonserver"]
-    assert "--model-repository=/models" in container["args"]
+    assert "--model-repository=/opt/llmapi" in container["args"]  # assembled by the llmapi-model init container
+    legacy = _main_container(_one(rendered["legacy-defaults"], "Deployment", "triton"))
+    assert "--model-repository=/models" in legacy["args"]
     dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"]["medium"] == "Memory" and dshm["emptyDir"]["sizeLimit"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
@@ -429,7 +438,7 @@ def test_router_command_line_and_service(rendered: dict[str, list[dict[str, Any]
         "model-repository": "/models",
         "upstream-dns": flags["upstream-dns"],
         "dns-interval": "10",
-        "upstream-model": "ensemble",
+        "upstream-model": "tensorrt_llm",
         "host": "0.0.0.0",
         "port": "8001",
         "metrics-port": "9090",
@@ -497,20 +506,22 @@ def test_triton_mounts_the_engine_and_the_base_checkpoint(rendered: dict[str, li
     assert mounts["engine"]["mountPath"] == "/engines/base" and mounts["engine"]["readOnly"] is True
     assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "model-checkpoints", "readOnly": True}
     assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
-    defaults = _one(rendered["defaults"], "Deployment", "triton")
+    defaults = _one(rendered["legacy-defaults"], "Deployment", "triton")
     assert {v["name"] for v in _pod_spec(defaults)["volumes"]} == {
         "model-repository",
         "dshm",
         "scratch",
         "phlora-nim-python",
     }
+    llmapi = _one(rendered["defaults"], "Deployment", "triton")
+    assert {v["name"] for v in _pod_spec(llmapi)["volumes"]} == {"model-repository", "dshm", "scratch", "llmapi-model"}
 
 
 def test_triton_gets_phlora_nim_python_packages(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """Stock Triton images lack phlora_nim, which the pre/postprocessing model.py files import."""
-    triton = _one(rendered["defaults"], "Deployment", "triton")
+    """Stock Triton images lack phlora_nim, which the legacy pre/postprocessing model.py files import."""
+    triton = _one(rendered["legacy-defaults"], "Deployment", "triton")
     init = next(c for c in _pod_spec(triton)["initContainers"] if c["name"] == "phlora-nim-python")
-    router = _main_container(_one(rendered["defaults"], "Deployment", "router"))
+    router = _main_container(_one(rendered["legacy-defaults"], "Deployment", "router"))
     assert init["image"] == router["image"]
     assert "phlora_nim" in init["command"][2] and init["command"][3] == "/opt/phlora-nim/python"
     main = _main_container(triton)
@@ -739,7 +750,7 @@ def test_conversion_job(chart: helm.Chart, rendered: dict[str, list[dict[str, An
         "--model-repository=/models",
         "--served-path=/models",  # Triton mounts the volume there too; the Job checks it is real
         "--check-served-path",
-        "--backend=tensorrtllm",
+        "--backend=trtllm-legacy",
         "--rank=64",
         "--index=$(JOB_COMPLETION_INDEX)",
         "--engine-dtype=bfloat16",
@@ -847,7 +858,10 @@ def test_helm_test_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
     compile(script["data"]["release_check.py"], "release_check.py", "exec")
 
     defaults = {o["metadata"]["name"]: o for o in rendered["defaults"] if o["kind"] == "Pod"}
-    assert _env(_main_container(defaults[f"{RELEASE}-phlora-nim-test-infer"]))["MODEL"] == "ensemble"
+    assert _env(_main_container(defaults[f"{RELEASE}-phlora-nim-test-infer"]))["MODEL"] == "tensorrt_llm"
+    assert _env(_main_container(defaults[f"{RELEASE}-phlora-nim-test-infer"]))["ENGINE_INPUTS"] == "llmapi"
+    legacy = {o["metadata"]["name"]: o for o in rendered["legacy-defaults"] if o["kind"] == "Pod"}
+    assert _env(_main_container(legacy[f"{RELEASE}-phlora-nim-test-infer"]))["MODEL"] == "ensemble"
     secured = {o["metadata"]["name"]: o for o in rendered["tls-and-tenants-secret"] if o["kind"] == "Pod"}
     env = _env(_main_container(secured[f"{RELEASE}-phlora-nim-test-infer"]))
     assert env["CA_FILE"] == "/etc/phlora-nim/tls/ca.crt"
@@ -886,3 +900,60 @@ def test_pinned_api_versions(rendered: dict[str, list[dict[str, Any]]]) -> None:
     }
     kinds = {(o["kind"], o["apiVersion"]) for objects in rendered.values() for o in objects}
     assert kinds == set(expected.items())
+
+
+def test_trtllm_engine_mode(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The default: TensorRT-LLM's llmapi model, its repository assembled from the volume and NVIDIA's files
+    of the serving image's release, the adapter store read at the same path in every pod, the conversion
+    Job writing model.yaml from values, the router naming adapters by path."""
+    objects = rendered["profile:trtllm"]
+    triton = _one(objects, "Deployment", "triton")
+    main, spec = _main_container(triton), _pod_spec(triton)
+    assert main["image"] == "nvcr.io/nvidia/tritonserver:26.09-trtllm-python-py3"
+    assert "--model-repository=/opt/llmapi" in main["args"]
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert mounts["model-repository"] == {"name": "model-repository", "mountPath": "/models", "readOnly": True}
+    assert mounts["checkpoints"]["mountPath"] == "/checkpoints"
+    assert not any(e["name"] == "PYTHONPATH" for e in main["env"]), "NVIDIA's model.py needs no phlora_nim"
+    init = next(c for c in spec["initContainers"] if c["name"] == "llmapi-model")
+    assert init["image"] == main["image"], "model.py / helpers.py come from the serving image's TensorRT-LLM release"
+    script = init["command"][2]
+    assert "version('tensorrt_llm')" in script and 'git clone --depth 1 --branch "v$version"' in script
+    assert "triton_backend/all_models/llmapi/tensorrt_llm/1/helpers.py" in script
+    assert _env(init)["UPSTREAM_REPO"] == "https://github.com/NVIDIA/TensorRT-LLM.git"
+    assert {m["name"] for m in init["volumeMounts"]} >= {"model-repository", "llmapi-model"}
+    claim = _one(objects, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    job = _main_container(_one(objects, "Job", "conversion"))
+    assert job["args"] == [
+        "convert",
+        "--base=/checkpoints/llama-3.1-8b",
+        "--finetuned=/checkpoints/support-bot",
+        "--name=support-bot",
+        "--finetuned=/checkpoints/legal-summaries",
+        "--name=legal-summaries",
+        "--model-repository=/models",
+        "--backend=trtllm",
+        "--served-path=/models",  # lora_path: where every Triton pod mounts the store
+        "--served-base=/checkpoints/llama-3.1-8b",
+        "--model-yaml=/etc/phlora-nim/llmapi/model.yaml",
+        "--max-loras=8",
+        "--max-cpu-loras=64",
+        "--tp=1",
+        "--pp=1",
+        "--rank=64",
+        "--device=cuda",
+    ]
+    config = _one(objects, "ConfigMap", "conversion")
+    model = yaml.safe_load(config["data"]["model.yaml"])
+    assert model["model"] == "/checkpoints/llama-3.1-8b" and model["backend"] == "pytorch"
+    assert model["kv_cache_config"] == {"free_gpu_memory_fraction": 0.8}
+
+    router = _main_container(_one(objects, "Deployment", "router"))
+    assert "--upstream-model=tensorrt_llm" in router["args"]
+
+    from_image = _one(rendered["trtllm-image-files"], "Deployment", "triton")
+    init = next(c for c in _pod_spec(from_image)["initContainers"] if c["name"] == "llmapi-model")
+    assert init["image"] == "registry.example.com/llmapi-files:latest"
+    assert "git clone" not in init["command"][2] and '"$UPSTREAM_DIR/helpers.py"' in init["command"][2]

@@ -179,3 +179,44 @@ GraceOpt = Annotated[
         "--grace", help="Seconds the old tensors of a replaced adapter are kept for routers still using them."
     ),
 ]
+
+# The llmapi engine (--backend trtllm / trtllm-cpu): its model.yaml's lora_config and LLM() arguments.
+LLMAPI = "trtllm / trtllm-cpu (model.yaml)"
+MaxLorasOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-loras", help="lora_config.max_loras: adapters held on the GPU at once.", rich_help_panel=LLMAPI
+    ),
+]
+MaxCpuLorasOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-cpu-loras", help="lora_config.max_cpu_loras: adapters held in host memory.", rich_help_panel=LLMAPI
+    ),
+]
+PpOpt = Annotated[int, typer.Option("--pp", help="pipeline_parallel_size of the engine.", rich_help_panel=LLMAPI)]
+ModelYamlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-yaml",
+        help="Start from this model.yaml (its other LLM() arguments are kept); lora_config is widened to cover "
+        "the adapters unless --fixed-model-yaml.",
+        rich_help_panel=LLMAPI,
+    ),
+]
+FixedModelYamlOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fixed-model-yaml",
+        help="Use --model-yaml's lora_config as is: refuse adapters it does not cover (modules, rank).",
+        rich_help_panel=LLMAPI,
+    ),
+]
+ServedBaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--served-base",
+        help="model.yaml's model: the base checkpoint as the Triton pods see it (default: --base).",
+        rich_help_panel=LLMAPI,
+    ),
+]

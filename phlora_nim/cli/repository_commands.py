@@ -26,6 +26,7 @@ from phlora_nim.cli.app import (
     out_console,
     tensor_progress,
 )
+from phlora_nim.cli.convert_llmapi import convert_llmapi_command, llmapi_engine, rank_and_energy
 from phlora_nim.cli.convert_options import (
     BackendOpt,
     BaseOpt,
@@ -35,19 +36,25 @@ from phlora_nim.cli.convert_options import (
     EngineDirOpt,
     EngineDtypeOpt,
     FinetunedOpt,
+    FixedModelYamlOpt,
     GpuFreeMemoryOpt,
     GraceOpt,
     LlmParameterOpt,
     LoraCacheMbOpt,
     LoraCacheSpareOpt,
     MaxBatchSizeOpt,
+    MaxCpuLorasOpt,
     MaxLoraRankOpt,
+    MaxLorasOpt,
+    ModelYamlOpt,
     NameOpt,
     OldEngineDtypeOpt,
+    PpOpt,
     PrefetchLimitOpt,
     PrefetchOpt,
     PrefetchUsageOpt,
     ReplaceOpt,
+    ServedBaseOpt,
     ServedPathOpt,
     TokenizerDirOpt,
     TpOpt,
@@ -146,6 +153,12 @@ def convert_command(
     prompts: PromptsOpt = None,
     self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
+    max_loras: MaxLorasOpt = 8,
+    max_cpu_loras: MaxCpuLorasOpt = 32,
+    pp: PpOpt = 1,
+    model_yaml: ModelYamlOpt = None,
+    fixed_model_yaml: FixedModelYamlOpt = False,
+    served_base: ServedBaseOpt = None,
     allow_mismatch: AllowMismatchOpt = False,
     threads: ThreadsOpt = None,
     index: Annotated[
@@ -159,6 +172,10 @@ def convert_command(
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
+    --backend trtllm (TensorRT-LLM ≥ 1.3, GPU) and trtllm-cpu (its CPU reference): each adapter becomes a
+    PEFT folder in the repository's adapter store, read by the llmapi model from its path; the
+    repository gets the model's config.pbtxt and a model.yaml whose lora_config covers every adapter.
+
     For each --finetuned: extract the LoRA adapter (default --rank 16), lay it out as TensorRT-LLM
     tensors in the engine dtype, and register it (name, content-derived task id, ranks, modules).
     The repository gets the inflight_batcher_llm models (preprocessing, tensorrt_llm,
@@ -167,7 +184,11 @@ def convert_command(
 
     Repository settings not given keep the values the repository was written with.
     """
-    job = _convert_job(dict(locals()))  # the options by parameter name
+    args = dict(locals())  # the options by parameter name
+    if llmapi_engine(args) is not None:
+        convert_llmapi_command(args, _extraction(args))
+        return
+    job = _convert_job(args)
     fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if index is not None:
         from phlora_nim.jobs.fanout import one_of, siblings_pending
@@ -319,13 +340,10 @@ def _print_convert_summary(done: list[Converted], seconds: float, repository: Pa
     for col in ("adapter", "lora_task_id", "ranks", "energy kept", "MB"):
         table.add_column(col)
     for c in done:
-        ranks = sorted(set(c.entry.ranks.values()))
-        kept = c.report["totals"].get("energy_kept_linear")
         table.add_row(
             c.entry.name,
             str(c.entry.task_id),
-            f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
-            f"{kept:.4f}" if isinstance(kept, float) else "–",
+            *rank_and_energy(c.entry.ranks, c.report),
             f"{c.adapter_bytes / 1e6:.2f}",
         )
     out_console.print(table)

@@ -1,9 +1,10 @@
 """The one-command demo: fine-tunes → adapters → real Triton (CPU) → router → per-request adapters.
 
 1. a small Llama with its tokenizer, and three full fine-tunes of it, each taught its own rule;
-2. ``convert``: every fine-tune becomes a LoRA adapter in one Triton model repository;
-3. the real ``tritonserver`` (CPU reference ``tensorrt_llm`` model) and the router start, with its
-   OpenAI-compatible HTTP API;
+2. ``convert --backend trtllm-cpu``: every fine-tune becomes a LoRA adapter (a PEFT folder in the
+   repository's store) for TensorRT-LLM's ``llmapi`` Triton model, with its ``model.yaml``;
+3. the real ``tritonserver`` (phlora-nim's CPU reference of the ``llmapi`` model, which reads each
+   adapter from its path as TensorRT-LLM does) and the router start, with its OpenAI-compatible HTTP API;
 4. requests for every adapter and the base model go through the router, mixed and concurrent, each
    selecting its adapter by model name: first with the ``openai`` SDK (``/v1/completions``), then
    with a Triton gRPC client;
@@ -34,6 +35,8 @@ log = logging.getLogger("phlora_nim.demo.run")
 PROMPTS = ("the red cat", "one small bird", "king queen knight")
 NAMES = ("stride-11", "stride-17", "stride-23")
 NEW_TOKENS = 6
+DEMO_ENGINE = "trtllm-cpu"  # the CPU reference of TensorRT-LLM's llmapi Triton model
+BASE_MODEL = "tensorrt_llm"  # the Triton model: the base when called by its own name
 
 DEMO_OUTPUT = OutputKind("demo", ("checkpoints",), ("checkpoints", "model_repository"))
 
@@ -63,7 +66,7 @@ def _reference_outputs(checkpoint: Path, tokenizer: Any, prompts: tuple[str, ...
     model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
     texts = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = tokenizer.encode(prompt, add_special_tokens=True)  # as the llmapi model tokenizes text_input
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ids]),
@@ -89,10 +92,10 @@ def _ask(address: str, model: str, prompt: str) -> str:
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(address) as client:
-        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
-        max_tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-        max_tokens.set_data_from_numpy(np.array([[NEW_TOKENS]], dtype=np.int32))
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        max_tokens = grpcclient.InferInput("sampling_param_max_tokens", [1], "INT32")
+        max_tokens.set_data_from_numpy(np.array([NEW_TOKENS], dtype=np.int32))
         result = client.infer(model, [text, max_tokens], client_timeout=120)
         return result.as_numpy("text_output").reshape(-1)[0].decode()
 
@@ -141,7 +144,7 @@ def run_demo(
             converted = _convert(base, fts, repo, energy)
         tokenizer = AutoTokenizer.from_pretrained(base)
         with _step(progress, "reference outputs of each fine-tuned model, in PyTorch"):
-            expected = {"ensemble": _reference_outputs(base, tokenizer, PROMPTS)}
+            expected = {BASE_MODEL: _reference_outputs(base, tokenizer, PROMPTS)}
             for name, ft in zip(NAMES, fts, strict=True):
                 expected[name] = _reference_outputs(ft, tokenizer, PROMPTS)
         asked = _ask_through_the_router(progress, repo, Path(base).name)
@@ -161,27 +164,27 @@ def _quiet_transformers() -> None:
 
 
 def _convert(base: Path, fts: list[Path], repo: Path, energy: float) -> dict[str, Any]:
-    """``convert`` every fine-tune into one repository (CPU reference backend); results by adapter name."""
+    """``convert --backend trtllm-cpu`` every fine-tune into one repository; results by adapter name."""
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.jobs.convert import ConvertJob, convert
-    from phlora_nim.repository.settings import RepositorySettings
+    from phlora_nim.engines.registry import engine
+    from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
 
-    job = ConvertJob(
+    job = LlmapiJob(
         base=base,
         finetuned=tuple(fts),
         names=NAMES,
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
-        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
+        engine=engine(DEMO_ENGINE),
     )
-    return {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
+    return {c.entry.name: c for c in convert_llmapi(job, command="phlora-nim demo")}
 
 
 def _ask_through_the_router(progress: Progress, repo: Path, base_name: str) -> list[tuple[tuple[str, str, str], str]]:
     """Start Triton and the router, send every (path, model, prompt) concurrently; pairs it with its answer.
 
-    The OpenAI API names the base model after its checkpoint folder (``base_name``); gRPC calls it "ensemble".
+    The OpenAI API names the base model after its checkpoint folder (``base_name``); gRPC calls it "tensorrt_llm".
     """
     from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
     from phlora_nim.router.server import RouterThread
@@ -191,13 +194,18 @@ def _ask_through_the_router(progress: Progress, repo: Path, base_name: str) -> l
         triton = LocalTriton(repo).start()
     try:
         config = RouterConfig(
-            model_repository=repo, upstreams=(triton.grpc_url,), port=0, metrics_port=0, http_port=ANY_FREE_PORT
+            model_repository=repo,
+            upstreams=(triton.grpc_url,),
+            port=0,
+            metrics_port=0,
+            http_port=ANY_FREE_PORT,
+            upstream_model=BASE_MODEL,
         )
         with RouterThread(config) as router:
             url = router.http_url or ""
             paths = {
                 "OpenAI API": (base_name, lambda m, p: _ask_openai(url, m, p)),
-                "Triton gRPC": ("ensemble", lambda m, p: _ask(router.address, m, p)),
+                "Triton gRPC": (BASE_MODEL, lambda m, p: _ask(router.address, m, p)),
             }
             asked = []
             for path, (base_model, ask) in paths.items():
@@ -221,7 +229,7 @@ def _row(
         model=model if c else "base (no adapter)",
         prompt=prompt,
         output=answer,
-        expected=expected[model if c else "ensemble"][PROMPTS.index(prompt)],
+        expected=expected[model if c else BASE_MODEL][PROMPTS.index(prompt)],
         rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
         energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
     )

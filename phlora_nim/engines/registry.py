@@ -56,6 +56,23 @@ class Engine:
 
 ENGINES: tuple[Engine, ...] = (
     Engine(
+        name="trtllm",
+        package="trtllm_llmapi",
+        protocol="triton",
+        adapter_form="peft-folder",
+        versions="TensorRT-LLM ≥ 1.3 (PyTorch backend): Triton <yy.mm>-trtllm-python-py3, the llmapi model",
+        summary="TensorRT-LLM's llmapi Triton model (GPU): PEFT folders read by lora_path, lora_id per adapter",
+    ),
+    Engine(
+        name="trtllm-cpu",
+        package="trtllm_llmapi",
+        protocol="triton",
+        adapter_form="peft-folder",
+        versions="any CPU machine: phlora-nim's reference of the llmapi tensorrt_llm model",
+        summary="CPU reference of the llmapi model on the real tritonserver (tests, demo)",
+        cpu_reference=True,
+    ),
+    Engine(
         name="trtllm-legacy",
         package="trtllm_legacy",
         protocol="triton",

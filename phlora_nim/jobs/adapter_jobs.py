@@ -40,6 +40,10 @@ from phlora_nim.jobs.plots import PLOT_NAME
 
 log = logging.getLogger("phlora_nim")
 
+# export --format values (file formats, not engines: "trtllm" is the legacy npy pair)
+NPY_FORMAT = "trtllm"
+EXPORT_FORMATS = ("peft", NPY_FORMAT, "nim")
+
 # What each command writes: ``--force`` replaces only a folder holding these (see core/outputs.py).
 _PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME)
 _TRTLLM_FILES = (TRTLLM_WEIGHTS, TRTLLM_CONFIG, TRTLLM_META)
@@ -211,7 +215,7 @@ def export(
     Raises:
         PhloraError: unreadable adapter, bad options, or an adapter the engine would reject.
     """
-    if fmt not in ("peft", "trtllm", "nim"):
+    if fmt not in EXPORT_FORMATS:
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
     storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
@@ -226,14 +230,14 @@ def export(
         pretrained = (engine or {}).get("pretrained_config") or {}
         trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
     lora = None
-    if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
+    if fmt == NPY_FORMAT or (fmt == "nim" and with_trtllm):
         lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp, strict=strict)
         if engine is not None:
             check_engine(lora, engine, where=str(engine_config))
     with atomic_dir(target, force=force) as tmp:
         if fmt == "peft":
             save_peft(adapter, tmp, dtype=storage.torch if storage else None)
-        elif fmt == "trtllm":
+        elif fmt == NPY_FORMAT:
             assert lora is not None
             save_trtllm(lora, tmp, source=str(adapter_dir))
         else:

@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -24,7 +22,7 @@ from typing import Any
 from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.hub import resolve
-from phlora_nim.core.atomic import replace_dir
+from phlora_nim.core.atomic import replace_dir, staging_dir
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.core.outputs import overlapping_input
@@ -255,13 +253,8 @@ def _created_on_failure_removed(root: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _staging(root: Path) -> Iterator[Path]:
     """A scratch folder inside the ``tensorrt_llm`` model folder (same filesystem; Triton ignores it)."""
-    parent = root / LLM_MODEL
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    try:
+    with staging_dir(root / LLM_MODEL) as tmp:
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ with a deadline; each later write deletes those past it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
@@ -77,6 +78,9 @@ class AdapterEntry:
     sources: dict[str, str]
     created: str
     trtllm_layout: dict[str, Any] = field(default_factory=dict)
+    # The adapter's PEFT folder as the serving replicas see it, for engines that read adapters by path
+    # (TensorRT-LLM's llmapi model: lora_path); "" for the others.
+    lora_path: str = ""
 
     @property
     def max_rank(self) -> int:
@@ -150,6 +154,7 @@ class RegistryState:
         sources: dict[str, str],
         replace: bool = False,
         trtllm_layout: dict[str, Any] | None = None,
+        lora_path: str | None = None,
     ) -> AdapterEntry:
         """Register the weights with ``digest`` (``adapter_digest``) and per-module ``ranks`` as
         ``name`` (on the state :meth:`Registry.locked` yields).
@@ -164,6 +169,8 @@ class RegistryState:
         entries = self.adapters
         old = entries.get(name)
         if old is not None and old.digest == digest:
+            if lora_path is not None and old.lora_path != lora_path:
+                entries[name] = old = dataclasses.replace(old, lora_path=lora_path)
             return old
         if old is not None and not replace:
             raise InputError(
@@ -187,6 +194,7 @@ class RegistryState:
             sources=dict(sources),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             trtllm_layout=dict(trtllm_layout or {}),
+            lora_path=lora_path or "",
         )
         entries[name] = entry
         return entry

@@ -24,6 +24,9 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from phlora_nim.engines.trtllm_legacy.contract import FULL, MISS, is_cache_full  # the runtime's texts
+from phlora_nim.engines.trtllm_llmapi import interface as llmapi
+from phlora_nim.engines.trtllm_llmapi.transport import LoraRef, lora_suffix
+from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.access import Plan
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
@@ -228,6 +231,13 @@ class Delivery:
                         yield answer
                 return
             task_id = plan.entry.task_id
+            if await self._by_path(plan):
+                async with contextlib.aclosing(
+                    self._path_call(replica, plan, transport, remaining, attempt)
+                ) as answers:
+                    async for answer in answers:
+                        yield answer
+                return
             if replica.resident.touch(task_id):
                 try:
                     payload = plan.upstream.with_lora(task_id, batch=batch)
@@ -299,6 +309,63 @@ class Delivery:
             dog.close()
         if missed:
             raise _Missed
+
+    # engines that read adapters by path (TensorRT-LLM's llmapi model) ---------------------------
+    async def _by_path(self, plan: Plan) -> bool:
+        """Whether the upstream model takes the adapter as ``lora_id`` / ``lora_name`` / ``lora_path``."""
+        info = await self.pool.model_info(plan.selection.model)
+        return "lora_path" in info.inputs
+
+    async def _path_call(
+        self,
+        replica: Replica,
+        plan: Plan,
+        transport: Transport[T],
+        remaining: Callable[[], float | None],
+        attempt: _Attempt,
+    ) -> AsyncIterator[T]:
+        """One call naming the adapter by id, name and served path: no weights, no miss protocol."""
+        entry = plan.entry
+        assert entry is not None
+        if not entry.lora_path:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {shown(entry.name)} has no served path in the registry: convert it again for this engine",
+            )
+        ref = LoraRef(lora_id=entry.task_id, name=entry.name, path=entry.lora_path)
+        payload = plan.upstream.plain() + lora_suffix(ref, raw=bool(plan.upstream.request.raw_input_contents))
+        try:
+            async with contextlib.aclosing(
+                self._send(transport, replica, payload, remaining, attempt, expect="")
+            ) as got:
+                async for answer in got:
+                    text = transport.error_of(answer)
+                    if (
+                        text
+                        and not attempt.delivered
+                        and (llmapi.is_lora_path_missing(text) or llmapi.is_lora_inputs_error(text))
+                    ):
+                        raise self._path_error(text, entry, replica)
+                    yield answer
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            if llmapi.is_lora_path_missing(details) or llmapi.is_lora_inputs_error(details):
+                raise self._path_error(details, entry, replica) from None
+            raise
+        self._resident(replica, entry.task_id, held=True)  # affinity: the engine keeps max_loras adapters
+
+    def _path_error(self, text: str, entry: AdapterEntry, replica: Replica) -> RequestError:
+        """A client error for the engine's LoRA refusals: never INTERNAL, never a server path."""
+        if llmapi.is_lora_inputs_error(text):
+            return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused the LoRA inputs: {text}")
+        log.warning("replica %s cannot see the files of %s (%s)", replica.address, entry.name, text)
+        self.refresh_registry()
+        current = self.catalog.adapters.get(entry.name)
+        if current is None or current.task_id != entry.task_id:
+            return RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {shown(entry.name)} was removed")
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE, f"adapter {shown(entry.name)} cannot be read by the engine now: retry later"
+        )
 
     # residency and weights --------------------------------------------------------------------
     def _resident(self, replica: Replica, task_id: int, *, held: bool) -> None:

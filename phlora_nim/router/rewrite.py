@@ -20,9 +20,12 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
+from phlora_nim.engines.trtllm_llmapi.transport import LORA_INPUTS as LLMAPI_LORA_INPUTS
 from phlora_nim.router.errors import RequestError, shown
+from phlora_nim.triton.wire import RAW_TAG, varint
 
-LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")
+# The router sets these (a client naming a server path in lora_path would make replicas read it).
+LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config", *LLMAPI_LORA_INPUTS)
 ADAPTER_PARAMETER = "lora_adapter"
 ADAPTER_METADATA = "phlora-adapter"
 
@@ -211,17 +214,8 @@ def retryable(request: service_pb2.ModelInferRequest) -> bool:
     return kind is None or not getattr(param, kind)  # 0 or "" means no sequence, as in Triton
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-_RAW_FIELD = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
-_RAW_TAG = _varint((_RAW_FIELD << 3) | 2)  # length-delimited
+_varint = varint
+_RAW_TAG = RAW_TAG  # raw_input_contents, length-delimited
 
 
 _MODEL_TAG = _varint((service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["model_name"].number << 3) | 2)

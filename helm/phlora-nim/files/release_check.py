@@ -72,10 +72,16 @@ def check_inference(target: str, timeout: float) -> None:
     client = grpcclient.InferenceServerClient(target, ssl=roots is not None, root_certificates=_env("CA_FILE") or None)
     model, prompt, max_tokens = _env("MODEL"), _env("PROMPT", "Say hello."), int(_env("MAX_TOKENS", "8"))
     headers = {"authorization": f"Bearer {_env('API_KEY')}"} if _env("API_KEY") else None
-    text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-    tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-    tokens.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+    if _env("ENGINE_INPUTS") == "llmapi":  # TensorRT-LLM's llmapi model: no batch dimension
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+        tokens = grpcclient.InferInput("sampling_param_max_tokens", [1], "INT32")
+        tokens.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    else:  # the ensemble of the legacy inflight_batcher_llm repository
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+        tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+        tokens.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
 
     def check() -> None:
         result = client.infer(model, [text, tokens], headers=headers, client_timeout=60)

@@ -22,6 +22,17 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* How the GPU pods serve: "llmapi" (backend trtllm: TensorRT-LLM ≥ 1.3's llmapi Python model),
+     "legacy" (trtllm-legacy / tensorrtllm: compiled engines, the C++ tensorrtllm backend) or "nim". */}}
+{{- define "phlora-nim.engineMode" -}}
+{{- if eq .Values.backend "nim" }}nim{{ else if eq .Values.backend "trtllm" }}llmapi{{ else }}legacy{{ end }}
+{{- end }}
+
+{{/* The Triton model the router forwards to: router.upstreamModel, else the engine's own. */}}
+{{- define "phlora-nim.upstreamModel" -}}
+{{- if .Values.router.upstreamModel }}{{ .Values.router.upstreamModel }}{{ else if eq (include "phlora-nim.engineMode" .) "llmapi" }}tensorrt_llm{{ else }}ensemble{{ end }}
+{{- end }}
+
 {{/* The GPU component: "triton" or "nim". */}}
 {{- define "phlora-nim.serverComponent" -}}
 {{- if eq .Values.backend "nim" }}nim{{ else }}triton{{ end }}
@@ -378,7 +389,9 @@ spec:
         - name: TARGET
           value: {{ .target | quote }}
         - name: MODEL
-          value: {{ ternary (default $v.router.upstreamModel $v.tests.model) $v.tests.model (eq .check "infer") | quote }}
+          value: {{ ternary (default (include "phlora-nim.upstreamModel" .ctx) $v.tests.model) $v.tests.model (eq .check "infer") | quote }}
+        - name: ENGINE_INPUTS
+          value: {{ ternary "llmapi" "ensemble" (eq (include "phlora-nim.engineMode" .ctx) "llmapi") | quote }}
         - name: PROMPT
           value: {{ $v.tests.prompt | quote }}
         - name: MAX_TOKENS

@@ -28,7 +28,15 @@ from phlora_nim.router.errors import RequestError
 from phlora_nim.router.metrics import UNKNOWN
 from phlora_nim.router.openai.decoding import ChoiceText
 from phlora_nim.router.openai.errors import ApiError, bad_request, from_request_error
-from phlora_nim.router.openai.generation import Sampling, choice_seed, engine_request, generated_tokens
+from phlora_nim.router.openai.generation import (
+    Sampling,
+    choice_seed,
+    engine_request,
+    generated_text_tokens,
+    generated_tokens,
+    takes_text,
+    text_engine_request,
+)
 from phlora_nim.router.openai.models import Limits, ModelDirectory
 from phlora_nim.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from phlora_nim.router.openai.tokenizer import TemplateError, TextTokenizer
@@ -242,19 +250,21 @@ class Completions:
         tok = job.tokenizer
         end_id = tok.eos_id if tok.eos_id is not None else -1
         try:
-            request = engine_request(
-                self.config.llm_model,
-                job.info,
-                prompt,
-                job.sampling,
-                end_id=end_id,
-                pad_id=tok.pad_id,
-                seed=choice_seed(job.sampling, index),
-            )
+            seed = choice_seed(job.sampling, index)
+            if takes_text(job.info):  # the llmapi model: the rendered text goes, text comes back
+                text = job.prompt_texts[index // job.n]
+                request = text_engine_request(self.config.llm_model, job.info, text, job.sampling, seed=seed)
+            else:
+                request = engine_request(
+                    self.config.llm_model, job.info, prompt, job.sampling, end_id=end_id, pad_id=tok.pad_id, seed=seed
+                )
             plan = self.access.built_plan(request, job.entry, base_model=self.directory.base_model)
-            async with contextlib.aclosing(
-                generated_tokens(self.service.delivery, plan, job.info, lambda: None)
-            ) as pieces:
+            pieces_of = (
+                generated_text_tokens(self.service.delivery, plan, tok.encode, lambda: None)
+                if takes_text(job.info)
+                else generated_tokens(self.service.delivery, plan, job.info, lambda: None)
+            )
+            async with contextlib.aclosing(pieces_of) as pieces:
                 async for ids in pieces:
                     await queue.put((index, choice.feed(ids)))
                     if choice.done:

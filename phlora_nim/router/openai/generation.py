@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from phlora_nim.engines.trtllm_llmapi.transport import text_of, text_request
 from phlora_nim.router.access import Plan
 from phlora_nim.router.delivery import Delivery
 from phlora_nim.router.errors import RequestError
@@ -166,3 +167,50 @@ async def generated_tokens(
             ids = _output_ids(response.infer_response)
             if ids:
                 yield ids
+
+
+# The llmapi model (TensorRT-LLM ≥ 1.3): text in, text out ------------------------------------
+
+
+def takes_text(info: ModelInfo) -> bool:
+    """Whether the engine model takes text (``text_input``: the llmapi model) rather than token ids."""
+    return "text_input" in info.inputs
+
+
+def text_engine_request(
+    model: str, info: ModelInfo, text: str, sampling: Sampling, *, seed: int | None
+) -> service_pb2.ModelInferRequest:
+    """The llmapi model's request for one choice: the rendered prompt text and ``sampling_param_*`` inputs.
+
+    The adapter's ``lora_id`` / ``lora_name`` / ``lora_path`` are added by the delivery, as for gRPC clients.
+
+    Raises:
+        ApiError: 400 for a setting the model has no input for (``min_tokens``, ``ignore_eos``) or streaming
+            from a decoupled model (not offered on this path).
+    """
+    if sampling.min_tokens:
+        raise unsupported("min_tokens", f"the engine model {model!r} declares no min_tokens input")
+    if sampling.ignore_eos:
+        raise unsupported("ignore_eos", f"the engine model {model!r} declares no end_id input")
+    if info.decoupled:
+        raise unsupported("model", f"the engine model {model!r} is decoupled; serve it with decoupled: False")
+    if sampling.greedy:
+        return text_request(text, max_tokens=sampling.max_tokens, top_k=1, model=model)
+    return text_request(
+        text,
+        max_tokens=sampling.max_tokens,
+        temperature=1.0 if sampling.temperature is None else sampling.temperature,
+        top_p=1.0 if sampling.top_p is None else sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else None,
+        seed=seed if seed is not None else 0,
+        model=model,
+    )
+
+
+async def generated_text_tokens(
+    delivery: Delivery, plan: Plan, encode: Callable[[str], list[int]], remaining: Callable[[], float | None]
+) -> AsyncIterator[list[int]]:
+    """The new token ids of an llmapi answer: its ``text_output``, tokenized as the front counts tokens."""
+    answer = await delivery.unary(plan, remaining)
+    text, _ = text_of(service_pb2.ModelInferResponse.FromString(answer))
+    yield encode(text)
