@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from phlora_nim.core.errors import OptionError
+
+if TYPE_CHECKING:
+    from phlora_nim.engines.openai_api import OpenAIEngineFacts
 
 # How a replica of the engine is reached: Triton's KServe v2 API (a model repository) or the OpenAI API.
 Protocol = Literal["triton", "openai"]
@@ -50,6 +53,11 @@ class Engine:
         """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
         return importlib.import_module(f"phlora_nim.engines.{self.package}.{name}")
 
+    def openai_facts(self) -> OpenAIEngineFacts:
+        """What the router needs to reach a replica of an OpenAI-speaking engine (``<package>.openai``)."""
+        facts: OpenAIEngineFacts = self.module("openai").FACTS
+        return facts
+
 
 ENGINES: tuple[Engine, ...] = (
     Engine(
@@ -71,10 +79,42 @@ ENGINES: tuple[Engine, ...] = (
         cpu_reference=True,
         aliases=("reference",),
     ),
+    Engine(
+        name="vllm",
+        package="vllm",
+        protocol="openai",
+        adapter_form="peft-folder",
+        versions="vLLM ≥ 0.6 (vllm serve; runtime loading with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+        summary="vLLM's OpenAI server: model=<adapter>, adapters loaded with /v1/load_lora_adapter",
+    ),
+    Engine(
+        name="nim",
+        package="nim",
+        protocol="openai",
+        adapter_form="peft-folder",
+        versions="NVIDIA NIM for LLMs 2.x (vLLM inside; SGLang from 2.1)",
+        summary="NIM 2.x: model=<adapter>, adapters from the watched NIM_PEFT_SOURCE store",
+    ),
+    Engine(
+        name="sglang",
+        package="sglang",
+        protocol="openai",
+        adapter_form="peft-folder",
+        versions="SGLang ≥ 0.4.7 (runtime loading with /load_lora_adapter)",
+        summary="SGLang's server: model=<base>:<adapter>, adapters loaded with /load_lora_adapter",
+    ),
+    Engine(
+        name="trtllm-serve",
+        package="trtllm_serve",
+        protocol="openai",
+        adapter_form="peft-folder",
+        versions="TensorRT-LLM ≥ 1.0 (trtllm-serve, PyTorch backend)",
+        summary="trtllm-serve: lora_request {lora_name, lora_int_id, lora_path} in each request",
+    ),
 )
 
 
-def engine(name: str) -> Engine:
+def engine(name: str, *, flag: str = "--backend") -> Engine:
     """The engine called ``name`` (or by an earlier alias).
 
     Raises:
@@ -85,7 +125,7 @@ def engine(name: str) -> Engine:
             return row
     raise OptionError(
         "unknown engine",
-        where="--backend",
+        where=flag,
         expected=" or ".join(row.name for row in ENGINES),
         found=repr(name),
         fix="pick one of the engines listed (`phlora-nim convert --help` says what each serves)",
