@@ -21,8 +21,8 @@ from pathlib import Path
 
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.repository.configs import RepositorySettings
-from phlora_nim.repository.convert import ConvertJob, convert
+from phlora_nim.jobs.convert import ConvertJob, convert
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.testing.synthetic import SyntheticLlama, write_synthetic_pair
 
 
@@ -46,7 +46,7 @@ def main() -> None:
             names=("bench",),
             repository=work / "repo",
             options=ExtractOptions(policy=RankPolicy(rank=args.rank)),
-            settings=RepositorySettings(backend="tensorrtllm", base=str(base), dtype=args.dtype),
+            settings=RepositorySettings(backend="trtllm-legacy", base=str(base), dtype=args.dtype),
         )
         start = time.perf_counter()
         [done] = convert(job)

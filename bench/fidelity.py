@@ -187,9 +187,9 @@ def served_check(
 
     from phlora_nim.converters.calibration import encode_prompt
     from phlora_nim.converters.extract import ExtractOptions
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
     from phlora_nim.repository.layout import adapter_store_dir
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.triton.launcher import LocalTriton
 
     repo = work / "model_repository"
@@ -197,7 +197,7 @@ def served_check(
         import shutil
 
         shutil.rmtree(repo)
-    settings = RepositorySettings(backend="reference", base=str(base), dtype="float32")
+    settings = RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32")
     entries = {}
     for suffix, calibration in (("svd", None), ("whitened", fid.generic_prompts_path())):
         job = ConvertJob(

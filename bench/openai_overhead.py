@@ -50,8 +50,8 @@ def build_repository(root: Path) -> tuple[Path, int]:
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import make_finetunes
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     base, fts = make_finetunes("llama", root / "ckpt", 1, steps=4, linear_only=True)
     repo = root / "repo"
@@ -61,7 +61,7 @@ def build_repository(root: Path) -> tuple[Path, int]:
         names=(ADAPTER,),
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(rank=8)),
-        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
     )
     return repo, convert(job)[0].entry.task_id
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from phlora_nim.demo.toy_models import build_model
-from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine
+from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest, ReferenceEngine
 
 SHAPE = {
     "vocab_size": 2048,

@@ -45,10 +45,10 @@ from tritonclient.utils import InferenceServerException
 
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.repository.configs import RepositorySettings
-from phlora_nim.repository.convert import ConvertJob, convert
+from phlora_nim.jobs.convert import ConvertJob, convert
+from phlora_nim.jobs.maintenance import remove_adapter
 from phlora_nim.repository.layout import adapter_store_dir
-from phlora_nim.repository.maintenance import remove_adapter
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.triton.launcher import LocalTriton, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def build_repository(work: Path) -> tuple[Path, Path, list[Path]]:
         shutil.rmtree(repo)
     one = 4 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192) * 4  # rank 4, A + B of every module, fp32
     settings = RepositorySettings(
-        backend="reference",
+        backend="trtllm-legacy-cpu",
         base=str(base),
         dtype="float32",
         lora_cache_bytes=2 * one,

@@ -43,9 +43,9 @@ def repository(work: Path, base: Path, count: int) -> tuple[Path, dict[str, Any]
     """``count`` stand-in fine-tunes → one reference model repository of rank-16 adapters (cached)."""
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
     from phlora_nim.repository.registry import Registry
+    from phlora_nim.repository.settings import RepositorySettings
 
     repo = work / "model_repository"
     if not (repo / "phlora_registry.json").is_file():
@@ -56,7 +56,7 @@ def repository(work: Path, base: Path, count: int) -> tuple[Path, dict[str, Any]
             names=tuple(f"ft{i}" for i in range(count)),
             repository=repo,
             options=ExtractOptions(policy=RankPolicy(rank=16)),
-            settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+            settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
         )
         convert(job, command="bench/vllm_multi_lora.py")
     return repo, Registry(repo).read().adapters
@@ -92,9 +92,9 @@ def triton_tokens(repo: Path, entries: dict[str, Any], prompts: list[list[int]],
 
 def reference_ratios(base: Path, repo: Path, entries: dict[str, Any], prompts: list[list[int]], args) -> dict:
     """Reference engine, in process: tokens/s of a batch mixing k adapters vs the same batch on the base."""
+    from phlora_nim.engines.trtllm_legacy.lora_cache import read_prefetch_folder
+    from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest, ReferenceEngine
     from phlora_nim.repository.layout import prefetch_dir
-    from phlora_nim.triton.lora_cache import read_prefetch_folder
-    from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine
 
     engine = ReferenceEngine.load(base, dtype="float32", max_lora_rank=16, cache_bytes=8 << 30)
     tasks = []

@@ -68,8 +68,8 @@ def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetun
     """A reference-backend model repository holding the three fine-tunes as rank-8 adapters."""
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     base, fts = llama_finetunes
     root = tmp_path_factory.mktemp("repo") / "model_repository"
@@ -79,7 +79,7 @@ def converted_repository(tmp_path_factory: pytest.TempPathFactory, llama_finetun
         names=("support", "legal", "code"),
         repository=root,
         options=ExtractOptions(policy=RankPolicy(rank=8)),
-        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
     )
     convert(job)
     return root

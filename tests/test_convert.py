@@ -48,7 +48,7 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     args = ["convert", "--base", base, "-m", repo, "--rank", "8", "--engine-dtype", "float16"]
-    args += ["--backend", "tensorrtllm"]
+    args += ["--backend", "trtllm-legacy"]
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
     args += ["--engine-config", _engine_config(tmp_path, **f16, plugin_config__use_paged_context_fmha=True)]
     for ft, name in zip(fts, ("support", "legal", "code"), strict=True):
@@ -196,8 +196,8 @@ def _engine_config(tmp_path: Path, **over: object) -> Path:
         (["--name", "ok", "--engine-dtype", "float64"], "--engine-dtype: unknown dtype; expected one of float16"),
         (["--name", "ok", "--dtype", "float64"], "--engine-dtype: unknown dtype"),  # the old spelling
         (["--name", "ok", "--engine-dtype", "float16", "--dtype", "float32"], "two engine dtypes"),
-        (["--name", "ok", "--backend", "vllm"], "unknown backend"),
-        (["--name", "ok", "--backend", "tensorrtllm"], "needs the engine's config.json"),
+        (["--name", "ok", "--backend", "nonesuch"], "unknown engine"),
+        (["--name", "ok", "--backend", "trtllm-legacy"], "needs the engine's config.json"),
         (["--name", "ok", "--engine-config", "ENGINE:lora_config__max_lora_rank=4"], "Invalid low_rank"),
         (
             ["--name", "ok", "--engine-config", "ENGINE:lora_config__lora_target_modules=attn_q"],
@@ -329,14 +329,14 @@ def test_switching_backend_changes_only_the_llm_model(llama_finetunes, run_cli, 
     before = _snapshot(repo)
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
     served = ("--served-path", "/srv/models", "--engine-config", _engine_config(tmp_path, **f16))
-    assert run_cli(*args, "--backend", "tensorrtllm", "--engine-dir", "/engines/llama", *served)[0] == 0
+    assert run_cli(*args, "--backend", "trtllm-legacy", "--engine-dir", "/engines/llama", *served)[0] == 0
     after = _snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert changed == {"tensorrt_llm/config.pbtxt", "tensorrt_llm/1/model.py", "phlora_repository.json"}
     llm = _config(repo, LLM_MODEL)
     assert llm.backend == "tensorrtllm" and llm.parameters["gpt_model_path"].string_value == "/engines/llama"
     assert llm.parameters["lora_prefetch_dir"].string_value == "/srv/models/tensorrt_llm/lora_prefetch"
-    assert run_cli(*args, "--backend", "tensorrtllm", *served, "--tokenizer-dir", "/ckpt/base")[0] == 0
+    assert run_cli(*args, "--backend", "trtllm-legacy", *served, "--tokenizer-dir", "/ckpt/base")[0] == 0
     for model in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
         assert _config(repo, model).parameters["tokenizer_dir"].string_value == "/ckpt/base"
 
@@ -385,7 +385,7 @@ def _base_config_without_hidden_size(base: Path, ft: Path, tmp: Path) -> tuple[l
 
 
 def _missing_base_into_existing_repository(base: Path, ft: Path, tmp: Path) -> tuple[list[str], Path]:
-    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.settings import RepositorySettings
 
     repo = tmp / "repo"
     repo.mkdir()
@@ -418,7 +418,7 @@ def test_convert_refuses_and_leaves_nothing(make, match: str, llama_finetunes, r
 
 
 def test_later_converts_keep_the_repository_settings(llama_finetunes, run_cli, tmp_path: Path) -> None:
-    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.settings import RepositorySettings
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
@@ -477,7 +477,7 @@ def test_bad_repository_options_are_refused(llama_finetunes, run_cli, tmp_path: 
 def _trtllm_args(base: Path, fts: list[Path], repo: Path, tmp_path: Path) -> list[object]:
     f16 = {"pretrained_config__dtype": "float16", "plugin_config__lora_plugin": "float16"}
     args: list[object] = ["convert", "--base", base, "-m", repo, "-r", "8", "--dtype", "float16"]
-    args += ["--backend", "tensorrtllm", "--engine-config", _engine_config(tmp_path, **f16)]
+    args += ["--backend", "trtllm-legacy", "--engine-config", _engine_config(tmp_path, **f16)]
     for ft, name in zip(fts, ("support", "legal", "code")[: len(fts)], strict=True):
         args += ["--finetuned", ft, "--name", name]
     return args

@@ -26,8 +26,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import make_finetunes
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.router.config import RouterConfig
     from phlora_nim.router.server import RouterThread
     from phlora_nim.triton.launcher import LocalTriton
@@ -36,7 +36,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     base, fts = make_finetunes("llama", root / "ckpt", ADAPTERS, steps=10, linear_only=True)
     repo = root / "repo"
     one = 4 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192) * 4  # rank 4: A + B of every module, fp32
-    settings = RepositorySettings(backend="reference", base=str(base), dtype="float32", lora_cache_bytes=3 * one)
+    settings = RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32", lora_cache_bytes=3 * one)
     names = tuple(f"ft{i}" for i in range(ADAPTERS))
     job = ConvertJob(
         base=base,
@@ -112,15 +112,15 @@ def test_text_streams_through_the_router_token_by_token(llama_finetunes, tmp_pat
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import greedy_continuation
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.router.config import RouterConfig
     from phlora_nim.router.server import RouterThread
     from phlora_nim.triton.launcher import LocalTriton
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    settings = RepositorySettings(backend="reference", base=str(base), dtype="float32", decoupled=True)
+    settings = RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32", decoupled=True)
     job = ConvertJob(
         base=base,
         finetuned=(fts[0],),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from phlora_nim.core.errors import InputError
 from phlora_nim.converters.formats.peft import load_peft
-from phlora_nim.converters.formats.trtllm import load_trtllm, trtllm_to_adapter
+from phlora_nim.core.errors import InputError
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.engines.trtllm_legacy.tensors import load_trtllm, trtllm_to_adapter
 
 
 @pytest.fixture

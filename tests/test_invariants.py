@@ -105,26 +105,6 @@ def test_outputs_are_readable_by_other_users(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "registry.json").stat().st_mode) == 0o644
 
 
-def test_converters_never_import_the_serving_side() -> None:
-    """Imports point one way: serving → converters (the design's layering)."""
-    import ast
-
-    import phlora_nim.converters
-
-    root = Path(phlora_nim.converters.__file__).parent
-    offending = []
-    for path in sorted(root.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                if name.startswith("phlora_nim") and not name.startswith(("phlora_nim.converters", "phlora_nim.core")):
-                    offending.append(f"{path.relative_to(root)}: {name}")
-    assert len(list(root.rglob("*.py"))) > 10
-    assert offending == []
-
-
 def test_the_router_does_not_import_torch() -> None:
     """Every router worker would otherwise load torch (seconds and ~190 MB each) for nothing."""
     code = (

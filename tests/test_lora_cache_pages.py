@@ -19,11 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phlora_nim.core.errors import InputError, OptionError
-from phlora_nim.converters.lora_cache_pages import CacheShape, adapter_pages, page_config
-from phlora_nim.converters.trtllm_contract import engine_spec
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
-from phlora_nim.repository.lora_cache_plan import CacheRequest, PlannedAdapter, plan_cache, read_usage, select_prefetch
+from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.engines.trtllm_legacy.cache_pages import CacheShape, adapter_pages, page_config
+from phlora_nim.engines.trtllm_legacy.cache_plan import (
+    CacheRequest,
+    PlannedAdapter,
+    plan_cache,
+    read_usage,
+    select_prefetch,
+)
+from phlora_nim.engines.trtllm_legacy.contract import engine_spec
 
 MODULES = ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
 GiB = 1 << 30
@@ -224,7 +230,7 @@ def test_usage_from_router_metrics_or_json(tmp_path: Path) -> None:
 
 
 def test_rows_come_from_lora_config_files(tmp_path: Path) -> None:
-    from phlora_nim.repository.lora_cache_plan import read_rows
+    from phlora_nim.engines.trtllm_legacy.cache_plan import read_rows
 
     config = np.array([[[TRTLLM_MODULE_IDS["attn_q"], 0, 8], [TRTLLM_MODULE_IDS["mlp_gate"], 3, 4]]], dtype=np.int32)
     np.save(tmp_path / "model.lora_config.npy", config)

@@ -63,8 +63,8 @@ def checkpoints(llama_finetunes, tmp_path_factory: pytest.TempPathFactory) -> tu
 def convert_repo(checkpoints: tuple[Path, list[Path]], repo: Path, names: tuple[str, ...], **settings: Any) -> Path:
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     base, fts = checkpoints
     job = ConvertJob(
@@ -73,7 +73,7 @@ def convert_repo(checkpoints: tuple[Path, list[Path]], repo: Path, names: tuple[
         names=names,
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(rank=4)),
-        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32", **settings),
+        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32", **settings),
     )
     convert(job)
     return repo
@@ -239,7 +239,7 @@ def test_models_per_tenant_with_adapter_cards(stack: dict[str, Any]) -> None:
 
 
 def test_removed_adapter_disappears_without_restart(stack: dict[str, Any], wait_until) -> None:
-    from phlora_nim.repository.maintenance import remove_adapter
+    from phlora_nim.jobs.maintenance import remove_adapter
 
     c = client(stack)
     assert c.completions.create(model="spare", prompt=PROMPT, max_tokens=2, temperature=0).choices

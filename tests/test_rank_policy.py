@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phlora_nim.converters.decompose import Factors
-from phlora_nim.core.errors import OptionError
 from phlora_nim.converters.rank_policy import RankPolicy, allocate_budget, energy_rank, snap_rank
+from phlora_nim.core.errors import OptionError
 
 
 def _factors(sigma: list[float]) -> Factors:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from phlora_nim.engines.trtllm_legacy.lora_cache import LoraCache, LoraRequestError, LoraTask, not_found_message
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
 from phlora_nim.repository.registry import Registry
-from phlora_nim.triton.lora_cache import LoraCache, LoraRequestError, LoraTask, not_found_message
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_cache_is_lru_in_bytes_and_never_evicts_adapters_in_use() -> None:
 
 @pytest.fixture(scope="module")
 def engine(llama_finetunes):
-    from phlora_nim.triton.reference_engine import ReferenceEngine
+    from phlora_nim.engines.trtllm_legacy.reference_engine import ReferenceEngine
 
     base, _ = llama_finetunes
     return ReferenceEngine.load(base, dtype="float32", max_lora_rank=16, cache_bytes=64 << 20)
@@ -117,7 +117,7 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
 
 
 def test_mixed_batch_matches_peft_for_every_row(engine, converted_repository, llama_finetunes) -> None:
-    from phlora_nim.triton.reference_engine import GenerationRequest
+    from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest
 
     base, _ = llama_finetunes
     names = ["support", "legal", "code", None]
@@ -147,7 +147,7 @@ def test_mixed_batch_matches_peft_for_every_row(engine, converted_repository, ll
 
 
 def test_sampling_is_seeded(engine) -> None:
-    from phlora_nim.triton.reference_engine import GenerationRequest
+    from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest
 
     def sample(seed: int) -> list[int]:
         req = GenerationRequest(input_ids=[3, 4, 5], max_new_tokens=12, top_k=20, temperature=1.5, seed=seed)

@@ -13,8 +13,8 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, adapter_digest
 from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.jobs.maintenance import remove_adapter
 from phlora_nim.repository.layout import adapter_store_dir, prefetch_dir
-from phlora_nim.repository.maintenance import remove_adapter
 from phlora_nim.repository.registry import (
     TASK_ID_LIMIT,
     AdapterEntry,
@@ -144,7 +144,8 @@ def test_after_commit_runs_once_the_new_registry_is_readable(tmp_path: Path) -> 
 
 def test_files_of_older_versions_are_read(tmp_path: Path) -> None:
     """Registries and settings written before the renames (both keys were once called "extra")."""
-    from phlora_nim.repository.configs import RepositorySettings, llm_config
+    from phlora_nim.engines.trtllm_legacy.deploy import llm_config
+    from phlora_nim.repository.settings import RepositorySettings
 
     reg = Registry(tmp_path)
     with reg.locked() as state:

@@ -484,7 +484,7 @@ def test_a_readiness_answer_older_than_a_mark_down_does_not_put_the_replica_back
     ],
 )
 def test_every_cache_full_text_is_back_pressure(text: str, full: bool) -> None:
-    from phlora_nim.converters.trtllm_contract import FULL, MISS, is_cache_full
+    from phlora_nim.engines.trtllm_legacy.contract import FULL, MISS, is_cache_full
     from phlora_nim.router.delivery import _CacheFull, _Missed, _verdict
 
     assert is_cache_full(text) is full

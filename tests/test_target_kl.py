@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.rank_policy import FidelityTarget
+from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.testing.finetunes import make_hidden_finetune, make_linear_finetune
 
 

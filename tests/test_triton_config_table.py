@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from phlora_nim.repository.configs import (
-    RepositorySettings,
+from phlora_nim.engines.trtllm_legacy.deploy import (
     ensemble_config,
     llm_config,
     postprocessing_config,
     preprocessing_config,
 )
 from phlora_nim.repository.registry import RegistryState
+from phlora_nim.repository.settings import RepositorySettings
 
 TENSORRT_LLM = """
 input  input_ids                            TYPE_INT32                               [-1]       -   T T
@@ -275,7 +275,7 @@ def _flag(value: bool) -> str:
 
 
 def _settings(tmp_path: Path, release: str, dtype: str = "float16") -> RepositorySettings:
-    return RepositorySettings(backend="tensorrtllm", base=str(tmp_path), dtype=dtype, trtllm_version=release)
+    return RepositorySettings(backend="trtllm-legacy", base=str(tmp_path), dtype=dtype, trtllm_version=release)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -416,7 +416,7 @@ def _engine(plugin: dict, *, legacy: bool = False) -> dict:
     ],
 )
 def test_chunked_context_only_for_a_paged_context_fmha_engine(engine, chunked: str, tmp_path: Path) -> None:
-    from phlora_nim.repository.configs import with_engine
+    from phlora_nim.engines.trtllm_legacy.cache_settings import with_engine
 
     settings = with_engine(_settings(tmp_path, "0.20"), engine)
     config = llm_config(settings, RegistryState(), tmp_path)
@@ -427,7 +427,7 @@ def test_chunked_context_asked_of_an_engine_without_paged_context_fmha_is_refuse
     from dataclasses import replace
 
     from phlora_nim.core.errors import OptionError
-    from phlora_nim.repository.configs import with_engine
+    from phlora_nim.engines.trtllm_legacy.cache_settings import with_engine
 
     engine = _engine({"lora_plugin": "float16", "use_paged_context_fmha": False})
     asked = replace(with_engine(_settings(tmp_path, "0.20"), engine), llm_parameters={"enable_chunked_context": "true"})

@@ -54,14 +54,14 @@ def _out(result) -> list[int]:
 def limited(tmp_path_factory: pytest.TempPathFactory, llama_finetunes):
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.triton.launcher import LocalTriton
 
     base, fts = llama_finetunes
     repo = tmp_path_factory.mktemp("limits") / "repo"
     settings = RepositorySettings(
-        backend="reference",
+        backend="trtllm-legacy-cpu",
         base=str(base),
         dtype="float32",
         max_queue_delay_us=20_000,  # wide batching window: poison and innocents share rounds

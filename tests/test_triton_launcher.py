@@ -44,8 +44,9 @@ def test_port_taken_is_a_clear_error(tmp_path: Path, run_cli) -> None:
 
 
 def test_a_missing_lora_prefetch_dir_is_refused_before_the_server_starts(tmp_path: Path, run_cli) -> None:
-    from phlora_nim.repository.configs import RepositorySettings, write_repository
+    from phlora_nim.engines.trtllm_legacy.deploy import write_repository
     from phlora_nim.repository.registry import RegistryState
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.triton.launcher import check_prefetch_dirs
 
     here = tmp_path / "here"

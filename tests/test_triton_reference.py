@@ -83,8 +83,8 @@ def full_rank(llama_finetunes, converted_repository: Path, tmp_path_factory: pyt
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import finetune
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     base, _ = llama_finetunes
     folder = tmp_path_factory.mktemp("linear-ft") / "ft"
@@ -96,7 +96,7 @@ def full_rank(llama_finetunes, converted_repository: Path, tmp_path_factory: pyt
         names=("full",),
         repository=converted_repository,
         options=ExtractOptions(policy=RankPolicy(energy=1.0, max_rank=64), exact=True),
-        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
     )
     convert(job)
     return folder
@@ -209,8 +209,8 @@ def small_cache_triton(tmp_path_factory: pytest.TempPathFactory, llama_finetunes
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
     from phlora_nim.demo.toy_models import make_finetunes
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
     from phlora_nim.triton.launcher import LocalTriton
 
     base, _ = llama_finetunes
@@ -219,7 +219,7 @@ def small_cache_triton(tmp_path_factory: pytest.TempPathFactory, llama_finetunes
     # rank 6 everywhere: A + B of one adapter = 6·Σ(in + out)·4 bytes
     one = 6 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192) * 4
     settings = RepositorySettings(
-        backend="reference", base=str(base), dtype="float32", decoupled=True, lora_cache_bytes=2 * one
+        backend="trtllm-legacy-cpu", base=str(base), dtype="float32", decoupled=True, lora_cache_bytes=2 * one
     )
     job = ConvertJob(
         base=base,

@@ -27,18 +27,12 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.checkpoint import open_checkpoint
-from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import load_peft
-from phlora_nim.converters.formats.trtllm import (
-    adapter_to_trtllm,
-    check_engine,
-    load_trtllm,
-    save_trtllm,
-    trtllm_to_adapter,
-)
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.trtllm_contract import (
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
+from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.engines.trtllm_legacy.contract import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoraRequestError,
@@ -46,7 +40,13 @@ from phlora_nim.converters.trtllm_contract import (
     encode_row,
     pack_rows,
 )
-from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
+from phlora_nim.engines.trtllm_legacy.tensors import (
+    adapter_to_trtllm,
+    check_engine,
+    load_trtllm,
+    save_trtllm,
+    trtllm_to_adapter,
+)
 from phlora_nim.jobs import adapter_jobs as jobs
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_energy_share_of_the_left_out_modules(families) -> None:
 
 
 def _gemma_engine(families):
-    from phlora_nim.triton.reference_engine import ReferenceEngine
+    from phlora_nim.engines.trtllm_legacy.reference_engine import ReferenceEngine
 
     base, _ft, _adapter, config = families["gemma"]
     return ReferenceEngine.load(base, dtype="float32", max_lora_rank=512), config
@@ -196,7 +196,7 @@ def test_phi3_rows_round_trip_and_plan_names_the_pair(families, tmp_path: Path) 
 
 def test_reference_phi3_serves_the_pair_like_the_fine_tune_and_refuses_mlp_gate_up(families) -> None:
     from phlora_nim.demo.toy_models import greedy_continuation
-    from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine
+    from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest, ReferenceEngine
 
     base, _ft, adapter, config = families["phi3"]
     engine = ReferenceEngine.load(base, dtype="float32", max_lora_rank=512)
@@ -221,7 +221,7 @@ def test_reference_phi3_serves_the_pair_like_the_fine_tune_and_refuses_mlp_gate_
 
 @pytest.fixture(scope="module")
 def llama_engine(families):
-    from phlora_nim.triton.reference_engine import ReferenceEngine
+    from phlora_nim.engines.trtllm_legacy.reference_engine import ReferenceEngine
 
     base = families["llama"][0]
     return ReferenceEngine.load(base, dtype="float32", max_lora_rank=512)
@@ -252,10 +252,11 @@ def test_reference_prefetch_fails_like_the_runtime(families, llama_engine, tmp_p
 
 
 def test_bfloat16_repositories_do_not_prefetch(tmp_path: Path) -> None:
-    from phlora_nim.repository.configs import RepositorySettings, llm_config
+    from phlora_nim.engines.trtllm_legacy.deploy import llm_config
     from phlora_nim.repository.registry import RegistryState
+    from phlora_nim.repository.settings import RepositorySettings
 
-    for backend in ("tensorrtllm", "reference"):
+    for backend in ("trtllm-legacy", "trtllm-legacy-cpu"):
         bf16 = RepositorySettings(backend=backend, base=str(tmp_path), dtype="bfloat16")
         assert bf16.lora_prefetch is False
         assert "lora_prefetch_dir" not in llm_config(bf16, RegistryState(), tmp_path).parameters
@@ -278,12 +279,16 @@ def test_check_engine_refuses_another_tensor_parallelism(families) -> None:
 
 
 def test_convert_for_tensorrtllm_needs_the_engine_config(tmp_path: Path) -> None:
-    from phlora_nim.repository.configs import require_engine_config
+    from phlora_nim.engines.trtllm_legacy.cache_settings import require_engine_config
+    from phlora_nim.repository.settings import RepositorySettings
 
-    require_engine_config("reference", None)
-    require_engine_config("tensorrtllm", tmp_path / "config.json")
-    with pytest.raises(OptionError, match=r"--backend tensorrtllm needs the engine's config\.json"):
-        require_engine_config("tensorrtllm", None)
+    def settings(backend: str) -> RepositorySettings:
+        return RepositorySettings(backend=backend, base=str(tmp_path))
+
+    require_engine_config(settings("trtllm-legacy-cpu"), None)
+    require_engine_config(settings("trtllm-legacy"), tmp_path / "config.json")
+    with pytest.raises(OptionError, match=r"--backend trtllm-legacy needs the engine's config\.json"):
+        require_engine_config(settings("trtllm-legacy"), None)
 
 
 def _partial_qkv() -> LoraAdapter:

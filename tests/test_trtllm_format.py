@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
-from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import load_peft
-from phlora_nim.converters.formats.trtllm import (
+from phlora_nim.converters.rank_policy import RankPolicy
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
+from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.engines.trtllm_legacy.tensors import (
     adapter_to_trtllm,
     check_engine,
     load_trtllm,
     save_trtllm,
     trtllm_to_adapter,
 )
-from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
 from phlora_nim.jobs import adapter_jobs as jobs
 
 
@@ -253,7 +253,7 @@ def test_bfloat16_values_survive_v2_storage(tmp_path: Path) -> None:
 
 def test_rank_and_cache_full_texts_are_the_runtimes() -> None:
     # loraUtils.cpp loraValidateRequestTensors; peftCacheManager.cpp PeftCacheManager::addRequestPeft.
-    from phlora_nim.converters.trtllm_contract import cache_full_message, rank_message
+    from phlora_nim.engines.trtllm_legacy.contract import cache_full_message, rank_message
 
     assert rank_message(96, 64) == "Invalid low_rank (96). low_rank must be smaller than mMaxLowRank (64)"
     assert cache_full_message(12) == "PEFT Cache is full. Could not store taskId=12"

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from phlora_nim.engines.registry import DEFAULT_ENGINE, ENGINES
+
 # The help panel of the options a later convert into the same repository need not repeat.
 KEPT = "Repository settings (kept when not given)"
 
@@ -23,8 +25,9 @@ BackendOpt = Annotated[
     str | None,
     typer.Option(
         "--backend",
-        help="tensorrtllm: config for a real TensorRT-LLM engine (GPU). reference (the default): the CPU "
-        "reference model with the same LoRA contract.",
+        help="The engine the repository is written for: "
+        + "; ".join(f"{row.name}: {row.summary} ({row.versions})" for row in ENGINES)
+        + f". Default: {DEFAULT_ENGINE}.",
         rich_help_panel=KEPT,
     ),
 ]
@@ -51,7 +54,7 @@ EngineConfigOpt = Annotated[
     typer.Option(
         "--engine-config",
         help="The engine's config.json: refuse adapters it would reject, size the LoRA cache for it "
-        "(required with --backend tensorrtllm; kept for later converts).",
+        "(required with --backend trtllm-legacy; kept for later converts).",
     ),
 ]
 ServedPathOpt = Annotated[

@@ -91,8 +91,8 @@ def engine_dtype_of(engine_dtype: str | None, old_spelling: str | None) -> str |
 
 if TYPE_CHECKING:
     from phlora_nim.converters.extract import ExtractOptions
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import Converted, ConvertJob
+    from phlora_nim.jobs.convert import Converted, ConvertJob
+    from phlora_nim.repository.settings import RepositorySettings
 
 
 def register(app: typer.Typer) -> None:
@@ -176,7 +176,7 @@ _SETTING_OPTIONS = (
 
 def _convert_job(args: Mapping[str, Any]) -> ConvertJob:
     """``convert``'s options (by parameter name) as a job: what to extract, into which repository, how."""
-    from phlora_nim.repository.convert import ConvertJob
+    from phlora_nim.jobs.convert import ConvertJob
 
     settings, keep_stored = _convert_settings(args)
     return ConvertJob(
@@ -233,7 +233,7 @@ def _usage(path: Path | None) -> dict[str, float] | None:
     """Request counts from ``--prefetch-usage`` (None when not given: the repository keeps its own)."""
     if path is None:
         return None
-    from phlora_nim.repository.lora_cache_plan import read_usage
+    from phlora_nim.engines.trtllm_legacy.cache_plan import read_usage
 
     return read_usage(path)
 
@@ -265,7 +265,7 @@ def _repository_settings(
     """
     from dataclasses import fields
 
-    from phlora_nim.repository.configs import RepositorySettings
+    from phlora_nim.repository.settings import RepositorySettings
 
     values = {k: v for k, v in given.items() if v is not None}
     if lora_cache_mb is not None:
@@ -277,7 +277,7 @@ def _repository_settings(
 
 def _convert_with_progress(job: ConvertJob) -> tuple[list[Converted], float]:
     """Run ``job`` behind a progress bar; returns what was registered and the wall time."""
-    from phlora_nim.repository.convert import convert
+    from phlora_nim.jobs.convert import convert
 
     start = time.perf_counter()
     with tensor_progress("convert") as bar:
@@ -322,7 +322,7 @@ def adapters_command(
     """List the adapters registered in a model repository."""
     from dataclasses import asdict
 
-    from phlora_nim.repository.maintenance import read_registry
+    from phlora_nim.jobs.maintenance import read_registry
 
     state = read_registry(model_repository)
     if as_json:
@@ -357,7 +357,7 @@ def remove_command(
     ] = DEFAULT_GRACE_S,
 ) -> None:
     """Unregister an adapter; its files go after a grace period (its task id is never given to other weights)."""
-    from phlora_nim.repository.maintenance import remove_adapter
+    from phlora_nim.jobs.maintenance import remove_adapter
 
     entry = remove_adapter(model_repository, name, grace=grace)
     out_console.print(
@@ -382,7 +382,7 @@ def engine_plan_command(
 ) -> None:
     """Print the trtllm-build LoRA flags that fit every registered adapter, and the LoRA cache
     parameters of the tensorrt_llm model (TensorRT-LLM's page rule) that hold them."""
-    from phlora_nim.repository.maintenance import cache_plan_summary, engine_plan, read_registry
+    from phlora_nim.jobs.maintenance import cache_plan_summary, engine_plan, read_registry
 
     state = read_registry(model_repository)
     plan = engine_plan(state)

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
+from phlora_nim.core.errors import InputError, OptionError
 
 _MAP_FIELDS = {"family", "description", "architectures", "model_types", "num_layers", "defaults", "modules"}
 _MODULE_FIELDS = {"name", "match", "trtllm", "rows", "in", "out"}

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from phlora_nim.core.errors import InputError
 from phlora_nim.converters.whitening import DEFAULT_RIDGE, cholesky_factor
+from phlora_nim.core.errors import InputError
 
 log = logging.getLogger("phlora_nim.calibration")
 

@@ -22,10 +22,10 @@ from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, custom_map, evaluate, find_map
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
-from phlora_nim.core.dtypes import DTYPES, parse_dtype
-from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
 from phlora_nim.converters.whitening import WhitenedFactors, weight_captured, whitened_decompose
+from phlora_nim.core.dtypes import DTYPES, parse_dtype
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 
 if TYPE_CHECKING:
     from phlora_nim.converters.calibration import InputStatistics

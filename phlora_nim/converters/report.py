@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phlora_nim.core.errors import InputError
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, summary_energy
-from phlora_nim.core.json_files import read_json
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
+from phlora_nim.core.errors import InputError
+from phlora_nim.core.json_files import read_json
 
 REPORT_NAME = "phlora_report.json"
 _TOP_SINGULAR = 16

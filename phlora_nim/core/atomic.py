@@ -90,3 +90,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move the folder ``source`` onto ``target`` (replacing it) with renames only: a reader sees the
+    old folder or the new one, never a mix. Both must be on one filesystem."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, trash / "old")
+        os.replace(source, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(source, target)

@@ -158,8 +158,8 @@ def _convert(base: Path, fts: list[Path], repo: Path, energy: float) -> dict[str
     """``convert`` every fine-tune into one repository (CPU reference backend); results by adapter name."""
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.repository.configs import RepositorySettings
-    from phlora_nim.repository.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     job = ConvertJob(
         base=base,
@@ -167,7 +167,7 @@ def _convert(base: Path, fts: list[Path], repo: Path, energy: float) -> dict[str
         names=NAMES,
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
-        settings=RepositorySettings(backend="reference", base=str(base), dtype="float32"),
+        settings=RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32"),
     )
     return {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
 

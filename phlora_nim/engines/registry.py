@@ -38,6 +38,10 @@ class Engine:
         summary: one line for ``--help``.
         cpu_reference: the engine is phlora-nim's own CPU reference of another (runs here, no GPU).
         aliases: earlier names still accepted (repositories written before keep them in their settings).
+        writes_repository: ``convert --backend`` writes a repository for it (Triton engines). OpenAI-speaking
+            engines read the adapter store every repository holds, and ``phlora-nim serve --engine`` fronts them.
+        triton_releases: the Triton backend releases whose config.pbtxt input names the engine's
+            repository can be written for (``--trtllm-version``), the default first.
     """
 
     name: str
@@ -48,6 +52,8 @@ class Engine:
     summary: str
     cpu_reference: bool = False
     aliases: tuple[str, ...] = field(default=())
+    triton_releases: tuple[str, ...] = field(default=())
+    writes_repository: bool = True
 
     def module(self, name: str) -> ModuleType:
         """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
@@ -68,6 +74,8 @@ ENGINES: tuple[Engine, ...] = (
         versions="TensorRT-LLM ≤ 1.3.0rc20 (C++ inflight_batcher_llm backend), NIM 1.x",
         summary="compiled TensorRT engines on Triton's tensorrtllm backend: npy LoRA tensors, lora_task_id",
         aliases=("tensorrtllm",),
+        # v0.20.0 renamed random_seed → seed (tensorrtllm_backend commit c2e65b8, 2025-05-13).
+        triton_releases=("0.20", "0.19"),
     ),
     Engine(
         name="trtllm-legacy-cpu",
@@ -78,11 +86,13 @@ ENGINES: tuple[Engine, ...] = (
         summary="CPU reference of the legacy tensorrt_llm model on the real tritonserver (tests, demo)",
         cpu_reference=True,
         aliases=("reference",),
+        triton_releases=("0.20", "0.19"),
     ),
     Engine(
         name="vllm",
         package="vllm",
         protocol="openai",
+        writes_repository=False,
         adapter_form="peft-folder",
         versions="vLLM ≥ 0.6 (vllm serve; runtime loading with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
         summary="vLLM's OpenAI server: model=<adapter>, adapters loaded with /v1/load_lora_adapter",
@@ -91,6 +101,7 @@ ENGINES: tuple[Engine, ...] = (
         name="nim",
         package="nim",
         protocol="openai",
+        writes_repository=False,
         adapter_form="peft-folder",
         versions="NVIDIA NIM for LLMs 2.x (vLLM inside; SGLang from 2.1)",
         summary="NIM 2.x: model=<adapter>, adapters from the watched NIM_PEFT_SOURCE store",
@@ -99,6 +110,7 @@ ENGINES: tuple[Engine, ...] = (
         name="sglang",
         package="sglang",
         protocol="openai",
+        writes_repository=False,
         adapter_form="peft-folder",
         versions="SGLang ≥ 0.4.7 (runtime loading with /load_lora_adapter)",
         summary="SGLang's server: model=<base>:<adapter>, adapters loaded with /load_lora_adapter",
@@ -107,11 +119,16 @@ ENGINES: tuple[Engine, ...] = (
         name="trtllm-serve",
         package="trtllm_serve",
         protocol="openai",
+        writes_repository=False,
         adapter_form="peft-folder",
         versions="TensorRT-LLM ≥ 1.0 (trtllm-serve, PyTorch backend)",
         summary="trtllm-serve: lora_request {lora_name, lora_int_id, lora_path} in each request",
     ),
 )
+
+
+# What `convert` writes when no --backend is given: the CPU reference, so that a repository runs here.
+DEFAULT_ENGINE = "trtllm-legacy-cpu"
 
 
 def engine(name: str, *, flag: str = "--backend") -> Engine:

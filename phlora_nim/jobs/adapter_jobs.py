@@ -10,18 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
-from phlora_nim.core.atomic import atomic_dir, check_output_dir
-from phlora_nim.core.dtypes import DTYPES, parse_dtype
-from phlora_nim.core.errors import OptionError
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.converters.formats.nim import save_nim_adapter
 from phlora_nim.converters.formats.peft import load_peft, save_peft
-from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, check_engine, save_trtllm
-from phlora_nim.core.json_files import read_json
-from phlora_nim.core.names import validate_adapter_name
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
 from phlora_nim.converters.report import write_report
+from phlora_nim.core.atomic import atomic_dir, check_output_dir
+from phlora_nim.core.dtypes import DTYPES, parse_dtype
+from phlora_nim.core.errors import OptionError
+from phlora_nim.core.json_files import read_json
+from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
+from phlora_nim.engines.trtllm_legacy.tensors import adapter_to_trtllm, check_engine, save_trtllm
 from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_files
 
 log = logging.getLogger("phlora_nim")

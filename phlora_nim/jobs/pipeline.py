@@ -21,7 +21,6 @@ import torch
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import InputStatistics, base_input_statistics
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
-from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.converters.extract import (
     ExtractionPlan,
     ExtractionResult,
@@ -30,6 +29,7 @@ from phlora_nim.converters.extract import (
     run_extraction,
 )
 from phlora_nim.converters.report import build_report, write_report
+from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
 
 log = logging.getLogger("phlora_nim")

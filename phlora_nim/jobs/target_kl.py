@@ -33,9 +33,9 @@ from typing import Any
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import read_prompts
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
-from phlora_nim.core.errors import InputError, OptionError
 from phlora_nim.converters.extract import ExtractionResult, reassign
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy, recovery
+from phlora_nim.core.errors import InputError, OptionError
 
 log = logging.getLogger("phlora_nim.target")
 

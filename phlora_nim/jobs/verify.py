@@ -20,9 +20,9 @@ from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
-from phlora_nim.core.errors import InputError
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.rank_policy import recovery
+from phlora_nim.core.errors import InputError
 
 log = logging.getLogger("phlora_nim.jobs.verify")
 

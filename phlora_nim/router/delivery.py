@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2
 
-from phlora_nim.converters.trtllm_contract import FULL, MISS, is_cache_full  # the runtime's texts
+from phlora_nim.engines.trtllm_legacy.contract import FULL, MISS, is_cache_full  # the runtime's texts
 from phlora_nim.router.access import Plan
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig

@@ -252,18 +252,6 @@ class RouterThread:
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout)
 
-    def _pool(self) -> Any:
-        """The replicas, reached the way the engine is (KServe v2 gRPC, or the OpenAI API)."""
-        if not self.config.speaks_openai:
-            return ReplicaPool(self.config, self.metrics, on_change=self._health_changed)
-        from phlora_nim.engines.registry import engine
-        from phlora_nim.router.upstreams.openai_pool import OpenAIPool
-
-        facts = engine(self.config.engine).openai_facts()
-        policy: Any = self.config.routing_policy
-        self.metrics.rank_of = lambda name: (e.max_rank if (e := self.catalog.adapters.get(name)) else None)
-        return OpenAIPool(self.config, facts, self.metrics, on_change=self._health_changed, policy=policy)
-
     @property
     def address(self) -> str:
         return self.router.address

@@ -17,8 +17,8 @@ import numpy as np
 
 from phlora_nim.core.dtypes import DTYPES, dtype_for_wire
 from phlora_nim.core.errors import InputError
-from phlora_nim.converters.formats.trtllm_files import load_trtllm
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
+from phlora_nim.engines.trtllm_legacy.contract import CONFIG_FILE, WEIGHTS_FILE
+from phlora_nim.engines.trtllm_legacy.files import load_trtllm
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.errors import RequestError

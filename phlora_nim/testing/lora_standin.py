@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.converters.trtllm_contract import (
+from phlora_nim.engines.trtllm_legacy.contract import (
     ROWS_MISMATCH,
     cache_full_message,
     not_found_message,

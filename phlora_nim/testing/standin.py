@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from phlora_nim.core.dtypes import DTYPES
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, WEIGHTS_FILE
+from phlora_nim.engines.trtllm_legacy.contract import CONFIG_FILE, WEIGHTS_FILE
 from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, task_id_for
 

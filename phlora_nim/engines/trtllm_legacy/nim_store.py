@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
-from phlora_nim.core.errors import InputError
 from phlora_nim.converters.formats.peft import save_peft
-from phlora_nim.converters.formats.trtllm import adapter_to_trtllm, save_trtllm
+from phlora_nim.core.errors import InputError
+from phlora_nim.engines.trtllm_legacy.tensors import adapter_to_trtllm, save_trtllm
 
 
 def save_nim_adapter(

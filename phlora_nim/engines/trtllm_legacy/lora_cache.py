@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from phlora_nim.core.dtypes import DTYPES, dtype_name_of
-from phlora_nim.converters.trtllm_contract import (
+from phlora_nim.engines.trtllm_legacy.contract import (
     CONFIG_FILE,
     MAP_AT,
     WEIGHTS_FILE,
@@ -36,7 +36,7 @@ from phlora_nim.converters.trtllm_contract import (
     tensor_problems,
 )
 
-log = logging.getLogger("phlora_nim.triton.lora_cache")
+log = logging.getLogger("phlora_nim.engines.trtllm_legacy.lora_cache")
 
 __all__ = [
     "CacheFullError",

@@ -29,10 +29,10 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, builtin_maps, find_map
+from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
 from phlora_nim.core.dtypes import parse_dtype
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
-from phlora_nim.converters.formats.trtllm_files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
-from phlora_nim.converters.trtllm_contract import (
+from phlora_nim.engines.trtllm_legacy.contract import (
     CONFIG_FILE,
     DTYPE_MISMATCH,
     META_FILE,
@@ -49,7 +49,7 @@ from phlora_nim.converters.trtllm_contract import (
     row_length,
     row_problems,
 )
-from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS, TRTLLM_MODULES
+from phlora_nim.engines.trtllm_legacy.files import TrtllmLora, TrtllmRow, load_trtllm, save_trtllm
 
 log = logging.getLogger("phlora_nim.converters.trtllm")
 

@@ -2,7 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
-from phlora_nim.triton.models.reference_llm import ReferenceLlmModel
+from phlora_nim.engines.trtllm_legacy.reference_model import ReferenceLlmModel
 
 
 class TritonPythonModel(ReferenceLlmModel):

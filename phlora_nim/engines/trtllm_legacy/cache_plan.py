@@ -5,7 +5,7 @@ check, and a prefetched adapter cannot be evicted until a request using it has f
 pages run out the model fails to load (``Cache is full. There are no done tasks to evict``). So the
 host cache must hold every prefetched adapter **plus** room for the adapters the router sends on
 misses (``spare``, default the max batch size, of the largest registered kind); the GPU cache must
-hold one batch of adapters. Pages follow :mod:`phlora_nim.converters.lora_cache_pages`.
+hold one batch of adapters. Pages follow :mod:`phlora_nim.engines.trtllm_legacy.cache_pages`.
 
 Which adapters are preloaded can be capped: the named ones first, then the most used (request
 counts from the router's ``phlora_router_requests_total`` or a JSON object), then by name.
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from phlora_nim.core.errors import InputError, OptionError
-from phlora_nim.converters.lora_cache_pages import CacheShape, PageConfig, adapter_pages, page_config
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, engine_spec, module_name
+from phlora_nim.engines.trtllm_legacy.cache_pages import CacheShape, PageConfig, adapter_pages, page_config
+from phlora_nim.engines.trtllm_legacy.contract import CONFIG_FILE, engine_spec, module_name
 
 _MiB = 1 << 20
 DEFAULT_GPU_FRACTION = 0.05  # TensorRT-LLM's default lora_cache_gpu_memory_fraction

@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from phlora_nim.converters.architecture import find_map
-from phlora_nim.core.dtypes import DTYPES
-from phlora_nim.converters.trtllm_contract import LoraRequestError, hf_runtime_dims, module_name
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULE_IDS
-from phlora_nim.triton.limits import EngineLimits
-from phlora_nim.triton.lora_cache import (
+from phlora_nim.core.dtypes import DTYPES
+from phlora_nim.engines.trtllm_legacy.contract import LoraRequestError, hf_runtime_dims, module_name
+from phlora_nim.engines.trtllm_legacy.lora_cache import (
     LoraCache,
     LoraTask,
     ModuleShape,
@@ -41,6 +40,7 @@ from phlora_nim.triton.lora_cache import (
     read_prefetch_folder,
     unpack_task,
 )
+from phlora_nim.triton.limits import EngineLimits
 
 log = logging.getLogger("phlora_nim.reference")
 

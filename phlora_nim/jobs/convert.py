@@ -18,15 +18,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
-from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.converters.formats.nim import save_nim_adapter
-from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES, adapter_to_trtllm, check_engine, save_trtllm
-from phlora_nim.core.json_files import read_json
+from phlora_nim.core.atomic import replace_dir
+from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.engines.trtllm_legacy.cache_settings import check_served_path
+from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
+from phlora_nim.jobs.maintenance import check_grace
 from phlora_nim.jobs.pipeline import (
     Extracted,
     Planned,
@@ -36,16 +38,6 @@ from phlora_nim.jobs.pipeline import (
     require_config,
     write_report_files,
 )
-from phlora_nim.repository.configs import (
-    RepositorySettings,
-    check_served_path,
-    engine_parameters,
-    lora_cache_plan,
-    planned_adapters,
-    require_engine_config,
-    with_engine,
-    write_repository,
-)
 from phlora_nim.repository.layout import (
     DEFAULT_GRACE_S,
     LLM_MODEL,
@@ -54,11 +46,9 @@ from phlora_nim.repository.layout import (
     SETTINGS_FILE,
     adapter_store_dir,
     base_tokenizer_dir,
-    prefetch_dir,
 )
-from phlora_nim.repository.lora_cache_plan import engine_shape
-from phlora_nim.repository.maintenance import check_grace
 from phlora_nim.repository.registry import AdapterEntry, Registry
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.repository.tokenizer_files import copy_tokenizer_files
 
 log = logging.getLogger("phlora_nim")
@@ -248,29 +238,15 @@ def _staging(root: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move ``source`` onto ``target`` (replacing it) with renames only."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, trash / "old")
-        os.replace(source, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(source, target)
-
-
 @dataclass(frozen=True)
 class StagedAdapter:
     """One fine-tune's adapter, written into the staging folder, waiting to be registered."""
 
     name: str
     extracted: Extracted
-    layout: dict[str, Any]  # TensorRT-LLM facts recorded in the registry: modules, bytes, rows, tp
-    store: Path  # the NIM / PEFT store folder
-    tensors: Path  # the TensorRT-LLM npy pair
+    store: Path  # the PEFT store folder every engine reads or is served from
+    form: Any  # the engine's own form (its staging module's EngineForm): layout, bytes, files
     seconds: float
-    nbytes: int
 
 
 def convert(
@@ -300,7 +276,9 @@ def convert(
     root = Path(job.repository)
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
-    job, engine = _with_engine(job)
+    steps = job.settings.engine_row.module("staging")
+    settings, engine = steps.prepare(job.settings, job.engine_config)
+    job = dataclasses.replace(job, settings=settings)
     if job.check_served_path:
         check_served_path(job.settings, root)
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
@@ -319,30 +297,15 @@ def convert(
                         stage=stage,
                         model_config=model_config,
                         engine=engine,
+                        steps=steps,
                         command=command,
                         progress=progress,
                     )
                 )
-            done = _register(job, root, staged)
+            done = _register(job, root, staged, steps)
             if copy_tokenizer_files(job.base, stage / "base.tokenizer"):  # for the router's HTTP front
-                _replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
+                replace_dir(stage / "base.tokenizer", base_tokenizer_dir(root))
             return done
-
-
-def _with_engine(job: ConvertJob) -> tuple[ConvertJob, dict[str, Any] | None]:
-    """The job with the engine config stored in its settings (given now, or kept from an earlier run),
-    checked before any extraction: the cache can be sized from it and its chunked-context setting holds.
-    """
-    settings = job.settings
-    require_engine_config(settings.backend, job.engine_config, stored=bool(settings.engine))
-    if job.engine_config is not None:
-        settings = with_engine(settings, read_json(job.engine_config, what="engine config"))
-    if settings.backend != "tensorrtllm":  # an engine config given anyway still checks the adapters
-        return dataclasses.replace(job, settings=settings), settings.engine or None
-    where = str(job.engine_config or "the engine config stored in the repository")
-    engine_shape(settings.engine, where=where)
-    engine_parameters(settings)
-    return dataclasses.replace(job, settings=settings), settings.engine
 
 
 def _stage(
@@ -354,48 +317,34 @@ def _stage(
     stage: Path,
     model_config: dict[str, Any],
     engine: dict[str, Any] | None,
+    steps: ModuleType,
     command: str | None,
     progress: Callable[[str], None] | None,
 ) -> StagedAdapter:
-    """Extract one adapter and write both its forms into ``stage``."""
+    """Extract one adapter and write the PEFT store folder and the engine's own form into ``stage``."""
     start = time.perf_counter()
     extracted = extract_adapter(plan, pair, command=command, progress=progress)
-    lora = adapter_to_trtllm(
+    form = steps.stage(
         extracted.adapter,
-        config=model_config,
+        stage / f"{name}.lora",
+        settings=job.settings,
+        model_config=model_config,
         architecture=pair.plan.architecture,
-        dtype=job.settings.dtype,
+        engine=engine,
+        engine_where=str(job.engine_config),
         tp=job.tp,
         strict=job.strict,
+        source=f"{name} ({pair.path})",
     )
-    if engine is not None:
-        check_engine(lora, engine, where=str(job.engine_config))
-    store, tensors = stage / f"{name}.store", stage / f"{name}.lora"
+    store = stage / f"{name}.store"
     store.mkdir()
-    tensors.mkdir()
     save_nim_adapter(extracted.adapter, store, dtype=extracted.out_dtype)
     write_report_files(extracted.report, store)
     copy_tokenizer_files(pair.path, store)  # the fine-tune's own tokenizer and chat template, if it has them
-    save_trtllm(lora, tensors, source=f"{name} ({pair.path})")
-    nbytes = int(lora.weights.nbytes + lora.config.nbytes)
-    layout = {
-        "trtllm_modules": sorted({TRTLLM_MODULES[int(m)] for m in lora.config[0, :, 0]}),
-        "bytes": nbytes,
-        "rows": lora.num_rows,
-        "tp": job.tp,
-    }
-    return StagedAdapter(
-        name=name,
-        extracted=extracted,
-        layout=layout,
-        store=store,
-        tensors=tensors,
-        seconds=time.perf_counter() - start,
-        nbytes=nbytes,
-    )
+    return StagedAdapter(name=name, extracted=extracted, store=store, form=form, seconds=time.perf_counter() - start)
 
 
-def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[Converted]:
+def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter], steps: ModuleType) -> list[Converted]:
     registry = Registry(root)
     done: list[Converted] = []
     with registry.locked() as state:
@@ -409,25 +358,25 @@ def _register(job: ConvertJob, root: Path, staged: list[StagedAdapter]) -> list[
                 dtype=job.settings.dtype,
                 sources={"base": str(Path(job.base).resolve()), "finetuned": str(item.extracted.finetuned.resolve())},
                 replace=job.replace,
-                trtllm_layout=item.layout,
+                trtllm_layout=item.form.layout,
             )
             entries.append((entry, old))
         # Refused here, before anything moves: adapters the engine's LoRA cache cannot hold.
-        lora_cache_plan(job.settings, planned_adapters(state, root, staged={i.name: i.tensors for i in staged}))
+        steps.check_fit(job.settings, state, root, {i.name: i.form for i in staged})
         for (entry, old), item in zip(entries, staged, strict=True):
             unchanged = (
                 old is not None
                 and old.digest == entry.digest
-                and prefetch_dir(root, entry.task_id).is_dir()
+                and steps.unchanged(root, entry)
                 and adapter_store_dir(root, item.name).is_dir()
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
-                if old is not None and old.task_id != entry.task_id:
-                    state.delete_later(root, prefetch_dir(root, old.task_id), grace=job.grace, adapter=old.name)
-                _replace_dir(item.tensors, prefetch_dir(root, entry.task_id))
-                _replace_dir(item.store, adapter_store_dir(root, item.name))
+                steps.place(root, state, entry, old, item.form, grace=job.grace)
+                replace_dir(item.store, adapter_store_dir(root, item.name))
             done.append(
-                Converted(entry=entry, report=item.extracted.report, adapter_bytes=item.nbytes, seconds=item.seconds)
+                Converted(
+                    entry=entry, report=item.extracted.report, adapter_bytes=item.form.nbytes, seconds=item.seconds
+                )
             )
-        write_repository(root, job.settings, state)
+        job.settings.engine_row.module("deploy").write_repository(root, job.settings, state)
     return done

@@ -10,12 +10,13 @@ from typing import Any
 
 from phlora_nim.core.dtypes import parse_dtype
 from phlora_nim.core.errors import InputError, OptionError
-from phlora_nim.converters.formats.trtllm import TRTLLM_MODULES
 from phlora_nim.core.json_files import read_json
-from phlora_nim.repository.configs import RepositorySettings, cache_request, planned_adapters, write_repository
-from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir, prefetch_dir
-from phlora_nim.repository.lora_cache_plan import engine_shape, plan_cache
+from phlora_nim.engines.trtllm_legacy.cache_plan import engine_shape, plan_cache
+from phlora_nim.engines.trtllm_legacy.cache_settings import cache_request, planned_adapters
+from phlora_nim.engines.trtllm_legacy.tensors import TRTLLM_MODULES
+from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState, utc_now
+from phlora_nim.repository.settings import RepositorySettings
 
 
 def check_grace(grace: float) -> None:
@@ -35,14 +36,15 @@ def remove_adapter(
     read_registry(root)  # a clear error when ``root`` is not a repository
     with Registry(Path(root), now=now).locked() as state:
         entry = state.remove(name)
-        for folder in (prefetch_dir(root, entry.task_id), adapter_store_dir(root, name)):
+        settings = RepositorySettings.load(root) or RepositorySettings(base="(unknown)")
+        engine_files = settings.engine_row.module("staging").engine_files(Path(root), entry)
+        for folder in (*engine_files, adapter_store_dir(root, name)):
             state.delete_later(Path(root), folder, grace=grace, adapter=name)
-        settings = RepositorySettings.load(root)
-        if settings is not None:
+        if settings.base != "(unknown)":
             if name in settings.prefetch_names:  # no longer preloaded: it is gone
                 kept = tuple(n for n in settings.prefetch_names if n != name)
                 settings = dataclasses.replace(settings, prefetch_names=kept)
-            write_repository(root, settings, state)
+            settings.engine_row.module("deploy").write_repository(root, settings, state)
     return entry
 
 
@@ -131,7 +133,7 @@ def cache_plan_summary(
     else:
         tp = max((int(e.trtllm_layout.get("tp", 1)) for e in state.adapters.values()), default=1)
         engine, where = planned_engine_config(plan, Path(settings.base), tp=tp), "the planned engine"
-    settings = dataclasses.replace(settings, backend="tensorrtllm", engine=engine)
+    settings = dataclasses.replace(settings, backend="trtllm-legacy", engine=engine)
     cache = plan_cache(
         planned_adapters(state, root), engine_shape(engine, where=where), cache_request(settings), where=where
     )

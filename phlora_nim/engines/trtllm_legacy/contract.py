@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from phlora_nim.core.dtypes import DTYPES, dtype_name_of
 from phlora_nim.converters.trtllm_modules import TRTLLM_MODULES
+from phlora_nim.core.dtypes import DTYPES, dtype_name_of
 
 WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"

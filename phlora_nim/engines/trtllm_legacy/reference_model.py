@@ -1,4 +1,5 @@
-"""``tensorrt_llm`` on CPU: TensorRT-LLM's token-level model contract over :mod:`phlora_nim.triton.reference_engine`.
+"""``tensorrt_llm`` on CPU: TensorRT-LLM's token-level model contract over
+:mod:`phlora_nim.engines.trtllm_legacy.reference_engine`.
 
 Inputs and outputs are those of TensorRT-LLM's ``tensorrt_llm`` model. With dynamic batching one
 ``execute`` receives requests for different adapters; they are generated together in one batch.
@@ -21,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from phlora_nim.engines.trtllm_legacy.lora_cache import CacheFullError, LoraRequestError
+from phlora_nim.engines.trtllm_legacy.reference_engine import GenerationRequest, ReferenceEngine, engine_from_parameters
 from phlora_nim.triton.limits import RequestRejected
-from phlora_nim.triton.lora_cache import CacheFullError, LoraRequestError
 from phlora_nim.triton.models.text import model_parameters
-from phlora_nim.triton.reference_engine import GenerationRequest, ReferenceEngine, engine_from_parameters
 
 log = logging.getLogger("phlora_nim.reference")
 

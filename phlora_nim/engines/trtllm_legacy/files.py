@@ -1,7 +1,7 @@
 """The TensorRT-LLM npy pair on disk: :class:`TrtllmLora`, :func:`save_trtllm`, :func:`load_trtllm`.
 
 numpy only (no torch), so the router can read adapters without loading torch; the layout rules
-and the conversion from a LoRA adapter are in :mod:`phlora_nim.converters.formats.trtllm`.
+and the conversion from a LoRA adapter are in :mod:`phlora_nim.engines.trtllm_legacy.tensors`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from phlora_nim.core.dtypes import as_engine_array, dtype_name_of
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
-from phlora_nim.converters.trtllm_contract import CONFIG_FILE, META_FILE, WEIGHTS_FILE, tensor_problems
+from phlora_nim.engines.trtllm_legacy.contract import CONFIG_FILE, META_FILE, WEIGHTS_FILE, tensor_problems
 
 __all__ = ["TrtllmLora", "TrtllmRow", "load_trtllm", "save_trtllm"]
 

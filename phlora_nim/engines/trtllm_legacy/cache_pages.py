@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from phlora_nim.core.dtypes import DTYPES
 from phlora_nim.core.errors import InputError, OptionError
-from phlora_nim.converters.trtllm_contract import EngineSpec
+from phlora_nim.engines.trtllm_legacy.contract import EngineSpec
 
 # createLoraModules: modules whose *input* is split over TP ranks (inTpSplitDim 1); routers are
 # not split at all; every other module splits its output (outTpSplitDim 0).
@@ -64,7 +64,7 @@ class CacheShape:
 
     @classmethod
     def of_engine(cls, spec: EngineSpec, *, where: str) -> CacheShape:
-        """The shape of an engine config (see :func:`~phlora_nim.converters.trtllm_contract.engine_spec`).
+        """The shape of an engine config (see :func:`~phlora_nim.engines.trtllm_legacy.contract.engine_spec`).
 
         Raises:
             InputError: a field the cache is sized from is missing.
