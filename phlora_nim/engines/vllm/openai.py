@@ -12,7 +12,7 @@ from phlora_nim.engines.openai_api import OpenAIEngineFacts, RuntimeLoading
 LOADING = RuntimeLoading(
     load_path="/v1/load_lora_adapter",
     unload_path="/v1/unload_lora_adapter",
-    already_loaded=("has already been loaded",),
+    already_loaded=("has already been",),
     not_loaded=("cannot be found",),
     enable=("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "--enable-lora"),
 )
