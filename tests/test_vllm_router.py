@@ -81,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         fts = [vc.perturbed_finetune(base, root / f"ft{i}", seed=i) for i in range(3)]
         repo = root / "repo"
         for rank, prefix in (("8", "a"), ("16", "b")):
-            args: list[Any] = ["convert", "--base", base, "-m", repo, "--rank", rank, "--no-plot"]
+            args: list[Any] = ["convert", "--base", base, "-m", repo, "--rank", rank]
             for i, ft in enumerate(fts):
                 args += ["--finetuned", ft, "--name", f"{prefix}{i}"]
             vc.cli(*args)
