@@ -22,9 +22,19 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The GPU component: "triton" or "nim". */}}
+{{/* The GPU component: "triton", "nim" or "vllm". */}}
 {{- define "phlora-nim.serverComponent" -}}
-{{- if eq .Values.backend "nim" }}nim{{ else }}triton{{ end }}
+{{- if eq .Values.backend "nim" }}nim{{ else if eq .Values.backend "vllm" }}vllm{{ else }}triton{{ end }}
+{{- end }}
+
+{{/* "true" when the GPU pods speak the OpenAI API (NIM, vLLM): the router reaches them over HTTP. */}}
+{{- define "phlora-nim.openaiBackend" -}}
+{{- if has .Values.backend (list "nim" "vllm") }}true{{ end }}
+{{- end }}
+
+{{/* The HTTP port of OpenAI-speaking GPU pods. */}}
+{{- define "phlora-nim.openaiPort" -}}
+{{- if eq .Values.backend "nim" }}{{ .Values.nim.port }}{{ else }}{{ .Values.vllm.port }}{{ end }}
 {{- end }}
 
 {{- define "phlora-nim.serverName" -}}
@@ -35,13 +45,15 @@
 {{ include "phlora-nim.fullname" . }}-router
 {{- end }}
 
-{{/* Headless Service of the Triton replicas: the router resolves it to every ready pod. */}}
+{{/* Headless Service of the GPU replicas: the router resolves it to every ready pod. */}}
 {{- define "phlora-nim.tritonHeadlessName" -}}
-{{ include "phlora-nim.fullname" . }}-triton-headless
+{{ include "phlora-nim.fullname" . }}-{{ include "phlora-nim.serverComponent" . }}-headless
 {{- end }}
 
+{{/* The router's --upstream-dns: Triton's gRPC port, or the OpenAI-speaking pods' HTTP port. */}}
 {{- define "phlora-nim.upstreamDns" -}}
-{{ include "phlora-nim.tritonHeadlessName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ .Values.triton.ports.grpc }}
+{{- $port := ternary (include "phlora-nim.openaiPort" .) (toString .Values.triton.ports.grpc) (eq (include "phlora-nim.openaiBackend" .) "true") }}
+{{- include "phlora-nim.tritonHeadlessName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ $port }}
 {{- end }}
 
 {{- define "phlora-nim.serviceAccountName" -}}
