@@ -220,6 +220,7 @@ class OpenAIPool:
             if ready:
                 models = await replica.client.get(self.facts.models_path, timeout=timeout)
                 listing = models.json() if models.status_code == 200 else None
+                listing = listing if isinstance(listing, dict) else None
         except (httpx.HTTPError, ValueError) as exc:
             ready, reason = False, f"{type(exc).__name__}: {exc}"
         if ready and replica.downs != downs:
