@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 from phlora_nim.router.openai.errors import ApiError, bad_request
@@ -34,25 +35,19 @@ class BodyError(ValueError):
     """A body that is not acceptable JSON; the message says why."""
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _depth_ok(text: str) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` before parsing (brackets inside strings skipped)."""
-    depth, in_string, escaped = 0, False, False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise BodyError(f"nested deeper than {MAX_DEPTH} levels")
-        elif ch in "]}":
-            depth -= 1
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise BodyError(f"nested deeper than {MAX_DEPTH} levels")
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -64,40 +59,36 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_DIGITS:
-        raise BodyError(f"a number of more than {MAX_DIGITS} digits")
-    return int(text)
-
-
-def _float(text: str) -> float:
-    if len(text) > MAX_DIGITS + 8:
-        raise BodyError(f"a number of more than {MAX_DIGITS} digits")
-    value = float(text)
-    if not math.isfinite(value):
-        raise BodyError(f"number {text[:32]} is out of range")
-    return value
-
-
 def _constant(name: str) -> Any:
     raise BodyError(f"{name} is not JSON")
 
 
-def _strings_ok(value: Any) -> None:
-    """Refuse lone surrogates in any string (keys too): they cannot be encoded as UTF-8."""
+_INT_LIMIT = 10**MAX_DIGITS
+
+
+def _values_ok(value: Any) -> None:
+    """Refuse lone surrogates in any string (keys too: they cannot be encoded as UTF-8), integers of
+    more than :data:`MAX_DIGITS` digits and numbers too large for a float (``1e999`` parses as infinity)."""
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BodyError("a string holds a lone UTF-16 surrogate (not a character)") from None
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BodyError("a string holds a lone UTF-16 surrogate (not a character)") from None
+        elif kind is dict:
             stack.extend(item)
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int:
+            if not -_INT_LIMIT < item < _INT_LIMIT:
+                raise BodyError(f"a number of more than {MAX_DIGITS} digits")
+        elif kind is float and not math.isfinite(item):
+            raise BodyError("a number out of range")
 
 
 def decode_json(raw: bytes | bytearray) -> Any:
@@ -112,14 +103,12 @@ def decode_json(raw: bytes | bytearray) -> Any:
         raise BodyError(f"the body is not UTF-8 (byte {exc.start})") from None
     _depth_ok(text)
     try:
-        value = json.loads(
-            text, object_pairs_hook=_pairs, parse_int=_int, parse_float=_float, parse_constant=_constant
-        )
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
     except BodyError:
         raise
     except (ValueError, RecursionError) as exc:
         raise BodyError(str(exc)) from None
-    _strings_ok(value)
+    _values_ok(value)
     return value
 
 
