@@ -36,6 +36,8 @@ from phlora_nim.router.metrics import RouterMetrics
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 
 log = logging.getLogger("phlora_nim.router")
+# httpx logs every request at INFO: a health check per replica every few seconds would drown the router's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 T = TypeVar("T")
 Policy = Literal["adapter-aware", "round-robin"]
 _rotation = itertools.count()
