@@ -61,6 +61,19 @@ def test_a_busy_holder_spills_to_another_replica(tmp_path: Path) -> None:
     assert pool.ordered("hot")[0] is b
 
 
+def test_a_replica_whose_lora_slots_are_taken_comes_after_one_with_room(tmp_path: Path) -> None:
+    """vLLM batches at most --max-loras adapters at once: a third adapter on a full replica waits."""
+    pool = _pool(tmp_path)  # max_loras 0: residency_capacity (8) slots
+    a, b = pool.replicas.values()
+    a.resident.add("new", 1, own=True)
+    for name in [f"x{i}" for i in range(8)]:
+        a.resident.add(name, 2, own=True)
+        a.running[name] = 1
+    a.in_flight = b.in_flight = 8  # equal loads: the slots decide
+    assert pool.ordered("new")[0] is b
+    assert pool.ordered("x3")[0] is a  # x3 runs on a already: no new slot needed there
+
+
 def test_round_robin_ignores_residency(tmp_path: Path) -> None:
     pool = _pool(tmp_path, "round-robin")
     a, _ = pool.replicas.values()

@@ -146,7 +146,7 @@ class OpenAIDelivery:
     ) -> Relayed:
         relayed = Relayed(status=0, replica=replica.address)
         stack = relayed._stack
-        stack.enter_context(self.pool.busy(replica))
+        stack.enter_context(self.pool.busy(replica, entry.name if entry else None))
         request = replica.client.build_request(
             "POST",
             route,

@@ -138,6 +138,7 @@ class OpenAIReplica:
         self.healthy = False
         self.downs = 0
         self.in_flight = 0
+        self.running: dict[str, int] = {}  # adapter → its requests in flight here
         self.base: str | None = None  # the model id it serves the base model under
         self.resident = Residency()
         self.loading: dict[str, asyncio.Task[None]] = {}
@@ -325,9 +326,11 @@ class OpenAIPool:
     def ordered(self, adapter: str | None) -> list[OpenAIReplica]:
         """Healthy replicas in the order to try them for ``adapter`` (None: base model).
 
-        Adapter-aware: replicas holding the adapter (or loading it) under the load bound, least busy
-        first; then the others under the bound, least busy first (the one that will answer soonest
-        gets the load); then everything over the bound. Round-robin: the next replica in turn.
+        Adapter-aware: replicas under the load bound first, and among them those with a free LoRA
+        slot for the adapter (it runs there already, or fewer than ``max_loras`` adapters do: an engine
+        batches at most that many adapters at once, so a request for another one waits), then those
+        holding the adapter (or loading it), then the least busy (the one that will answer soonest gets
+        the load); everything over the bound last. Round-robin: the next replica in turn.
         """
         healthy = self.healthy()
         if not healthy:
@@ -341,24 +344,33 @@ class OpenAIPool:
             return [by_address[a] for a in choose_replicas(None, loads, spill_factor=self.config.spill_factor)]
         bound = load_bound(loads, self.config.spill_factor)
         rank = {a: i for i, a in enumerate(rank_replicas(adapter, list(by_address)))}
+        slots = self.config.max_loras or self.config.residency_capacity
 
-        def key(address: str) -> tuple[int, int, int, int]:
+        def key(address: str) -> tuple[int, int, int, int, int]:
             replica = by_address[address]
             holds = adapter in replica.resident or adapter in replica.loading
             over = loads[address] + 1 > bound
-            return (int(over), int(not holds), loads[address], rank[address])
+            waits = adapter not in replica.running and len(replica.running) >= slots
+            return (int(over), int(waits), int(not holds), loads[address], rank[address])
 
         return [by_address[a] for a in sorted(by_address, key=key)]
 
     @contextlib.contextmanager
-    def busy(self, replica: OpenAIReplica) -> Iterator[OpenAIReplica]:
+    def busy(self, replica: OpenAIReplica, adapter: str | None = None) -> Iterator[OpenAIReplica]:
+        """Count a request (for ``adapter``, None: the base model) in flight on ``replica`` for the block."""
         replica.in_flight += 1
+        if adapter is not None:
+            replica.running[adapter] = replica.running.get(adapter, 0) + 1
         gauge = self.metrics.replica_in_flight.labels(replica.address)
         gauge.inc()
         try:
             yield replica
         finally:
             replica.in_flight -= 1
+            if adapter is not None:
+                left = replica.running.pop(adapter) - 1
+                if left:
+                    replica.running[adapter] = left
             gauge.dec()
 
     # loading ---------------------------------------------------------------------------------
