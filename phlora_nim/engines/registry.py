@@ -38,6 +38,8 @@ class Engine:
         summary: one line for ``--help``.
         cpu_reference: the engine is phlora-nim's own CPU reference of another (runs here, no GPU).
         aliases: earlier names still accepted (repositories written before keep them in their settings).
+        lora_ranks: the only ranks the engine's largest-rank setting accepts (``--snap-ranks`` rounds
+            adapter ranks up to one of them); empty: any rank.
         writes_repository: ``convert --backend`` writes a repository for it (Triton engines). OpenAI-speaking
             engines read the adapter store every repository holds, and ``phlora-nim serve --engine`` fronts them.
         triton_releases: the Triton backend releases whose config.pbtxt input names the engine's
@@ -54,6 +56,7 @@ class Engine:
     aliases: tuple[str, ...] = field(default=())
     triton_releases: tuple[str, ...] = field(default=())
     writes_repository: bool = True
+    lora_ranks: tuple[int, ...] = field(default=())
 
     def module(self, name: str) -> ModuleType:
         """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
@@ -64,6 +67,9 @@ class Engine:
         facts: OpenAIEngineFacts = self.module("openai").FACTS
         return facts
 
+
+# vLLM's --max-lora-rank accepts only these (vllm/config/lora.py, LoRAConfig.max_lora_rank); NIM 2.x runs vLLM.
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 ENGINES: tuple[Engine, ...] = (
     Engine(
@@ -93,6 +99,7 @@ ENGINES: tuple[Engine, ...] = (
         package="vllm",
         protocol="openai",
         writes_repository=False,
+        lora_ranks=VLLM_LORA_RANKS,
         adapter_form="peft-folder",
         versions="vLLM ≥ 0.6 (vllm serve; runtime loading with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
         summary="vLLM's OpenAI server: model=<adapter>, adapters loaded with /v1/load_lora_adapter",
@@ -102,6 +109,7 @@ ENGINES: tuple[Engine, ...] = (
         package="nim",
         protocol="openai",
         writes_repository=False,
+        lora_ranks=VLLM_LORA_RANKS,
         adapter_form="peft-folder",
         versions="NVIDIA NIM for LLMs 2.x (vLLM inside; SGLang from 2.1)",
         summary="NIM 2.x: model=<adapter>, adapters from the watched NIM_PEFT_SOURCE store",

@@ -25,6 +25,9 @@ from phlora_nim.engines.trtllm_legacy.tensors import adapter_to_trtllm, check_en
 from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_files
 
 log = logging.getLogger("phlora_nim")
+# `export --format`: formats of adapter folders (the NIM store format is a folder layout, not an engine).
+NIM_STORE_FORMAT = "nim"
+EXPORT_FORMATS = ("peft", "trtllm", NIM_STORE_FORMAT)
 
 
 def extract(
@@ -161,11 +164,11 @@ def export(
     Raises:
         PhloraError: unreadable adapter, bad options, or an adapter the engine would reject.
     """
-    if fmt not in ("peft", "trtllm", "nim"):
+    if fmt not in EXPORT_FORMATS:
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
     storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
-    if fmt == "nim":
+    if fmt == NIM_STORE_FORMAT:
         target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
     check_output_dir(target, force=force)
     adapter = load_peft(Path(adapter_dir))
@@ -176,7 +179,7 @@ def export(
         pretrained = (engine or {}).get("pretrained_config") or {}
         trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
     lora = None
-    if fmt == "trtllm" or (fmt == "nim" and with_trtllm):
+    if fmt == "trtllm" or (fmt == NIM_STORE_FORMAT and with_trtllm):
         lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp, strict=strict)
         if engine is not None:
             check_engine(lora, engine, where=str(engine_config))
