@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.openai import responses
 from phlora_nim.router.openai.body import read_json
 from phlora_nim.router.openai.completions import Call, Completions, Job
+from phlora_nim.router.openai.disconnect import cancel_on_disconnect
 from phlora_nim.router.openai.errors import ApiError, bad_request
 from phlora_nim.router.openai.relay import relay
 from phlora_nim.router.openai.schemas import (
@@ -45,24 +46,6 @@ T = TypeVar("T")
 
 def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``, cancelled if the client disconnects first (its upstream calls with it)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await task
-    finally:
-        watcher.cancel()
 
 
 class HttpFront:

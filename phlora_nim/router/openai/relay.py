@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.openai.body import read_json
 from phlora_nim.router.openai.completions import Call, Completions
+from phlora_nim.router.openai.disconnect import cancel_on_disconnect
 from phlora_nim.router.openai.errors import ApiError, bad_request
 from phlora_nim.router.upstreams.openai_delivery import (
     CHAT_COMPLETIONS,
@@ -120,7 +121,10 @@ async def relay(completions: Completions, request: Request, *, chat: bool) -> Re
         stream = body.get("stream") is True
         adapter = entry.name if entry else None
         stack.enter_context(core.admission.admit(tenant, call.label, adapter=adapter, slots=slots))
-        relayed = await core.relay.open(entry, CHAT_COMPLETIONS if chat else COMPLETIONS, body, stream=stream)
+        route = CHAT_COMPLETIONS if chat else COMPLETIONS
+        opening = core.relay.open(entry, route, body, stream=stream)
+        # A whole answer is read inside open(): a client that goes away cancels it (and the engine's work).
+        relayed = await (opening if stream else cancel_on_disconnect(request, opening))
         stack.push_async_callback(relayed.aclose)
         if relayed.status != 200:
             raise relayed.error()

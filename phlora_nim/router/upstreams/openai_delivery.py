@@ -159,6 +159,9 @@ class OpenAIDelivery:
         except httpx.HTTPError as exc:
             await stack.aclose()
             raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:  # cancelled (the client went away): the replica's count must not leak
+            await stack.aclose()
+            raise
         stack.push_async_callback(answer.aclose)
         relayed.status = answer.status_code
         if answer.status_code == 200 and stream:
@@ -169,6 +172,9 @@ class OpenAIDelivery:
         except httpx.HTTPError as exc:
             await stack.aclose()
             raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:
+            await stack.aclose()
+            raise
         relayed.text = capped(raw.decode("utf-8", "replace"))
         try:
             relayed.body = json.loads(raw)
