@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_pairs(tmp_path_factory: pytest.TempPathFactory):
+def built_once(tmp_path_factory: pytest.TempPathFactory):
+    """``built_once(name, build, **params)``: ``build(folder)`` once per test run, shared by the xdist
+    workers (their base temporary folders share a parent); see ``phlora_nim.testing.finetunes``."""
+    from phlora_nim.testing.finetunes import built_once
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    root.mkdir(parents=True, exist_ok=True)
+    return functools.partial(built_once, root)
+
+
+@pytest.fixture(scope="session")
+def model_pairs(built_once):
     """``model_pairs(family)`` → (base_dir, finetuned_dir), built on first use."""
     import transformers
 
@@ -28,14 +42,28 @@ def model_pairs(tmp_path_factory: pytest.TempPathFactory):
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    cache: dict[str, tuple[Path, Path]] = {}
 
     def get(family: str) -> tuple[Path, Path]:
-        if family not in cache:
-            cache[family] = make_pair(family, tmp_path_factory.mktemp(family), steps=12)
-        return cache[family]
+        return built_once("pair", lambda folder: make_pair(family, folder, steps=12), family=family, steps=12)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_pair_with_tokenizer(built_once) -> tuple[Path, Path]:
+    """A toy Llama with its tokenizer and a full fine-tune of it."""
+    from phlora_nim.demo.toy_models import make_pair
+
+    params = {"family": "llama", "steps": 12, "tokenizer": True}
+    return built_once("pair", lambda folder: make_pair("llama", folder, steps=12, tokenizer=True), **params)
+
+
+@pytest.fixture(scope="session")
+def hidden_finetune(built_once) -> tuple[Path, Path, list[int]]:
+    """A toy Llama and a fine-tune whose change the generic prompts cannot see (see make_hidden_finetune)."""
+    from phlora_nim.testing.finetunes import make_hidden_finetune
+
+    return built_once("hidden", lambda folder: make_hidden_finetune(folder, steps=40, seed=0), steps=40, seed=0)
 
 
 @pytest.fixture
@@ -56,11 +84,11 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
 
 
 @pytest.fixture(scope="session")
-def llama_finetunes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def llama_finetunes(built_once) -> tuple[Path, list[Path]]:
     """A tiny Llama (with a word-level tokenizer) and three different full fine-tunes of it."""
     from phlora_nim.demo.toy_models import make_finetunes
 
-    return make_finetunes("llama", tmp_path_factory.mktemp("llama-ft"), 3, steps=15)
+    return built_once("llama-ft", lambda folder: make_finetunes("llama", folder, 3, steps=15), count=3, steps=15)
 
 
 @pytest.fixture(scope="session")

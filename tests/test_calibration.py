@@ -74,17 +74,18 @@ def test_statistics_are_shared_by_modules_with_the_same_input(model_pairs) -> No
     assert set(stats.tokens.values()) == {8}  # padding never counts
 
 
-def test_extraction_with_calibration_lowers_output_error_at_equal_rank(tmp_path: Path, run_cli) -> None:
+def test_extraction_with_calibration_lowers_output_error_at_equal_rank(
+    tmp_path: Path, run_cli, llama_pair_with_tokenizer
+) -> None:
     """On a toy model: per module, E‖(ΔW − BA) x‖² over the calibration inputs is ≤ plain SVD's, and
     the report keeps weight-space energies (checked against verify's reconstruction) beside output ones."""
     from transformers import AutoModelForCausalLM
 
     from phlora_nim.converters.calibration import base_input_statistics
     from phlora_nim.converters.formats.peft import load_peft
-    from phlora_nim.demo.toy_models import make_pair
     from phlora_nim.jobs.verify import reconstruction_errors
 
-    base, ft = make_pair("llama", tmp_path / "pair", steps=12, tokenizer=True)
+    base, ft = llama_pair_with_tokenizer
     common = ["extract", "--base", base, "--finetuned", ft, "--rank", "2", "--exact", "--no-plot"]
     assert run_cli(*common, "--out", tmp_path / "plain")[0] == 0
     code, out, err = run_cli(*common, "--out", tmp_path / "white", "--calibration", PROMPTS)
@@ -140,14 +141,13 @@ def test_bad_calibration_files_are_refused_before_any_work(
 
 
 def test_calibration_on_prompts_the_finetune_does_not_act_on_warns(
-    tmp_path_factory: pytest.TempPathFactory, run_cli
+    tmp_path_factory: pytest.TempPathFactory, run_cli, hidden_finetune
 ) -> None:
     """The shipped generic prompts cannot see a fine-tune that changed only behaviour after trigger
     tokens: whitening on them is warned about, with the measured KL, and the extraction still runs."""
     from phlora_nim.jobs.target_kl import MIN_GAP_KL
-    from phlora_nim.testing.finetunes import make_hidden_finetune
 
-    base, ft, _ = make_hidden_finetune(tmp_path_factory.mktemp("calib-hidden"))
+    base, ft, _ = hidden_finetune
     out = tmp_path_factory.mktemp("calib-out") / "a"
     code, _, err = run_cli(
         "extract", "--base", base, "--finetuned", ft, "--out", out, "--rank", "2", "--no-plot", "--calibration", PROMPTS

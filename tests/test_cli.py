@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,26 +64,96 @@ def test_force_replaces_atomically(model_pairs, run_cli, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        "extract",
-        "inspect",
-        "prune",
-        "verify",
-        "export",
-        "convert",
-        "adapters",
-        "remove",
-        "engine-plan",
-        "triton",
-        "serve",
-        "demo",
-    ],
-)
+# What each command's help must say it does, and options a user of it needs (written by hand: a
+# command that loses one of them, or its summary, fails here).
+HELP = {
+    "extract": (
+        "Extract a LoRA adapter from a base checkpoint and its full fine-tune",
+        ("--base", "--finetuned", "--out", "--rank", "--energy", "--target-kl"),
+    ),
+    "inspect": (
+        "Print an adapter's extraction report",
+        ("adapter_dir", "--json", "--top"),
+    ),
+    "prune": (
+        "Re-truncate a LoRA adapter to a lower rank",
+        ("adapter_dir", "--out", "--rank", "--energy"),
+    ),
+    "verify": (
+        "Check an adapter against its fine-tune",
+        ("--base", "--finetuned", "--adapter", "--max-kl", "--min-top1"),
+    ),
+    "export": (
+        "Convert a LoRA adapter into the formats",
+        ("adapter_dir", "--format", "--out", "--tp", "--with-trtllm"),
+    ),
+    "convert": (
+        "Extract adapters from fine-tunes and register them in a Triton model repository",
+        ("--base", "--finetuned", "--model-repository", "--name", "--backend", "--rank", "--replace"),
+    ),
+    "adapters": (
+        "List the adapters registered in a model repository",
+        ("--model-repository", "--json"),
+    ),
+    "remove": (
+        "Unregister an adapter",
+        ("name", "--model-repository", "--grace"),
+    ),
+    "engine-plan": (
+        "Print the trtllm-build LoRA flags",
+        ("--model-repository", "--checkpoint-dir", "--json"),
+    ),
+    "triton": (
+        "Run the real Triton server",
+        ("--model-repository", "--grpc-port", "--http-port"),
+    ),
+    "serve": (
+        "Serve every registered adapter",
+        ("--model-repository", "--upstream", "--port", "--tenants", "--tls-cert", "--http-port"),
+    ),
+    "demo": (
+        "Run the whole job on an embedded default",
+        ("--out", "--steps"),
+    ),
+}
+
+
+def _flat(text: str) -> str:
+    """Help text without the panels' box drawing and with wrapped lines joined."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
+
+
+def test_help_table_names_every_command() -> None:
+    from typer.main import get_command
+
+    from phlora_nim.cli.main import app
+
+    visible = {name for name, command in get_command(app).commands.items() if not command.hidden}
+    assert visible == set(HELP)
+
+
+@pytest.mark.parametrize("command", sorted(HELP))
 def test_help_explains_each_command(command: str, run_cli) -> None:
-    code, stdout, _ = run_cli(command, "--help")
-    assert code == 0 and "Usage" in stdout and len(stdout) > 300
+    """``COMMAND --help`` says what the command does and shows every option it takes, each with its own help."""
+    from typer.main import get_command
+
+    from phlora_nim.cli.main import app
+
+    code, stdout, err = run_cli(command, "--help")
+    assert code == 0, err
+    shown = _flat(stdout)
+    summary, needed = HELP[command]
+    assert f"Usage: phlora-nim {command}" in shown and summary in shown, shown[:400]
+    defined = get_command(app).commands[command]
+    for param in defined.params:
+        if getattr(param, "hidden", False) or "--help" in param.opts:
+            continue
+        assert param.opts[0] in shown, f"{command} --help does not show {param.opts[0]}"
+        text = _flat(re.sub("[`*]", "", getattr(param, "help", None) or ""))  # markdown marks render away
+        assert text, f"{command} {param.opts[0]} has no help text"
+        assert text[:40] in shown, f"{command} --help does not show the help of {param.opts[0]}: {text[:40]!r}"
+    for name in needed:
+        assert name in {o for p in defined.params for o in p.opts} and name in shown, (command, name)
 
 
 def test_console_script_runs() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from phlora_nim.repository.layout import (
     prefetch_dir,
 )
 from phlora_nim.repository.registry import Registry
+from phlora_nim.router.catalog import AdapterCatalog
 
 pytestmark = pytest.mark.slow
 MODELS = (PREPROCESSING_MODEL, LLM_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL)
@@ -121,19 +123,46 @@ def test_three_finetunes_in_one_call(llama_finetunes, run_cli, tmp_path: Path) -
     }
     assert _snapshot(repo / LLM_MODEL / "lora_prefetch") == before
 
-    # remove: id retired (never handed to other weights); the files stay for routers that still
-    # route to it, until a registry write after the grace period.
+    # remove: id retired (never handed to other weights), gone from the listing and from what a
+    # router serves; the files stay for routers that still route to it, until the first registry
+    # write after the grace period.
+    catalog = AdapterCatalog(repo)
+    catalog.refresh()
+
+    def files(name: str) -> tuple[bool, bool]:
+        return prefetch_dir(repo, state.adapters[name].task_id).exists(), adapter_store_dir(repo, name).exists()
+
+    def listed() -> set[str]:
+        code, out, err = run_cli("adapters", "-m", repo, "--json")
+        assert code == 0, err
+        return set(json.loads(out))
+
     removed = state.adapters["legal"]
     code, out, _ = run_cli("remove", "legal", "-m", repo)
     assert code == 0 and "removed legal" in out and "after 60 s" in out
     after = Registry(repo).read()
-    assert "legal" not in after.adapters and after.retired[removed.task_id] == removed.digest
-    assert prefetch_dir(repo, removed.task_id).exists() and adapter_store_dir(repo, "legal").exists()
+    assert set(after.adapters) == {"support", "code"} and after.retired[removed.task_id] == removed.digest
+    assert files("legal") == (True, True)
     assert {p.adapter for p in after.pending_deletions} == {"legal"}
+    assert listed() == {"support", "code"}
+    assert catalog.refresh() == {removed.task_id} and set(catalog.adapters) == {"support", "code"}
+    started = time.monotonic()
+    assert run_cli("remove", "support", "-m", repo, "--grace", "1")[0] == 0
+    assert files("support") == (True, True)  # within its grace
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
     gone = state.adapters["code"]
-    assert run_cli("remove", "code", "-m", repo, "--grace", "0")[0] == 0
-    assert not prefetch_dir(repo, gone.task_id).exists() and not adapter_store_dir(repo, "code").exists()
-    assert prefetch_dir(repo, removed.task_id).exists()  # legal's grace is not over
+    code, out, err = run_cli("remove", "code", "-m", repo, "--grace", "0")
+    assert code == 0 and "removed code" in out, err
+    after = Registry(repo).read()
+    assert not after.adapters and {t: after.retired[t] for t in (gone.task_id, removed.task_id)} == {
+        gone.task_id: gone.digest,
+        removed.task_id: removed.digest,
+    }
+    assert files("code") == (False, False)  # no grace
+    assert files("support") == (False, False)  # its grace ended before this write
+    assert files("legal") == (True, True)  # legal's grace is not over
+    assert {p.adapter for p in after.pending_deletions} == {"legal"}
+    assert listed() == set() and catalog.refresh() == {gone.task_id, state.adapters["support"].task_id}
 
 
 def test_replace_needs_the_flag_and_changes_nothing_without_it(llama_finetunes, run_cli, tmp_path: Path) -> None:
@@ -512,8 +541,11 @@ def test_preloading_can_be_capped(llama_finetunes, run_cli, tmp_path: Path) -> N
     assert params["lora_prefetch_dir"].endswith("tensorrt_llm/lora_prefetch") and not preload.exists()
     # Removing a named adapter drops it from --prefetch (the repository stays writable).
     assert run_cli(*_trtllm_args(base, fts[:1], repo, tmp_path), "--prefetch", "legal")[0] == 0
+    legal = Registry(repo).read().adapters["legal"]
     code, _, err = run_cli("remove", "legal", "-m", repo, "--grace", "0")
     assert code == 0, err
+    assert "legal" not in Registry(repo).read().adapters and not prefetch_dir(repo, legal.task_id).exists()
+    assert not (preload / str(legal.task_id)).exists()
     assert json.loads((repo / "phlora_repository.json").read_text())["prefetch_names"] == []
 
 

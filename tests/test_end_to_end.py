@@ -36,7 +36,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     base, fts = make_finetunes("llama", root / "ckpt", ADAPTERS, steps=10, linear_only=True)
     repo = root / "repo"
     one = 4 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192) * 4  # rank 4: A + B of every module, fp32
-    settings = RepositorySettings(backend="trtllm-legacy-cpu", base=str(base), dtype="float32", lora_cache_bytes=3 * one)
+    settings = RepositorySettings(
+        backend="trtllm-legacy-cpu", base=str(base), dtype="float32", lora_cache_bytes=3 * one
+    )
     names = tuple(f"ft{i}" for i in range(ADAPTERS))
     job = ConvertJob(
         base=base,

@@ -34,21 +34,55 @@ def _load(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Each toy family: the architecture map it must get and the modules that map must find in every layer.
+EXPECTED_MAPS = {
+    "llama": ("llama", LLAMA_LIKE),
+    "mistral": ("llama", LLAMA_LIKE),
+    "qwen2": ("qwen2", LLAMA_LIKE),
+    "qwen3": ("qwen2", LLAMA_LIKE),
+    "gemma": ("gemma", LLAMA_LIKE),
+    "gemma2": ("gemma", LLAMA_LIKE),
+    "phi3": ("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "mixtral": ("mixtral", ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate")),
+}
+
+
+def test_every_family_has_an_expected_map() -> None:
+    assert set(EXPECTED_MAPS) == set(FAMILIES)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_architecture_map_covers_every_linear_module(family: str, model_pairs) -> None:
+    """The family's own map, and every linear weight of every decoder layer (each 2-D ``.weight``:
+    Mixtral's experts' w1/w2/w3 and its router gate too) matched by the spec named after it."""
     _base, ft = model_pairs(family)
     ckpt = open_checkpoint(ft)
     amap = find_map(ckpt.config)
-    assert amap is not None and amap.family in {"llama", "qwen2", "gemma", "phi3", "mixtral"}
-    matched = [n for n in ckpt.names() if n.endswith(".weight") and amap.match(n[: -len(".weight")])]
-    linear = [n for n in ckpt.names() if ("layers." in n and n.endswith("proj.weight")) or ".w1." in n or ".w2." in n]
-    assert set(linear) <= set(matched)
-    for name in matched:
-        spec, layer = amap.match(name[: -len(".weight")])
-        assert layer is not None and 0 <= layer < ckpt.config["num_hidden_layers"]
+    family_map, modules = EXPECTED_MAPS[family]
+    assert amap is not None and amap.family == family_map
+    layers = ckpt.config["num_hidden_layers"]
+    linear = [
+        n
+        for n in ckpt.names()
+        if n.startswith("model.layers.") and n.endswith(".weight") and len(ckpt.info(n).shape) == 2
+    ]
+    found: dict[int, set[str]] = {layer: set() for layer in range(layers)}
+    for name in linear:
+        module = name[: -len(".weight")]
+        hit = amap.match(module)
+        assert hit is not None, f"{family}: no spec of map {amap.family!r} matches the linear weight {name}"
+        spec, layer = hit
+        assert spec.name == module.rsplit(".", 1)[1], f"{name} matched by spec {spec.name!r}"
+        assert layer is not None and 0 <= layer < layers
         in_dim, out_dim = amap.dims(spec, ckpt.config)
         assert ckpt.info(name).shape == (out_dim, in_dim), name
         assert spec.trtllm_id is not None
+        found[layer].add(spec.name)
+    assert all(names == set(modules) for names in found.values()), found
+    if family == "mixtral":  # every expert of every layer: 4 attention, the router gate, w1/w2/w3 per expert
+        experts = ckpt.config["num_local_experts"]
+        assert len(linear) == layers * (5 + 3 * experts)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -277,13 +277,63 @@ def test_huge_client_values_are_cut_in_errors(router: RouterThread, client: grpc
     assert "NOT_FOUND" in got["errors"][0] and len(got["errors"][0]) < 1200
 
 
-def test_deadline_reaches_upstream(client: grpcclient.InferenceServerClient) -> None:
-    started = time.monotonic()
-    refused(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        lambda: client.infer("faq", inputs(delay_ms=1500), client_timeout=0.3),
-    )
-    assert time.monotonic() - started < 1.2
+class RecordingHop(grpc.GenericRpcHandler):
+    """A gRPC hop between the router and Triton: forwards every unary call as bytes and notes, for each
+    ModelInfer, the seconds left before the deadline it arrived with (None: no deadline) and how long
+    the call lived. The forward itself has no deadline, so the call ends early only if the router's
+    deadline or cancellation ends it."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.infers: queue.Queue[tuple[float | None, float]] = queue.Queue()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if method.endswith("/ModelStreamInfer"):
+            return None
+        forward = self.channel.unary_unary(method)
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            started, left = time.monotonic(), context.time_remaining()
+            if method.endswith("/ModelInfer"):
+                deadline = None if left is None or left > 1e6 else left  # no deadline reads as a huge value
+                context.add_callback(lambda: self.infers.put((deadline, time.monotonic() - started)))
+            try:
+                return forward(request)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details())
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+
+@contextlib.contextmanager
+def recording_hop(target: str) -> Iterator[tuple[str, RecordingHop]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    hop = RecordingHop(target)
+    server = grpc.server(ThreadPoolExecutor(max_workers=8), handlers=[hop])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", hop
+    finally:
+        server.stop(grace=None)
+        hop.channel.close()
+
+
+def test_deadline_reaches_upstream(repo_root: Path, triton: LocalTriton) -> None:
+    """The client's 0.3 s deadline travels with the upstream call, which ends with it rather than after
+    the 3 s the request takes in Triton."""
+    with recording_hop(triton.grpc_url) as (address, hop), routed(config(repo_root, address)) as (_, c):
+        started = time.monotonic()
+        refused(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            lambda: c.infer("faq", inputs(delay_ms=3000), client_timeout=0.3),
+        )
+        assert time.monotonic() - started < 2.0
+        left, lived = hop.infers.get(timeout=10)
+    assert left is not None and left <= 0.3, f"the upstream call arrived with deadline {left} s, not the client's"
+    assert lived < 2.0, f"the upstream call lived {lived:.1f} s: not cancelled at the deadline"
 
 
 # model and server RPCs, health, reflection, metrics ------------------------------------------

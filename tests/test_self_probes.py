@@ -16,13 +16,11 @@ from phlora_nim.core.errors import InputError
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object, object]:
+def pair(llama_pair_with_tokenizer: tuple[Path, Path]) -> tuple[object, object, object]:
     """(tokenizer, base model, fine-tuned model): a toy Llama and a full fine-tune of it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phlora_nim.demo.toy_models import make_pair
-
-    base, ft = make_pair("llama", tmp_path_factory.mktemp("self-probes"), steps=12, tokenizer=True)
+    base, ft = llama_pair_with_tokenizer
     tok = AutoTokenizer.from_pretrained(ft)
     return tok, AutoModelForCausalLM.from_pretrained(base).eval(), AutoModelForCausalLM.from_pretrained(ft).eval()
 

@@ -10,7 +10,7 @@ import pytest
 
 from phlora_nim.converters.rank_policy import FidelityTarget
 from phlora_nim.core.errors import InputError, OptionError
-from phlora_nim.testing.finetunes import make_hidden_finetune, make_linear_finetune
+from phlora_nim.testing.finetunes import make_linear_finetune
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,9 @@ def test_fidelity_target_validation() -> None:
 
 
 @pytest.fixture(scope="module")
-def hidden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
+def hidden(hidden_finetune: tuple[Path, Path, list[int]]) -> tuple[Path, Path, list[int]]:
     """A fine-tune whose change the generic prompts cannot see (a cycle over trigger tokens)."""
-    return make_hidden_finetune(tmp_path_factory.mktemp("hidden"))
+    return hidden_finetune
 
 
 def test_generic_prompts_that_cannot_see_the_finetune_are_refused(hidden, tmp_path: Path, run_cli) -> None:

@@ -33,16 +33,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 
 log = logging.getLogger("phlora_nim.router")
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_FIELDS = {"name", "keys", "adapters", "base_models", "max_in_flight"}
 
 
 def key_digest(key: str) -> str:
@@ -86,79 +86,124 @@ class TenantTable:
         return self.by_digest.get(key_digest(key.strip()))
 
 
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+def _check_key(key: str) -> str:
+    if key.startswith("sha256:") and not _DIGEST.match(key[len("sha256:") :].strip().lower()):
+        raise ValueError("sha256: followed by 64 hex digits")
+    return key
+
+
+def _digest(key: str) -> str:
+    return key[len("sha256:") :].strip().lower() if key.startswith("sha256:") else key_digest(key)
+
+
+_Patterns = Annotated[list[str], Field(description="a list of glob patterns (strings)")]
+
+
+class _TenantEntry(BaseModel):
+    """One entry of ``tenants:``; each field's description is what an error says was expected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Annotated[str, StringConstraints(min_length=1), Field(description="a non-empty string")]
+    keys: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1), AfterValidator(_check_key)]],
+        Field(min_length=1, description="a non-empty list of keys (strings)"),
+    ]
+    adapters: _Patterns = []
+    base_models: _Patterns = ["*"]
+    max_in_flight: Annotated[int | None, Field(ge=1, description="a positive integer")] = None
+
+
+class _TenantsFile(BaseModel):
+    """The document: other top-level keys are left for other readers of a shared file."""
+
+    model_config = ConfigDict(strict=True)
+
+    tenants: Annotated[list[Any], Field(min_length=1)]
+
+
+_TOP = "a top-level mapping with a non-empty list `tenants:`"
+_FIX = "see the format in the docstring of phlora_nim.router.tenants"
+
+
+def _problems(exc: ValidationError, *, where: str, label: str, item: Any) -> list[PhloraError]:
+    """One InputError per schema violation of a tenant entry: field path, expected, found, fix."""
+    problems: list[PhloraError] = []
+    for error in exc.errors(include_url=False):
+        loc, kind = error["loc"], error["type"]
+        path = label + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+        if kind == "extra_forbidden":
+            fields = sorted(_TenantEntry.model_fields)
+            at, expected, found = label, f"only the fields {fields}", f"unknown [{loc[0]!r}]"
+            fix = "remove it or correct its spelling"
+        elif kind in ("model_type", "model_attributes_type"):  # not a mapping at all
+            at, expected, found, fix = label, "a mapping with name, keys, adapters", type(item).__name__, _FIX
+        else:
+            spec = _TenantEntry.model_fields[str(loc[0])]
+            # A key's own check says what it expects; otherwise the field's description does.
+            expected = str(error["ctx"]["error"]) if kind == "value_error" else spec.description or error["msg"]
+            at, found, fix = path, "nothing" if kind == "missing" else repr(error["input"]), _FIX
+        problems.append(
+            InputError("invalid tenants file", where=f"{where}: {at}", expected=expected, found=found, fix=fix)
+        )
+    return problems
 
 
 def parse_tenants(data: Any, *, where: str) -> TenantTable:
-    """Check a parsed tenants document; every problem is collected into one error.
+    """Check a parsed tenants document against its schema; every problem is collected into one error.
 
     Raises:
         InputError: naming each bad tenant and field, with what was expected and found.
     """
+    summary = f"{where} is not a valid tenants file"
+    try:
+        document = _TenantsFile.model_validate(data)
+    except ValidationError:
+        found = f"keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
+        raise InputError(
+            "invalid tenants file", where=f"{where}: tenants", expected=_TOP, found=found, fix=_FIX
+        ) from None
     problems: list[PhloraError] = []
-
-    def bad(field: str, expected: str, found: Any) -> None:
-        problems.append(InputError("invalid tenants file", where=f"{where}: {field}", expected=expected, found=found))
-
-    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list) or not data["tenants"]:
-        found = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
-        bad("tenants", "a top-level mapping with a non-empty list `tenants:`", found)
-        raise_all(problems, summary=f"{where} is not a valid tenants file")
     by_digest: dict[str, Tenant] = {}
-    owner: dict[str, str] = {}
     names: set[str] = set()
-    for i, item in enumerate(data["tenants"]):
-        label = f"tenants[{i}]"
-        if not isinstance(item, dict):
-            bad(label, "a mapping with name, keys, adapters", type(item).__name__)
+    plain = 0
+    for i, item in enumerate(document.tenants):
+        name = item.get("name") if isinstance(item, dict) else None
+        label = f"tenant {name!r}" if isinstance(name, str) and name else f"tenants[{i}]"
+        try:
+            entry = _TenantEntry.model_validate(item)
+        except ValidationError as exc:
+            problems += _problems(exc, where=where, label=label, item=item)
             continue
-        name = item.get("name")
-        if isinstance(name, str) and name:
-            label = f"tenant {name!r}"
-            if name in names:
-                bad(f"{label}.name", "a name used once", "it twice")
-            names.add(name)
-        else:
-            bad(f"{label}.name", "a non-empty string", repr(name))
-        unknown = sorted(set(item) - _FIELDS)
-        if unknown:
-            bad(label, f"only the fields {sorted(_FIELDS)}", f"unknown {unknown}")
-        keys = item.get("keys")
-        digests: list[str] = []
-        if not _strings(keys) or not keys:
-            bad(f"{label}.keys", "a non-empty list of keys (strings)", repr(keys))
-        else:
-            for key in keys:
-                if key.startswith("sha256:"):
-                    digest = key[len("sha256:") :].strip().lower()
-                    if not _DIGEST.match(digest):
-                        bad(f"{label}.keys", "sha256: followed by 64 hex digits", repr(key))
-                        continue
-                else:
-                    digest = key_digest(key)
-                digests.append(digest)
-        adapters = item.get("adapters", [])
-        if not isinstance(adapters, list) or not all(isinstance(p, str) for p in adapters):
-            bad(f"{label}.adapters", "a list of glob patterns (strings)", repr(adapters))
-            adapters = []
-        base_models = item.get("base_models", ["*"])
-        if not isinstance(base_models, list) or not all(isinstance(p, str) for p in base_models):
-            bad(f"{label}.base_models", "a list of glob patterns (strings)", repr(base_models))
-            base_models = []
-        limit = item.get("max_in_flight")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            bad(f"{label}.max_in_flight", "a positive integer", repr(limit))
-            limit = None
-        tenant = Tenant(name=str(name), adapters=tuple(adapters), base_models=tuple(base_models), max_in_flight=limit)
-        for digest in digests:
-            if digest in owner:
-                bad(f"{label}.keys", "each key given to one tenant", f"a key also held by tenant {owner[digest]!r}")
+        if entry.name in names:
+            problems.append(
+                InputError(
+                    "invalid tenants file",
+                    where=f"{where}: {label}.name",
+                    expected="a name used once",
+                    found="it twice",
+                    fix="give each tenant its own name",
+                )
+            )
+        names.add(entry.name)
+        tenant = Tenant(entry.name, tuple(entry.adapters), tuple(entry.base_models), entry.max_in_flight)
+        for key in entry.keys:
+            digest = _digest(key)
+            if digest in by_digest:
+                held = f"a key also held by tenant {by_digest[digest].name!r}"
+                problems.append(
+                    InputError(
+                        "invalid tenants file",
+                        where=f"{where}: {label}.keys",
+                        expected="each key given to one tenant",
+                        found=held,
+                        fix="give the tenant a key of its own",
+                    )
+                )
                 continue
-            owner[digest] = str(name)
             by_digest[digest] = tenant
-    raise_all(problems, summary=f"{where} is not a valid tenants file")
-    plain = sum(1 for item in data["tenants"] for k in item.get("keys", []) if not k.startswith("sha256:"))
+            plain += not key.startswith("sha256:")
+    raise_all(problems, summary=summary)
     if plain:
         log.warning("%s holds %d plain-text key(s); prefer `sha256:<digest>` entries", where, plain)
     return TenantTable(by_digest=by_digest)

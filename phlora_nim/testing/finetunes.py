@@ -1,8 +1,17 @@
-"""Toy fine-tunes for the fidelity tests: linear-only ones, and one whose change generic prompts cannot see."""
+"""Toy fine-tunes for the tests: linear-only ones, one whose change generic prompts cannot see, and
+:func:`built_once`, which builds each of them once per test run however many processes ask."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def make_linear_finetune(root: Path, *, steps: int, seed: int) -> tuple[Path, Path]:
@@ -70,3 +79,31 @@ def make_hidden_finetune(root: Path, *, steps: int = 40, seed: int = 0) -> tuple
     model.eval().save_pretrained(ft)
     save_tokenizer(ft, model.config.vocab_size)
     return base, ft, trigger
+
+
+def built_once(root: Path, name: str, build: Callable[[Path], T], **params: Any) -> T:
+    """``build(folder)`` run once per ``(name, params)`` under ``root``, whichever process asks first.
+
+    Test fine-tunes take seconds to minutes and xdist workers are separate processes: the first caller
+    builds under a file lock and leaves its result (pickled paths) beside the folder; the others wait
+    on the lock and reuse it. ``params`` must pin down what ``build`` makes (they name the folder). A
+    folder without a result (a build that failed half-way) is built again.
+    """
+    from filelock import FileLock
+
+    key = json.dumps(params, sort_keys=True, default=str)
+    folder = Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    done = folder.with_suffix(".pickle")
+    with FileLock(str(folder.with_suffix(".lock"))):
+        if done.is_file():
+            with done.open("rb") as f:
+                return pickle.load(f)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        result = build(folder)
+        partial = done.with_suffix(".partial")
+        with partial.open("wb") as f:
+            pickle.dump(result, f)
+        partial.replace(done)
+        return result
