@@ -27,14 +27,33 @@ from phlora_nim.cli.app import (
     tensor_progress,
 )
 from phlora_nim.cli.fidelity_options import (
+    AllowMismatchOpt,
     CalibrationOpt,
     PromptsOpt,
     SelfProbesOpt,
     TargetKlOpt,
     TargetRecoveryOpt,
     TargetTop1Opt,
+    ThreadsOpt,
     extraction_options,
 )
+
+ExtraOpt = Annotated[
+    str,
+    typer.Option(
+        "--extra",
+        help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
+        "warn), save (as modules_to_save, tied heads and resized vocabularies included; not servable by "
+        "vLLM/NIM/TensorRT-LLM) or error.",
+    ),
+]
+TargetModulesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target-modules",
+        help=r"Regex over module paths to decompose instead of the architecture map, e.g. '.*\.(q_proj|v_proj)'.",
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -47,8 +66,12 @@ def register(app: typer.Typer) -> None:
 
 
 def extract_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint: HF model folder or .safetensors file.")],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout.")],
+    base: Annotated[
+        Path, typer.Option("--base", help="Base checkpoint: HF model folder, .safetensors file or hub id (owner/name).")
+    ],
+    finetuned: Annotated[
+        Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout (folder, file or hub id).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
     rank: RankOpt = None,
     energy: EnergyOpt = None,
@@ -57,22 +80,8 @@ def extract_command(
     snap_ranks: SnapOpt = None,
     exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
     device: DeviceOpt = "cpu",
-    extra: Annotated[
-        str,
-        typer.Option(
-            "--extra",
-            help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
-            "warn), save (as modules_to_save; not servable by vLLM/NIM/TensorRT-LLM) or error.",
-        ),
-    ] = "drop",
-    target_modules: Annotated[
-        str | None,
-        typer.Option(
-            "--target-modules",
-            help="Regex over module paths to decompose instead of the architecture map, "
-            r"e.g. '.*\.(q_proj|v_proj)'.",
-        ),
-    ] = None,
+    extra: ExtraOpt = "drop",
+    target_modules: TargetModulesOpt = None,
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
@@ -83,6 +92,8 @@ def extract_command(
     prompts: PromptsOpt = None,
     self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
 
@@ -110,6 +121,8 @@ def extract_command(
         dtype=dtype,
         target_modules=target_modules,
         seed=seed,
+        allow_mismatch=allow_mismatch,
+        threads=threads,
     )
     with tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
@@ -140,6 +153,9 @@ def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
     search = report.get("fidelity_target")
     if search:
         _print_search(search)
+    if report.get("loading"):
+        out_console.print("load it under PEFT (embeddings saved whole):", markup=False)
+        out_console.print(report["loading"], markup=False, highlight=False)
     if "output_energy_kept_linear" in t:
         out_console.print(
             f"activation-aware: {t['output_energy_kept_linear']:.2%} of the output change on the calibration "
@@ -343,8 +359,8 @@ def export_command(
 
 
 def verify_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder.")],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder.")],
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder or hub id (owner/name).")],
+    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder or hub id.")],
     adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
     prompts: Annotated[
         Path | None,
@@ -389,11 +405,15 @@ def verify_command(
     failed, warnings = gate_failures(
         result.get("logits") or {}, max_kl=max_kl, min_top1=min_top1, min_recovery=min_recovery
     )
-    for warning in warnings:
-        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    for warning in [*result.get("warnings", []), *warnings]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if failed:
         err_console.print("[bold red]verify failed:[/] " + "; ".join(failed))
         raise typer.Exit(1)
+
+
+def _share(value: float | None) -> str:
+    return "undefined (no reachable gap)" if value is None else f"{value:.1%}"
 
 
 def _print_verify(result: dict[str, Any]) -> None:
@@ -409,9 +429,12 @@ def _print_verify(result: dict[str, Any]) -> None:
             f"logits on {logits['tokens']} tokens: mean KL(fine-tuned ‖ base+adapter) = {logits['mean_kl']:.4g} "
             f"(base alone: {logits['base_mean_kl']:.4g}); top-1 agreement {logits['top1_agreement']:.2%} "
             f"(base alone: {logits['base_top1_agreement']:.2%}); recovery of the reachable base→fine-tune gap "
-            f"{logits['recovery_kl']:.1%} (KL) / {logits['recovery_top1']:.1%} (top-1) (floor, every carried module "
-            f"at full rank: KL {logits['floor_mean_kl']:.4g}, top-1 {logits['floor_top1_agreement']:.2%}; raw "
-            f"recovery of the whole gap {logits['raw_recovery_kl']:.1%} / {logits['raw_recovery_top1']:.1%})"
+            f"{_share(logits['recovery_kl'])} (KL) / {_share(logits['recovery_top1'])} (top-1) (floor, every carried "
+            f"module at full rank and saved tensors: KL {logits['floor_mean_kl']:.4g}, top-1 "
+            f"{logits['floor_top1_agreement']:.2%}; raw recovery of the whole gap {logits['raw_recovery_kl']:.1%} / "
+            f"{logits['raw_recovery_top1']:.1%})"
         )
+        if logits.get("base_resized_to"):
+            out_console.print(f"the base was resized to the fine-tune's vocabulary ({logits['base_resized_to']})")
     elif result.get("logits_skipped"):
         out_console.print(f"logits: skipped ({result['logits_skipped']})")

@@ -13,9 +13,11 @@ from phlora_nim.engines.registry import DEFAULT_ENGINE, ENGINES
 # The help panel of the options a later convert into the same repository need not repeat.
 KEPT = "Repository settings (kept when not given)"
 
-BaseOpt = Annotated[Path, typer.Option("--base", help="Base checkpoint folder (its tokenizer is served too).")]
+BaseOpt = Annotated[
+    Path, typer.Option("--base", help="Base checkpoint folder or hub id (its tokenizer is served too).")
+]
 FinetunedOpt = Annotated[
-    list[Path], typer.Option("--finetuned", help="Full fine-tune of the base; repeat for several.")
+    list[Path], typer.Option("--finetuned", help="Full fine-tune of the base (folder or hub id); repeat for several.")
 ]
 NameOpt = Annotated[
     list[str] | None,

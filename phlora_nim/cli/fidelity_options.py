@@ -66,6 +66,22 @@ PromptsOpt = Annotated[
         rich_help_panel=_PANEL,
     ),
 ]
+AllowMismatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-mismatch",
+        help="Extract even when the fine-tune does not look like one of this base (config fields no adapter can "
+        "carry differ, e.g. rope_theta, or the weights are unrelated: median cosine(W_base, W_ft) < 0.2).",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="torch threads for the extraction (default: $PHLORA_THREADS, else the CPUs this process may use: "
+        "affinity mask and cgroup quota).",
+    ),
+]
 CalibrationOpt = Annotated[
     Path | None,
     typer.Option(

@@ -53,12 +53,14 @@ from phlora_nim.cli.convert_options import (
     TrtllmVersionOpt,
 )
 from phlora_nim.cli.fidelity_options import (
+    AllowMismatchOpt,
     CalibrationOpt,
     PromptsOpt,
     SelfProbesOpt,
     TargetKlOpt,
     TargetRecoveryOpt,
     TargetTop1Opt,
+    ThreadsOpt,
     extraction_options,
 )
 from phlora_nim.repository.layout import DEFAULT_GRACE_S
@@ -143,6 +145,8 @@ def convert_command(
     prompts: PromptsOpt = None,
     self_probes: SelfProbesOpt = False,
     calibration: CalibrationOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
@@ -211,6 +215,8 @@ def _extraction(args: Mapping[str, Any]) -> ExtractOptions:
         prompts=args["prompts"],
         calibration=args["calibration"],
         device=args["device"],
+        allow_mismatch=args["allow_mismatch"],
+        threads=args["threads"],
     )
 
 

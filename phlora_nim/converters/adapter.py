@@ -51,6 +51,8 @@ class LoraAdapter:
     task_type: str | None = "CAUSAL_LM"
     modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
     lora_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The embedding and the head in modules_to_save are one tensor in the model (tied): PEFT keeps them tied.
+    ensure_weight_tying: bool = False
 
     def ranks(self) -> dict[str, int]:
         return {name: w.rank for name, w in self.modules.items()}

@@ -8,6 +8,7 @@ memory of its largest tensor, not of the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class Checkpoint:
     path: Path
     config: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
+    aliases: dict[str, str] = field(default_factory=dict)  # name → stored tensor it reads (a tied head)
+    name: str | None = None  # how adapters name it (a hub id or an absolute path); None: the path
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -63,9 +66,15 @@ class Checkpoint:
                 fix="pass checkpoints of the same architecture, saved the same way",
             ) from None
 
+    def alias(self, name: str, stored: str) -> None:
+        """Make ``name`` read the stored tensor ``stored`` (a tied output head reads the embedding)."""
+        self.tensors[name] = dataclasses.replace(self.info(stored), name=name)
+        self.aliases[name] = stored
+
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (memory-mapped where the format allows)."""
         info = self.info(name)
+        name = self.aliases.get(name, name)
         try:
             if info.file.suffix == ".safetensors":
                 # A fresh handle per tensor: the file map lives only as long as the returned tensor,
@@ -139,6 +148,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path=root, config=None, tensors=_safetensors_infos([root]))
     if not root.is_dir():
         raise InputError("not a file or folder", where=str(root), fix="check the path")
+    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():
+        raise InputError(
+            "this folder is a LoRA adapter, not a model checkpoint",
+            where=str(root),
+            expected="a full model folder (config.json and the weights of every layer)",
+            found="adapter_config.json without config.json",
+            fix="pass the full fine-tune (an adapter is what `extract` writes); to shrink an adapter use `prune`",
+        )
     config = _read_config(root)
     files = _weight_files(root)
     tensors = _safetensors_infos(files) if files[0].suffix == ".safetensors" else _bin_infos(files)

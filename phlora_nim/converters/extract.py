@@ -20,8 +20,10 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.architecture import ArchitectureMap, ModuleSpec, custom_map, evaluate, find_map
+from phlora_nim.converters.belonging import Similarity, config_mismatch, unrelated_weights, weight_similarity
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.decompose import Factors, decompose, frobenius_energy, module_seed
+from phlora_nim.converters.embeddings import HEAD, align_heads, both_tied, input_embedding
 from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy
 from phlora_nim.converters.whitening import WhitenedFactors, weight_captured, whitened_decompose
 from phlora_nim.core.dtypes import DTYPES, parse_dtype
@@ -63,6 +65,8 @@ class ExtractOptions:
         calibration: a prompts file: decompose ΔW weighted by the base model's input activations
             on them (whitened SVD) instead of plain SVD.
         target: pick the smallest budget meeting this fidelity (``policy`` is then the ceiling).
+        allow_mismatch: extract even when the fine-tune does not look like one of this base
+            (config fields no adapter carries differ, or unrelated weights): warn instead of refusing.
     """
 
     policy: RankPolicy
@@ -74,6 +78,8 @@ class ExtractOptions:
     seed: int = 0
     calibration: Path | None = None
     target: FidelityTarget | None = None
+    allow_mismatch: bool = False
+    threads: int | None = None  # torch threads (None: $PHLORA_THREADS, else the CPUs this process may use)
 
     def __post_init__(self) -> None:
         if self.non_linear_deltas not in ("drop", "save", "error"):
@@ -143,6 +149,7 @@ class ExtractionPlan:
     out_dtype: torch.dtype
     warnings: tuple[str, ...] = ()
     architecture: ArchitectureMap | None = None
+    similarity: Similarity | None = None  # how much of the base the fine-tune's weights keep
 
 
 @dataclass
@@ -158,8 +165,10 @@ class ModuleResult:
 @dataclass
 class ExtraResult:
     plan: ExtraPlan
-    energy: float
+    energy: float  # ‖ΔW‖²; for a resized tensor the change of the shared rows plus the added rows whole
     action: str
+    added_rows: int = 0  # rows the fine-tune added (a resized vocabulary); negative: removed
+    added_energy: float = 0.0  # ‖rows added‖² (part of energy)
 
 
 @dataclass
@@ -256,7 +265,9 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             (unless ``non_linear_deltas="save"``), unsupported dtypes.
         OptionError: a rank above a module's dimensions, or nothing to extract.
     """
+    align_heads(base, ft)
     problems = _same_config(base, ft)
+    problems.extend(config_mismatch(base, ft, allow=options.allow_mismatch))
     raise_all(problems, summary="the checkpoints do not match")
     config = ft.config or base.config or {}
     warnings: list[str] = []
@@ -274,6 +285,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             targets.append(item)
         elif isinstance(item, ExtraPlan):
             extras.append(item)
+    problems.extend(_resize_problem(extras, ft, options))
     problems.extend(_rank_problems(targets, options))
     if not targets and not problems:
         problems.append(
@@ -286,6 +298,9 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
             )
         )
     raise_all(problems, summary="cannot extract an adapter")
+    # Before any decomposition: a few tensor reads say whether this is a fine-tune of this base at all.
+    similarity = weight_similarity(base, ft, [t.weight for t in targets])
+    raise_all(unrelated_weights(similarity, base, ft, allow=options.allow_mismatch), summary="")
     storage = parse_dtype(options.dtype, "--dtype", auto=True)
     out_dtype = storage.torch if storage is not None else ft.info(targets[0].weight).dtype
     return ExtractionPlan(
@@ -295,6 +310,7 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
         out_dtype=out_dtype,
         warnings=tuple(warnings),
         architecture=family_map,
+        similarity=similarity,
     )
 
 
@@ -382,17 +398,8 @@ def _plan_tensor(
     module = name.removesuffix(".weight") if name.endswith(".weight") else None
     matched = amap.match(module) if (amap is not None and module is not None and len(fi.shape) == 2) else None
     if module is None or not (matched is not None or (amap is None and _fallback_linear(name, fi.shape))):
-        extra = ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape)
-        if not extra.resized or options.non_linear_deltas == "save":
-            return extra, None
-        return extra, InputError(
-            "tensor shape differs (vocabulary or size change)",
-            where=f"{ft.path} {name}",
-            expected=f"{bi.shape} as in the base",
-            found=str(fi.shape),
-            fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as "
-            "modules_to_save (the base must be resized the same way when loading)",
-        )
+        # A resize is refused once for all resized tensors (_resize_problem) unless they are saved.
+        return ExtraPlan(name=name, kind=_classify(name), base_shape=bi.shape, ft_shape=fi.shape), None
     if bi.shape != fi.shape:
         return None, InputError(
             "weight shapes differ",
@@ -440,6 +447,23 @@ def _plan_target(
     return target, None
 
 
+def _resize_problem(extras: list[ExtraPlan], ft: Checkpoint, options: ExtractOptions) -> list[PhloraError]:
+    """One error for every tensor the fine-tune resized (added tokens), unless ``--extra save`` keeps them."""
+    resized = [e for e in extras if e.resized]
+    if not resized or options.non_linear_deltas == "save":
+        return []
+    return [
+        InputError(
+            "the fine-tune resized tensors (vocabulary or size change)",
+            where=str(ft.path),
+            expected="the base's shapes",
+            found=", ".join(f"{e.name} {tuple(e.ft_shape)} (base {tuple(e.base_shape)})" for e in resized),
+            fix="LoRA cannot carry a resize: pass --extra save to keep the resized tensors as modules_to_save "
+            "(the base must then be resized to the fine-tune's vocabulary before loading the adapter)",
+        )
+    ]
+
+
 def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[PhloraError]:
     """A fixed ``--rank`` above some modules' smaller side."""
     rank = options.policy.rank
@@ -457,15 +481,22 @@ def _rank_problems(targets: list[TargetPlan], options: ExtractOptions) -> list[P
     ]
 
 
-def _check_finite(delta: torch.Tensor, energy: float, name: str, ft: Checkpoint) -> None:
+def _check_finite(delta: torch.Tensor, energy: float, name: str, reader: DeltaReader) -> None:
+    """Refuse a non-finite delta, naming the checkpoint file that holds the non-finite values."""
     if math.isfinite(energy):
         return
-    bad = int((~torch.isfinite(delta)).sum())
+    culprit = reader.finetuned
+    for side in (reader.base, reader.finetuned):
+        if not bool(torch.isfinite(side.load(name)).all()):
+            culprit = side
+            break
+    bad = int((~torch.isfinite(culprit.load(name))).sum())
     # bad == 0: finite values whose squares overflowed, still a broken checkpoint for LoRA
     bad_desc = f"{bad} NaN/Inf values" if bad else "values too large to square in float32"
+    which = "base" if culprit is reader.base else "fine-tuned"
     raise InputError(
-        "the weight delta is not finite",
-        where=f"{ft.path} {name}",
+        f"the weight delta is not finite, from the {which} checkpoint",
+        where=f"{culprit.info(name).file} {name}",
         expected="finite weights",
         found=bad_desc,
         fix="the checkpoint is damaged (diverged training?): re-export it",
@@ -512,9 +543,10 @@ def run_extraction(
             progress(t.weight)
     adapter = LoraAdapter(
         modules=_assign_ranks(results, options.policy),
-        base_model_name_or_path=str(base.path),
+        base_model_name_or_path=base.name or str(base.path.resolve()),
         modules_to_save=saved,
         lora_biases=biases,
+        ensure_weight_tying=HEAD in saved and both_tied(base, ft),
     )
     return ExtractionResult(
         adapter=adapter,
@@ -540,16 +572,18 @@ def _measure_extras(
     """Every extra's delta energy and what became of it; with ``--extra save`` also the tensors kept
     whole (``modules_to_save``) and the bias deltas of LoRA targets (``lora_biases``)."""
     target_modules = {t.module for t in plan.targets}
+    tied = both_tied(reader.base, ft)
     extras: list[ExtraResult] = []
     saved: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
     for e in plan.extras:
+        added_rows, added_energy = 0, 0.0
         if e.resized:
-            energy = frobenius_energy(ft.load(e.name).float())
+            energy, added_rows, added_energy = _resized_energy(reader, e)
         else:
             energy = reader.energy(e.name)
             if not math.isfinite(energy):
-                _check_finite(reader.delta(e.name), energy, e.name, ft)
+                _check_finite(reader.delta(e.name), energy, e.name, reader)
         if energy == 0.0:
             action = "unchanged"
         elif options.non_linear_deltas == "save":
@@ -559,12 +593,30 @@ def _measure_extras(
                 biases[owner] = reader.delta(e.name).clone()
             else:
                 saved[e.name] = ft.load(e.name).clone()
+                if tied and e.name == input_embedding(ft):
+                    saved[HEAD] = saved[e.name].clone()  # the head is this embedding: PEFT must get both
         else:
             action = "dropped"
-        extras.append(ExtraResult(plan=e, energy=energy, action=action))
+        extras.append(ExtraResult(e, energy, action, added_rows=added_rows, added_energy=added_energy))
         if progress:
             progress(e.name)
     return extras, saved, biases
+
+
+def _resized_energy(reader: DeltaReader, e: ExtraPlan) -> tuple[float, int, float]:
+    """(energy, rows added, their energy) of a resized tensor: the change of the rows both sides
+    have, plus the rows only one side has, whole (added tokens count as changed from nothing)."""
+    b, f = reader.base.load(e.name), reader.finetuned.load(e.name)
+    if b.dim() != 2 or f.dim() != 2 or b.shape[1] != f.shape[1]:
+        return frobenius_energy(f.float()), 0, 0.0
+    shared = min(b.shape[0], f.shape[0])
+    common = 0.0
+    for i in range(0, shared, 256):
+        j = min(i + 256, shared)
+        common += frobenius_energy(f[i:j].float() - b[i:j].float())
+    extra_rows = f[shared:] if f.shape[0] > shared else b[shared:]
+    extra = frobenius_energy(extra_rows.float()) if extra_rows.numel() else 0.0
+    return common + extra, int(f.shape[0] - b.shape[0]), extra
 
 
 def _refuse_changed_extras(extras: list[ExtraResult], ft: Checkpoint, options: ExtractOptions) -> None:
@@ -594,7 +646,7 @@ def _decompose_target(
     t0 = time.perf_counter()
     delta = reader.delta(t.weight)
     energy = frobenius_energy(delta)
-    _check_finite(delta, energy, t.weight, ft)
+    _check_finite(delta, energy, t.weight, reader)
     t1 = time.perf_counter()
     if energy == 0.0:
         return ModuleResult(plan=t, factors=None, load_s=t1 - t0)
@@ -650,8 +702,8 @@ def summary_energy(result: ExtractionResult) -> dict[str, Any]:
     pairs = [weight_captured(r.factors, r.rank) for r in result.modules if r.factors is not None]
     linear = sum(total for _, total in pairs)
     kept = sum(k for k, _ in pairs)
-    extra = sum(x.energy for x in result.extras if not x.plan.resized)
-    saved = sum(x.energy for x in result.extras if x.action == "saved" and not x.plan.resized)
+    extra = sum(x.energy for x in result.extras)
+    saved = sum(x.energy for x in result.extras if x.action == "saved")
     totals = {
         "linear_delta_energy": linear,
         "linear_kept_energy": kept,

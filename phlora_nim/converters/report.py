@@ -80,8 +80,10 @@ def build_report(
             "kind": x.plan.kind,
             "base_shape": list(x.plan.base_shape),
             "finetuned_shape": list(x.plan.ft_shape),
-            "delta_energy": x.energy if not x.plan.resized else None,
+            "delta_energy": x.energy,
             "resized": x.plan.resized,
+            "added_rows": x.added_rows,
+            "added_rows_energy": x.added_energy,
             "action": x.action,
         }
         for x in result.extras
@@ -121,6 +123,7 @@ def build_report(
         "dtype": str(result.plan.out_dtype).removeprefix("torch."),
         "extra": options.non_linear_deltas,
         "warnings": list(result.plan.warnings),
+        "belonging": result.plan.similarity.to_json() if result.plan.similarity else None,
         "totals": totals,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "modules": modules,

@@ -76,4 +76,4 @@ def raise_all(errors: list[PhloraError], *, summary: str) -> None:
         raise errors[0]
     first = errors[0]
     listing = "\n".join(f"  - {str(e).rstrip('.')}" for e in errors)
-    raise type(first)(f"{summary} ({len(errors)} problems):\n{listing}\n")
+    raise type(first)(f"{summary} ({len(errors)} problems):\n{listing}")

@@ -27,11 +27,15 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from phlora_nim.core.outputs import OutputKind, guard_output
+
 log = logging.getLogger("phlora_nim.demo.run")
 
 PROMPTS = ("the red cat", "one small bird", "king queen knight")
 NAMES = ("stride-11", "stride-17", "stride-23")
 NEW_TOKENS = 6
+
+DEMO_OUTPUT = OutputKind("demo", ("checkpoints",), ("checkpoints", "model_repository"))
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ def run_demo(
     _quiet_transformers()
     console = console or Console()
     out = Path(out)
+    # Replaced each run, so only a folder an earlier demo made (or an empty one) is taken.
+    guard_output(out, force=True, kind=DEMO_OUTPUT, flag="demo --out")
     if out.exists():
         shutil.rmtree(out)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

@@ -11,23 +11,42 @@ from typing import Any
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.extract import ExtractOptions
-from phlora_nim.converters.formats.peft import load_peft, save_peft
+from phlora_nim.converters.formats.peft import BIN_NAME, CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
+from phlora_nim.converters.hub import config_json
 from phlora_nim.converters.prune import prune_adapter
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.converters.report import write_report
-from phlora_nim.core.atomic import atomic_dir, check_output_dir
+from phlora_nim.converters.report import REPORT_NAME, write_report
+from phlora_nim.core.atomic import atomic_dir
 from phlora_nim.core.dtypes import DTYPES, parse_dtype
 from phlora_nim.core.errors import OptionError
 from phlora_nim.core.json_files import read_json
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.core.outputs import OutputKind, guard_output, report_kind_is
+from phlora_nim.engines.trtllm_legacy.files import CONFIG_FILE as TRTLLM_CONFIG
+from phlora_nim.engines.trtllm_legacy.files import META_FILE as TRTLLM_META
+from phlora_nim.engines.trtllm_legacy.files import WEIGHTS_FILE as TRTLLM_WEIGHTS
 from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
 from phlora_nim.engines.trtllm_legacy.tensors import adapter_to_trtllm, check_engine, save_trtllm
 from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_files
+from phlora_nim.jobs.plots import PLOT_NAME
 
 log = logging.getLogger("phlora_nim")
 # `export --format`: formats of adapter folders (the NIM store format is a folder layout, not an engine).
 NIM_STORE_FORMAT = "nim"
 EXPORT_FORMATS = ("peft", "trtllm", NIM_STORE_FORMAT)
+
+# What each command writes: ``--force`` replaces only a folder holding these (see core/outputs.py).
+_PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME)
+_TRTLLM_FILES = (TRTLLM_WEIGHTS, TRTLLM_CONFIG, TRTLLM_META)
+EXTRACT_OUTPUT = OutputKind(
+    "extract", (CONFIG_NAME, REPORT_NAME), (*_PEFT_FILES, REPORT_NAME, PLOT_NAME), report_kind_is(None)
+)
+PRUNE_OUTPUT = OutputKind("prune", (CONFIG_NAME, REPORT_NAME), (*_PEFT_FILES, REPORT_NAME), report_kind_is("prune"))
+EXPORT_OUTPUTS = {
+    "peft": OutputKind("export --format peft", (CONFIG_NAME,), _PEFT_FILES),
+    "trtllm": OutputKind("export --format trtllm", (TRTLLM_WEIGHTS, TRTLLM_CONFIG), _TRTLLM_FILES),
+    "nim": OutputKind("export --format nim", (CONFIG_NAME,), (*_PEFT_FILES, *_TRTLLM_FILES)),
+}
 
 
 def extract(
@@ -64,7 +83,8 @@ def extract(
         PhloraError: bad input, options or output location (nothing is written).
     """
     start = time.perf_counter()
-    check_output_dir(Path(out), force=force)
+    inputs = (base, finetuned, options.calibration, options.target.prompts if options.target else None)
+    guard_output(Path(out), force=force, kind=EXTRACT_OUTPUT, inputs=inputs)
     with planned(base, [finetuned], options, on_plan=on_plan) as job:
         extracted = extract_adapter(
             job,
@@ -95,7 +115,7 @@ def prune(
     """Re-truncate a PEFT LoRA adapter into ``out`` (QR + small-core SVD; no dense delta)."""
     start = time.perf_counter()
     storage = parse_dtype(dtype, "--dtype", auto=True)
-    check_output_dir(Path(out), force=force)
+    guard_output(Path(out), force=force, kind=PRUNE_OUTPUT, inputs=(adapter_dir,))
     adapter = load_peft(Path(adapter_dir))
     pruned, records = prune_adapter(adapter, policy)
     kept = sum(float(r["energy_kept"]) * float(r["delta_energy"]) for r in records)  # type: ignore[arg-type]
@@ -136,8 +156,8 @@ def _model_config(config: Path | None, adapter: LoraAdapter) -> dict[str, Any] |
         path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
         return read_json(path, what="model config")
     if adapter.base_model_name_or_path:
-        guess = Path(adapter.base_model_name_or_path) / "config.json"
-        if guess.is_file():
+        guess = config_json(adapter.base_model_name_or_path)  # a folder, or a hub id through the cache
+        if guess is not None:
             return read_json(guess, what="model config")
     return None
 
@@ -170,7 +190,7 @@ def export(
     target = Path(out)
     if fmt == NIM_STORE_FORMAT:
         target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
-    check_output_dir(target, force=force)
+    guard_output(target, force=force, kind=EXPORT_OUTPUTS[fmt], inputs=(adapter_dir, engine_config, config))
     adapter = load_peft(Path(adapter_dir))
     model_config = _model_config(config, adapter)
     engine = read_json(engine_config, what="engine config") if engine_config else None

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -23,9 +23,11 @@ from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.hub import resolve
 from phlora_nim.core.atomic import replace_dir
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
+from phlora_nim.core.outputs import overlapping_input
 from phlora_nim.engines.trtllm_legacy.cache_settings import check_served_path
 from phlora_nim.engines.trtllm_legacy.nim_store import save_nim_adapter
 from phlora_nim.jobs.maintenance import check_grace
@@ -141,6 +143,16 @@ def _check_names(job: ConvertJob) -> list[str]:
     return names
 
 
+def _resolved_sources(job: ConvertJob) -> ConvertJob:
+    """Hub ids among the checkpoints replaced by their snapshot folders in the hub cache."""
+    base = resolve(job.base, flag="--base")
+    if base.hub_id is None and all(Path(f).exists() for f in job.finetuned):
+        return job
+    finetuned = tuple(resolve(f, flag="--finetuned").path for f in job.finetuned)
+    settings = dataclasses.replace(job.settings, base=str(base.path)) if base.hub_id else job.settings
+    return dataclasses.replace(job, base=base.path, finetuned=finetuned, settings=settings)
+
+
 def _settings(job: ConvertJob) -> RepositorySettings:
     """The settings to write: the job's, with the stored ones where the user gave none.
 
@@ -189,6 +201,20 @@ def _is_ours(root: Path) -> bool:
         entry.name == LLM_MODEL and entry.is_dir() and all(p.name.startswith(".staging-") for p in entry.iterdir())
         for entry in root.iterdir()
     )
+
+
+def _check_apart_from_inputs(root: Path, inputs: Sequence[Path | str | None]) -> None:
+    """A model repository that is, holds or lies inside a checkpoint could overwrite it: refused."""
+    overlap = overlapping_input(root, inputs)
+    if overlap is not None:
+        source, how = overlap
+        raise OutputError(
+            f"the model repository {how} an input",
+            where=f"--model-repository {root}",
+            expected="a folder apart from the base and fine-tuned checkpoints",
+            found=f"input {source}",
+            fix="choose a --model-repository outside the checkpoints",
+        )
 
 
 def _check_repository(root: Path) -> None:
@@ -273,7 +299,9 @@ def convert(
             (nothing is registered).
     """
     names = _check_names(job)
+    job = _resolved_sources(job)
     root = Path(job.repository)
+    _check_apart_from_inputs(root, (job.base, *job.finetuned, job.options.calibration))
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     steps = job.settings.engine_row.module("staging")

@@ -21,6 +21,7 @@ import torch
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import InputStatistics, base_input_statistics
 from phlora_nim.converters.checkpoint import Checkpoint, open_checkpoint
+from phlora_nim.converters.embeddings import load_instructions
 from phlora_nim.converters.extract import (
     ExtractionPlan,
     ExtractionResult,
@@ -28,7 +29,9 @@ from phlora_nim.converters.extract import (
     plan_extraction,
     run_extraction,
 )
+from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.report import build_report, write_report
+from phlora_nim.core.cpus import set_torch_threads
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.jobs.plots import PLOT_NAME, plot_energy
 
@@ -83,7 +86,7 @@ def planned(
     """Open ``base`` and every fine-tune and plan each extraction; the checkpoints close on exit.
 
     Args:
-        base, finetuned: checkpoint folders or ``.safetensors`` files.
+        base, finetuned: checkpoint folders, ``.safetensors`` files or hub ids (read through the hub cache).
         options: the extraction options every pair is planned with.
         on_plan: called with the number of tensors to process once every pair is planned.
 
@@ -91,9 +94,18 @@ def planned(
         PhloraError: unreadable or mismatched checkpoints, bad options (every pair's problems in
             one error).
     """
+    set_torch_threads(options.threads)
+    base_src = resolve(base, flag="--base")
+    ft_srcs = [resolve(p, flag="--finetuned") for p in finetuned]
+    base = base_src.path
     with contextlib.ExitStack() as stack:
-        base_ckpt = stack.enter_context(open_checkpoint(base))
-        opened = [(Path(p), stack.enter_context(open_checkpoint(p))) for p in finetuned]
+        base_ckpt = stack.enter_context(open_checkpoint(base_src.path))
+        base_ckpt.name = base_src.name
+        opened = []
+        for src in ft_srcs:
+            ckpt = stack.enter_context(open_checkpoint(src.path))
+            ckpt.name = src.name
+            opened.append((src.path, ckpt))
         pairs: list[PlannedPair] = []
         problems: list[PhloraError] = []
         for path, ckpt in opened:
@@ -181,7 +193,10 @@ def extract_adapter(
         )
         outcome, options = None, job.options
     _check_not_empty(result, pair.path)
-    report = build_report(result, options, base=str(job.base_path), finetuned=str(pair.path), command=command)
+    report = build_report(
+        result, options, base=job.base.name or str(job.base_path), finetuned=pair.checkpoint.name or str(pair.path),
+        command=command,
+    )
     if outcome is not None and job.options.target is not None:
         report["fidelity_target"] = outcome.report(job.options.target)
     if job.statistics is not None:
@@ -189,6 +204,7 @@ def extract_adapter(
         if pair.path in job.calibration_gaps:
             report["calibration"]["finetune_gap_kl"] = job.calibration_gaps[pair.path]
     _warn_dropped(result, report, hint=dropped_hint)
+    _loading_note(result, report, pair.checkpoint)
     return Extracted(
         finetuned=pair.path,
         adapter=result.adapter,
@@ -196,6 +212,25 @@ def extract_adapter(
         out_dtype=pair.plan.out_dtype,
         seconds=time.perf_counter() - start,
     )
+
+
+def _loading_note(result: ExtractionResult, report: dict[str, Any], ft: Checkpoint) -> None:
+    """With saved embeddings or head, how to load the adapter under PEFT (resize the base first)."""
+    saved = [x for x in result.extras if x.action == "saved" and x.plan.kind in ("embedding", "lm_head")]
+    if not saved:
+        return
+    resized = any(x.plan.resized for x in saved)
+    vocab = max((x.plan.ft_shape[0] for x in saved if x.plan.resized), default=None)
+    note = load_instructions(
+        result.adapter.base_model_name_or_path or "BASE",
+        vocab,
+        resized=resized,
+        tied=result.adapter.ensure_weight_tying,
+    )
+    report["loading"] = note
+    if resized:
+        log.warning("the fine-tune resized the vocabulary to %s: resize the base before loading the adapter:\n%s",
+                    vocab, note)  # fmt: skip
 
 
 def _check_not_empty(result: ExtractionResult, finetuned: Path) -> None:

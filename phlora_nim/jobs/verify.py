@@ -17,12 +17,16 @@ from typing import Any
 import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
+from phlora_nim.converters.belonging import config_mismatch
 from phlora_nim.converters.calibration import load_tokenizer, read_prompts
 from phlora_nim.converters.checkpoint import DeltaReader, open_checkpoint
 from phlora_nim.converters.decompose import frobenius_energy
 from phlora_nim.converters.formats.peft import load_peft
+from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.rank_policy import recovery
+from phlora_nim.core.cpus import set_torch_threads
 from phlora_nim.core.errors import InputError
+from phlora_nim.jobs.target_kl import MIN_GAP_KL
 
 log = logging.getLogger("phlora_nim.jobs.verify")
 
@@ -197,21 +201,31 @@ def added(model: Any, weights: Iterable[tuple[str, torch.Tensor]], biases: Mappi
 def logit_agreement(
     base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Mean KL(fine-tuned ‖ base+adapter) and top-1 agreement over token positions."""
+    """Mean KL(fine-tuned ‖ base+adapter) and top-1 agreement over token positions.
+
+    The base is prepared as a user must before loading the adapter under PEFT: resized to the
+    fine-tune's vocabulary when tokens were added, and with its head untied from its embedding when
+    the adapter saves either whole (the floor replaces each by the fine-tune's).
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     ft_model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    carried = load_peft(adapter_dir)
+    resized = _match_vocabulary(base_model, ft_model, seed=seed)
+    if carried.modules_to_save:
+        _untie_head(base_model)
     batches = _token_batches(finetuned, base, ft_model.config.vocab_size, prompts, seed=seed)
     ft_logp = log_probs(ft_model, batches, batch_size=1)
     base_logp = log_probs(base_model, batches, batch_size=1)
-    # The floor: base + the fine-tune's whole delta on every module the adapter carries.
-    carried = load_peft(adapter_dir)
-    weights = (
-        (name, ft_model.get_submodule(name).weight - base_model.get_submodule(name).weight) for name in carried.modules
-    )
-    with added(base_model, weights, carried.lora_biases) as floor_model:
+    # The floor: base + the fine-tune's whole delta on every module the adapter carries, and the
+    # fine-tune's own tensors where the adapter saves them whole (modules_to_save).
+    weights = [
+        (f"{name}.weight", ft_model.get_submodule(name).weight - base_model.get_submodule(name).weight)
+        for name in carried.modules
+    ] + [(name, ft_model.get_parameter(name) - base_model.get_parameter(name)) for name in carried.modules_to_save]
+    with shifted(base_model, weights, carried.lora_biases) as floor_model:
         floor_logp = log_probs(floor_model, batches, batch_size=1)
     del ft_model
     adapted = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
@@ -221,6 +235,12 @@ def logit_agreement(
     floor_kl, floor_top1, _ = compare_log_probs(ft_logp, floor_logp)
     recovery_kl, recovery_top1 = recovery(kl, top1, base_kl, base_top1, floor_kl, floor_top1)
     raw_kl, raw_top1 = recovery(kl, top1, base_kl, base_top1)
+    # No reachable gap (the floor is no closer to the fine-tune than the base, or too little closer to
+    # measure): recovery is undefined, not 100 %.
+    if base_kl - floor_kl < MIN_GAP_KL:
+        recovery_kl = None
+    if floor_top1 - base_top1 <= 0:
+        recovery_top1 = None
     return {
         "tokens": n,
         "mean_kl": kl,
@@ -233,7 +253,48 @@ def logit_agreement(
         "recovery_top1": recovery_top1,
         "raw_recovery_kl": raw_kl,  # share of the whole base → fine-tune gap
         "raw_recovery_top1": raw_top1,
+        "base_resized_to": resized,
     }
+
+
+def _match_vocabulary(base_model: Any, ft_model: Any, *, seed: int) -> int | None:
+    """Resize the base to the fine-tune's vocabulary (added tokens), as PEFT needs before loading
+    an adapter that saves the resized tensors. Returns the new size (None: same vocabulary)."""
+    vocab = ft_model.get_input_embeddings().weight.shape[0]
+    if base_model.get_input_embeddings().weight.shape[0] == vocab:
+        return None
+    torch.manual_seed(seed)  # new rows are drawn at random: the same ones every run
+    base_model.resize_token_embeddings(vocab)
+    return int(vocab)
+
+
+def _untie_head(model: Any) -> None:
+    """Give a tied output head its own copy of the weights (same values), so the floor can set the
+    head and the embedding separately; PEFT then reads the same numbers."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+@contextlib.contextmanager
+def shifted(
+    model: Any, deltas: Iterable[tuple[str, torch.Tensor]], biases: Mapping[str, torch.Tensor]
+) -> Iterator[Any]:
+    """``model`` with changes added to parameters (by parameter name) and bias changes, restored exactly on exit."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, delta in deltas:
+                param = model.get_parameter(name)
+                saved.append((param, param.detach().clone()))
+                param.add_(delta.to(param.dtype))
+        with added(model, (), biases) as m:
+            yield m
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original)
 
 
 def gate_failures(
@@ -249,11 +310,8 @@ def gate_failures(
         failed.append(f"mean KL {logits.get('mean_kl', 'n/a')} > --max-kl {max_kl}")
     if min_top1 is not None and (not logits or logits["top1_agreement"] < min_top1):
         failed.append(f"top-1 agreement {logits.get('top1_agreement', 'n/a')} < --min-top1 {min_top1}")
-    if min_recovery is not None and (not logits or min(logits["recovery_kl"], logits["recovery_top1"]) < min_recovery):
-        failed.append(
-            f"recovery {logits.get('recovery_kl', 'n/a')} (KL) / {logits.get('recovery_top1', 'n/a')} (top-1) "
-            f"of the reachable gap (base → floor, every carried module at full rank) < --min-recovery {min_recovery}"
-        )
+    if min_recovery is not None:
+        failed.extend(_recovery_failures(logits, min_recovery))
     warnings: list[str] = []
     absolute = max_kl is not None or min_top1 is not None
     if logits and absolute:
@@ -269,9 +327,39 @@ def gate_failures(
     return failed, warnings
 
 
+def _recovery_failures(logits: dict[str, Any], min_recovery: float) -> list[str]:
+    """--min-recovery: fails when recovery is undefined (no reachable gap) or a defined share is below."""
+    if not logits:
+        return [f"no logit check: recovery unknown < --min-recovery {min_recovery}"]
+    if logits["recovery_kl"] is None:
+        return [
+            f"recovery undefined: the floor (base + every carried module at full rank + saved tensors) is not "
+            f"closer to the fine-tune than the base (KL {logits['floor_mean_kl']:.4g} vs {logits['base_mean_kl']:.4g}, "
+            f"reachable gap below {MIN_GAP_KL} nats/token): --min-recovery cannot judge the adapter on these "
+            "tokens; give prompts of the fine-tune's task with --prompts, and check that it is a fine-tune of this base"
+        ]
+    shares = [v for v in (logits["recovery_kl"], logits["recovery_top1"]) if v is not None]
+    if min(shares) < min_recovery:
+        return [
+            f"recovery {_share(logits['recovery_kl'])} (KL) / {_share(logits['recovery_top1'])} (top-1) of the "
+            f"reachable gap (base → floor, every carried module at full rank) < --min-recovery {min_recovery}"
+        ]
+    return []
+
+
+def _share(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.1%}"
+
+
 def verify_adapter(base: Path, finetuned: Path, adapter_dir: Path, *, prompts: Path | None = None) -> dict[str, Any]:
     """Both checks; the logit check is skipped (with the reason) when the model cannot be loaded."""
+    set_torch_threads()  # the CPUs this process may use, not the machine's cores
+    base = resolve(base, flag="--base").path
+    finetuned = resolve(finetuned, flag="--finetuned").path
     result: dict[str, Any] = {"reconstruction": reconstruction_errors(base, finetuned, adapter_dir)}
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
+        # The floor runs with the base's config: a change no adapter carries is outside what recovery sees.
+        result["warnings"] = [str(e) for e in config_mismatch(b, f)]
     try:
         result["logits"] = logit_agreement(base, finetuned, adapter_dir, prompts=prompts)
     except InputError:

@@ -48,7 +48,9 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     scales by 1, and the factors carry the true scale.
     """
     rank = portable_rank(adapter)
-    return {
+    # Written only when set: older PEFT releases do not know the field.
+    tying = {"ensure_weight_tying": True} if adapter.ensure_weight_tying else {}
+    return tying | {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
         "base_model_name_or_path": adapter.base_model_name_or_path,
@@ -310,6 +312,7 @@ def load_peft(folder: Path) -> LoraAdapter:
         task_type=cfg.get("task_type"),
         modules_to_save=saved,
         lora_biases=bias_deltas(biases, modules, use_rslora=use_rslora),
+        ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
     )
 
 
