@@ -176,7 +176,7 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_profiles_exist() -> None:
-    assert {p.stem for p in PROFILES} >= {"tensorrtllm", "nim", "conversion-job", "network-policy", "scale-out"}
+    assert {p.stem for p in PROFILES} >= {"tensorrtllm", "nim", "vllm", "conversion-job", "network-policy", "scale-out"}
 
 
 @pytest.mark.parametrize("profile", [None, *PROFILES], ids=lambda p: p.stem if p else "defaults")
@@ -282,7 +282,13 @@ BAD_VALUES = [
     ({"router": {"replicas": -1}}, SCHEMA, r"/router/replicas': minimum: got -1, want 0"),
     ({"server": {"replicas": -3}}, SCHEMA, r"/server/replicas': minimum: got -3, want 0"),
     ({"server": {"gpus": 1}}, SCHEMA, r"additional properties 'gpus' not allowed"),
-    ({"backend": "vllm"}, SCHEMA, r"/backend': value must be one of 'trtllm', 'trtllm-legacy', 'tensorrtllm', 'nim'"),
+    (
+        {"backend": "sglang"},
+        SCHEMA,
+        r"/backend': value must be one of 'trtllm', 'trtllm-legacy', 'tensorrtllm', 'nim', 'vllm'",
+    ),
+    ({"vllm": {"maxLoraRank": 24}}, SCHEMA, r"/vllm/maxLoraRank': value must be one of"),
+    ({"router": {"routingPolicy": "random"}}, SCHEMA, r"/router/routingPolicy': value must be one of"),
     ({"server": {"gpu": {"resourceName": "amd.com/gpu"}}}, SCHEMA, r"/server/gpu/resourceName': 'amd.com/gpu'"),
     ({"server": {"gpu": {"count": 0}}}, SCHEMA, r"/server/gpu/count': minimum: got 0, want 1"),
     ({"conversion": {"dtype": "fp8"}}, SCHEMA, r"/conversion/dtype': value must be one of"),
@@ -298,7 +304,19 @@ BAD_VALUES = [
     ({"metrics": {"prometheusRule": {"errorRatio": 0}}}, SCHEMA, r"/metrics/prometheusRule/errorRatio'"),
     ({"metrics": {"prometheusRule": {"codes": ["OOPS"]}}}, SCHEMA, r"/metrics/prometheusRule/codes/0'"),
     ({"metrics": {"prometheusRule": {"window": "five"}}}, SCHEMA, r"/metrics/prometheusRule/window'"),
-    ({"backend": "nim"}, GUARD, r"set router\.enabled=false"),
+    ({"backend": "nim"}, GUARD, r"nim\.ngcApiKeySecret\.name"),
+    ({"backend": "vllm"}, GUARD, r"set vllm\.model"),
+    ({"backend": "vllm", "router": {"enabled": False}}, GUARD, r"backend=vllm needs the router"),
+    (
+        {"backend": "vllm", "vllm": {"model": "/checkpoints/base"}, "modelRepository": {"source": "url"}},
+        GUARD,
+        r"store must be one shared volume: set modelRepository\.source=pvc",
+    ),
+    (
+        {"backend": "vllm", "vllm": {"model": "m"}, "modelRepository": {"pvc": {"accessModes": ["ReadWriteOnce"]}}},
+        GUARD,
+        r"accessModes must include ReadWriteMany",
+    ),
     ({"backend": "nim", "router": {"enabled": False}}, GUARD, r"nim\.ngcApiKeySecret\.name"),
     ({"router": {"enabled": False}}, GUARD, r"backend=trtllm needs the router"),
     ({"backend": "tensorrtllm", "router": {"enabled": False}}, GUARD, r"backend=tensorrtllm needs the router"),
@@ -528,7 +546,7 @@ def test_triton_gets_phlora_nim_python_packages(rendered: dict[str, list[dict[st
     assert {"name": "PYTHONPATH", "value": "/opt/phlora-nim/python"} in main["env"]
     mount = next(m for m in main["volumeMounts"] if m["name"] == "phlora-nim-python")
     assert mount["readOnly"] is True
-    nim = _one(rendered["profile:nim"], "Deployment")
+    nim = _one(rendered["profile:nim"], "Deployment", "nim")
     assert not [c for c in _pod_spec(nim).get("initContainers", []) if c["name"] == "phlora-nim-python"]
 
 
@@ -552,8 +570,11 @@ def test_init_container_fills_the_repository(rendered: dict[str, list[dict[str, 
 
 
 def test_nim_backend_serves_the_same_store(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    objects = rendered["profile:nim"]
+    objects = rendered["nim-with-network-policy"]  # NIM alone, as before the router could front it
     assert not [o for o in objects if _component(o) in {"router", "triton"}]
+    service = _one(objects, "Service", "nim")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["name"] == "http"
+    objects = rendered["profile:nim"]
     nim = _one(objects, "Deployment", "nim")
     env = _env(_main_container(nim))
     assert env["NIM_PEFT_SOURCE"] == "/models/tensorrt_llm/adapters"
@@ -561,8 +582,41 @@ def test_nim_backend_serves_the_same_store(rendered: dict[str, list[dict[str, An
     assert (env["NIM_MAX_GPU_LORAS"], env["NIM_MAX_CPU_LORAS"], env["NIM_MAX_LORA_RANK"]) == ("8", "32", "64")
     assert env["NGC_API_KEY"] == {"secretKeyRef": {"name": "ngc-api", "key": "NGC_API_KEY"}}
     assert _main_container(nim)["resources"]["limits"]["nvidia.com/gpu"] == 1
-    service = _one(objects, "Service", "nim")
-    assert service["spec"]["ports"][0]["name"] == "http"
+
+
+@pytest.mark.parametrize("backend", ["nim", "vllm"])
+def test_openai_backends_get_the_router_in_front(rendered: dict[str, list[dict[str, Any]]], backend: str) -> None:
+    """NIM / vLLM pods behind a headless Service the router resolves; the store shared at one path."""
+    objects = rendered[f"profile:{backend}"]
+    headless = _one(objects, "Service", backend)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["http"]
+    pods = _one(objects, "Deployment", backend)
+    assert headless["spec"]["selector"] == pods["spec"]["selector"]["matchLabels"]
+    router = _main_container(_one(objects, "Deployment", "router"))
+    flags = dict(a.removeprefix("--").split("=", 1) for a in router["args"][1:] if "=" in a)
+    port = headless["spec"]["ports"][0]["port"]
+    assert flags["engine"] == backend
+    assert flags["upstream-dns"] == f"{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}"
+    assert flags["adapter-store"] == "/models/tensorrt_llm/adapters"
+    assert flags["routing-policy"] == "adapter-aware"
+    assert router["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "http"}
+    server = _main_container(pods)
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    assert mounts["model-repository"] == "/models"  # the same path as the router's --adapter-store root
+    assert {m["name"]: m["mountPath"] for m in router["volumeMounts"]}["model-repository"] == "/models"
+    ready = "/health" if backend == "vllm" else "/v1/health/ready"
+    assert server["readinessProbe"]["httpGet"] == {"path": ready, "port": "http"}
+
+
+def test_vllm_pods_load_adapters_at_run_time(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    objects = rendered["profile:vllm"]
+    vllm = _main_container(_one(objects, "Deployment", "vllm"))
+    assert vllm["command"] == ["vllm", "serve"] and vllm["args"][0] == "/checkpoints/base"
+    assert {"--enable-lora", "--max-loras=8", "--max-cpu-loras=16", "--max-lora-rank=64"} <= set(vllm["args"])
+    assert _env(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {m["name"] for m in vllm["volumeMounts"]} >= {"model-repository", "checkpoints"}
 
 
 def test_no_secret_is_ever_rendered(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -632,8 +686,11 @@ def test_service_monitor_only_when_the_cluster_serves_it(
     assert monitors["triton"]["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitors["triton"]["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitors["router"]["spec"]["endpoints"][0] == {"port": "metrics", "path": "/metrics", "interval": "30s"}
-    nim = [o for o in rendered["profile:nim"] if o["kind"] == "ServiceMonitor"]
-    assert [m["spec"]["endpoints"][0]["path"] for m in nim] == ["/v1/metrics"]
+    nim = {_component(o): o for o in rendered["profile:nim"] if o["kind"] == "ServiceMonitor"}
+    assert nim["nim"]["spec"]["endpoints"][0]["path"] == "/v1/metrics"
+    assert nim["router"]["spec"]["endpoints"][0]["path"] == "/metrics"
+    vllm = {_component(o): o for o in rendered["profile:vllm"] if o["kind"] == "ServiceMonitor"}
+    assert vllm["vllm"]["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "30s"}
     off = render(chart, {"metrics": {"serviceMonitor": {"enabled": False}}}, api_versions=[SERVICE_MONITOR])
     assert not [o for o in off if o["kind"] == "ServiceMonitor"]
 
@@ -680,6 +737,7 @@ def test_prometheus_rule_alerts_on_what_clients_see(chart: helm.Chart) -> None:
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus"
     nim = helm.values_from_yaml((CHART / "profiles" / "nim.yaml").read_text())
     nim["metrics"] = on["metrics"]
+    nim["router"] = {"enabled": False}
     assert not [o for o in render(chart, nim, api_versions=both) if o["kind"] == "PrometheusRule"]  # no router
 
 
@@ -866,8 +924,10 @@ def test_helm_test_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
     env = _env(_main_container(secured[f"{RELEASE}-phlora-nim-test-infer"]))
     assert env["CA_FILE"] == "/etc/phlora-nim/tls/ca.crt"
     assert env["API_KEY"] == {"secretKeyRef": {"name": "tenant-key", "key": "api-key"}}
-    nim = [o for o in rendered["profile:nim"] if o["kind"] == "Pod"]
+    nim = [o for o in rendered["nim-with-network-policy"] if o["kind"] == "Pod"]  # NIM alone: its own API
     assert [_main_container(p)["command"][-1] for p in nim] == ["nim"]
+    fronted = [o for o in rendered["profile:vllm"] if o["kind"] == "Pod"]  # behind the router: the router's
+    assert sorted(_main_container(p)["command"][-1] for p in fronted) == ["health", "infer"]
 
 
 def test_standard_labels_and_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -14,9 +14,10 @@ from typing import Literal
 
 from phlora_nim.converters.decompose import Factors
 from phlora_nim.core.errors import OptionError
+from phlora_nim.engines.registry import ENGINES, engine
 
 # vLLM's --max-lora-rank accepts only these; adapters with other ranks must be padded up.
-VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_RANKS: tuple[int, ...] = engine("vllm").lora_ranks
 DEFAULT_MAX_RANK = 256
 
 
@@ -72,8 +73,13 @@ class RankPolicy:
             raise OptionError(
                 "--rank exceeds --max-rank", where="--rank", expected=f"≤ {self.max_rank}", found=str(self.rank)
             )
-        if self.snap not in (None, "vllm"):
-            raise OptionError("unknown rank snapping", where="--snap-ranks", expected="vllm", found=str(self.snap))
+        if self.snap is not None and not snap_ranks(self.snap):
+            raise OptionError(
+                "unknown rank snapping",
+                where="--snap-ranks",
+                expected=" or ".join(row.name for row in ENGINES if row.lora_ranks),
+                found=str(self.snap),
+            )
 
     @property
     def kind(self) -> str:
@@ -109,12 +115,21 @@ class RankPolicy:
         return [snap_rank(r, self.snap, short) for r, (_, short, _) in zip(ranks, spectra, strict=True)]
 
 
+def snap_ranks(snap: str) -> tuple[int, ...]:
+    """The ranks the engine ``snap`` accepts (from the engine table; empty for an engine that takes any)."""
+    for row in ENGINES:
+        if snap in (row.name, *row.aliases):
+            return row.lora_ranks
+    return ()
+
+
 def snap_rank(rank: int, snap: str | None, short_side: int) -> int:
     """Round ``rank`` up to the next rank the target server accepts (never past the short side)."""
     if snap is None or rank == 0:
         return rank
-    i = bisect.bisect_left(VLLM_RANKS, rank)
-    snapped = VLLM_RANKS[i] if i < len(VLLM_RANKS) else rank
+    ranks = snap_ranks(snap)
+    i = bisect.bisect_left(ranks, rank)
+    snapped = ranks[i] if i < len(ranks) else rank
     return min(snapped, short_side)
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from phlora_nim.core.errors import OptionError
+
+if TYPE_CHECKING:
+    from phlora_nim.engines.openai_api import OpenAIEngineFacts
 
 # How a replica of the engine is reached: Triton's KServe v2 API (a model repository) or the OpenAI API.
 Protocol = Literal["triton", "openai"]
@@ -35,6 +38,10 @@ class Engine:
         summary: one line for ``--help``.
         cpu_reference: the engine is phlora-nim's own CPU reference of another (runs here, no GPU).
         aliases: earlier names still accepted (repositories written before keep them in their settings).
+        lora_ranks: the only ranks the engine's largest-rank setting accepts (``--snap-ranks`` rounds
+            adapter ranks up to one of them); empty: any rank.
+        writes_repository: ``convert --backend`` writes a repository for it (Triton engines). OpenAI-speaking
+            engines read the adapter store every repository holds, and ``phlora-nim serve --engine`` fronts them.
         triton_releases: the Triton backend releases whose config.pbtxt input names the engine's
             repository can be written for (``--trtllm-version``), the default first.
     """
@@ -48,11 +55,21 @@ class Engine:
     cpu_reference: bool = False
     aliases: tuple[str, ...] = field(default=())
     triton_releases: tuple[str, ...] = field(default=())
+    writes_repository: bool = True
+    lora_ranks: tuple[int, ...] = field(default=())
 
     def module(self, name: str) -> ModuleType:
         """``phlora_nim.engines.<package>.<name>``, imported on first use (the router never loads torch)."""
         return importlib.import_module(f"phlora_nim.engines.{self.package}.{name}")
 
+    def openai_facts(self) -> OpenAIEngineFacts:
+        """What the router needs to reach a replica of an OpenAI-speaking engine (``<package>.openai``)."""
+        facts: OpenAIEngineFacts = self.module("openai").FACTS
+        return facts
+
+
+# vLLM's --max-lora-rank accepts only these (vllm/config/lora.py, LoRAConfig.max_lora_rank); NIM 2.x runs vLLM.
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 ENGINES: tuple[Engine, ...] = (
     Engine(
@@ -94,6 +111,44 @@ ENGINES: tuple[Engine, ...] = (
         aliases=("reference",),
         triton_releases=("0.20", "0.19"),
     ),
+    Engine(
+        name="vllm",
+        package="vllm",
+        protocol="openai",
+        writes_repository=False,
+        lora_ranks=VLLM_LORA_RANKS,
+        adapter_form="peft-folder",
+        versions="vLLM ≥ 0.6 (vllm serve; runtime loading with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+        summary="vLLM's OpenAI server: model=<adapter>, adapters loaded with /v1/load_lora_adapter",
+    ),
+    Engine(
+        name="nim",
+        package="nim",
+        protocol="openai",
+        writes_repository=False,
+        lora_ranks=VLLM_LORA_RANKS,
+        adapter_form="peft-folder",
+        versions="NVIDIA NIM for LLMs 2.x (vLLM inside; SGLang from 2.1)",
+        summary="NIM 2.x: model=<adapter>, adapters from the watched NIM_PEFT_SOURCE store",
+    ),
+    Engine(
+        name="sglang",
+        package="sglang",
+        protocol="openai",
+        writes_repository=False,
+        adapter_form="peft-folder",
+        versions="SGLang ≥ 0.4.7 (runtime loading with /load_lora_adapter)",
+        summary="SGLang's server: model=<base>:<adapter>, adapters loaded with /load_lora_adapter",
+    ),
+    Engine(
+        name="trtllm-serve",
+        package="trtllm_serve",
+        protocol="openai",
+        writes_repository=False,
+        adapter_form="peft-folder",
+        versions="TensorRT-LLM ≥ 1.0 (trtllm-serve, PyTorch backend)",
+        summary="trtllm-serve: lora_request {lora_name, lora_int_id, lora_path} in each request",
+    ),
 )
 
 
@@ -101,7 +156,7 @@ ENGINES: tuple[Engine, ...] = (
 DEFAULT_ENGINE = "trtllm-legacy-cpu"
 
 
-def engine(name: str) -> Engine:
+def engine(name: str, *, flag: str = "--backend") -> Engine:
     """The engine called ``name`` (or by an earlier alias).
 
     Raises:
@@ -112,7 +167,7 @@ def engine(name: str) -> Engine:
             return row
     raise OptionError(
         "unknown engine",
-        where="--backend",
+        where=flag,
         expected=" or ".join(row.name for row in ENGINES),
         found=repr(name),
         fix="pick one of the engines listed (`phlora-nim convert --help` says what each serves)",

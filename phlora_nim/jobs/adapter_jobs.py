@@ -39,10 +39,11 @@ from phlora_nim.jobs.pipeline import extract_adapter, planned, write_report_file
 from phlora_nim.jobs.plots import PLOT_NAME
 
 log = logging.getLogger("phlora_nim")
-
-# export --format values (file formats, not engines: "trtllm" is the legacy npy pair)
+# `export --format`: formats of adapter folders, not engines: "trtllm" is the legacy npy pair, "nim" the
+# NIM store's folder layout.
 NPY_FORMAT = "trtllm"
-EXPORT_FORMATS = ("peft", NPY_FORMAT, "nim")
+NIM_STORE_FORMAT = "nim"
+EXPORT_FORMATS = ("peft", NPY_FORMAT, NIM_STORE_FORMAT)
 
 # What each command writes: ``--force`` replaces only a folder holding these (see core/outputs.py).
 _PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME)
@@ -219,7 +220,7 @@ def export(
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
     storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
-    if fmt == "nim":
+    if fmt == NIM_STORE_FORMAT:
         target = Path(out) / validate_adapter_name(name or Path(adapter_dir).resolve().name)
     guard_output(target, force=force, kind=EXPORT_OUTPUTS[fmt], inputs=(adapter_dir, engine_config, config))
     adapter = load_peft(Path(adapter_dir))
@@ -230,7 +231,7 @@ def export(
         pretrained = (engine or {}).get("pretrained_config") or {}
         trt_dtype = pretrained.get("dtype") if pretrained.get("dtype") in DTYPES else "float16"
     lora = None
-    if fmt == NPY_FORMAT or (fmt == "nim" and with_trtllm):
+    if fmt == NPY_FORMAT or (fmt == NIM_STORE_FORMAT and with_trtllm):
         lora = adapter_to_trtllm(adapter, config=model_config, dtype=trt_dtype, tp=tp, strict=strict)
         if engine is not None:
             check_engine(lora, engine, where=str(engine_config))

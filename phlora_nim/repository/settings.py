@@ -80,6 +80,13 @@ class RepositorySettings:
         if not parse_dtype(self.dtype, "--engine-dtype").npy_readable:
             object.__setattr__(self, "lora_prefetch", False)
         row = engine(self.backend)  # an unknown name is an OptionError naming the engines there are
+        if not row.writes_repository:
+            raise OptionError(
+                f"{row.name} reads the adapter store any repository holds: no repository is written for it",
+                where="--backend",
+                found=repr(self.backend),
+                fix=f"convert without --backend, then `phlora-nim serve --engine {row.name} --upstream http://HOST:PORT`",
+            )
         object.__setattr__(self, "backend", row.name)
         releases = row.triton_releases
         if not self.trtllm_version and releases:

@@ -167,7 +167,19 @@ SERVE_FLAGS: tuple[ServeFlag, ...] = (
         "Model repository holding phlora_registry.json and the adapters.",
         short="-m",
     ),
-    ServeFlag("--upstream", "upstreams", list[str], "Triton gRPC address HOST:PORT (repeat for each replica)."),
+    ServeFlag(
+        "--engine",
+        "engine",
+        str,
+        "What the replicas run: trtllm-legacy, trtllm-legacy-cpu (Triton, KServe v2 gRPC), or vllm, nim, "
+        "sglang, trtllm-serve (the OpenAI API over HTTP).",
+    ),
+    ServeFlag(
+        "--upstream",
+        "upstreams",
+        list[str],
+        "A replica: Triton's gRPC HOST:PORT, or an OpenAI server's http://HOST:PORT (repeat for each replica).",
+    ),
     ServeFlag(
         "--upstream-dns",
         "upstream_dns",
@@ -215,6 +227,19 @@ SERVE_FLAGS: tuple[ServeFlag, ...] = (
         "OpenAI model id of the base model (default: its checkpoint folder's name).",
     ),
     ServeFlag("--llm-model", "llm_model", str, "Token-level Triton model the HTTP API sends token ids to."),
+    ServeFlag(
+        "--adapter-store",
+        "adapter_store",
+        Path,
+        "The adapter store's folder as OpenAI-speaking replicas see it (default: the repository's store).",
+    ),
+    ServeFlag(
+        "--routing-policy",
+        "routing_policy",
+        str,
+        "OpenAI-speaking replicas: adapter-aware (a replica holding the adapter, else the least busy one "
+        "loads it) or round-robin.",
+    ),
 )
 
 # Set only in --config (or by the CLI itself: reuse_port).

@@ -9,6 +9,9 @@ from typing import Any
 import yaml
 
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
+from phlora_nim.engines.registry import engine
+
+ROUTING_POLICIES = ("adapter-aware", "round-robin")
 
 
 def split_host_port(text: str, *, flag: str) -> tuple[str, int]:
@@ -70,6 +73,15 @@ class RouterConfig:
         max_choices: the most choices (prompts × ``n``) one HTTP request may ask for.
         max_body_mb: the largest HTTP request body, in MiB (larger: 413).
         reuse_port: set on each worker's server (the CLI does it); off, a taken port is an error.
+        engine: what the replicas run (a row of ``phlora_nim.engines.registry``): Triton engines are
+            reached over KServe v2 gRPC at ``host:port``; OpenAI-speaking ones (vLLM, NIM, SGLang,
+            trtllm-serve) over HTTP at ``http://host:port``.
+        adapter_store: the adapter store's folder as the OpenAI-speaking replicas see it (what load
+            requests and ``lora_path`` name); default: the repository's store, as the router sees it.
+        routing_policy: for OpenAI-speaking replicas: ``adapter-aware`` (a replica holding the
+            adapter, else the least busy one, which loads it) or ``round-robin``.
+        max_loras: GPU LoRA slots per replica (vLLM's ``--max-loras``), for the gateway metrics; 0:
+            ``residency_capacity``.
     """
 
     model_repository: Path
@@ -99,6 +111,10 @@ class RouterConfig:
     llm_model: str = "tensorrt_llm"
     max_choices: int = 32
     max_body_mb: int = 4
+    engine: str = "trtllm-legacy"
+    adapter_store: Path | None = None
+    routing_policy: str = "adapter-aware"
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         problems: list[PhloraError] = []
@@ -114,7 +130,7 @@ class RouterConfig:
         for text, flag in [(u, "--upstream") for u in self.upstreams] + [(self.upstream_dns or "", "--upstream-dns")]:
             if text or flag == "--upstream":
                 try:
-                    split_host_port(text, flag=flag)
+                    split_host_port(text.split("://", 1)[-1].rstrip("/"), flag=flag)
                 except OptionError as exc:
                     problems.append(exc)
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -163,7 +179,27 @@ class RouterConfig:
                     "must be non-empty names or glob patterns", where="--expose-model", found=repr(self.expose_models)
                 )
             )
+        try:
+            engine(self.engine, flag="--engine")
+        except OptionError as exc:
+            problems.append(exc)
+        if self.routing_policy not in ROUTING_POLICIES:
+            problems.append(
+                OptionError(
+                    "unknown routing policy",
+                    where="--routing-policy",
+                    expected=" or ".join(ROUTING_POLICIES),
+                    found=repr(self.routing_policy),
+                )
+            )
+        if self.max_loras < 0:
+            problems.append(OptionError("must be ≥ 0", where="max_loras", found=str(self.max_loras)))
         raise_all(problems, summary="invalid router options")
+
+    @property
+    def speaks_openai(self) -> bool:
+        """Whether the replicas are reached over the OpenAI API (else Triton's KServe v2)."""
+        return engine(self.engine).protocol == "openai"
 
     @property
     def max_message_bytes(self) -> int:
@@ -177,7 +213,7 @@ class RouterConfig:
         ]
 
 
-_PATH_FIELDS = {"model_repository", "tenants", "tls_cert", "tls_key"}
+_PATH_FIELDS = {"model_repository", "tenants", "tls_cert", "tls_key", "adapter_store"}
 
 
 _LIST_FIELDS = {"upstreams", "expose_models"}

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -170,7 +171,44 @@ class RouterMetrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        # Residency, as vLLM's proposed residency family names it (vLLM PRs #51433, #54830, #54833):
+        # level "cpu" = loaded on a replica (registered with the engine, in its host cache), value = the
+        # replicas holding it; level "gpu" = requests running with it now (so in an engine's GPU slots).
+        self.adapter_loaded = Gauge(
+            "vllm:lora_adapter_loaded",
+            "LoRA adapters resident behind this router: level cpu = loaded on replicas (value: how many), "
+            "level gpu = running requests now.",
+            ["adapter_name", "level", "pinned", "rank"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.gpu_loaded = Gauge(
+            "vllm:num_gpu_loaded_lora_adapters",
+            "Adapters running requests now through this router.",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.max_gpu = Gauge(
+            "vllm:max_gpu_lora_adapters",
+            "Adapters the replicas can run at once (GPU LoRA slots per replica × ready replicas).",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "phlora_router_adapter_loads",
+            "Adapter loads the router asked of OpenAI-speaking replicas, per replica and result (loaded, refused).",
+            ["replica", "result"],
+            registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "phlora_router_adapter_unloads",
+            "Adapters the router unloaded from replicas, per replica and reason (evicted, removed, replaced).",
+            ["replica", "reason"],
+            registry=r,
+        )
         self._lora_labels: tuple[str, str, str] | None = None
+        self._levels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+        self.rank_of: Callable[[str], int | None] = lambda name: None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -182,6 +220,28 @@ class RouterMetrics:
                 self.lora_info.remove(*self._lora_labels)
         self._lora_labels = labels
         self.lora_info.labels(*labels).set(time.time())
+        names = [n for n in running.split(",") if n]
+        self._set_level("gpu", dict.fromkeys(names, 1))
+        self.gpu_loaded.set(len(names))
+
+    def _set_level(self, level: str, held: dict[str, int]) -> None:
+        for key in [k for k in self._levels if k[1] == level and k[0] not in held]:
+            with contextlib.suppress(KeyError):
+                self.adapter_loaded.remove(*self._levels.pop(key))
+        for name, count in held.items():
+            rank = self.rank_of(name)
+            labels = (name, level, "false", "" if rank is None else str(rank))
+            old = self._levels.get((name, level))
+            if old is not None and old != labels:
+                with contextlib.suppress(KeyError):
+                    self.adapter_loaded.remove(*old)
+            self._levels[(name, level)] = labels
+            self.adapter_loaded.labels(*labels).set(count)
+
+    def set_residency(self, held: dict[str, int], *, slots: int) -> None:
+        """Adapters loaded on replicas (name → replicas holding it) and the GPU slots of all ready replicas."""
+        self._set_level("cpu", held)
+        self.max_gpu.set(slots)
 
     def text(self) -> str:
         """The exposition text (what the HTTP endpoint serves)."""
@@ -206,6 +266,12 @@ class RouterMetrics:
 
     def forget_replica(self, replica: str) -> None:
         families = (self.replica_in_flight, self.weight_sends, self.cache_misses, self.replica_healthy, self.resident)
+        for result in ("loaded", "refused"):
+            with contextlib.suppress(KeyError):
+                self.adapter_loads.remove(replica, result)
+        for reason in ("evicted", "removed", "replaced"):
+            with contextlib.suppress(KeyError):
+                self.adapter_unloads.remove(replica, reason)
         for family in families:
             with contextlib.suppress(KeyError):
                 family.remove(replica)

@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from phlora_nim.core.errors import OptionError
 from phlora_nim.router.catalog import AdapterCatalog
 from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.core import RouterCore, build_core
 from phlora_nim.router.metrics import RouterMetrics
 from phlora_nim.router.replicas import ReplicaPool
 from phlora_nim.router.service import RouterService
@@ -85,14 +86,27 @@ class Router:
         self.catalog = AdapterCatalog(config.model_repository)
         self.store = WeightStore(config.model_repository, max_bytes=config.weight_cache_mb * 1024 * 1024)
         self.health = HealthServicer()
-        self.pool = ReplicaPool(config, self.metrics, on_change=self._health_changed)
+        self.pool: Any = self._pool()
         self.tenants: TenantTable | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.core: RouterCore | None = None
         self.http: Any = None  # the OpenAI-compatible front (phlora_nim.router.openai), when config.http_port
         self._tasks: list[asyncio.Task[None]] = []
         self._health_tasks: set[asyncio.Future[None]] = set()
+
+    def _pool(self) -> Any:
+        """The replicas, reached the way the engine is (KServe v2 gRPC, or the OpenAI API)."""
+        if not self.config.speaks_openai:
+            return ReplicaPool(self.config, self.metrics, on_change=self._health_changed)
+        from phlora_nim.engines.registry import engine
+        from phlora_nim.router.upstreams.openai_pool import OpenAIPool
+
+        facts = engine(self.config.engine).openai_facts()
+        policy: Any = self.config.routing_policy
+        self.metrics.rank_of = lambda name: (e.max_rank if (e := self.catalog.adapters.get(name)) else None)
+        return OpenAIPool(self.config, facts, self.metrics, on_change=self._health_changed, policy=policy)
 
     @property
     def address(self) -> str:
@@ -111,10 +125,15 @@ class Router:
             task.add_done_callback(self._health_tasks.discard)
 
     def _refresh_registry(self) -> None:
+        before = self.catalog.adapters
         gone = self.catalog.refresh()
         if gone:
             self.store.forget(gone)
         self.metrics.adapters.set(len(self.catalog.adapters))
+        if self.catalog.adapters is not before and hasattr(self.pool, "forget"):  # removals reach the replicas
+            task = asyncio.ensure_future(self.pool.forget(dict(self.catalog.adapters)))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def _watch_registry(self) -> None:
         while True:
@@ -137,15 +156,16 @@ class Router:
         # share it. Off, a taken port is an error; on only for the workers of one `serve --workers N`.
         reuse = ("grpc.so_reuseport", 1 if config.reuse_port else 0)
         server = grpc.aio.server(options=[*config.channel_options(), reuse])
-        service = RouterService(
-            config=config,
+        self.core = build_core(
+            config,
             catalog=self.catalog,
-            pool=self.pool,
             store=self.store,
             tenants=self.tenants,
             metrics=self.metrics,
+            pool=self.pool,
             refresh_registry=self._refresh_registry,
         )
+        service = RouterService(self.core)
         add_inference_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -167,7 +187,7 @@ class Router:
         if config.http_port:
             from phlora_nim.router.openai.server import OpenAIServer  # FastAPI only when the front is on
 
-            http = OpenAIServer(config, service)
+            http = OpenAIServer(self.core)
             try:
                 await http.start()
             except BaseException:

@@ -2,8 +2,9 @@
 
 Inference requests name an adapter (model name, ``lora_adapter`` parameter or ``phlora-adapter``
 metadata, in that order); :mod:`access` checks the caller and plans the request, :mod:`delivery`
-gets it answered by a replica (LoRA protocol, failover). This module holds the RPCs, tenant
-admission and per-request metrics.
+gets it answered by a replica (LoRA protocol, failover; or an OpenAI-speaking replica's
+:mod:`~phlora_nim.router.upstreams.openai_delivery`). This module holds the RPCs; the objects they use
+come in one :class:`~phlora_nim.router.core.RouterCore`, shared with the HTTP front.
 """
 
 from __future__ import annotations
@@ -18,17 +19,11 @@ from typing import Any, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from phlora_nim.router.access import Access
-from phlora_nim.router.admission import Admission
-from phlora_nim.router.catalog import AdapterCatalog
-from phlora_nim.router.config import RouterConfig
-from phlora_nim.router.delivery import Delivery
+from phlora_nim.router.core import RouterCore
 from phlora_nim.router.errors import RequestError, unknown
-from phlora_nim.router.metrics import UNKNOWN, RouterMetrics
-from phlora_nim.router.replicas import ReplicaPool
+from phlora_nim.router.metrics import UNKNOWN
 from phlora_nim.router.rewrite import ADAPTER_METADATA, LORA_INPUTS, parse
-from phlora_nim.router.tenants import Tenant, TenantTable
-from phlora_nim.router.weights import WeightStore
+from phlora_nim.router.tenants import Tenant
 
 log = logging.getLogger("phlora_nim.router")
 T = TypeVar("T")
@@ -48,33 +43,16 @@ def _stream_error(
 class RouterService(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The servicer; RPCs not defined here answer ``UNIMPLEMENTED`` (the base class)."""
 
-    def __init__(
-        self,
-        *,
-        config: RouterConfig,
-        catalog: AdapterCatalog,
-        pool: ReplicaPool,
-        store: WeightStore,
-        tenants: TenantTable | None,
-        metrics: RouterMetrics,
-        refresh_registry: Callable[[], object] | None = None,
-    ) -> None:
-        self.config = config
-        self.catalog = catalog
-        self.pool = pool
-        self.store = store
-        self.tenants = tenants
-        self.metrics = metrics
-        self.access = Access(config=config, catalog=catalog, pool=pool, tenants=tenants)
-        self.delivery = Delivery(
-            config=config,
-            catalog=catalog,
-            pool=pool,
-            store=store,
-            metrics=metrics,
-            refresh_registry=refresh_registry or catalog.refresh,
-        )
-        self.admission = Admission(metrics, max_lora=config.residency_capacity)
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.config = core.config
+        self.catalog = core.catalog
+        self.pool = core.pool
+        self.tenants = core.tenants
+        self.metrics = core.metrics
+        self.access = core.access
+        self.delivery = core.delivery
+        self.admission = core.admission
 
     # common ----------------------------------------------------------------------------------
     @staticmethod

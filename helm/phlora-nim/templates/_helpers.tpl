@@ -23,9 +23,9 @@
 {{- end }}
 
 {{/* How the GPU pods serve: "llmapi" (backend trtllm: TensorRT-LLM ≥ 1.3's llmapi Python model),
-     "legacy" (trtllm-legacy / tensorrtllm: compiled engines, the C++ tensorrtllm backend) or "nim". */}}
+     "legacy" (trtllm-legacy / tensorrtllm: compiled engines, the C++ tensorrtllm backend), "nim" or "vllm". */}}
 {{- define "phlora-nim.engineMode" -}}
-{{- if eq .Values.backend "nim" }}nim{{ else if eq .Values.backend "trtllm" }}llmapi{{ else }}legacy{{ end }}
+{{- if eq .Values.backend "nim" }}nim{{ else if eq .Values.backend "vllm" }}vllm{{ else if eq .Values.backend "trtllm" }}llmapi{{ else }}legacy{{ end }}
 {{- end }}
 
 {{/* The Triton model the router forwards to: router.upstreamModel, else the engine's own. */}}
@@ -33,9 +33,19 @@
 {{- if .Values.router.upstreamModel }}{{ .Values.router.upstreamModel }}{{ else if eq (include "phlora-nim.engineMode" .) "llmapi" }}tensorrt_llm{{ else }}ensemble{{ end }}
 {{- end }}
 
-{{/* The GPU component: "triton" or "nim". */}}
+{{/* The GPU component: "triton", "nim" or "vllm". */}}
 {{- define "phlora-nim.serverComponent" -}}
-{{- if eq .Values.backend "nim" }}nim{{ else }}triton{{ end }}
+{{- if eq .Values.backend "nim" }}nim{{ else if eq .Values.backend "vllm" }}vllm{{ else }}triton{{ end }}
+{{- end }}
+
+{{/* "true" when the GPU pods speak the OpenAI API (NIM, vLLM): the router reaches them over HTTP. */}}
+{{- define "phlora-nim.openaiBackend" -}}
+{{- if has .Values.backend (list "nim" "vllm") }}true{{ end }}
+{{- end }}
+
+{{/* The HTTP port of OpenAI-speaking GPU pods. */}}
+{{- define "phlora-nim.openaiPort" -}}
+{{- if eq .Values.backend "nim" }}{{ .Values.nim.port }}{{ else }}{{ .Values.vllm.port }}{{ end }}
 {{- end }}
 
 {{- define "phlora-nim.serverName" -}}
@@ -46,13 +56,15 @@
 {{ include "phlora-nim.fullname" . }}-router
 {{- end }}
 
-{{/* Headless Service of the Triton replicas: the router resolves it to every ready pod. */}}
+{{/* Headless Service of the GPU replicas: the router resolves it to every ready pod. */}}
 {{- define "phlora-nim.tritonHeadlessName" -}}
-{{ include "phlora-nim.fullname" . }}-triton-headless
+{{ include "phlora-nim.fullname" . }}-{{ include "phlora-nim.serverComponent" . }}-headless
 {{- end }}
 
+{{/* The router's --upstream-dns: Triton's gRPC port, or the OpenAI-speaking pods' HTTP port. */}}
 {{- define "phlora-nim.upstreamDns" -}}
-{{ include "phlora-nim.tritonHeadlessName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ .Values.triton.ports.grpc }}
+{{- $port := ternary (include "phlora-nim.openaiPort" .) (toString .Values.triton.ports.grpc) (eq (include "phlora-nim.openaiBackend" .) "true") }}
+{{- include "phlora-nim.tritonHeadlessName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ $port }}
 {{- end }}
 
 {{- define "phlora-nim.serviceAccountName" -}}

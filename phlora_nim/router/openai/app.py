@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -27,8 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phlora_nim.router.errors import RequestError, unknown
 from phlora_nim.router.openai import responses
+from phlora_nim.router.openai.body import read_json
 from phlora_nim.router.openai.completions import Call, Completions, Job
+from phlora_nim.router.openai.disconnect import cancel_on_disconnect
 from phlora_nim.router.openai.errors import ApiError, bad_request
+from phlora_nim.router.openai.relay import relay
 from phlora_nim.router.openai.schemas import (
     CHAT_REFUSED,
     COMPLETION_REFUSED,
@@ -45,45 +48,6 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body, at most ``limit`` bytes.
-
-    Raises:
-        ApiError: 413 for a larger body, 400 for one that is not JSON.
-    """
-    too_large = ApiError(413, f"the request body is larger than {limit // 2**20} MiB", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise bad_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``, cancelled if the client disconnects first (its upstream calls with it)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await task
-    finally:
-        watcher.cancel()
-
-
 class HttpFront:
     """The routes' logic on the router's objects."""
 
@@ -92,7 +56,7 @@ class HttpFront:
         self.config = completions.config
         self.access = completions.access
         self.directory = completions.directory
-        self.pool = completions.service.pool
+        self.pool = completions.core.pool
         self.metrics = completions.metrics
 
     def authenticate(self, request: Request) -> Tenant | None:
@@ -147,6 +111,8 @@ class HttpFront:
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def generate(self, request: Request, *, chat: bool) -> Response:
+        if self.completions.core.relay is not None:  # OpenAI-speaking replicas take the request as it is
+            return await relay(self.completions, request, chat=chat)
         call = Call()
         try:
             tenant = self.authenticate(request)

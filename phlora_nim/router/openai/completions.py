@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from phlora_nim.repository.registry import AdapterEntry
-from phlora_nim.router.config import RouterConfig
+from phlora_nim.router.core import RouterCore
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.metrics import UNKNOWN
 from phlora_nim.router.openai.decoding import ChoiceText
@@ -41,7 +41,6 @@ from phlora_nim.router.openai.models import Limits, ModelDirectory
 from phlora_nim.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from phlora_nim.router.openai.tokenizer import TemplateError, TextTokenizer
 from phlora_nim.router.replicas import ModelInfo
-from phlora_nim.router.service import RouterService
 from phlora_nim.router.tenants import Tenant
 
 log = logging.getLogger("phlora_nim.router")
@@ -94,14 +93,14 @@ class Job:
 
 
 class Completions:
-    """Runs completion requests on the router's own objects (those of its gRPC service)."""
+    """Runs completion requests on the router's objects (the :class:`RouterCore` the gRPC front uses too)."""
 
-    def __init__(self, *, config: RouterConfig, service: RouterService, directory: ModelDirectory) -> None:
-        self.config = config
-        self.service = service
-        self.access = service.access
-        self.admission = service.admission
-        self.metrics = service.metrics
+    def __init__(self, *, core: RouterCore, directory: ModelDirectory) -> None:
+        self.core = core
+        self.config = core.config
+        self.access = core.access
+        self.admission = core.admission
+        self.metrics = core.metrics
         self.directory = directory
 
     # accounting ------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ class Completions:
 
     # checking --------------------------------------------------------------------------------
     async def _engine(self) -> ModelInfo:
-        return await self.service.pool.model_info(self.config.llm_model)
+        return await self.core.pool.model_info(self.config.llm_model)
 
     def _check_prompt(self, ids: list[int], tokenizer: TextTokenizer, limits: Limits, param: str) -> None:
         if not ids:
@@ -260,9 +259,9 @@ class Completions:
                 )
             plan = self.access.built_plan(request, job.entry, base_model=self.directory.base_model)
             pieces_of = (
-                generated_text_tokens(self.service.delivery, plan, tok.encode, lambda: None)
+                generated_text_tokens(self.core.delivery, plan, tok.encode, lambda: None)
                 if takes_text(job.info)
-                else generated_tokens(self.service.delivery, plan, job.info, lambda: None)
+                else generated_tokens(self.core.delivery, plan, job.info, lambda: None)
             )
             async with contextlib.aclosing(pieces_of) as pieces:
                 async for ids in pieces:

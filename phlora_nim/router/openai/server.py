@@ -16,11 +16,11 @@ from collections.abc import Iterator
 import uvicorn
 
 from phlora_nim.core.errors import OptionError
-from phlora_nim.router.config import ANY_FREE_PORT, RouterConfig
+from phlora_nim.router.config import ANY_FREE_PORT
+from phlora_nim.router.core import RouterCore
 from phlora_nim.router.openai.app import HttpFront, create_app
 from phlora_nim.router.openai.completions import Completions
 from phlora_nim.router.openai.models import ModelDirectory
-from phlora_nim.router.service import RouterService
 
 log = logging.getLogger("phlora_nim.router")
 
@@ -52,9 +52,10 @@ def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 class OpenAIServer:
     """The OpenAI-compatible front of a router: ``await start()``, ``await stop()``."""
 
-    def __init__(self, config: RouterConfig, service: RouterService) -> None:
-        directory = ModelDirectory(config.model_repository, service.catalog, served_model_name=config.served_model_name)
-        self.front = HttpFront(Completions(config=config, service=service, directory=directory))
+    def __init__(self, core: RouterCore) -> None:
+        config = core.config
+        directory = ModelDirectory(config.model_repository, core.catalog, served_model_name=config.served_model_name)
+        self.front = HttpFront(Completions(core=core, directory=directory))
         self.config = config
         self.port = 0
         self._server: _EmbeddedServer | None = None
