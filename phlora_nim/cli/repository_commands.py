@@ -172,17 +172,12 @@ def convert_command(
 ) -> None:
     """Extract adapters from fine-tunes and register them in a Triton model repository.
 
-    --backend trtllm (TensorRT-LLM ≥ 1.3, GPU) and trtllm-cpu (its CPU reference): each adapter becomes a
-    PEFT folder in the repository's adapter store, read by the llmapi model from its path; the
-    repository gets the model's config.pbtxt and a model.yaml whose lora_config covers every adapter.
-
-    For each --finetuned: extract the LoRA adapter (default --rank 16), lay it out as TensorRT-LLM
-    tensors in the engine dtype, and register it (name, content-derived task id, ranks, modules).
-    The repository gets the inflight_batcher_llm models (preprocessing, tensorrt_llm,
-    postprocessing, ensemble), LoRA cache parameters sized for the adapters, the prefetch folder
-    and a NIM adapter store. Nothing is changed if any step fails.
-
-    Repository settings not given keep the values the repository was written with.
+    --backend trtllm (TensorRT-LLM ≥ 1.3, GPU) / trtllm-cpu (its CPU reference): each adapter is a PEFT
+    folder in the adapter store, read by the llmapi model from its path; config.pbtxt and a model.yaml
+    whose lora_config covers every adapter. trtllm-legacy / trtllm-legacy-cpu: TensorRT-LLM npy tensors
+    under content-derived task ids, the inflight_batcher_llm models, LoRA cache parameters sized for the
+    adapters, the prefetch folder and a NIM adapter store. Default --rank 16. Nothing is changed if any
+    step fails; repository settings not given keep the values the repository was written with.
     """
     args = dict(locals())  # the options by parameter name
     if llmapi_engine(args) is not None:

@@ -27,6 +27,7 @@ uninformative probe set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -311,60 +312,33 @@ def run_to_target(
     cap misses the target is it decomposed to the next. The chosen adapter is then checked on
     held-out samples of the fine-tune (:func:`check_on_own_samples`).
     """
-    from phlora_nim.converters.extract import run_extraction
     from phlora_nim.converters.rank_policy import search_policy
     from phlora_nim.jobs.fidelity import WeightPatcher
 
-    timings: dict[str, float] = {}
-    given = job.options.policy
-    limit = given.rank if given.kind == "rank" else given.max_rank
-    target: FidelityTarget = job.options.target
+    given, target = job.options.policy, job.options.target
     probes = _probes(job.base_path, pair.path, target)
-    timings["probes_s"] = probes.seconds
+    timings: dict[str, float] = {"probes_s": probes.seconds, "decompose_s": 0.0}
     probe = probes.search
     patcher = WeightPatcher(probe.base_model)
     evaluated: list[float] = []
-
-    def measure(adapter: LoraAdapter | None) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        scores = probe.scores(patcher.apply(adapter))
-        evaluated.append(time.perf_counter() - t0)
-        return scores.kl, scores.top1
-
-    patcher.restore()
-    base_scores = probe.scores(probe.base_model)
-    base = (base_scores.kl, base_scores.top1)
-    log.info(
-        "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
-        target.describe(), probes.count, probes.source, probe.tokens, base[0], 100 * base[1],
-    )  # fmt: skip
-    check_informative(target, *base, source=probes.source, tokens=probe.tokens)
+    measure = functools.partial(_measure_candidate, probe, patcher, evaluated)
+    base = _measure_base(patcher, probes, target)
     steps: list[SearchStep] = []
     floors: tuple[Any, Any] | None = None
     below: tuple[int, float | None] | None = None
     found = None
-    caps = cap_ladder(limit)
+    caps = cap_ladder(given.rank if given.kind == "rank" else given.max_rank)
     decomposed: list[int] = []
-    timings["decompose_s"] = 0.0
     for i, cap in enumerate(caps):
         ceiling = search_policy(cap, given.snap)
-        options = dataclasses.replace(job.options, policy=ceiling)
-        # The plan's sketch ranks were sized for the policy's cap: compute only as far as this one.
-        targets = tuple(
-            dataclasses.replace(t, sketch_rank=ceiling.sketch_rank(t.short_side)) for t in pair.plan.targets
-        )
-        plan = dataclasses.replace(pair.plan, targets=targets)
         t0 = time.perf_counter()
-        result = run_extraction(plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
+        result = _decompose_to(job, pair, ceiling, progress=progress)
         timings["decompose_s"] += time.perf_counter() - t0
         decomposed.append(cap)
         if floors is None:
             t0 = time.perf_counter()
-            floors = _floors(patcher, probes, result, job.base, pair.checkpoint)
+            floors = _measure_floors(patcher, probes, result, job, pair, target, base)
             timings["floor_s"] = time.perf_counter() - t0
-            log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", *_pct(floors[0]))
-            if not target.absolute:
-                check_reachable(base, floors[0], source=probes.source, tokens=probe.tokens)
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
             below = (0, target.margin(*base, base, floor))  # the base alone misses (checked above)
@@ -384,8 +358,7 @@ def run_to_target(
             log.info("every module at rank %d misses the target: decomposing to rank %d", cap, caps[i + 1])
     assert found is not None and floors is not None
     budget, chosen, ceiling = found
-    timings["evaluate_s"] = sum(evaluated)
-    timings["evaluations"] = len(evaluated)
+    timings |= {"evaluate_s": sum(evaluated), "evaluations": len(evaluated)}
     chosen_step = next(s for s in reversed(steps) if s.budget == budget)
     check = check_on_own_samples(patcher, probes, chosen, chosen_step, base, floors, target)
     patcher.restore()
@@ -403,6 +376,52 @@ def run_to_target(
         decomposed_to=tuple(decomposed),
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def _measure_candidate(
+    probe: Any, patcher: Any, seconds: list[float], adapter: LoraAdapter | None
+) -> tuple[float, float]:
+    """KL and top-1 of the base with ``adapter`` patched in (None: the base alone); its time appended to ``seconds``."""
+    t0 = time.perf_counter()
+    scores = probe.scores(patcher.apply(adapter))
+    seconds.append(time.perf_counter() - t0)
+    return scores.kl, scores.top1
+
+
+def _measure_base(patcher: Any, probes: Any, target: FidelityTarget) -> tuple[float, float]:
+    """KL and top-1 of the base model alone on the search probes; refused when the probes cannot tell."""
+    probe = probes.search
+    patcher.restore()
+    scores = probe.scores(probe.base_model)
+    base = (scores.kl, scores.top1)
+    log.info(
+        "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
+        target.describe(), probes.count, probes.source, probe.tokens, base[0], 100 * base[1],
+    )  # fmt: skip
+    check_informative(target, *base, source=probes.source, tokens=probe.tokens)
+    return base
+
+
+def _measure_floors(
+    patcher: Any, probes: Any, result: ExtractionResult, job: Any, pair: Any, target: FidelityTarget, base: Any
+) -> tuple[Any, Any]:
+    """The floor (base + every linear delta at full rank) on the probes; refused when it leaves no gap."""
+    floors = _floors(patcher, probes, result, job.base, pair.checkpoint)
+    log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", *_pct(floors[0]))
+    if not target.absolute:
+        check_reachable(base, floors[0], source=probes.source, tokens=probes.search.tokens)
+    return floors
+
+
+def _decompose_to(job: Any, pair: Any, ceiling: RankPolicy, *, progress: Callable[[str], None] | None) -> Any:
+    """``pair`` decomposed up to ``ceiling`` (its plan's sketch ranks were sized for the policy's own cap:
+    compute only as far as this one)."""
+    from phlora_nim.converters.extract import run_extraction
+
+    options = dataclasses.replace(job.options, policy=ceiling)
+    targets = tuple(dataclasses.replace(t, sketch_rank=ceiling.sketch_rank(t.short_side)) for t in pair.plan.targets)
+    plan = dataclasses.replace(pair.plan, targets=targets)
+    return run_extraction(plan, job.base, pair.checkpoint, options, progress=progress, statistics=job.statistics)
 
 
 def measure_floor(probe: Any, result: ExtractionResult, base: Checkpoint, finetuned: Checkpoint) -> tuple[float, float]:

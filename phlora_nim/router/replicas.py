@@ -81,7 +81,59 @@ class Replica:
         return f"Replica({self.address}, healthy={self.healthy}, in_flight={self.in_flight})"
 
 
-class ReplicaPool:
+async def resolve_upstreams(config: RouterConfig) -> set[str]:
+    """The replicas' ``host:port`` addresses: ``--upstream`` as given, else every address ``--upstream-dns``
+    resolves to (a headless Service's pods)."""
+    if config.upstreams:
+        return set(config.upstreams)
+    host, port = split_host_port(config.upstream_dns or "", flag="--upstream-dns")
+    loop = asyncio.get_running_loop()
+    infos = await loop.run_in_executor(None, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    found = set()
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return found
+
+
+class BackgroundRounds:
+    """The health and DNS rounds a pool of replicas runs in the background, for both kinds of pool."""
+
+    config: RouterConfig
+    _tasks: list[asyncio.Task[None]]
+
+    async def refresh_members(self) -> None:
+        raise NotImplementedError
+
+    async def check_all(self) -> None:
+        raise NotImplementedError
+
+    async def _close_replicas(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:  # a loop must survive anything one round throws
+                log.exception("background round failed")
+
+    async def start(self) -> None:
+        await self.refresh_members()
+        self._tasks.append(asyncio.create_task(self._loop(self.config.health_interval, self.check_all)))
+        if self.config.upstream_dns:
+            self._tasks.append(asyncio.create_task(self._loop(self.config.dns_interval, self.refresh_members)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._close_replicas()
+
+
+class ReplicaPool(BackgroundRounds):
     """Every known replica, kept current by the DNS and health loops.
 
     Args:
@@ -106,16 +158,7 @@ class ReplicaPool:
 
     # discovery -----------------------------------------------------------------------------
     async def _resolve(self) -> set[str]:
-        if self.config.upstreams:
-            return set(self.config.upstreams)
-        host, port = split_host_port(self.config.upstream_dns or "", flag="--upstream-dns")
-        loop = asyncio.get_running_loop()
-        infos = await loop.run_in_executor(None, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        found = set()
-        for family, _, _, _, sockaddr in infos:
-            ip = str(sockaddr[0])
-            found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        return found
+        return await resolve_upstreams(self.config)
 
     async def refresh_members(self) -> None:
         """Resolve the upstreams; add new replicas (checked at once), drop vanished ones."""
@@ -200,25 +243,7 @@ class ReplicaPool:
             self.index = list(response.models)
             self.models = {m.name for m in response.models}
 
-    async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await action()
-            except Exception:  # a loop must survive anything one round throws
-                log.exception("background round failed")
-
-    async def start(self) -> None:
-        await self.refresh_members()
-        self._tasks.append(asyncio.create_task(self._loop(self.config.health_interval, self.check_all)))
-        if self.config.upstream_dns:
-            self._tasks.append(asyncio.create_task(self._loop(self.config.dns_interval, self.refresh_members)))
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+    async def _close_replicas(self) -> None:
         await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
 
     # selection -------------------------------------------------------------------------------

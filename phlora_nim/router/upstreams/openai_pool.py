@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,9 +29,10 @@ import httpx
 from phlora_nim.engines.openai_api import OpenAIEngineFacts
 from phlora_nim.repository.layout import adapter_store_dir
 from phlora_nim.repository.registry import AdapterEntry
-from phlora_nim.router.config import RouterConfig, split_host_port
+from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError, capped
 from phlora_nim.router.metrics import RouterMetrics
+from phlora_nim.router.replicas import BackgroundRounds, resolve_upstreams
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 
 log = logging.getLogger("phlora_nim.router")
@@ -147,7 +147,7 @@ class OpenAIReplica:
         return f"OpenAIReplica({self.address}, healthy={self.healthy}, in_flight={self.in_flight})"
 
 
-class OpenAIPool:
+class OpenAIPool(BackgroundRounds):
     """Every known OpenAI-speaking replica, kept current by the DNS and health loops.
 
     Args:
@@ -182,16 +182,7 @@ class OpenAIPool:
 
     # discovery -------------------------------------------------------------------------------
     async def _resolve(self) -> set[str]:
-        if self.config.upstreams:
-            return set(self.config.upstreams)
-        host, port = split_host_port(self.config.upstream_dns or "", flag="--upstream-dns")
-        loop = asyncio.get_running_loop()
-        infos = await loop.run_in_executor(None, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        found = set()
-        for family, _, _, _, sockaddr in infos:
-            ip = str(sockaddr[0])
-            found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        return found
+        return await resolve_upstreams(self.config)
 
     async def refresh_members(self) -> None:
         try:
@@ -298,25 +289,7 @@ class OpenAIPool:
                 held[name] = held.get(name, 0) + 1
         return held
 
-    async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await action()
-            except Exception:
-                log.exception("background round failed")
-
-    async def start(self) -> None:
-        await self.refresh_members()
-        self._tasks.append(asyncio.create_task(self._loop(self.config.health_interval, self.check_all)))
-        if self.config.upstream_dns:
-            self._tasks.append(asyncio.create_task(self._loop(self.config.dns_interval, self.refresh_members)))
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+    async def _close_replicas(self) -> None:
         await asyncio.gather(*(r.client.aclose() for r in self.replicas.values()), return_exceptions=True)
 
     # selection -------------------------------------------------------------------------------
