@@ -11,10 +11,10 @@ import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-# Files that take minutes on one worker (vLLM's engine starts and SmolLM2's PEFT reference) go first:
-# with ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) one worker starts them while the
-# other runs the rest. Last, they left one worker idle on their lock for minutes.
-LONG_FIRST = ("test_vllm_engine.py",)
+# Files that take minutes on one worker (vLLM's engine starts, the router before two vLLM servers and
+# SmolLM2's PEFT reference) go first: with ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) the
+# two workers start one each and share the rest. Last, one worker sat idle for minutes at the end.
+LONG_FIRST = ("test_vllm_engine.py", "test_vllm_router.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
