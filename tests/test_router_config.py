@@ -97,3 +97,26 @@ def test_any_free_port_is_for_the_http_and_metrics_fronts_only(tmp_path: Path) -
     assert config.http_port == config.metrics_port == ANY_FREE_PORT  # both on, neither "the same port"
     with pytest.raises(OptionError, match="--port: not a port number"):
         RouterConfig(tmp_path, upstreams=("a:1",), port=ANY_FREE_PORT)
+
+
+@pytest.mark.parametrize(
+    ("backend", "given", "expected"),
+    [
+        ("trtllm-cpu", None, "tensorrt_llm"),
+        ("trtllm", None, "tensorrt_llm"),
+        ("trtllm-legacy-cpu", None, "ensemble"),
+        ("reference", None, "ensemble"),
+        ("trtllm-cpu", "my_model", "my_model"),
+        (None, None, None),  # no settings stored: RouterConfig's own default
+    ],
+)
+def test_serve_forwards_to_the_repository_engines_model(
+    tmp_path: Path, backend: str | None, given: str | None, expected: str | None
+) -> None:
+    from phlora_nim.repository.settings import RepositorySettings
+    from phlora_nim.router.cli import _with_engine_model
+
+    if backend is not None:
+        RepositorySettings(backend=backend, base=str(tmp_path)).save(tmp_path)
+    settings = {"model_repository": str(tmp_path)} | ({"upstream_model": given} if given else {})
+    assert _with_engine_model(settings, tmp_path).get("upstream_model") == expected

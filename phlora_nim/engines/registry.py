@@ -44,6 +44,7 @@ class Engine:
             engines read the adapter store every repository holds, and ``phlora-nim serve --engine`` fronts them.
         triton_releases: the Triton backend releases whose config.pbtxt input names the engine's
             repository can be written for (``--trtllm-version``), the default first.
+        triton_model: the Triton model of the engine's repository the router forwards requests to.
     """
 
     name: str
@@ -55,6 +56,7 @@ class Engine:
     cpu_reference: bool = False
     aliases: tuple[str, ...] = field(default=())
     triton_releases: tuple[str, ...] = field(default=())
+    triton_model: str = "ensemble"
     writes_repository: bool = True
     lora_ranks: tuple[int, ...] = field(default=())
 
@@ -79,6 +81,7 @@ ENGINES: tuple[Engine, ...] = (
         adapter_form="peft-folder",
         versions="TensorRT-LLM ≥ 1.3 (PyTorch backend): Triton <yy.mm>-trtllm-python-py3, the llmapi model",
         summary="TensorRT-LLM's llmapi Triton model (GPU): PEFT folders read by lora_path, lora_id per adapter",
+        triton_model="tensorrt_llm",
     ),
     Engine(
         name="trtllm-cpu",
@@ -88,6 +91,7 @@ ENGINES: tuple[Engine, ...] = (
         versions="any CPU machine: phlora-nim's reference of the llmapi tensorrt_llm model",
         summary="CPU reference of the llmapi model on the real tritonserver (tests, demo)",
         cpu_reference=True,
+        triton_model="tensorrt_llm",
     ),
     Engine(
         name="trtllm-legacy",

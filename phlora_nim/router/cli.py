@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from phlora_nim.core.errors import InputError
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.router.config import RouterConfig, load_router_file
 from phlora_nim.router.server import Router
 
@@ -187,7 +188,13 @@ SERVE_FLAGS: tuple[ServeFlag, ...] = (
         "NAME:PORT resolving to every replica (e.g. a Kubernetes headless Service).",
     ),
     ServeFlag("--dns-interval", "dns_interval", float, "Seconds between DNS resolutions."),
-    ServeFlag("--upstream-model", "upstream_model", str, "Triton model that serves the adapters."),
+    ServeFlag(
+        "--upstream-model",
+        "upstream_model",
+        str,
+        "Triton model that serves the adapters (default: the repository engine's: tensorrt_llm for trtllm and "
+        "trtllm-cpu, ensemble for trtllm-legacy).",
+    ),
     ServeFlag(
         "--expose-model",
         "expose_models",
@@ -303,10 +310,19 @@ def serve(*, config_file: Path | None = None, **options: Any) -> None:
             expected="a folder holding phlora_registry.json",
             fix="pass the folder `phlora-nim convert` wrote as --model-repository (or model_repository: in --config)",
         )
-    config = RouterConfig(**settings)
+    config = RouterConfig(**_with_engine_model(settings, Path(repo)))
     if config.workers > 1:
         raise typer.Exit(run_workers(config))
     asyncio.run(run_router(config))
+
+
+def _with_engine_model(settings: dict[str, Any], repository: Path) -> dict[str, Any]:
+    """``settings`` with the Triton model the repository's engine serves adapters from, unless one is given
+    (``ensemble`` for the legacy engine, ``tensorrt_llm`` for the llmapi model)."""
+    stored = RepositorySettings.load(repository)
+    if "upstream_model" in settings or stored is None or stored.engine_row.protocol != "triton":
+        return settings
+    return {**settings, "upstream_model": stored.engine_row.triton_model}
 
 
 serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]  # typer reads the options from here
