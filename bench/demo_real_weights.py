@@ -32,9 +32,9 @@ from rich.table import Table
 from phlora_nim.converters.calibration import encode_prompt
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.engines.registry import engine
-from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
+from phlora_nim.jobs.convert import ConvertJob, convert
 from phlora_nim.jobs.fidelity import greedy_generate, token_ids
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.config import ANY_FREE_PORT
 from phlora_nim.testing.fidelity_tasks import addition_task, finetune_on_task, spelled_digits_task
@@ -79,15 +79,15 @@ def main() -> None:
         times[f"full fine-tune '{name}' ({args.steps} AdamW steps)"] = time.perf_counter() - t
     t = time.perf_counter()
     repo = out / "model_repository"
-    job = LlmapiJob(
+    job = ConvertJob(
         base=base,
         finetuned=tuple(folders.values()),
         names=tuple(folders),
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(rank=args.rank)),
-        engine=engine("trtllm-cpu"),
+        settings=RepositorySettings(backend="trtllm-cpu", base=str(base)),
     )
-    convert_llmapi(job)
+    convert(job)
     times[f"convert --backend trtllm-cpu (rank {args.rank}, 2 adapters)"] = time.perf_counter() - t
 
     questions = [q for task in tasks.values() for q, _ in task.test[: args.questions]]

@@ -32,8 +32,8 @@ from router_overhead import router_process  # noqa: E402
 from phlora_nim.converters.extract import ExtractOptions  # noqa: E402
 from phlora_nim.converters.rank_policy import RankPolicy  # noqa: E402
 from phlora_nim.demo.toy_models import make_finetunes  # noqa: E402
-from phlora_nim.engines.registry import engine  # noqa: E402
-from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi  # noqa: E402
+from phlora_nim.jobs.convert import ConvertJob, convert  # noqa: E402
+from phlora_nim.repository.settings import RepositorySettings  # noqa: E402
 from phlora_nim.triton.launcher import LocalTriton  # noqa: E402
 
 TOKENS = 16
@@ -66,15 +66,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         base, fts = make_finetunes("llama", Path(tmp) / "ckpt", 2, steps=10, linear_only=True)
-        job = LlmapiJob(
+        job = ConvertJob(
             base=base,
             finetuned=tuple(fts),
             names=("support", "legal"),
             repository=Path(tmp) / "repo",
             options=ExtractOptions(policy=RankPolicy(rank=8)),
-            engine=engine("trtllm-cpu"),
+            settings=RepositorySettings(backend="trtllm-cpu", base=str(base)),
         )
-        entry = convert_llmapi(job)[0].entry
+        entry = convert(job)[0].entry
         with (
             LocalTriton(job.repository) as triton,
             router_process(job.repository, triton.grpc_url, extra_args=("--upstream-model", "tensorrt_llm")) as routed,

@@ -401,32 +401,36 @@ def test_reference_error_texts(reference_server) -> None:
 
 
 def _job(base, fts, names, repo, **kw):
-    from phlora_nim.engines.registry import engine
-    from phlora_nim.jobs.convert_llmapi import LlmapiJob
+    """The one ``convert`` job, for the llmapi engine (its own options in ``engine_options``)."""
+    from phlora_nim.engines.trtllm_llmapi.staging import Options
+    from phlora_nim.jobs.convert import ConvertJob
+    from phlora_nim.repository.settings import RepositorySettings
 
     policy = kw.pop("policy", RankPolicy(rank=4))
     target = kw.pop("target_modules", None)
-    return LlmapiJob(
+    backend, served = kw.pop("backend", "trtllm-cpu"), kw.pop("served_root", None)
+    return ConvertJob(
         base=base,
         finetuned=tuple(fts),
         names=tuple(names),
         repository=repo,
         options=ExtractOptions(policy=policy, target_modules=target),
-        engine=engine(kw.pop("backend", "trtllm-cpu")),
-        **kw,
+        settings=RepositorySettings(backend=backend, base=str(base), served_path=served),
+        engine_options=Options(**kw),
     )
 
 
 def test_convert_writes_the_repository_and_widens_model_yaml(llama_finetunes, tmp_path: Path) -> None:
     import yaml
 
-    from phlora_nim.jobs.convert_llmapi import convert_llmapi, store_dir
+    from phlora_nim.engines.trtllm_llmapi.deploy import store_dir
+    from phlora_nim.jobs.convert import convert
     from phlora_nim.repository.registry import Registry
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     job = _job(base, fts[:1], ["support"], repo, target_modules=r".*\.(q_proj|v_proj)")
-    (support,) = convert_llmapi(job)
+    (support,) = convert(job)
     cfg = text_format.Parse((repo / "tensorrt_llm/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert [t.name for t in cfg.input] == [t[0] for t in UPSTREAM_INPUTS]
     data = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
@@ -435,7 +439,7 @@ def test_convert_writes_the_repository_and_widens_model_yaml(llama_finetunes, tm
     assert support.entry.lora_path == str(store_dir(repo.resolve(), support.entry.task_id))
     assert (Path(support.entry.lora_path) / "adapter_config.json").is_file()
     job2 = _job(base, fts[1:2], ["legal"], repo, policy=RankPolicy(rank=6))
-    convert_llmapi(job2)
+    convert(job2)
     data = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
     assert data["lora_config"]["max_lora_rank"] == 6
     assert set(data["lora_config"]["lora_target_modules"]) > {"attn_q", "attn_v", "attn_dense", "mlp_4h_to_h"}
@@ -444,19 +448,19 @@ def test_convert_writes_the_repository_and_widens_model_yaml(llama_finetunes, tm
 
 
 def test_convert_refuses_with_nothing_written(llama_finetunes, tmp_path: Path) -> None:
-    from phlora_nim.jobs.convert_llmapi import convert_llmapi
+    from phlora_nim.jobs.convert import convert
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
     with pytest.raises(PhloraError, match="store path Triton cannot see"):
-        convert_llmapi(_job(base, fts[:1], ["a"], repo, served_root="/models"))
+        convert(_job(base, fts[:1], ["a"], repo, served_root="/models"))
     assert not repo.exists()
     fixed = tmp_path / "model.yaml"
     model_yaml.write(fixed, model_yaml.LlmapiConfig(model=str(base), lora_target_modules=("attn_q",), max_lora_rank=2))
     with pytest.raises(
         PhloraError, match=r"a: modules .*not in lora_target_modules \[attn_q\].*rank 4 > max_lora_rank 2"
     ):
-        convert_llmapi(_job(base, fts[:1], ["a"], repo, model_yaml=fixed, fixed=True, backend="trtllm"))
+        convert(_job(base, fts[:1], ["a"], repo, model_yaml=fixed, fixed=True, backend="trtllm"))
     assert not repo.exists()
 
 
@@ -490,13 +494,14 @@ def test_cli_convert_for_trtllm(llama_finetunes, tmp_path: Path, run_cli) -> Non
 def test_id_collision_is_refused_and_remove_schedules_the_folder(llama_finetunes, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from phlora_nim.jobs.convert_llmapi import convert_llmapi, store_dir
+    from phlora_nim.engines.trtllm_llmapi.deploy import store_dir
+    from phlora_nim.jobs.convert import convert
     from phlora_nim.jobs.maintenance import remove_adapter
     from phlora_nim.repository.registry import Registry
 
     base, fts = llama_finetunes
     repo = tmp_path / "repo"
-    (first,) = convert_llmapi(_job(base, fts[:1], ["a"], repo))
+    (first,) = convert(_job(base, fts[:1], ["a"], repo))
     folder = store_dir(repo, first.entry.task_id)
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     key = next(iter(tensors))
@@ -504,10 +509,36 @@ def test_id_collision_is_refused_and_remove_schedules_the_folder(llama_finetunes
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     before = (repo / "phlora_registry.json").read_text()
     with pytest.raises(PhloraError, match="lora_id collision"):
-        convert_llmapi(_job(base, fts[:2], ["a", "b"], repo))
+        convert(_job(base, fts[:2], ["a", "b"], repo))
     assert (repo / "phlora_registry.json").read_text() == before, "nothing registered"
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], "nothing moved into the store"
     remove_adapter(repo, "a", grace=30)
     state = Registry(repo).read()
     assert "a" not in state.adapters
     assert any(p.path.endswith(f"lora_store/{first.entry.task_id}") for p in state.pending_deletions)
+
+
+def test_both_engines_have_the_same_convert_steps() -> None:
+    """The one convert job reaches either engine through the same step functions, called alike."""
+    import inspect
+
+    from phlora_nim.engines.registry import engine
+
+    steps = (
+        "prepare",
+        "stage",
+        "check_staged",
+        "lora_path",
+        "check_fit",
+        "unchanged",
+        "place",
+        "engine_files",
+        "notes",
+    )
+    legacy, llmapi = (engine(n).module("staging") for n in ("trtllm-legacy-cpu", "trtllm-cpu"))
+    for step in steps:
+        params = [list(inspect.signature(getattr(m, step)).parameters) for m in (legacy, llmapi)]
+        assert params[0] == params[1], step
+    assert legacy.PEFT_STORE and not llmapi.PEFT_STORE
+    deploys = [engine(n).module("deploy").write_repository for n in ("trtllm-legacy-cpu", "trtllm-cpu")]
+    assert [list(inspect.signature(f).parameters) for f in deploys] == [["root", "settings", "state", "fit"]] * 2

@@ -20,8 +20,9 @@ from tritonclient.utils import InferenceServerException
 
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.engines.registry import engine
-from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
+from phlora_nim.engines.trtllm_llmapi.staging import Options
+from phlora_nim.jobs.convert import ConvertJob, convert
+from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.config import ANY_FREE_PORT
 from phlora_nim.triton.launcher import LocalTriton
@@ -37,17 +38,17 @@ def stack(llama_finetunes, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     base, fts = llama_finetunes
     root = tmp_path_factory.mktemp("llmapi-serving")
     repo = root / "repo"
-    job = LlmapiJob(
+    job = ConvertJob(
         base=base,
         finetuned=tuple(fts[:2]),
         names=NAMES,
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(rank=8)),
-        engine=engine("trtllm-cpu"),
-        max_loras=1,  # every switch between the two adapters evicts one: reloads from lora_path are exercised
-        max_cpu_loras=1,
+        settings=RepositorySettings(backend="trtllm-cpu", base=str(base)),
+        # every switch between the two adapters evicts one: reloads from lora_path are exercised
+        engine_options=Options(max_loras=1, max_cpu_loras=1),
     )
-    converted = {c.entry.name: c.entry for c in convert_llmapi(job)}
+    converted = {c.entry.name: c.entry for c in convert(job)}
     with LocalTriton(repo) as triton:
         config = RouterConfig(
             repo,

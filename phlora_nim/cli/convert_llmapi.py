@@ -1,4 +1,5 @@
-"""``convert --backend trtllm`` / ``trtllm-cpu``: the llmapi engine's side of the ``convert`` command."""
+"""``convert --backend trtllm`` / ``trtllm-cpu``: the llmapi engine's options of the ``convert`` command
+(the job is :func:`phlora_nim.jobs.convert.convert`, as for every engine)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from phlora_nim.cli.app import command_line, out_console, tensor_progress
 if TYPE_CHECKING:
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.engines.registry import Engine
-    from phlora_nim.jobs.convert_llmapi import Converted, LlmapiJob
+    from phlora_nim.jobs.convert import Converted, ConvertJob
 
 # Options of the legacy engine's repository that the llmapi engine has no use for (refused when given).
 _LEGACY_ONLY = (
@@ -58,7 +59,8 @@ def llmapi_engine(args: Mapping[str, Any]) -> Engine | None:
 def convert_llmapi_command(args: Mapping[str, Any], options: ExtractOptions) -> None:
     """``convert --backend trtllm`` / ``trtllm-cpu``: the options by parameter name, the extraction options."""
     from phlora_nim.core.errors import OptionError
-    from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
     row = llmapi_engine(args)
     if row is None:
@@ -71,36 +73,37 @@ def convert_llmapi_command(args: Mapping[str, Any], options: ExtractOptions) -> 
             fix="drop them (the llmapi model takes its settings from model.yaml: --max-loras, --max-cpu-loras, "
             "--tp, --pp, --model-yaml)",
         )
-    job = LlmapiJob(
+    job = ConvertJob(
         base=args["base"],
         finetuned=tuple(args["finetuned"]),
         names=tuple(args["name"] or ()),
         repository=args["model_repository"],
         options=options,
-        engine=row,
-        served_root=args["served_path"],
-        served_base=args["served_base"],
-        model_yaml=args["model_yaml"],
-        fixed=args["fixed_model_yaml"],
+        settings=RepositorySettings(backend=row.name, base=str(args["base"]), served_path=args["served_path"]),
         tp=args["tp"],
-        pp=args["pp"],
-        max_loras=args["max_loras"],
-        max_cpu_loras=args["max_cpu_loras"],
         replace=args["replace"],
         grace=args["grace"],
+        engine_options=row.module("staging").Options(
+            served_base=args["served_base"],
+            model_yaml=args["model_yaml"],
+            fixed=args["fixed_model_yaml"],
+            pp=args["pp"],
+            max_loras=args["max_loras"],
+            max_cpu_loras=args["max_cpu_loras"],
+        ),
     )
     start = time.perf_counter()
     with tensor_progress("convert") as bar:
         task = bar.add_task("planning", total=None)
         current = {"name": ""}
-        done = convert_llmapi(
+        done = convert(
             job,
             command=command_line(),
             on_plan=lambda n: bar.update(task, total=n, description=""),
             on_adapter=lambda n: current.update(name=n),
             progress=lambda t: bar.update(task, advance=1, description=f"{current['name']}: {t}"),
         )
-    _print_summary(job, done, time.perf_counter() - start)
+    _print_summary(job, row, done, time.perf_counter() - start)
 
 
 def rank_and_energy(ranks: dict[str, int], report: dict[str, Any]) -> tuple[str, str]:
@@ -111,8 +114,7 @@ def rank_and_energy(ranks: dict[str, int], report: dict[str, Any]) -> tuple[str,
     return rank, f"{kept:.4f}" if isinstance(kept, float) else "–"
 
 
-def _print_summary(job: LlmapiJob, done: list[Converted], seconds: float) -> None:
-    row = job.engine
+def _print_summary(job: ConvertJob, row: Engine, done: list[Converted], seconds: float) -> None:
     table = Table(title=f"registered in {job.repository} for {row.name}")
     for col in ("adapter", "lora_id", "ranks", "energy kept", "lora_path"):
         table.add_column(col)

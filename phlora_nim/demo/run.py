@@ -167,18 +167,18 @@ def _convert(base: Path, fts: list[Path], repo: Path, energy: float) -> dict[str
     """``convert --backend trtllm-cpu`` every fine-tune into one repository; results by adapter name."""
     from phlora_nim.converters.extract import ExtractOptions
     from phlora_nim.converters.rank_policy import RankPolicy
-    from phlora_nim.engines.registry import engine
-    from phlora_nim.jobs.convert_llmapi import LlmapiJob, convert_llmapi
+    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.repository.settings import RepositorySettings
 
-    job = LlmapiJob(
+    job = ConvertJob(
         base=base,
         finetuned=tuple(fts),
         names=NAMES,
         repository=repo,
         options=ExtractOptions(policy=RankPolicy(energy=energy, max_rank=64)),
-        engine=engine(DEMO_ENGINE),
+        settings=RepositorySettings(backend=DEMO_ENGINE, base=str(base)),
     )
-    return {c.entry.name: c for c in convert_llmapi(job, command="phlora-nim demo")}
+    return {c.entry.name: c for c in convert(job, command="phlora-nim demo")}
 
 
 def _ask_through_the_router(progress: Progress, repo: Path, base_name: str) -> list[tuple[tuple[str, str, str], str]]:

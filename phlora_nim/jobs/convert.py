@@ -1,9 +1,13 @@
 """``phlora-nim convert``: fine-tuned checkpoints → adapters registered in a Triton model repository.
 
-Plan first (names, options, every checkpoint pair), then extract each adapter, lay it out for
-TensorRT-LLM and stage both forms inside the repository; only then, under the registry lock,
-register them and move the staged folders into place. A failure before that point leaves the
-repository exactly as it was.
+Plan first (names, options, every checkpoint pair), then extract each adapter, lay it out for the
+engine and stage it inside the repository; only then, under the registry lock, register them and move
+the staged folders into place. A failure before that point leaves the repository exactly as it was.
+
+The engine is reached through its package's ``staging`` and ``deploy`` modules (the steps are listed
+in :mod:`phlora_nim.engines.trtllm_legacy.staging`): the legacy TensorRT-LLM engine (npy pairs in the
+prefetch folder) and the llmapi engine (PEFT folders in ``tensorrt_llm/lora_store/<lora_id>/``, a
+``model.yaml`` covering them) go through the same job.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class ConvertJob:
             hidden size) instead of leaving it out of the TensorRT-LLM rows with a warning.
         check_served_path: refuse unless ``settings.served_path`` is this repository here (run
             where Triton mounts it: the chart's conversion Job).
+        engine_options: the engine's own options (its staging module's ``Options``; None: defaults).
+        notes: filled by ``convert``: what the user should know (model.yaml changes, files to put in place).
     """
 
     base: Path
@@ -91,6 +97,8 @@ class ConvertJob:
     engine_config: Path | None = None
     strict: bool = False
     check_served_path: bool = False
+    engine_options: Any = None
+    notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     def __post_init__(self) -> None:
         if not self.finetuned:
@@ -116,7 +124,7 @@ class ConvertJob:
 
 @dataclass(frozen=True)
 class Converted:
-    """What ``convert`` registered for one fine-tune."""
+    """What ``convert`` registered for one fine-tune (``adapter_bytes``: the engine's form)."""
 
     entry: AdapterEntry
     report: dict[str, Any]
@@ -263,7 +271,7 @@ class StagedAdapter:
 
     name: str
     extracted: Extracted
-    store: Path  # the PEFT store folder every engine reads or is served from
+    store: Path  # the PEFT store folder (the engine's form itself where it is one)
     form: Any  # the engine's own form (its staging module's EngineForm): layout, bytes, files
     seconds: float
 
@@ -298,36 +306,51 @@ def convert(
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     steps = job.settings.engine_row.module("staging")
-    settings, engine = steps.prepare(job.settings, job.engine_config)
+    settings, engine = steps.prepare(job.settings, job.engine_config, root=root, options=job.engine_options)
     job = dataclasses.replace(job, settings=settings)
     if job.check_served_path:
         check_served_path(job.settings, root)
     with planned(job.base, job.finetuned, job.options, on_plan=on_plan) as plan:
         model_config = require_config(plan)
         with _created_on_failure_removed(root), _staging(root) as stage:
-            staged = []
-            for name, pair in zip(names, plan.pairs, strict=True):
-                if on_adapter:
-                    on_adapter(name)
-                staged.append(
-                    _stage(
-                        job,
-                        plan,
-                        pair,
-                        name=name,
-                        stage=stage,
-                        model_config=model_config,
-                        engine=engine,
-                        steps=steps,
-                        command=command,
-                        progress=progress,
-                    )
-                )
+            staged = _stage_all(
+                job,
+                plan,
+                names,
+                on_adapter=on_adapter,
+                stage=stage,
+                model_config=model_config,
+                engine=engine,
+                steps=steps,
+                command=command,
+                progress=progress,
+            )
+            # Refused before the registry lock is taken (its file would stay): what the engine's model cannot cover.
+            steps.check_staged(
+                job.settings, root, {i.name: i.form for i in staged}, options=job.engine_options, tp=job.tp
+            )
             tokenizer = stage / "base.tokenizer"  # for the router's HTTP front
             has_tokenizer = copy_tokenizer_files(job.base, tokenizer)
             # Moved into place under the registry lock: concurrent converts (one pod per fine-tune) each
             # replace it, and two renames onto one folder at once would fail.
             return _register(job, root, staged, steps, tokenizer=tokenizer if has_tokenizer else None)
+
+
+def _stage_all(job: ConvertJob, plan: Planned, names: list[str], **kw: Any) -> list[StagedAdapter]:
+    """Every adapter staged; the engine's refusals of all of them collected into one error."""
+    staged: list[StagedAdapter] = []
+    refused: list[PhloraError] = []
+    on_adapter = kw.pop("on_adapter")
+    for name, pair in zip(names, plan.pairs, strict=True):
+        if on_adapter:
+            on_adapter(name)
+        item = _stage(job, plan, pair, name=name, **kw)
+        if isinstance(item, PhloraError):
+            refused.append(item)
+        else:
+            staged.append(item)
+    raise_all(refused, summary="adapters the engine cannot serve exactly (nothing written)")
+    return staged
 
 
 def _stage(
@@ -342,22 +365,33 @@ def _stage(
     steps: ModuleType,
     command: str | None,
     progress: Callable[[str], None] | None,
-) -> StagedAdapter:
-    """Extract one adapter and write the PEFT store folder and the engine's own form into ``stage``."""
+) -> StagedAdapter | PhloraError:
+    """Extract one adapter and write the PEFT store folder and the engine's own form into ``stage``
+    (the engine's refusal returned, so that every adapter's is reported at once)."""
     start = time.perf_counter()
     extracted = extract_adapter(plan, pair, command=command, progress=progress)
-    form = steps.stage(
-        extracted.adapter,
-        stage / f"{name}.lora",
-        settings=job.settings,
-        model_config=model_config,
-        architecture=pair.plan.architecture,
-        engine=engine,
-        engine_where=str(job.engine_config),
-        tp=job.tp,
-        strict=job.strict,
-        source=f"{name} ({pair.path})",
-    )
+    try:
+        form = steps.stage(
+            extracted.adapter,
+            stage / f"{name}.lora",
+            name=name,
+            settings=job.settings,
+            model_config=model_config,
+            architecture=pair.plan.architecture,
+            engine=engine,
+            engine_where=str(job.engine_config),
+            tp=job.tp,
+            strict=job.strict,
+            source=f"{name} ({pair.path})",
+            out_dtype=extracted.out_dtype,
+        )
+    except PhloraError as exc:
+        return exc
+    if not steps.PEFT_STORE:  # the engine's form is the PEFT folder: the report goes beside its weights
+        write_report_files(extracted.report, form.folder, plot=False)
+        return StagedAdapter(
+            name=name, extracted=extracted, store=form.folder, form=form, seconds=time.perf_counter() - start
+        )
     store = stage / f"{name}.store"
     store.mkdir()
     save_nim_adapter(extracted.adapter, store, dtype=extracted.out_dtype)
@@ -382,32 +416,40 @@ def _register(
         entries = []
         for item in staged:
             old = state.adapters.get(item.name)
+            digest, ranks = adapter_digest(item.extracted.adapter), item.extracted.adapter.ranks()
             entry = state.add(
                 item.name,
-                adapter_digest(item.extracted.adapter),
-                item.extracted.adapter.ranks(),
-                dtype=job.settings.dtype,
+                digest,
+                ranks,
+                dtype=item.form.dtype,
                 sources={"base": str(Path(job.base).resolve()), "finetuned": str(item.extracted.finetuned.resolve())},
                 replace=job.replace,
                 trtllm_layout=item.form.layout,
             )
+            path = steps.lora_path(job.settings, root, entry.task_id)  # known once the id is
+            if path is not None:
+                entry = state.add(item.name, digest, ranks, dtype=entry.dtype, sources=entry.sources, lora_path=path)
             entries.append((entry, old))
-        # Refused here, before anything moves: adapters the engine's LoRA cache cannot hold.
-        steps.check_fit(job.settings, state, root, {i.name: i.form for i in staged})
+        # Refused here, before anything moves: adapters the engine cannot hold.
+        fit = steps.check_fit(
+            job.settings, state, root, {i.name: i.form for i in staged}, options=job.engine_options, tp=job.tp
+        )
         for (entry, old), item in zip(entries, staged, strict=True):
             unchanged = (
                 old is not None
                 and old.digest == entry.digest
                 and steps.unchanged(root, entry)
-                and adapter_store_dir(root, item.name).is_dir()
+                and (not steps.PEFT_STORE or adapter_store_dir(root, item.name).is_dir())
             )
             if not unchanged:  # the same weights again: leave its files (and report) as they are
                 steps.place(root, state, entry, old, item.form, grace=job.grace)
-                replace_dir(item.store, adapter_store_dir(root, item.name))
+                if steps.PEFT_STORE:
+                    replace_dir(item.store, adapter_store_dir(root, item.name))
             done.append(
                 Converted(
                     entry=entry, report=item.extracted.report, adapter_bytes=item.form.nbytes, seconds=item.seconds
                 )
             )
-        job.settings.engine_row.module("deploy").write_repository(root, job.settings, state)
+        job.settings.engine_row.module("deploy").write_repository(root, job.settings, state, fit)
+    job.notes.extend(steps.notes(job.settings, root, fit))
     return done

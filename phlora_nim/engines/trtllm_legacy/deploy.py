@@ -258,8 +258,9 @@ def _install_model_py(root: Path, model: str) -> None:
         atomic_write_text(target, source.read_text(encoding="utf-8"))
 
 
-def write_repository(root: Path, settings: RepositorySettings, state: RegistryState) -> list[Path]:
-    """(Re)write every model of the repository for ``settings`` and the adapters in ``state``.
+def write_repository(root: Path, settings: RepositorySettings, state: RegistryState, fit: Any = None) -> list[Path]:
+    """(Re)write every model of the repository for ``settings`` and the adapters in ``state``
+    (``fit``: what staging's ``check_fit`` returned; nothing for this engine).
 
     Returns:
         The config files written.

@@ -2,7 +2,28 @@
 check the engine config, lay each adapter out as the npy pair, refuse adapters the LoRA cache cannot
 hold, and move the pair into the prefetch folder Triton reads (``lora_prefetch_dir``).
 
-Every engine package has a ``staging`` module with these four steps (see :mod:`phlora_nim.jobs.convert`).
+Every engine package ``convert`` writes for has a ``staging`` module with these steps, called by
+:mod:`phlora_nim.jobs.convert` in this order (the llmapi engine's is :mod:`phlora_nim.engines.trtllm_llmapi.staging`):
+
+- ``PEFT_STORE``: whether the job also writes the PEFT store folder (``adapters/<name>``) beside the
+  engine's own form (False where that form is itself the PEFT folder).
+- ``Options``: the engine's own ``convert`` options (``ConvertJob.engine_options``).
+- ``prepare(settings, engine_config, *, root, options)``: checks before any extraction; the settings
+  to write and the engine config adapters must fit (or None).
+- ``stage(adapter, folder, *, name, settings, model_config, architecture, engine, engine_where, tp,
+  strict, source, out_dtype)``: write the engine's form of one adapter into ``folder``; an ``EngineForm``
+  (``folder``, ``layout`` for the registry, ``nbytes``, ``dtype`` registered).
+- ``check_staged(settings, root, staged, *, options, tp)``: every adapter staged, before the registry
+  lock is taken: refuse what the engine's model cannot cover (nothing is written then).
+- ``lora_path(settings, root, lora_id)``: the path registered for the engine to load it from (or None).
+- ``check_fit(settings, state, root, staged, *, options, tp)``: under the registry lock, with this
+  run's adapters registered but nothing moved: refuse what the engine cannot hold; returns a fit
+  handed to ``deploy.write_repository`` and ``notes``.
+- ``unchanged(root, entry)``, ``place(root, state, entry, old, form, *, grace)``: move the form into place.
+- ``engine_files(root, entry)``: what ``remove`` deletes with an adapter.
+- ``notes(settings, root, fit)``: lines printed after ``convert``.
+
+And its ``deploy`` module has ``write_repository(root, settings, state, fit=None)`` (``fit``: None after ``remove``).
 """
 
 from __future__ import annotations
@@ -28,6 +49,13 @@ from phlora_nim.repository.layout import prefetch_dir
 from phlora_nim.repository.registry import AdapterEntry, RegistryState
 from phlora_nim.repository.settings import RepositorySettings
 
+PEFT_STORE = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """No options of its own: those of this engine are repository settings."""
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineForm:
@@ -42,10 +70,11 @@ class EngineForm:
     folder: Path
     layout: dict[str, Any]
     nbytes: int
+    dtype: str
 
 
 def prepare(
-    settings: RepositorySettings, engine_config: Path | None
+    settings: RepositorySettings, engine_config: Path | None, *, root: Path, options: Any
 ) -> tuple[RepositorySettings, dict[str, Any] | None]:
     """The settings with the engine config stored (given now, or kept from an earlier run), checked
     before any extraction: the cache can be sized from it and its chunked-context setting holds.
@@ -68,6 +97,7 @@ def stage(
     adapter: LoraAdapter,
     folder: Path,
     *,
+    name: str,
     settings: RepositorySettings,
     model_config: dict[str, Any],
     architecture: ArchitectureMap | None,
@@ -76,6 +106,7 @@ def stage(
     tp: int,
     strict: bool,
     source: str,
+    out_dtype: Any,
 ) -> EngineForm:
     """Write the npy pair of ``adapter`` into ``folder`` (which must not exist)."""
     lora = adapter_to_trtllm(
@@ -92,10 +123,29 @@ def stage(
         "rows": lora.num_rows,
         "tp": tp,
     }
-    return EngineForm(folder=folder, layout=layout, nbytes=nbytes)
+    return EngineForm(folder=folder, layout=layout, nbytes=nbytes, dtype=settings.dtype)
 
 
-def check_fit(settings: RepositorySettings, state: RegistryState, root: Path, staged: dict[str, EngineForm]) -> None:
+def check_staged(
+    settings: RepositorySettings, root: Path, staged: dict[str, EngineForm], *, options: Any, tp: int
+) -> None:
+    """Nothing to check before the lock: the cache fit needs the registered adapters (:func:`check_fit`)."""
+
+
+def lora_path(settings: RepositorySettings, root: Path, lora_id: int) -> str | None:
+    """None: the router sends the weights (or the server preloads them from the prefetch folder)."""
+    return None
+
+
+def check_fit(
+    settings: RepositorySettings,
+    state: RegistryState,
+    root: Path,
+    staged: dict[str, EngineForm],
+    *,
+    options: Any,
+    tp: int,
+) -> None:
     """Refuse, before anything moves, adapters the engine's LoRA cache cannot hold."""
     lora_cache_plan(settings, planned_adapters(state, root, staged={n: f.folder for n, f in staged.items()}))
 
@@ -117,3 +167,7 @@ def unchanged(root: Path, entry: AdapterEntry) -> bool:
 def engine_files(root: Path, entry: AdapterEntry) -> list[Path]:
     """The engine's files of a registered adapter (removed with it, after the grace period)."""
     return [prefetch_dir(root, entry.task_id)]
+
+
+def notes(settings: RepositorySettings, root: Path, fit: None) -> list[str]:
+    return []

@@ -48,6 +48,14 @@ def write_model(repository: Path, config: model_yaml.LlmapiConfig, *, cpu_refere
     return written
 
 
-def write_repository(root: Path, settings: Any, state: Any) -> list[Path]:
-    """After ``remove``: nothing to rewrite (model.yaml may keep covering a removed adapter's modules)."""
-    return []
+def write_repository(root: Path, settings: Any, state: Any, fit: Any = None) -> list[Path]:
+    """After ``convert`` (``fit``: its staging ``Fit``): the model folder and the settings. After
+    ``remove`` (no fit): nothing to rewrite (model.yaml may keep covering a removed adapter's modules)."""
+    if fit is None:
+        return []
+    written = write_model(root, fit.config, cpu_reference=settings.engine_row.cpu_reference)
+    # Only what later runs and the router read: which engine, base and served path.
+    type(settings)(
+        backend=settings.backend, base=str(Path(settings.base).resolve()), served_path=settings.served_path
+    ).save(root)
+    return written
