@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
@@ -100,7 +100,9 @@ class BackgroundRounds:
     """The health and DNS rounds a pool of replicas runs in the background, for both kinds of pool."""
 
     config: RouterConfig
+    metrics: RouterMetrics
     _tasks: list[asyncio.Task[None]]
+    _probes: dict[str, asyncio.Future[None]]
 
     async def refresh_members(self) -> None:
         raise NotImplementedError
@@ -110,6 +112,32 @@ class BackgroundRounds:
 
     async def _close_replicas(self) -> None:
         raise NotImplementedError
+
+    async def check(self, replica: Any) -> None:
+        raise NotImplementedError
+
+    def _publish(self) -> None:
+        raise NotImplementedError
+
+    async def probe(self, replica: Any) -> bool:
+        """Check ``replica`` now (one check shared by concurrent callers); a failure takes it out of rotation."""
+        task = self._probes.get(replica.address)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self.check(replica))
+            self._probes[replica.address] = task
+        await asyncio.shield(task)  # a caller giving up does not cancel the others' check
+        self._publish()
+        return replica.healthy
+
+    def mark_down(self, replica: Any, reason: str) -> None:
+        """Take a replica out of rotation now (a call to it failed as unavailable)."""
+        if replica.healthy:
+            log.warning("replica %s out of rotation: %s", replica.address, reason)
+        replica.healthy = False
+        replica.downs += 1
+        self.metrics.replica_healthy.labels(replica.address).set(0)
+        self._publish()
+
 
     async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -206,25 +234,6 @@ class ReplicaPool(BackgroundRounds):
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
         await self._refresh_index()
-        self._publish()
-
-    async def probe(self, replica: Replica) -> bool:
-        """Check ``replica`` now (one check shared by concurrent callers); a failure takes it out of rotation."""
-        task = self._probes.get(replica.address)
-        if task is None or task.done():
-            task = asyncio.ensure_future(self.check(replica))
-            self._probes[replica.address] = task
-        await asyncio.shield(task)  # a caller giving up does not cancel the others' check
-        self._publish()
-        return replica.healthy
-
-    def mark_down(self, replica: Replica, reason: str) -> None:
-        """Take a replica out of rotation now (a call to it failed as unavailable)."""
-        if replica.healthy:
-            log.warning("replica %s out of rotation: %s", replica.address, reason)
-        replica.healthy = False
-        replica.downs += 1
-        self.metrics.replica_healthy.labels(replica.address).set(0)
         self._publish()
 
     def _publish(self) -> None:

@@ -254,23 +254,6 @@ class OpenAIPool(BackgroundRounds):
         await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
         self._publish()
 
-    async def probe(self, replica: OpenAIReplica) -> bool:
-        task = self._probes.get(replica.address)
-        if task is None or task.done():
-            task = asyncio.ensure_future(self.check(replica))
-            self._probes[replica.address] = task
-        await asyncio.shield(task)
-        self._publish()
-        return replica.healthy
-
-    def mark_down(self, replica: OpenAIReplica, reason: str) -> None:
-        if replica.healthy:
-            log.warning("replica %s out of rotation: %s", replica.address, reason)
-        replica.healthy = False
-        replica.downs += 1
-        self.metrics.replica_healthy.labels(replica.address).set(0)
-        self._publish()
-
     def _publish(self) -> None:
         count = len(self.healthy())
         self.metrics.healthy_replicas.set(count)
