@@ -146,8 +146,10 @@ def infer_response(
 
 def choice_of(answer: dict[str, Any]) -> tuple[str, list[int] | None]:
     """Text and token ids of the first choice of a completion (or a streamed chunk of one)."""
-    choices = answer.get("choices") or [{}]
-    first = choices[0] if isinstance(choices[0], dict) else {}
+    # An engine's answer is bytes from the network: anything but the expected shape reads as empty.
+    choices = answer.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     text = first.get("text") or ""
     ids = first.get("token_ids")
-    return (text if isinstance(text, str) else ""), (list(ids) if isinstance(ids, list) else None)
+    valid = isinstance(ids, list) and all(type(i) is int and 0 <= i < 2**31 for i in ids)
+    return (text if isinstance(text, str) else ""), (list(ids) if valid else None)
