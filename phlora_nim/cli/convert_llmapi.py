@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from phlora_nim.cli.app import command_line, out_console, tensor_progress
+from phlora_nim.cli.app import out_console
 
 if TYPE_CHECKING:
     from phlora_nim.converters.extract import ExtractOptions
@@ -59,7 +58,7 @@ def llmapi_engine(args: Mapping[str, Any]) -> Engine | None:
 def convert_llmapi_command(args: Mapping[str, Any], options: ExtractOptions) -> None:
     """``convert --backend trtllm`` / ``trtllm-cpu``: the options by parameter name, the extraction options."""
     from phlora_nim.core.errors import OptionError
-    from phlora_nim.jobs.convert import ConvertJob, convert
+    from phlora_nim.jobs.convert import ConvertJob
     from phlora_nim.repository.settings import RepositorySettings
 
     row = llmapi_engine(args)
@@ -92,18 +91,10 @@ def convert_llmapi_command(args: Mapping[str, Any], options: ExtractOptions) -> 
             max_cpu_loras=args["max_cpu_loras"],
         ),
     )
-    start = time.perf_counter()
-    with tensor_progress("convert") as bar:
-        task = bar.add_task("planning", total=None)
-        current = {"name": ""}
-        done = convert(
-            job,
-            command=command_line(),
-            on_plan=lambda n: bar.update(task, total=n, description=""),
-            on_adapter=lambda n: current.update(name=n),
-            progress=lambda t: bar.update(task, advance=1, description=f"{current['name']}: {t}"),
-        )
-    _print_summary(job, row, done, time.perf_counter() - start)
+    from phlora_nim.cli.repository_commands import convert_with_progress  # imports this module
+
+    done, seconds = convert_with_progress(job)
+    _print_summary(job, row, done, seconds)
 
 
 def rank_and_energy(ranks: dict[str, int], report: dict[str, Any]) -> tuple[str, str]:

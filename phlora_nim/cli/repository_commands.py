@@ -190,7 +190,7 @@ def convert_command(
 
         job, fanout = one_of(job, index), siblings_pending(job, index)
     with fanout:
-        done, seconds = _convert_with_progress(job)
+        done, seconds = convert_with_progress(job)
     _print_convert_summary(done, seconds, model_repository)
 
 
@@ -312,7 +312,7 @@ def _repository_settings(
     return settings, keep
 
 
-def _convert_with_progress(job: ConvertJob) -> tuple[list[Converted], float]:
+def convert_with_progress(job: ConvertJob) -> tuple[list[Converted], float]:
     """Run ``job`` behind a progress bar; returns what was registered and the wall time."""
     from phlora_nim.jobs.convert import convert
 
