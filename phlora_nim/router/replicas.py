@@ -104,39 +104,14 @@ class BackgroundRounds:
     _tasks: list[asyncio.Task[None]]
     _probes: dict[str, asyncio.Future[None]]
 
-    replicas: dict[str, Any]
-
-    def _new_replica(self, address: str) -> Any:
-        raise NotImplementedError
-
-    async def _close(self, replica: Any) -> None:
-        raise NotImplementedError
-
     async def refresh_members(self) -> None:
-        """Resolve the upstreams; add new replicas (checked at once), drop vanished ones (closed after the
-        grace period: requests in flight on them finish)."""
-        try:
-            found = await resolve_upstreams(self.config)
-        except OSError as exc:
-            log.warning("cannot resolve %s, keeping %d replicas: %s", self.config.upstream_dns, len(self.replicas), exc)
-            return
-        for address in sorted(found - set(self.replicas)):
-            log.info("replica %s added", address)
-            self.replicas[address] = self._new_replica(address)
-        for address in sorted(set(self.replicas) - found):
-            log.info("replica %s removed (no longer resolved)", address)
-            gone = self.replicas.pop(address)
-            self.metrics.forget_replica(address)
-            asyncio.get_running_loop().call_later(
-                self.config.grace, lambda r=gone: asyncio.ensure_future(self._close(r))
-            )
-        await self.check_all()
+        raise NotImplementedError
 
     async def check_all(self) -> None:
         raise NotImplementedError
 
     async def _close_replicas(self) -> None:
-        await asyncio.gather(*(self._close(r) for r in self.replicas.values()), return_exceptions=True)
+        raise NotImplementedError
 
     async def check(self, replica: Any) -> None:
         raise NotImplementedError
@@ -162,6 +137,7 @@ class BackgroundRounds:
         replica.downs += 1
         self.metrics.replica_healthy.labels(replica.address).set(0)
         self._publish()
+
 
     async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -209,13 +185,29 @@ class ReplicaPool(BackgroundRounds):
         self._healthy_count = -1
 
     # discovery -----------------------------------------------------------------------------
-    def _new_replica(self, address: str) -> Replica:
-        return Replica(
-            address, options=self.config.channel_options(), residency_capacity=self.config.residency_capacity
-        )
+    async def _resolve(self) -> set[str]:
+        return await resolve_upstreams(self.config)
 
-    async def _close(self, replica: Replica) -> None:
-        await replica.channel.close()
+    async def refresh_members(self) -> None:
+        """Resolve the upstreams; add new replicas (checked at once), drop vanished ones."""
+        try:
+            found = await self._resolve()
+        except OSError as exc:
+            log.warning("cannot resolve %s, keeping %d replicas: %s", self.config.upstream_dns, len(self.replicas), exc)
+            return
+        for address in sorted(found - set(self.replicas)):
+            log.info("replica %s added", address)
+            self.replicas[address] = Replica(
+                address, options=self.config.channel_options(), residency_capacity=self.config.residency_capacity
+            )
+        for address in sorted(set(self.replicas) - found):
+            log.info("replica %s removed (no longer resolved)", address)
+            gone = self.replicas.pop(address)
+            self.metrics.forget_replica(address)
+            asyncio.get_running_loop().call_later(
+                self.config.grace, lambda ch=gone.channel: asyncio.ensure_future(ch.close())
+            )
+        await self.check_all()
 
     # health ----------------------------------------------------------------------------------
     async def check(self, replica: Replica) -> None:
@@ -259,6 +251,9 @@ class ReplicaPool(BackgroundRounds):
             )
             self.index = list(response.models)
             self.models = {m.name for m in response.models}
+
+    async def _close_replicas(self) -> None:
+        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
 
     # selection -------------------------------------------------------------------------------
     def healthy(self) -> list[Replica]:

@@ -32,7 +32,7 @@ from phlora_nim.repository.registry import AdapterEntry
 from phlora_nim.router.config import RouterConfig
 from phlora_nim.router.errors import RequestError, capped
 from phlora_nim.router.metrics import RouterMetrics
-from phlora_nim.router.replicas import BackgroundRounds
+from phlora_nim.router.replicas import BackgroundRounds, resolve_upstreams
 from phlora_nim.router.routing import choose_replicas, load_bound, rank_replicas
 
 log = logging.getLogger("phlora_nim.router")
@@ -181,11 +181,26 @@ class OpenAIPool(BackgroundRounds):
         self.store = Path(config.adapter_store) if config.adapter_store else None
 
     # discovery -------------------------------------------------------------------------------
-    def _new_replica(self, address: str) -> OpenAIReplica:
-        return OpenAIReplica(address, timeout=self.config.attempt_timeout)
+    async def _resolve(self) -> set[str]:
+        return await resolve_upstreams(self.config)
 
-    async def _close(self, replica: OpenAIReplica) -> None:
-        await replica.client.aclose()
+    async def refresh_members(self) -> None:
+        try:
+            found = await self._resolve()
+        except OSError as exc:
+            log.warning("cannot resolve %s, keeping %d replicas: %s", self.config.upstream_dns, len(self.replicas), exc)
+            return
+        for address in sorted(found - set(self.replicas)):
+            log.info("replica %s added", address)
+            self.replicas[address] = OpenAIReplica(address, timeout=self.config.attempt_timeout)
+        for address in sorted(set(self.replicas) - found):
+            log.info("replica %s removed (no longer resolved)", address)
+            gone = self.replicas.pop(address)
+            self.metrics.forget_replica(address)
+            asyncio.get_running_loop().call_later(
+                self.config.grace, lambda c=gone.client: asyncio.ensure_future(c.aclose())
+            )
+        await self.check_all()
 
     # health and residency ----------------------------------------------------------------------
     async def check(self, replica: OpenAIReplica) -> None:
@@ -256,6 +271,9 @@ class OpenAIPool(BackgroundRounds):
             for name in replica.resident.names():
                 held[name] = held.get(name, 0) + 1
         return held
+
+    async def _close_replicas(self) -> None:
+        await asyncio.gather(*(r.client.aclose() for r in self.replicas.values()), return_exceptions=True)
 
     # selection -------------------------------------------------------------------------------
     def healthy(self) -> list[OpenAIReplica]:
