@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.engines.registry import engine
 from phlora_nim.router.config_schema import ANY_FREE_PORT as ANY_FREE_PORT
-from phlora_nim.router.config_schema import ROUTING_POLICIES as ROUTING_POLICIES
 from phlora_nim.router.config_schema import (
     Addresses,
+    Count,
     DnsName,
     EngineName,
     FilePath,
@@ -34,8 +34,6 @@ from phlora_nim.router.config_schema import (
     schema_problems,
 )
 from phlora_nim.router.config_schema import split_host_port as split_host_port
-
-Count = Annotated[int, Field(ge=1, description="a whole number ≥ 1")]
 
 
 @dataclass(frozen=True)

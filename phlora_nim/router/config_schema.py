@@ -116,6 +116,7 @@ _PATH = "a path (a relative one is taken from the config file's folder)"
 FilePath = Annotated[Path, BeforeValidator(_relative_to_file), Field(description=_PATH)]
 Seconds = Annotated[float, Field(gt=0, description="a positive number of seconds")]
 Megabytes = Annotated[int, Field(gt=0, description="a positive whole number of MiB")]
+Count = Annotated[int, Field(ge=1, description="a whole number ≥ 1")]
 Port = Annotated[int, AfterValidator(_port(False)), Field(description="a port number 0–65535")]
 FrontPort = Annotated[
     int, AfterValidator(_port(True)), Field(description=f"a port number 0–65535 (0: off; {ANY_FREE_PORT}: any free)")
