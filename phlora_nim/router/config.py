@@ -194,8 +194,16 @@ _FIX = "see `phlora-nim serve --help`"
 # Settings only a --config file sets (or the CLI itself: reuse_port): their errors name the field,
 # the others name their ``serve`` flag (tests/test_router_cli.py checks this against SERVE_FLAGS).
 FILE_ONLY = frozenset(
-    {"registry_interval", "residency_capacity", "weight_cache_mb", "grace", "max_choices", "max_body_mb"}
-    | {"max_loras", "reuse_port"}
+    {
+        "registry_interval",
+        "residency_capacity",
+        "weight_cache_mb",
+        "grace",
+        "max_choices",
+        "max_body_mb",
+        "max_loras",
+        "reuse_port",
+    }
 )
 _REPEATED = {"upstreams": "upstream", "expose_models": "expose_model"}  # a flag given once per value
 
