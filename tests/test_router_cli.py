@@ -111,3 +111,26 @@ def test_serve_help_shows_the_configs_own_defaults() -> None:
         if f.show_default and default not in (None, (), MISSING):
             shown = f"{default:g}" if isinstance(default, float) else str(default)
             assert f"(default {shown})." in text, f.flag
+
+
+def test_option_errors_name_the_flag_that_sets_each_field() -> None:
+    """An option error names the ``serve`` flag of its field, or the field itself where only --config sets it."""
+    from dataclasses import fields
+
+    from phlora_nim.router.cli import SERVE_FLAGS
+    from phlora_nim.router.config import FILE_ONLY, RouterConfig, option_name
+
+    flags = {f.field: f.flag for f in SERVE_FLAGS}
+    for field in fields(RouterConfig):
+        assert option_name(field.name) == flags.get(field.name, field.name), field.name
+        assert (field.name in FILE_ONLY) == (field.name not in flags and field.name != "model_repository")
+
+
+def test_a_bad_config_file_exits_2_naming_the_file_and_field(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "repo").mkdir()
+    config = tmp_path / "router.yaml"
+    config.write_text("model_repository: repo\nupstream: [a:1, triton]\nworkers: 0\n")
+    code, _, err = run_cli("serve", "--config", config)
+    assert code == 2 and "Traceback" not in err
+    assert f"{config}: upstream[1]: not a host:port address" in err
+    assert f"{config}: workers: must be ≥ 1; expected 1–64 processes; found 0" in err

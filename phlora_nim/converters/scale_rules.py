@@ -11,9 +11,13 @@ the writers fold whatever factor makes the rule give the true update (:func:`fol
   of the module path) else the globals; ``scaling = alpha / r`` (``/ √r`` with rsLoRA); the tensors
   must have rank r or loading fails.
 - **TensorRT-LLM** HF loader (NVIDIA/TensorRT-LLM, ``tensorrt_llm/lora_manager.py``
-  ``LoraManager.load_from_hf``, used by the LLM API, ``trtllm-serve`` and the Triton ``llmapi``
-  model): ``lora_alpha / (rank of that module's lora_A)`` (``/ √rank`` with rsLoRA), the patterns
-  ignored.
+  ``LoraManager.load_from_hf``, and its PyTorch-backend twin ``tensorrt_llm/_torch/peft/lora/manager.py``
+  ``LoraManager.load_from_hf`` used by the LLM API, ``trtllm-serve`` and the Triton ``llmapi`` model;
+  both compute ``scale = lora_alpha / effective_rank`` with ``effective_rank = t_in.shape[rank_dim]``):
+  ``lora_alpha / (rank of that module's lora_A)`` (``/ √rank`` with rsLoRA); of ``adapter_config.json``
+  only ``r``, ``lora_alpha`` and ``use_rslora`` are read, ``rank_pattern`` / ``alpha_pattern`` ignored.
+  This row is the one statement of that rule: the engine's CPU reference loader
+  (``phlora_nim.engines.trtllm_llmapi.loader_rule``) scales by it.
 - **vLLM** before 0.32 (vllm-project/vllm, ``vllm/lora/peft_helper.py`` ``PEFTHelper``): one
   ``lora_alpha / r`` from the globals for every module, the patterns dropped. 0.32 reads the patterns
   as PEFT does, but vLLM sizes every LoRA slot at ``max_lora_rank`` whatever the module's rank, so a
@@ -83,7 +87,12 @@ RULES: dict[str, ScaleRule] = {
         "peft", True, "config", True, "huggingface/peft src/peft/tuners/lora/model.py LoraModel._create_and_replace"
     ),
     "trtllm": ScaleRule(
-        "trtllm", False, "tensor", False, "NVIDIA/TensorRT-LLM tensorrt_llm/lora_manager.py LoraManager.load_from_hf"
+        "trtllm",
+        False,
+        "tensor",
+        False,
+        "NVIDIA/TensorRT-LLM tensorrt_llm/lora_manager.py LoraManager.load_from_hf "
+        "(and tensorrt_llm/_torch/peft/lora/manager.py LoraManager.load_from_hf)",
     ),
     "vllm": ScaleRule("vllm", False, "config", False, "vllm-project/vllm vllm/lora/peft_helper.py PEFTHelper (< 0.32)"),
 }

@@ -1,37 +1,39 @@
-"""Settings of the router (one dataclass; the CLI and tests build it)."""
+"""Settings of the router (one dataclass; the CLI and tests build it) and the ``--config`` file.
+
+Each field's type says what it accepts (the types of :mod:`phlora_nim.router.config_schema`);
+pydantic checks them, for options and for files alike.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from phlora_nim.core.errors import InputError, OptionError, PhloraError, raise_all
 from phlora_nim.engines.registry import engine
-
-ROUTING_POLICIES = ("adapter-aware", "round-robin")
-
-
-def split_host_port(text: str, *, flag: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 as ``[addr]:port``) → (host, port).
-
-    Raises:
-        OptionError: no port, or a port outside 1–65535.
-    """
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise OptionError(
-            "not a host:port address", where=flag, expected="HOST:PORT, e.g. triton-0:8001", found=repr(text)
-        )
-    return host, int(port)
-
-
-# http_port / metrics_port: on, at a port the OS picks as it is bound (0 means off there). Picking
-# a "free" port first and passing it would race with any other process binding one meanwhile.
-ANY_FREE_PORT = -1
+from phlora_nim.router.config_schema import ANY_FREE_PORT as ANY_FREE_PORT
+from phlora_nim.router.config_schema import (
+    Addresses,
+    Count,
+    DnsName,
+    EngineName,
+    FilePath,
+    FrontPort,
+    Megabytes,
+    ModelNames,
+    Name,
+    Port,
+    RoutingPolicy,
+    Seconds,
+    schema_problems,
+)
+from phlora_nim.router.config_schema import split_host_port as split_host_port
 
 
 @dataclass(frozen=True)
@@ -84,39 +86,56 @@ class RouterConfig:
             ``residency_capacity``.
     """
 
-    model_repository: Path
-    upstreams: tuple[str, ...] = ()
-    upstream_dns: str | None = None
-    dns_interval: float = 10.0
-    upstream_model: str = "ensemble"
-    expose_models: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 8001
-    metrics_port: int = 9090
-    tenants: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    max_message_mb: int = 256
-    health_interval: float = 2.0
-    attempt_timeout: float = 30.0
-    spill_factor: float = 0.25
-    residency_capacity: int = 8
-    weight_cache_mb: int = 1024
-    registry_interval: float = 1.0
-    grace: float = 5.0
-    workers: int = 1
-    reuse_port: bool = False
-    http_port: int = 0
-    served_model_name: str | None = None
-    llm_model: str = "tensorrt_llm"
-    max_choices: int = 32
-    max_body_mb: int = 4
-    engine: str = "trtllm-legacy"
-    adapter_store: Path | None = None
-    routing_policy: str = "adapter-aware"
-    max_loras: int = 0
+    model_repository: FilePath
+    upstreams: Addresses = ()
+    upstream_dns: DnsName | None = None
+    dns_interval: Seconds = 10.0
+    upstream_model: Name = "ensemble"
+    expose_models: ModelNames = ()
+    host: Annotated[str, Field(description="a host name or address to listen on")] = "127.0.0.1"
+    port: Port = 8001
+    metrics_port: FrontPort = 9090
+    tenants: FilePath | None = None
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    max_message_mb: Megabytes = 256
+    health_interval: Seconds = 2.0
+    attempt_timeout: Seconds = 30.0
+    spill_factor: Annotated[float, Field(ge=0, description="a number ≥ 0")] = 0.25
+    residency_capacity: Count = 8
+    weight_cache_mb: Annotated[int, Field(ge=0, description="a whole number of MiB ≥ 0")] = 1024
+    registry_interval: Seconds = 1.0
+    grace: Annotated[float, Field(ge=0, description="a number of seconds ≥ 0")] = 5.0
+    workers: Annotated[int, Field(ge=1, le=64, description="1–64 processes")] = 1
+    reuse_port: Annotated[bool, Field(description="true or false")] = False
+    http_port: FrontPort = 0
+    served_model_name: Name | None = None
+    llm_model: Name = "tensorrt_llm"
+    max_choices: Count = 32
+    max_body_mb: Megabytes = 4
+    engine: EngineName = "trtllm-legacy"
+    adapter_store: FilePath | None = None
+    routing_policy: RoutingPolicy = "adapter-aware"
+    max_loras: Annotated[int, Field(ge=0, description="a whole number ≥ 0 (0: residency_capacity)")] = 0
 
     def __post_init__(self) -> None:
+        """Check every field against its type (all problems at once), keep the values as checked
+        (``"a:1"`` as ``("a:1",)``, a ``str`` path as a ``Path``), then the rules between fields."""
+        schema = _schema(file=False)
+        try:
+            checked = schema.model_validate({f.name: getattr(self, f.name) for f in fields(self)})
+        except ValidationError as exc:
+            problems = schema_problems(
+                exc, fields=schema.model_fields, where=lambda loc: option_name(str(loc[0])), error=OptionError, fix=_FIX
+            )
+        else:
+            for f in fields(self):
+                object.__setattr__(self, f.name, getattr(checked, f.name))
+            problems = self._relations()
+        raise_all(problems, summary="invalid router options")
+
+    def _relations(self) -> list[PhloraError]:
+        """Rules between fields, and the files that must exist (checked once each field is valid)."""
         problems: list[PhloraError] = []
         if bool(self.upstreams) == bool(self.upstream_dns):
             problems.append(
@@ -127,12 +146,17 @@ class RouterConfig:
                     found="both" if self.upstreams else "neither",
                 )
             )
-        for text, flag in [(u, "--upstream") for u in self.upstreams] + [(self.upstream_dns or "", "--upstream-dns")]:
-            if text or flag == "--upstream":
-                try:
-                    split_host_port(text.split("://", 1)[-1].rstrip("/"), flag=flag)
-                except OptionError as exc:
-                    problems.append(exc)
+        urls = [u for u in self.upstreams if "://" in u]
+        if urls and not self.speaks_openai:
+            problems.append(
+                OptionError(
+                    "a Triton replica is reached over gRPC, not at a URL",
+                    where="--upstream",
+                    expected=f"HOST:PORT for --engine {self.engine}",
+                    found=repr(urls[0]),
+                    fix="drop the scheme, or name the OpenAI-speaking engine the replicas run with --engine",
+                )
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append(
                 OptionError("TLS needs a certificate and its key", where="--tls-cert / --tls-key", found="only one")
@@ -140,61 +164,13 @@ class RouterConfig:
         for name, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tenants", self.tenants)):
             if path is not None and not Path(path).is_file():
                 problems.append(OptionError("file not found", where=name, found=str(path)))
-        positive = {
-            "--dns-interval": self.dns_interval,
-            "--health-interval": self.health_interval,
-            "--attempt-timeout": self.attempt_timeout,
-            "--max-message-mb": self.max_message_mb,
-            "registry_interval": self.registry_interval,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                problems.append(OptionError("must be positive", where=name, found=str(value)))
-        if not self.spill_factor >= 0:
-            problems.append(OptionError("must be ≥ 0", where="--spill-factor", found=str(self.spill_factor)))
-        for name, value in (("max_choices", self.max_choices), ("max_body_mb", self.max_body_mb)):
-            if value < 1:
-                problems.append(OptionError("must be ≥ 1", where=name, found=str(value)))
         if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
             problems.append(
                 OptionError(
                     "must differ from --port and --metrics-port", where="--http-port", found=str(self.http_port)
                 )
             )
-        if not self.llm_model:
-            problems.append(OptionError("must not be empty", where="--llm-model"))
-        if self.served_model_name is not None and not self.served_model_name:
-            problems.append(OptionError("must not be empty", where="--served-model-name"))
-        ports = (("--port", self.port), ("--metrics-port", self.metrics_port), ("--http-port", self.http_port))
-        for name, value in ports:
-            if not 0 <= value < 65536 and not (name != "--port" and value == ANY_FREE_PORT):
-                problems.append(OptionError("not a port number", where=name, expected="0–65535", found=str(value)))
-        if not 1 <= self.workers <= 64:
-            problems.append(OptionError("workers must be 1–64", where="--workers", found=str(self.workers)))
-        if not self.upstream_model:
-            problems.append(OptionError("must not be empty", where="--upstream-model"))
-        if not all(isinstance(p, str) and p for p in self.expose_models):
-            problems.append(
-                OptionError(
-                    "must be non-empty names or glob patterns", where="--expose-model", found=repr(self.expose_models)
-                )
-            )
-        try:
-            engine(self.engine, flag="--engine")
-        except OptionError as exc:
-            problems.append(exc)
-        if self.routing_policy not in ROUTING_POLICIES:
-            problems.append(
-                OptionError(
-                    "unknown routing policy",
-                    where="--routing-policy",
-                    expected=" or ".join(ROUTING_POLICIES),
-                    found=repr(self.routing_policy),
-                )
-            )
-        if self.max_loras < 0:
-            problems.append(OptionError("must be ≥ 0", where="max_loras", found=str(self.max_loras)))
-        raise_all(problems, summary="invalid router options")
+        return problems
 
     @property
     def speaks_openai(self) -> bool:
@@ -213,20 +189,83 @@ class RouterConfig:
         ]
 
 
-_PATH_FIELDS = {"model_repository", "tenants", "tls_cert", "tls_key", "adapter_store"}
+_FIX = "see `phlora-nim serve --help`"
+
+# Settings only a --config file sets (or the CLI itself: reuse_port): their errors name the field,
+# the others name their ``serve`` flag (tests/test_router_cli.py checks this against SERVE_FLAGS).
+FILE_ONLY = frozenset(
+    {
+        "registry_interval",
+        "residency_capacity",
+        "weight_cache_mb",
+        "grace",
+        "max_choices",
+        "max_body_mb",
+        "max_loras",
+        "reuse_port",
+    }
+)
+_REPEATED = {"upstreams": "upstream", "expose_models": "expose_model"}  # a flag given once per value
 
 
-_LIST_FIELDS = {"upstreams", "expose_models"}
+def option_name(field: str) -> str:
+    """What an option error calls a setting: its ``serve`` flag, or its name if it has none."""
+    if field in FILE_ONLY or field not in _DEFAULTS:
+        return field
+    return "--" + _REPEATED.get(field, field).replace("_", "-")
 
 
-def _field_types() -> dict[str, type]:
-    hints: dict[str, type] = dict.fromkeys(_LIST_FIELDS, tuple)
-    for f in fields(RouterConfig):
-        if f.name in hints:
-            continue
-        default = f.default
-        hints[f.name] = Path if f.name in _PATH_FIELDS else (str if default is None else type(default))
-    return hints
+_DEFAULTS = {f.name: f.default for f in fields(RouterConfig)}
+
+
+@functools.cache
+def _schema(*, file: bool) -> type[BaseModel]:
+    """RouterConfig's fields as a pydantic model: for options (lax: ``1`` for a float) or a file
+    (strict: YAML's own types; every field optional, since flags may give the rest)."""
+    hints = typing.get_type_hints(RouterConfig, include_extras=True)
+    spec: dict[str, Any] = {
+        name: (hints[name], None if file and default is MISSING else ... if default is MISSING else default)
+        for name, default in _DEFAULTS.items()
+    }
+    config = ConfigDict(extra="forbid", strict=file, frozen=True)
+    return create_model("RouterFile" if file else "RouterOptions", __config__=config, **spec)
+
+
+def _field_name(key: str) -> str:
+    """A file's key as the field it sets: dashes or underscores, and each repeatable flag's name."""
+    name = key.replace("-", "_")
+    return {flag: field for field, flag in _REPEATED.items()}.get(name, name)
+
+
+def _read_pairs(path: Path) -> list[tuple[str, Any, int]]:
+    """The file's top-level ``(key, value, line)`` in order, a repeated key included (YAML keeps the last).
+
+    Raises:
+        InputError: missing, unreadable, not YAML, or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("router config not found", where=str(path), fix="check --config") from None
+    except OSError as exc:
+        raise InputError(f"unreadable router config ({exc})", where=str(path), expected="a YAML mapping") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            found = type(loader.construct_document(node)).__name__
+            raise InputError("router config must be a mapping", where=str(path), found=found)
+        loader.flatten_mapping(node)
+        return [
+            (str(loader.construct_object(k, deep=True)), loader.construct_object(v, deep=True), k.start_mark.line + 1)
+            for k, v in node.value
+        ]
+    except yaml.YAMLError as exc:
+        raise InputError(f"unreadable router config ({exc})", where=str(path), expected="a YAML mapping") from None
+    finally:
+        loader.dispose()
 
 
 def load_router_file(path: Path) -> dict[str, Any]:
@@ -245,59 +284,45 @@ def load_router_file(path: Path) -> dict[str, Any]:
         grace: 10
 
     ``upstream`` (one address or a list) maps to the ``upstreams`` field; ``expose_models`` takes one
-    name or a list. Relative paths are taken
-    from the file's folder.
+    name or a list. Relative paths are taken from the file's folder. Each value is checked against
+    its field's type and bounds here; the rules between fields once flags are merged in
+    (:class:`RouterConfig`).
+
+    Returns:
+        The settings the file gives, by field name.
 
     Raises:
-        InputError: unreadable YAML, unknown keys or values of the wrong type (all listed at once).
+        InputError: unreadable YAML, or, all listed at once, unknown or repeated keys and values of
+            the wrong type or out of bounds, each naming the file and the field's path.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("router config not found", where=str(path), fix="check --config") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"unreadable router config ({exc})", where=str(path), expected="a YAML mapping") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError("router config must be a mapping", where=str(path), found=type(data).__name__)
-    types = _field_types()
-    values: dict[str, Any] = {}
     problems: list[PhloraError] = []
-    for raw_key, value in data.items():
-        key = str(raw_key).replace("-", "_")
-        key = "upstreams" if key == "upstream" else key
-        if key not in types:
+    document: dict[str, Any] = {}
+    spelled: dict[str, tuple[str, int]] = {}  # field → (its key as written, line)
+    for key, value, line in _read_pairs(path):
+        name = _field_name(key)
+        if name in spelled:
+            first, at = spelled[name]
             problems.append(
                 InputError(
-                    "unknown router setting",
-                    where=f"{path}: {raw_key}",
-                    expected=", ".join(sorted(types)),
-                    found=repr(raw_key),
+                    "setting given twice",
+                    where=f"{path}: {key}",
+                    expected="each setting once",
+                    found=f"{first!r} on line {at} and {key!r} on line {line}",
+                    fix="keep one of them",
                 )
             )
             continue
-        want = types[key]
-        if key in _LIST_FIELDS:
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                what = "an address" if key == "upstreams" else "a model name"
-                problems.append(InputError(f"must be {what} or a list of them", where=f"{path}: {raw_key}"))
-                continue
-            values[key] = tuple(items)
-        elif want is Path:
-            if not isinstance(value, str):
-                problems.append(InputError("must be a path", where=f"{path}: {raw_key}", found=repr(value)))
-                continue
-            values[key] = (path.parent / value) if not Path(value).is_absolute() else Path(value)
-        elif want is float and isinstance(value, int | float) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif isinstance(value, want) and not (want is int and isinstance(value, bool)):
-            values[key] = value
-        else:
-            problems.append(
-                InputError("wrong type", where=f"{path}: {raw_key}", expected=want.__name__, found=type(value).__name__)
-            )
+        spelled[name], document[name] = (key, line), value
+
+    def where(loc: tuple[str | int, ...]) -> str:
+        key = spelled.get(str(loc[0]), (str(loc[0]), 0))[0]
+        return f"{path}: {key}" + "".join(f"[{i}]" for i in loc[1:])
+
+    schema = _schema(file=True)
+    try:
+        checked = schema.model_validate(document, context={"folder": path.parent})
+    except ValidationError as exc:
+        problems += schema_problems(exc, fields=schema.model_fields, where=where, error=InputError, fix=_FIX)
     raise_all(problems, summary=f"invalid router config {path}")
-    return values
+    return {name: getattr(checked, name) for name in checked.model_fields_set}

@@ -5,8 +5,7 @@ Source: NVIDIA/TensorRT-LLM ``tensorrt_llm/_torch/peft/lora/manager.py`` ``LoraM
 ``get_default_trtllm_modules_to_hf_modules`` / ``get_missing_qkv_modules_from_lora_modules`` /
 ``LoraConfig``:
 
-1. ``adapter_model.safetensors`` (else ``.bin``) is read whole; ``adapter_config.json`` gives only
-   ``r``, ``lora_alpha`` and ``use_rslora`` — ``rank_pattern`` / ``alpha_pattern`` are ignored.
+1. ``adapter_model.safetensors`` (else ``.bin``) is read whole, with ``adapter_config.json``.
 2. With ``swap_gate_up_proj_lora_b_weight`` (``LoraConfig`` default true), every
    ``gate_up_proj.lora_B.weight`` has its two row halves swapped.
 3. Keys are ``<prefix>.<layer>.<block>.<module>.lora_{A,B}.weight``; any other key is a ``KeyError``
@@ -14,7 +13,8 @@ Source: NVIDIA/TensorRT-LLM ``tensorrt_llm/_torch/peft/lora/manager.py`` ``LoraM
    ignored): a ``lora_B.bias`` or a ``modules_to_save`` norm breaks loading.
 4. A module whose HF name has no TensorRT-LLM module is skipped with a warning; so is one whose
    TensorRT-LLM module is outside ``lora_target_modules`` (``LoRA module '…' not in target modules``).
-5. Every module is scaled by ``lora_alpha / (its lora_A's rank)`` (rsLoRA: ``/ sqrt``), folded into B.
+5. Every module is scaled by the engine's scale rule, folded into B: the ``trtllm`` row of
+   :data:`phlora_nim.converters.scale_rules.RULES`, where that rule is stated and cited.
 6. When ``lora_target_modules`` holds some of ``attn_q``/``attn_k``/``attn_v``, the missing ones are
    filled with zeros (rank ``r``): no effect on outputs.
 """
@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from phlora_nim.converters.scale_rules import RULES
+
 log = logging.getLogger("phlora_nim.trtllm_llmapi")
+
+TRTLLM_RULE = RULES["trtllm"]  # the HF loader's scale rule, stated and cited in scale_rules
 
 # get_default_trtllm_modules_to_hf_modules (tensorrt_llm/_torch/peft/lora/config.py)
 TRTLLM_TO_HF: dict[str, str] = {
@@ -133,10 +136,8 @@ def load_for_trtllm(
             if "gate_up_proj.lora_B.weight" in key:
                 half = value.shape[0] // 2
                 tensors[key] = torch.cat((value[half:], value[:half]), dim=0)
-    found = _by_module(tensors)
+    found, paths = _by_module(tensors)
     targets = list(lora_target_modules)
-    alpha = float(config["lora_alpha"])
-    rs_lora = bool(config.get("use_rslora", False))
     out = LoadedAdapter(factors={})
     for (layer, module), pair in sorted(found.items()):
         if module not in targets:
@@ -156,19 +157,22 @@ def load_for_trtllm(
                 "Please check if the LoRA checkpoint is complete or was corrupted during loading."
             )
         a, b = pair["in"], pair["out"]
-        rank = a.shape[0]
-        scale = alpha / (math.sqrt(rank) if rs_lora else rank)
+        scale = TRTLLM_RULE.scale(config, paths[(layer, module)], tensor_rank=int(a.shape[0]))
         out.factors[(layer, module)] = (a.float(), b.float() * scale)
     return out
 
 
-def _by_module(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """``{(layer, TensorRT-LLM module): {"in": A, "out": B}}`` as ``iterate_hf_lora`` groups the keys.
+def _by_module(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[tuple[int, str], dict[str, torch.Tensor]], dict[tuple[int, str], str]]:
+    """``{(layer, TensorRT-LLM module): {"in": A, "out": B}}`` as ``iterate_hf_lora`` groups the keys, and
+    each one's module path (``model.layers.0.self_attn.q_proj``: what a pattern would be matched against).
 
     Raises:
         LoaderError: ``unsupported key … from HF LoRA weights`` for a key that is no LoRA weight.
     """
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    paths: dict[tuple[int, str], str] = {}
     unsupported: set[str] = set()
     for key, value in tensors.items():
         hit = module_of(key)
@@ -184,8 +188,10 @@ def _by_module(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict[s
                 )
                 unsupported.add(hf_name)
             continue
-        found.setdefault((layer, HF_TO_TRTLLM[hf_name]), {})["in" if key.endswith("lora_A.weight") else "out"] = value
-    return found
+        at = (layer, HF_TO_TRTLLM[hf_name])
+        found.setdefault(at, {})["in" if key.endswith("lora_A.weight") else "out"] = value
+        paths[at] = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+    return found, paths
 
 
 def effective_targets(modules: list[str] | tuple[str, ...]) -> list[str]:
