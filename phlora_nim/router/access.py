@@ -26,6 +26,11 @@ from phlora_nim.router.rewrite import (
 from phlora_nim.router.tenants import Tenant, TenantTable
 
 
+def request_label(adapter: str | None, base_model: str) -> str:
+    """A request's label in metrics, logs and limits: the adapter's name, or ``base:<model>``."""
+    return adapter if adapter is not None else f"base:{base_model}"
+
+
 @dataclass(frozen=True)
 class Plan:
     """A checked request: what to send upstream, for which adapter, counted under which label."""
@@ -112,7 +117,7 @@ class Access:
             if not self.model_visible(request.model_name, tenant):
                 raise unknown(request.model_name)
             return Plan(
-                label=f"base:{request.model_name}",
+                label=request_label(None, request.model_name),
                 selection=selection,
                 entry=None,
                 upstream=UpstreamRequest(request, wire=wire),
@@ -155,7 +160,7 @@ class Access:
         """The plan of a request the router built for ``entry`` (None: the base model)."""
         adapter = entry.name if entry is not None else None
         return Plan(
-            label=adapter if adapter is not None else f"base:{base_model}",
+            label=request_label(adapter, base_model),
             selection=Selection(adapter, "model_name" if adapter else "none", request.model_name),
             entry=entry,
             upstream=UpstreamRequest(request),

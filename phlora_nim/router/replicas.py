@@ -138,7 +138,6 @@ class BackgroundRounds:
         self.metrics.replica_healthy.labels(replica.address).set(0)
         self._publish()
 
-
     async def _loop(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)

@@ -105,7 +105,7 @@ class Router:
 
         facts = engine(self.config.engine).openai_facts()
         policy: Any = self.config.routing_policy
-        self.metrics.rank_of = lambda name: (e.max_rank if (e := self.catalog.adapters.get(name)) else None)
+        self.metrics.rank_of = lambda name: e.max_rank if (e := self.catalog.adapters.get(name)) else None
         return OpenAIPool(self.config, facts, self.metrics, on_change=self._health_changed, policy=policy)
 
     @property

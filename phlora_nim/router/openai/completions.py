@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from phlora_nim.repository.registry import AdapterEntry
+from phlora_nim.router.access import request_label
 from phlora_nim.router.core import RouterCore
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.metrics import UNKNOWN
@@ -173,15 +174,22 @@ class Completions:
                 param="n",
             )
 
+    async def _open(
+        self, model: str, tenant: Tenant | None, call: Call, *, prompts: int, n: int
+    ) -> tuple[AdapterEntry | None, TextTokenizer, ModelInfo, Limits]:
+        """What both kinds of job start with: the adapter (None: base), its label on ``call``, its
+        tokenizer, the engine model's interface and the limits it sets (choices checked first)."""
+        entry = self.access.resolve(model, tenant, base_model=self.directory.base_model)
+        call.label = request_label(entry.name if entry else None, self.directory.base_model)
+        tokenizer = self.directory.tokenizer(entry)
+        self._check_choices(prompts, n)
+        info = await self._engine()
+        return entry, tokenizer, info, self.directory.limits(info)
+
     async def completion_job(self, request: CompletionRequest, tenant: Tenant | None, call: Call) -> Job:
         """Check a ``/v1/completions`` request (raises ApiError / RequestError)."""
-        entry = self.access.resolve(request.model, tenant, base_model=self.directory.base_model)
-        call.label = entry.name if entry else f"base:{self.directory.base_model}"
-        tokenizer = self.directory.tokenizer(entry)
         raw = request.prompts()
-        self._check_choices(len(raw), request.n)
-        info = await self._engine()
-        limits = self.directory.limits(info)
+        entry, tokenizer, info, limits = await self._open(request.model, tenant, call, prompts=len(raw), n=request.n)
         prompts, texts = [], []
         for i, p in enumerate(raw):
             ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -207,18 +215,13 @@ class Completions:
 
     async def chat_job(self, request: ChatCompletionRequest, tenant: Tenant | None, call: Call) -> Job:
         """Check a ``/v1/chat/completions`` request: the messages through the adapter's chat template."""
-        entry = self.access.resolve(request.model, tenant, base_model=self.directory.base_model)
-        call.label = entry.name if entry else f"base:{self.directory.base_model}"
-        tokenizer = self.directory.tokenizer(entry)
-        self._check_choices(1, request.n)
+        entry, tokenizer, info, limits = await self._open(request.model, tenant, call, prompts=1, n=request.n)
         try:
             text = tokenizer.render_chat(
                 [m.as_template_input() for m in request.messages], template=self.directory.chat_template(entry)
             )
         except TemplateError as exc:
             raise bad_request(f"messages: {exc}", param="messages") from None
-        info = await self._engine()
-        limits = self.directory.limits(info)
         ids = tokenizer.encode(text)
         self._check_prompt(ids, tokenizer, limits, "messages")
         max_tokens = self._max_tokens(request.token_limit, [ids], limits, default=None)

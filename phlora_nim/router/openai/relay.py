@@ -21,6 +21,7 @@ import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from phlora_nim.router.access import request_label
 from phlora_nim.router.errors import RequestError
 from phlora_nim.router.openai.body import read_json
 from phlora_nim.router.openai.completions import Call, Completions
@@ -116,7 +117,7 @@ async def relay(completions: Completions, request: Request, *, chat: bool) -> Re
         if not isinstance(model, str) or not model:
             raise bad_request("model: the name of a model or adapter (see GET /v1/models)", param="model")
         entry = core.access.resolve(model, tenant, base_model=completions.directory.base_model)
-        call.label = entry.name if entry else f"base:{completions.directory.base_model}"
+        call.label = request_label(entry.name if entry else None, completions.directory.base_model)
         slots = _slots(body, chat=chat, limit=core.config.max_choices)
         stream = body.get("stream") is True
         adapter = entry.name if entry else None
