@@ -10,71 +10,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from phlora_nim.cli.app import (
-    BudgetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EnergyOpt,
-    ForceOpt,
-    LayoutOpt,
-    MaxRankOpt,
-    RankOpt,
-    SnapOpt,
-    StrictOpt,
-    command_line,
-    err_console,
-    out_console,
-    rank_policy,
-    tensor_progress,
-)
-from phlora_nim.cli.fidelity_options import (
-    AllowMismatchOpt,
-    CalibrationOpt,
-    PromptsOpt,
-    SelfProbesOpt,
-    TargetKlOpt,
-    TargetRecoveryOpt,
-    TargetTop1Opt,
-    ThreadsOpt,
-    extraction_options,
-)
-
-ExtraOpt = Annotated[
-    str,
-    typer.Option(
-        "--extra",
-        help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
-        "warn), save (as modules_to_save, tied heads and resized vocabularies included; not servable by "
-        "vLLM/NIM/TensorRT-LLM) or error.",
-    ),
-]
-TargetModulesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--target-modules",
-        help=r"Regex over module paths to decompose instead of the architecture map, e.g. '.*\.(q_proj|v_proj)'.",
-    ),
-]
-
-
-TargetModulesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--target-modules",
-        help="Regex over module paths to decompose instead of the architecture map, "
-        r"e.g. '.*\.(q_proj|v_proj)'.",
-    ),
-]
-ComponentsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--components",
-        help="Multi-part models (VLMs): comma-separated parts to write adapters for, e.g. "
-        "language_model,vision_tower,multi_modal_projector (default: the language model; the others' "
-        "share of the delta is reported). Tower/projector LoRA is served by vLLM with "
-        "--enable-tower-connector-lora only.",
-    ),
-]
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags
+from phlora_nim.cli.app import command_line, err_console, out_console, tensor_progress
+from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags, extract_options
+from phlora_nim.cli.flags import command
 
 
 def register(app: typer.Typer) -> None:
@@ -86,37 +25,9 @@ def register(app: typer.Typer) -> None:
     app.command("verify")(verify_command)
 
 
+@command(ExtractFlags, RankFlags, FidelityFlags, DecompositionFlags)
 def extract_command(
-    base: Annotated[
-        Path, typer.Option("--base", help="Base checkpoint: HF model folder, .safetensors file or hub id (owner/name).")
-    ],
-    finetuned: Annotated[
-        Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout (folder, file or hub id).")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
-    rank: RankOpt = None,
-    energy: EnergyOpt = None,
-    budget_params: BudgetOpt = None,
-    max_rank: MaxRankOpt = None,
-    snap_ranks: SnapOpt = None,
-    exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
-    device: DeviceOpt = "cpu",
-    extra: ExtraOpt = "drop",
-    target_modules: TargetModulesOpt = None,
-    components: ComponentsOpt = None,
-    dtype: DtypeOpt = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
-    layout: LayoutOpt = "padded",
-    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
-    force: ForceOpt = False,
-    target_recovery: TargetRecoveryOpt = None,
-    target_kl: TargetKlOpt = None,
-    target_top1: TargetTop1Opt = None,
-    prompts: PromptsOpt = None,
-    self_probes: SelfProbesOpt = False,
-    calibration: CalibrationOpt = None,
-    allow_mismatch: AllowMismatchOpt = False,
-    threads: ThreadsOpt = None,
+    flags: ExtractFlags, rank: RankFlags, fidelity: FidelityFlags, decomposition: DecompositionFlags
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
 
@@ -128,43 +39,32 @@ def extract_command(
     """
     from phlora_nim.jobs.adapter_jobs import extract
 
-    options = extraction_options(
-        rank=rank,
-        energy=energy,
-        budget=budget_params,
-        max_rank=max_rank,
-        snap=snap_ranks,
-        target_kl=target_kl,
-        target_top1=target_top1,
-        target_recovery=target_recovery,
-        self_probes=self_probes,
-        prompts=prompts,
-        calibration=calibration,
-        exact=exact,
-        device=device,
-        non_linear_deltas=extra,
-        dtype=dtype,
-        target_modules=target_modules,
-        seed=seed,
-        allow_mismatch=allow_mismatch,
-        threads=threads,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+    options = extract_options(
+        rank,
+        fidelity,
+        decomposition,
+        exact=flags.exact,
+        non_linear_deltas=flags.extra,
+        dtype=flags.dtype,
+        target_modules=flags.target_modules,
+        seed=flags.seed,
+        components=flags.component_names,
     )
     with tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
         report = extract(
-            base,
-            finetuned,
-            out,
+            flags.base,
+            flags.finetuned,
+            flags.out,
             options,
-            force=force,
+            force=flags.force,
             command=command_line(),
-            plot=not no_plot,
+            plot=not flags.no_plot,
             on_plan=lambda n: bar.update(task, total=n, description=""),
             progress=lambda name: bar.update(task, advance=1, description=name),
-            layout=layout,
+            layout=flags.layout,  # type: ignore[arg-type]  # checked by the job
         )
-    _print_extract_summary(report, out)
+    _print_extract_summary(report, flags.out)
 
 
 def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
@@ -310,18 +210,8 @@ def inspect_command(
         )
 
 
-def prune_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="Any PEFT LoRA adapter folder (ours or third-party).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
-    rank: RankOpt = None,
-    energy: EnergyOpt = None,
-    budget_params: BudgetOpt = None,
-    max_rank: MaxRankOpt = None,
-    snap_ranks: SnapOpt = None,
-    dtype: DtypeOpt = "auto",
-    force: ForceOpt = False,
-    layout: LayoutOpt = "padded",
-) -> None:
+@command(PruneFlags, RankFlags)
+def prune_command(flags: PruneFlags, rank: RankFlags) -> None:
     """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
 
     QR of both factors and an SVD of the small r×r core give the exact SVD of the update; keeping
@@ -330,66 +220,24 @@ def prune_command(
     from phlora_nim.jobs.adapter_jobs import prune
 
     report = prune(
-        adapter_dir,
-        out,
-        rank_policy(rank, energy, budget_params, max_rank, snap_ranks),
-        force=force,
+        flags.adapter_dir,
+        flags.out,
+        rank.policy(),
+        force=flags.force,
         command=command_line(),
-        dtype=dtype,
-        layout=layout,
+        dtype=flags.dtype,
+        layout=flags.layout,  # type: ignore[arg-type]  # checked by the job
     )
     t = report["totals"]
     out_console.print(
-        f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
+        f"[bold green]wrote[/] {flags.out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
         f"parameters, {t['stored_parameters']:,} stored ({t['layout']}); {t['energy_kept_of_adapter']:.2%} of "
         f"the adapter's update energy kept, min module {t['min_energy_kept']:.2%})"
     )
 
 
-def export_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (ours or third-party).")],
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            "-f",
-            help="trtllm (npy pair for TensorRT-LLM / Triton), nim (a folder in a NIM adapter store) or peft.",
-        ),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (for nim: the store; the adapter goes into OUT/NAME).")
-    ],
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype",
-            help="Storage dtype. trtllm: the engine dtype (auto = the "
-            "engine config's, else float16); peft/nim: auto keeps the adapter's.",
-        ),
-    ] = "auto",
-    tp: Annotated[
-        int,
-        typer.Option("--tp", help="Tensor parallelism of the engine (interleaves fused qkv/gate_up rows per rank)."),
-    ] = 1,
-    engine_config: Annotated[
-        Path | None,
-        typer.Option("--engine-config", help="A TensorRT-LLM engine config.json: refuse what the engine would reject."),
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option("--name", help="Adapter name in a NIM store (default: the adapter folder's name).")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="Base model config.json (or its folder), for fused modules at --tp > 1 "
-            "(default: found via the adapter's base_model_name_or_path).",
-        ),
-    ] = None,
-    with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
-    strict: Annotated[bool, StrictOpt] = False,
-    force: ForceOpt = False,
-) -> None:
+@command(ExportFlags)
+def export_command(flags: ExportFlags) -> None:
     """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
 
     trtllm writes model.lora_weights.npy [1, N, D] and model.lora_config.npy [1, N, 3] (scales
@@ -400,19 +248,19 @@ def export_command(
     from phlora_nim.jobs.adapter_jobs import export
 
     target = export(
-        adapter_dir,
-        out,
-        fmt=fmt,
-        dtype=dtype,
-        tp=tp,
-        engine_config=engine_config,
-        name=name,
-        config=config,
-        with_trtllm=with_trtllm,
-        strict=strict,
-        force=force,
+        flags.adapter_dir,
+        flags.out,
+        fmt=flags.fmt,
+        dtype=flags.dtype,
+        tp=flags.tp,
+        engine_config=flags.engine_config,
+        name=flags.name,
+        config=flags.config,
+        with_trtllm=flags.with_trtllm,
+        strict=flags.strict,
+        force=flags.force,
     )
-    out_console.print(f"[bold green]wrote[/] {target} ({fmt})")
+    out_console.print(f"[bold green]wrote[/] {target} ({flags.fmt})")
 
 
 def verify_command(

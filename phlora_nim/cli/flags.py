@@ -145,19 +145,41 @@ def build(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**given)
 
 
+def _groups(cls: type) -> list[tuple[str, type]]:
+    """The option groups of a composite options class (every field an options class), else []."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    if any(_ROW in f.metadata or not dataclasses.is_dataclass(hints[f.name]) for f in fields):
+        return []
+    return [(f.name, hints[f.name]) for f in fields]
+
+
+def _parameters_of(cls: type) -> list[inspect.Parameter]:
+    groups = _groups(cls)
+    return [p for _, sub in groups for p in parameters(sub)] if groups else parameters(cls)
+
+
+def _build_any(cls: type[T], values: dict[str, Any]) -> T:
+    groups = _groups(cls)
+    if not groups:
+        return build(cls, values)
+    return cls(**{name: build(sub, values) for name, sub in groups})
+
+
 def command(*groups: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Make ``func(*options)``, taking one options object per class in ``groups``, a typer command whose
-    options are the groups' rows in order (``func``'s docstring is the command's help)."""
+    options are the groups' rows in order (``func``'s docstring is the command's help). A group may be
+    composite: a dataclass whose fields are options classes, built from their rows alike."""
 
     def decorate(func: Callable[..., None]) -> Callable[..., None]:
-        tables = [(cls, parameters(cls)) for cls in groups]
+        tables = [(cls, _parameters_of(cls)) for cls in groups]
         names = [p.name for _, params in tables for p in params]
         repeated = {n for n in names if names.count(n) > 1}
         if repeated:
             raise TypeError(f"{func.__name__}: options in two groups: {sorted(repeated)}")
 
         def run(**values: Any) -> None:
-            func(*(build(cls, {p.name: values[p.name] for p in params}) for cls, params in tables))
+            func(*(_build_any(cls, {p.name: values[p.name] for p in params}) for cls, params in tables))
 
         run.__name__, run.__qualname__, run.__module__ = func.__name__, func.__qualname__, func.__module__
         run.__doc__ = func.__doc__
