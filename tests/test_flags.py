@@ -14,7 +14,7 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags, VerifyFlags
 from phlora_nim.cli.convert_options import ConvertFlags
 from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags
 from phlora_nim.cli.flags import build, command, option, rows
@@ -26,6 +26,7 @@ COMMANDS = {
     "extract": (ExtractFlags, RankFlags, FidelityFlags, DecompositionFlags),
     "prune": (PruneFlags, RankFlags),
     "export": (ExportFlags,),
+    "verify": (VerifyFlags,),
     "convert": tuple(typing.get_type_hints(ConvertFlags).values()),  # a composite: one group per field
 }
 
@@ -61,6 +62,7 @@ def test_the_tables_are_the_commands_parameters(name: str) -> None:
         (FidelityFlags, {"target_kl": math.nan}, "--target-kl", "KL target must be positive"),
         (FidelityFlags, {"target_top1": 1.01}, "--target-top1", "top-1 target must be a share"),
         (FidelityFlags, {"target_recovery": 0.0}, "--target-recovery", "recovery target must be a share"),
+        (VerifyFlags, {"min_recovery": 1.5}, "--min-recovery", "recovery gate must be a share"),
     ],
 )
 def test_bounds_are_checked_from_the_row(cls: type, values: dict[str, object], flag: str, problem: str) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags, VerifyFlags
 from phlora_nim.cli.app import command_line, err_console, out_console, tensor_progress
 from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags, extract_options
 from phlora_nim.cli.flags import command
@@ -263,52 +263,19 @@ def export_command(flags: ExportFlags) -> None:
     out_console.print(f"[bold green]wrote[/] {target} ({flags.fmt})")
 
 
-def verify_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder or hub id (owner/name).")],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder or hub id.")],
-    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
-    prompts: Annotated[
-        Path | None,
-        typer.Option(
-            "--prompts",
-            help="Text file, one prompt per line (needs a tokenizer in the checkpoint); "
-            "default: random token sequences.",
-        ),
-    ] = None,
-    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Fail (exit 1) if mean KL exceeds this.")] = None,
-    min_top1: Annotated[
-        float | None, typer.Option("--min-top1", help="Fail (exit 1) if top-1 agreement falls below this (0–1).")
-    ] = None,
-    min_recovery: Annotated[
-        float | None,
-        typer.Option(
-            "--min-recovery",
-            help="Fail (exit 1) if the adapter closes less than this share of the reachable base→fine-tune gap, in "
-            "KL ((KL_base − KL_adapter)/(KL_base − KL_floor), the floor being base + the fine-tune's whole delta on "
-            "every module the adapter carries) or in top-1 disagreement (0–1); the raw share is printed beside it.",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+@command(VerifyFlags)
+def verify_command(flags: VerifyFlags) -> None:
     """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
     base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
-    from phlora_nim.core.errors import OptionError
     from phlora_nim.jobs.verify import gate_failures, verify_adapter
 
-    if min_recovery is not None and not 0.0 < min_recovery <= 1.0:
-        raise OptionError(
-            "recovery gate must be a share of the base→fine-tune gap",
-            where="--min-recovery",
-            expected="a number in (0, 1], e.g. 0.9",
-            found=str(min_recovery),
-        )
-    result = verify_adapter(base, finetuned, adapter, prompts=prompts)
-    if as_json:
+    result = verify_adapter(flags.base, flags.finetuned, flags.adapter, prompts=flags.prompts)
+    if flags.as_json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     else:
         _print_verify(result)
     failed, warnings = gate_failures(
-        result.get("logits") or {}, max_kl=max_kl, min_top1=min_top1, min_recovery=min_recovery
+        result.get("logits") or {}, max_kl=flags.max_kl, min_top1=flags.min_top1, min_recovery=flags.min_recovery
     )
     for warning in [*result.get("warnings", []), *warnings]:
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phlora_nim.cli.flags import argument, option
+from phlora_nim.core.bounds import share
 
 # Texts of the options several commands take.
 FORCE_HELP = "Replace the output folder if it exists."
@@ -115,3 +116,30 @@ class ExportFlags:
     with_trtllm: bool = option("--with-trtllm", "nim: add the TensorRT-LLM npy pair.", default=False)
     strict: bool = option("--strict", STRICT_HELP, default=False)
     force: bool = option("--force", FORCE_HELP, default=False)
+
+
+@dataclass(frozen=True)
+class VerifyFlags:
+    """``verify``: the adapter, its fine-tune and base, and the gates that fail the check."""
+
+    base: Path = option("--base", "Base checkpoint folder or hub id (owner/name).")
+    finetuned: Path = option("--finetuned", "Fine-tuned checkpoint folder or hub id.")
+    adapter: Path = option("--adapter", "PEFT LoRA adapter folder.")
+    prompts: Path | None = option(
+        "--prompts",
+        "Text file, one prompt per line (needs a tokenizer in the checkpoint); default: random token sequences.",
+        default=None,
+    )
+    max_kl: float | None = option("--max-kl", "Fail (exit 1) if mean KL exceeds this.", default=None)
+    min_top1: float | None = option(
+        "--min-top1", "Fail (exit 1) if top-1 agreement falls below this (0–1).", default=None
+    )
+    min_recovery: float | None = option(
+        "--min-recovery",
+        "Fail (exit 1) if the adapter closes less than this share of the reachable base→fine-tune gap, in "
+        "KL ((KL_base − KL_adapter)/(KL_base − KL_floor), the floor being base + the fine-tune's whole delta on "
+        "every module the adapter carries) or in top-1 disagreement (0–1); the raw share is printed beside it.",
+        default=None,
+        bound=share("recovery gate must be a share of the base→fine-tune gap", "0.9"),
+    )
+    as_json: bool = option("--json", "Print the result as JSON.", default=False)
