@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -14,6 +14,7 @@ from phlora_nim.cli.app import out_console
 
 if TYPE_CHECKING:
     from phlora_nim.cli.convert_options import ConvertFlags
+    from phlora_nim.converters.extraction_report import ExtractionReport
     from phlora_nim.engines.registry import Engine
     from phlora_nim.jobs.convert import Converted, ConvertJob
 
@@ -69,10 +70,10 @@ def convert_llmapi_command(flags: ConvertFlags, row: Engine) -> None:
     _print_summary(job, row, done, seconds)
 
 
-def rank_and_energy(ranks: dict[str, int], report: dict[str, Any]) -> tuple[str, str]:
+def rank_and_energy(ranks: dict[str, int], report: ExtractionReport) -> tuple[str, str]:
     """An adapter's rank (or range) and the share of its delta energy kept, as the summaries show them."""
     values = sorted(set(ranks.values()))
-    kept = report["totals"].get("energy_kept_linear")
+    kept = report.totals.get("energy_kept_linear")
     rank = f"{values[0]}–{values[-1]}" if len(values) > 1 else str(values[0])
     return rank, f"{kept:.4f}" if isinstance(kept, float) else "–"
 

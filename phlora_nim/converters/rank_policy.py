@@ -88,6 +88,17 @@ class RankPolicy:
             return "rank"
         return "energy" if self.energy is not None else "budget"
 
+    def to_json(self) -> dict[str, object]:
+        """The policy as reports record it."""
+        return {
+            "kind": self.kind,
+            "rank": self.rank,
+            "energy": self.energy,
+            "budget_params": self.budget_params,
+            "max_rank": self.max_rank,
+            "snap": self.snap,
+        }
+
     def at_budget(self, budget: int) -> RankPolicy:
         """A global budget under this policy's cap and snapping: one candidate of a fidelity search."""
         return RankPolicy(budget_params=budget, max_rank=self.max_rank, snap=self.snap)
