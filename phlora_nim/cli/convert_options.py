@@ -275,8 +275,9 @@ class ConvertFlags:
             **more,
         )
 
-    def legacy_job(self) -> ConvertJob:
-        """The job of a legacy-engine repository: its settings, the ones not given kept from the repository."""
+    def repository_job(self) -> ConvertJob:
+        """The job of every engine but the llmapi model: its repository settings (those not given kept from
+        the repository), the engine config it must fit, and the checks it asks for."""
         settings, keep_stored = repository_settings(self.inputs.base, self.settings, self.legacy)
         return self.job_of(
             settings,

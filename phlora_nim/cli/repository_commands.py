@@ -45,7 +45,7 @@ def convert_command(flags: ConvertFlags) -> None:
     if row is not None:
         convert_llmapi_command(flags, row)
         return
-    job = flags.legacy_job()
+    job = flags.repository_job()
     index = flags.legacy.index
     fanout: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if index is not None:
