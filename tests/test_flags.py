@@ -14,10 +14,11 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags, VerifyFlags
-from phlora_nim.cli.convert_options import ConvertFlags
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, InspectFlags, PruneFlags, VerifyFlags
+from phlora_nim.cli.convert_options import ConvertFlags, JobFlags
 from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags
 from phlora_nim.cli.flags import build, command, option, rows
+from phlora_nim.cli.repository_options import AdaptersFlags, EnginePlanFlags, RemoveFlags
 from phlora_nim.core.bounds import Bound, OneOf
 from phlora_nim.core.errors import OptionError
 
@@ -27,6 +28,10 @@ COMMANDS = {
     "prune": (PruneFlags, RankFlags),
     "export": (ExportFlags,),
     "verify": (VerifyFlags,),
+    "inspect": (InspectFlags,),
+    "adapters": (AdaptersFlags,),
+    "remove": (RemoveFlags,),
+    "engine-plan": (EnginePlanFlags,),
     "convert": tuple(typing.get_type_hints(ConvertFlags).values()),  # a composite: one group per field
 }
 
@@ -63,6 +68,8 @@ def test_the_tables_are_the_commands_parameters(name: str) -> None:
         (FidelityFlags, {"target_top1": 1.01}, "--target-top1", "top-1 target must be a share"),
         (FidelityFlags, {"target_recovery": 0.0}, "--target-recovery", "recovery target must be a share"),
         (VerifyFlags, {"min_recovery": 1.5}, "--min-recovery", "recovery gate must be a share"),
+        (RemoveFlags, {"name": "a", "grace": -1.0}, "--grace", "the grace period must be ≥ 0 seconds"),
+        (JobFlags, {"grace": math.nan}, "--grace", "the grace period must be ≥ 0 seconds"),
     ],
 )
 def test_bounds_are_checked_from_the_row(cls: type, values: dict[str, object], flag: str, problem: str) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, PruneFlags, VerifyFlags
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, InspectFlags, PruneFlags, VerifyFlags
 from phlora_nim.cli.app import command_line, err_console, out_console, tensor_progress
 from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags, extract_options
 from phlora_nim.cli.flags import command
@@ -166,16 +166,14 @@ def _print_search(search: dict[str, Any]) -> None:
     )
 
 
-def inspect_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="Folder written by `phlora-nim extract` or `prune`.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw report as JSON.")] = False,
-    top: Annotated[int, typer.Option("--top", help="Rows to show, worst energy kept first (0 = all).")] = 20,
-) -> None:
+@command(InspectFlags)
+def inspect_command(flags: InspectFlags) -> None:
     """Print an adapter's extraction report: energy kept, ranks and error per module."""
     from phlora_nim.converters.report import read_report
 
+    adapter_dir = flags.adapter_dir
     report = read_report(adapter_dir)
-    if as_json:
+    if flags.as_json:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return
     t = report["totals"]
@@ -191,7 +189,7 @@ def inspect_command(
     table.add_column("module", min_width=widest, no_wrap=True)
     for col in ("shape", "rank", "energy", "rel.err", "σ1"):
         table.add_column(col, justify="right")
-    for m in rows[: top or None]:
+    for m in rows[: flags.top or None]:
         sv = m.get("top_singular_values") or [0.0]
         table.add_row(
             m["name"],

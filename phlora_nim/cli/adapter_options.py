@@ -69,6 +69,15 @@ class ExtractFlags:
 
 
 @dataclass(frozen=True)
+class InspectFlags:
+    """``inspect``: which adapter's report, shown how."""
+
+    adapter_dir: Path = argument("Folder written by `phlora-nim extract` or `prune`.")
+    as_json: bool = option("--json", "Print the raw report as JSON.", default=False)
+    top: int = option("--top", "Rows to show, worst energy kept first (0 = all).", default=20)
+
+
+@dataclass(frozen=True)
 class PruneFlags:
     """``prune``'s input and output (its rank policy is a :class:`RankFlags`)."""
 

@@ -15,7 +15,7 @@ from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, R
 from phlora_nim.cli.flags import option, rows
 from phlora_nim.core.errors import OptionError
 from phlora_nim.engines.registry import DEFAULT_ENGINE, ENGINES
-from phlora_nim.repository.layout import DEFAULT_GRACE_S
+from phlora_nim.repository.layout import DEFAULT_GRACE_S, GRACE
 
 if TYPE_CHECKING:
     from phlora_nim.jobs.convert import ConvertJob
@@ -210,6 +210,7 @@ class JobFlags:
         "--grace",
         "Seconds the old tensors of a replaced adapter are kept for routers still using them.",
         default=DEFAULT_GRACE_S,
+        bound=GRACE,
     )
 
 

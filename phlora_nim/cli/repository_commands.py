@@ -7,16 +7,16 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from phlora_nim.cli.app import RepoOpt, command_line, out_console, tensor_progress
+from phlora_nim.cli.app import command_line, out_console, tensor_progress
 from phlora_nim.cli.convert_llmapi import convert_llmapi_command, llmapi_engine, rank_and_energy
 from phlora_nim.cli.convert_options import ConvertFlags
 from phlora_nim.cli.flags import command
-from phlora_nim.repository.layout import DEFAULT_GRACE_S
+from phlora_nim.cli.repository_options import AdaptersFlags, EnginePlanFlags, RemoveFlags
 
 if TYPE_CHECKING:
     from phlora_nim.jobs.convert import Converted, ConvertJob
@@ -94,20 +94,18 @@ def _print_convert_summary(done: list[Converted], seconds: float, repository: Pa
     )
 
 
-def adapters_command(
-    model_repository: RepoOpt = Path("model_repository"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the registry entries as JSON.")] = False,
-) -> None:
+@command(AdaptersFlags)
+def adapters_command(flags: AdaptersFlags) -> None:
     """List the adapters registered in a model repository."""
     from dataclasses import asdict
 
     from phlora_nim.jobs.maintenance import read_registry
 
-    state = read_registry(model_repository)
-    if as_json:
+    state = read_registry(flags.model_repository)
+    if flags.as_json:
         out_console.print_json(json.dumps({n: asdict(e) for n, e in sorted(state.adapters.items())}))
         return
-    table = Table(title=f"{len(state.adapters)} adapters in {model_repository}")
+    table = Table(title=f"{len(state.adapters)} adapters in {flags.model_repository}")
     for col in ("name", "lora_task_id", "max rank", "modules", "dtype", "MB", "created"):
         table.add_column(col)
     for e in sorted(state.adapters.values(), key=lambda e: e.name):
@@ -123,54 +121,32 @@ def adapters_command(
     out_console.print(table)
 
 
-def remove_command(
-    name: Annotated[str, typer.Argument(help="Adapter to unregister.")],
-    model_repository: RepoOpt = Path("model_repository"),
-    grace: Annotated[
-        float,
-        typer.Option(
-            "--grace",
-            help="Seconds its files are kept for routers that have not yet re-read the registry; the first "
-            "convert or remove after that deletes them.",
-        ),
-    ] = DEFAULT_GRACE_S,
-) -> None:
+@command(RemoveFlags)
+def remove_command(flags: RemoveFlags) -> None:
     """Unregister an adapter; its files go after a grace period (its task id is never given to other weights)."""
     from phlora_nim.jobs.maintenance import remove_adapter
 
-    entry = remove_adapter(model_repository, name, grace=grace)
+    entry = remove_adapter(flags.model_repository, flags.name, grace=flags.grace)
     out_console.print(
         f"[bold]removed[/] {entry.name} (lora_task_id {entry.task_id}); its files are deleted by the first "
-        f"convert or remove after {grace:g} s"
+        f"convert or remove after {flags.grace:g} s"
     )
 
 
-def engine_plan_command(
-    model_repository: RepoOpt = Path("model_repository"),
-    checkpoint_dir: Annotated[
-        str, typer.Option("--checkpoint-dir", help="TensorRT-LLM checkpoint folder to show in the command.")
-    ] = "<trtllm_checkpoint_dir>",
-    engine_config: Annotated[
-        Path | None,
-        typer.Option(
-            "--engine-config",
-            help="A built engine's config.json: size the LoRA cache for it (default: the engine these flags build).",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
-) -> None:
+@command(EnginePlanFlags)
+def engine_plan_command(flags: EnginePlanFlags) -> None:
     """Print the trtllm-build LoRA flags that fit every registered adapter, and the LoRA cache
     parameters of the tensorrt_llm model (TensorRT-LLM's page rule) that hold them."""
     from phlora_nim.jobs.maintenance import cache_plan_summary, engine_plan, read_registry
 
-    state = read_registry(model_repository)
+    state = read_registry(flags.model_repository)
     plan = engine_plan(state)
-    plan["lora_cache"] = cache_plan_summary(model_repository, state, plan, engine_config=engine_config)
-    if as_json:
+    plan["lora_cache"] = cache_plan_summary(flags.model_repository, state, plan, engine_config=flags.engine_config)
+    if flags.as_json:
         out_console.print_json(json.dumps(plan))
         return
-    command = ["trtllm-build", "--checkpoint_dir", checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
-    out_console.print(shlex.join(command), soft_wrap=True, markup=False, highlight=False)
+    build = ["trtllm-build", "--checkpoint_dir", flags.checkpoint_dir, "--output_dir", "<engine_dir>", *plan["flags"]]
+    out_console.print(shlex.join(build), soft_wrap=True, markup=False, highlight=False)
     cache = plan["lora_cache"]
     mib = 1 << 20
     out_console.print(
