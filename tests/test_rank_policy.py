@@ -81,3 +81,47 @@ def test_budget_policy_assign_exact_spend() -> None:
 def test_snap_to_vllm_ranks(rank: int, expected: int) -> None:
     assert snap_rank(rank, "vllm", 10_000) == expected
     assert snap_rank(rank, "vllm", 12) == min(expected, 12)
+
+
+def test_rank_choice_is_one_decision() -> None:
+    """What was asked → the policy and target an extraction runs with (the CLI only fills the request)."""
+    from phlora_nim.converters.rank_policy import (
+        DEFAULT_RANK,
+        DEFAULT_RECOVERY,
+        UNBOUNDED_BUDGET,
+        RankRequest,
+        choose_ranks,
+    )
+
+    policy, target = choose_ranks(RankRequest())
+    assert policy == RankPolicy(rank=DEFAULT_RANK) and target is None
+    policy, target = choose_ranks(RankRequest(energy=0.8, max_rank=32, snap="vllm"))
+    assert policy == RankPolicy(energy=0.8, max_rank=32, snap="vllm") and target is None
+    with pytest.raises(OptionError, match="exactly one rank policy"):
+        choose_ranks(RankRequest(), default_rank=None)  # prune: no default
+    # Probes alone ask for the default recovery; the policy is then the search's ceiling.
+    policy, target = choose_ranks(RankRequest(self_probes=True, max_rank=64))
+    assert target is not None and target.min_recovery == DEFAULT_RECOVERY and target.self_probes
+    assert policy == RankPolicy(budget_params=UNBOUNDED_BUDGET, max_rank=64)
+    policy, target = choose_ranks(RankRequest(max_kl=0.1, prompts="p.txt"))
+    assert target is not None and (target.max_kl, target.min_recovery, target.prompts) == (0.1, None, "p.txt")
+    with pytest.raises(OptionError, match="chooses the ranks itself") as caught:
+        choose_ranks(RankRequest(rank=8, energy=0.5, min_top1=0.9))
+    assert caught.value.where == "--rank, --energy"
+
+
+@pytest.mark.parametrize(
+    ("policy", "caps"),
+    [
+        (RankPolicy(energy=0.9), [16, 64, 256]),
+        (RankPolicy(energy=0.9, max_rank=64), [16, 64]),
+        (RankPolicy(energy=0.9, max_rank=40), [16, 40]),
+        (RankPolicy(rank=8), [8]),
+    ],
+)
+def test_a_search_decomposes_up_a_ladder_of_ceilings(policy: RankPolicy, caps: list[int]) -> None:
+    from phlora_nim.converters.rank_policy import search_ceilings
+
+    ceilings = search_ceilings(policy)
+    assert [c.max_rank for c in ceilings] == caps and all(c.kind == "budget" for c in ceilings)
+    assert ceilings[-1].at_budget(100) == RankPolicy(budget_params=100, max_rank=caps[-1])

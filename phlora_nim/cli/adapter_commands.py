@@ -5,76 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from phlora_nim.cli.app import (
-    BudgetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EnergyOpt,
-    ForceOpt,
-    LayoutOpt,
-    MaxRankOpt,
-    RankOpt,
-    SnapOpt,
-    StrictOpt,
-    command_line,
-    err_console,
-    out_console,
-    rank_policy,
-    tensor_progress,
-)
-from phlora_nim.cli.fidelity_options import (
-    AllowMismatchOpt,
-    CalibrationOpt,
-    PromptsOpt,
-    SelfProbesOpt,
-    TargetKlOpt,
-    TargetRecoveryOpt,
-    TargetTop1Opt,
-    ThreadsOpt,
-    extraction_options,
-)
-
-ExtraOpt = Annotated[
-    str,
-    typer.Option(
-        "--extra",
-        help="Deltas outside linear modules (embeddings, lm_head, norms, biases): drop (measure and "
-        "warn), save (as modules_to_save, tied heads and resized vocabularies included; not servable by "
-        "vLLM/NIM/TensorRT-LLM) or error.",
-    ),
-]
-TargetModulesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--target-modules",
-        help=r"Regex over module paths to decompose instead of the architecture map, e.g. '.*\.(q_proj|v_proj)'.",
-    ),
-]
-
-
-TargetModulesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--target-modules",
-        help="Regex over module paths to decompose instead of the architecture map, "
-        r"e.g. '.*\.(q_proj|v_proj)'.",
-    ),
-]
-ComponentsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--components",
-        help="Multi-part models (VLMs): comma-separated parts to write adapters for, e.g. "
-        "language_model,vision_tower,multi_modal_projector (default: the language model; the others' "
-        "share of the delta is reported). Tower/projector LoRA is served by vLLM with "
-        "--enable-tower-connector-lora only.",
-    ),
-]
+from phlora_nim.cli.adapter_options import ExportFlags, ExtractFlags, InspectFlags, PruneFlags, VerifyFlags
+from phlora_nim.cli.app import command_line, err_console, out_console, tensor_progress
+from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags, extract_options
+from phlora_nim.cli.flags import command
 
 
 def register(app: typer.Typer) -> None:
@@ -86,37 +25,9 @@ def register(app: typer.Typer) -> None:
     app.command("verify")(verify_command)
 
 
+@command(ExtractFlags, RankFlags, FidelityFlags, DecompositionFlags)
 def extract_command(
-    base: Annotated[
-        Path, typer.Option("--base", help="Base checkpoint: HF model folder, .safetensors file or hub id (owner/name).")
-    ],
-    finetuned: Annotated[
-        Path, typer.Option("--finetuned", help="Full fine-tune of the base, same layout (folder, file or hub id).")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
-    rank: RankOpt = None,
-    energy: EnergyOpt = None,
-    budget_params: BudgetOpt = None,
-    max_rank: MaxRankOpt = None,
-    snap_ranks: SnapOpt = None,
-    exact: Annotated[bool, typer.Option("--exact", help="Full SVD instead of randomized (slower).")] = False,
-    device: DeviceOpt = "cpu",
-    extra: ExtraOpt = "drop",
-    target_modules: TargetModulesOpt = None,
-    components: ComponentsOpt = None,
-    dtype: DtypeOpt = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized sketches.")] = 0,
-    layout: LayoutOpt = "padded",
-    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip energy.png.")] = False,
-    force: ForceOpt = False,
-    target_recovery: TargetRecoveryOpt = None,
-    target_kl: TargetKlOpt = None,
-    target_top1: TargetTop1Opt = None,
-    prompts: PromptsOpt = None,
-    self_probes: SelfProbesOpt = False,
-    calibration: CalibrationOpt = None,
-    allow_mismatch: AllowMismatchOpt = False,
-    threads: ThreadsOpt = None,
+    flags: ExtractFlags, rank: RankFlags, fidelity: FidelityFlags, decomposition: DecompositionFlags
 ) -> None:
     """Extract a LoRA adapter from a base checkpoint and its full fine-tune (PHLoRA).
 
@@ -128,43 +39,32 @@ def extract_command(
     """
     from phlora_nim.jobs.adapter_jobs import extract
 
-    options = extraction_options(
-        rank=rank,
-        energy=energy,
-        budget=budget_params,
-        max_rank=max_rank,
-        snap=snap_ranks,
-        target_kl=target_kl,
-        target_top1=target_top1,
-        target_recovery=target_recovery,
-        self_probes=self_probes,
-        prompts=prompts,
-        calibration=calibration,
-        exact=exact,
-        device=device,
-        non_linear_deltas=extra,
-        dtype=dtype,
-        target_modules=target_modules,
-        seed=seed,
-        allow_mismatch=allow_mismatch,
-        threads=threads,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+    options = extract_options(
+        rank,
+        fidelity,
+        decomposition,
+        exact=flags.exact,
+        non_linear_deltas=flags.extra,
+        dtype=flags.dtype,
+        target_modules=flags.target_modules,
+        seed=flags.seed,
+        components=flags.component_names,
     )
     with tensor_progress("extract") as bar:
         task = bar.add_task("planning", total=None)
         report = extract(
-            base,
-            finetuned,
-            out,
+            flags.base,
+            flags.finetuned,
+            flags.out,
             options,
-            force=force,
+            force=flags.force,
             command=command_line(),
-            plot=not no_plot,
+            plot=not flags.no_plot,
             on_plan=lambda n: bar.update(task, total=n, description=""),
             progress=lambda name: bar.update(task, advance=1, description=name),
-            layout=layout,
+            layout=flags.layout,  # type: ignore[arg-type]  # checked by the job
         )
-    _print_extract_summary(report, out)
+    _print_extract_summary(report, flags.out)
 
 
 def _print_extract_summary(report: dict[str, Any], folder: Path) -> None:
@@ -266,16 +166,14 @@ def _print_search(search: dict[str, Any]) -> None:
     )
 
 
-def inspect_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="Folder written by `phlora-nim extract` or `prune`.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw report as JSON.")] = False,
-    top: Annotated[int, typer.Option("--top", help="Rows to show, worst energy kept first (0 = all).")] = 20,
-) -> None:
+@command(InspectFlags)
+def inspect_command(flags: InspectFlags) -> None:
     """Print an adapter's extraction report: energy kept, ranks and error per module."""
     from phlora_nim.converters.report import read_report
 
+    adapter_dir = flags.adapter_dir
     report = read_report(adapter_dir)
-    if as_json:
+    if flags.as_json:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return
     t = report["totals"]
@@ -291,7 +189,7 @@ def inspect_command(
     table.add_column("module", min_width=widest, no_wrap=True)
     for col in ("shape", "rank", "energy", "rel.err", "σ1"):
         table.add_column(col, justify="right")
-    for m in rows[: top or None]:
+    for m in rows[: flags.top or None]:
         sv = m.get("top_singular_values") or [0.0]
         table.add_row(
             m["name"],
@@ -310,18 +208,8 @@ def inspect_command(
         )
 
 
-def prune_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="Any PEFT LoRA adapter folder (ours or third-party).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to create.")],
-    rank: RankOpt = None,
-    energy: EnergyOpt = None,
-    budget_params: BudgetOpt = None,
-    max_rank: MaxRankOpt = None,
-    snap_ranks: SnapOpt = None,
-    dtype: DtypeOpt = "auto",
-    force: ForceOpt = False,
-    layout: LayoutOpt = "padded",
-) -> None:
+@command(PruneFlags, RankFlags)
+def prune_command(flags: PruneFlags, rank: RankFlags) -> None:
     """Re-truncate a LoRA adapter to a lower rank, optimally, without forming ΔW.
 
     QR of both factors and an SVD of the small r×r core give the exact SVD of the update; keeping
@@ -330,66 +218,24 @@ def prune_command(
     from phlora_nim.jobs.adapter_jobs import prune
 
     report = prune(
-        adapter_dir,
-        out,
-        rank_policy(rank, energy, budget_params, max_rank, snap_ranks),
-        force=force,
+        flags.adapter_dir,
+        flags.out,
+        rank.policy(),
+        force=flags.force,
         command=command_line(),
-        dtype=dtype,
-        layout=layout,
+        dtype=flags.dtype,
+        layout=flags.layout,  # type: ignore[arg-type]  # checked by the job
     )
     t = report["totals"]
     out_console.print(
-        f"[bold green]wrote[/] {out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
+        f"[bold green]wrote[/] {flags.out}  ({t['source_parameters']:,} → {t['adapter_parameters']:,} "
         f"parameters, {t['stored_parameters']:,} stored ({t['layout']}); {t['energy_kept_of_adapter']:.2%} of "
         f"the adapter's update energy kept, min module {t['min_energy_kept']:.2%})"
     )
 
 
-def export_command(
-    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (ours or third-party).")],
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            "-f",
-            help="trtllm (npy pair for TensorRT-LLM / Triton), nim (a folder in a NIM adapter store) or peft.",
-        ),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (for nim: the store; the adapter goes into OUT/NAME).")
-    ],
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype",
-            help="Storage dtype. trtllm: the engine dtype (auto = the "
-            "engine config's, else float16); peft/nim: auto keeps the adapter's.",
-        ),
-    ] = "auto",
-    tp: Annotated[
-        int,
-        typer.Option("--tp", help="Tensor parallelism of the engine (interleaves fused qkv/gate_up rows per rank)."),
-    ] = 1,
-    engine_config: Annotated[
-        Path | None,
-        typer.Option("--engine-config", help="A TensorRT-LLM engine config.json: refuse what the engine would reject."),
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option("--name", help="Adapter name in a NIM store (default: the adapter folder's name).")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="Base model config.json (or its folder), for fused modules at --tp > 1 "
-            "(default: found via the adapter's base_model_name_or_path).",
-        ),
-    ] = None,
-    with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
-    strict: Annotated[bool, StrictOpt] = False,
-    force: ForceOpt = False,
-) -> None:
+@command(ExportFlags)
+def export_command(flags: ExportFlags) -> None:
     """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
 
     trtllm writes model.lora_weights.npy [1, N, D] and model.lora_config.npy [1, N, 3] (scales
@@ -400,67 +246,34 @@ def export_command(
     from phlora_nim.jobs.adapter_jobs import export
 
     target = export(
-        adapter_dir,
-        out,
-        fmt=fmt,
-        dtype=dtype,
-        tp=tp,
-        engine_config=engine_config,
-        name=name,
-        config=config,
-        with_trtllm=with_trtllm,
-        strict=strict,
-        force=force,
+        flags.adapter_dir,
+        flags.out,
+        fmt=flags.fmt,
+        dtype=flags.dtype,
+        tp=flags.tp,
+        engine_config=flags.engine_config,
+        name=flags.name,
+        config=flags.config,
+        with_trtllm=flags.with_trtllm,
+        strict=flags.strict,
+        force=flags.force,
     )
-    out_console.print(f"[bold green]wrote[/] {target} ({fmt})")
+    out_console.print(f"[bold green]wrote[/] {target} ({flags.fmt})")
 
 
-def verify_command(
-    base: Annotated[Path, typer.Option("--base", help="Base checkpoint folder or hub id (owner/name).")],
-    finetuned: Annotated[Path, typer.Option("--finetuned", help="Fine-tuned checkpoint folder or hub id.")],
-    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
-    prompts: Annotated[
-        Path | None,
-        typer.Option(
-            "--prompts",
-            help="Text file, one prompt per line (needs a tokenizer in the checkpoint); "
-            "default: random token sequences.",
-        ),
-    ] = None,
-    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Fail (exit 1) if mean KL exceeds this.")] = None,
-    min_top1: Annotated[
-        float | None, typer.Option("--min-top1", help="Fail (exit 1) if top-1 agreement falls below this (0–1).")
-    ] = None,
-    min_recovery: Annotated[
-        float | None,
-        typer.Option(
-            "--min-recovery",
-            help="Fail (exit 1) if the adapter closes less than this share of the reachable base→fine-tune gap, in "
-            "KL ((KL_base − KL_adapter)/(KL_base − KL_floor), the floor being base + the fine-tune's whole delta on "
-            "every module the adapter carries) or in top-1 disagreement (0–1); the raw share is printed beside it.",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+@command(VerifyFlags)
+def verify_command(flags: VerifyFlags) -> None:
     """Check an adapter against its fine-tune: per-module reconstruction error, and for causal LMs,
     base+adapter (through PEFT) vs fine-tuned logits: mean KL and top-1 agreement."""
-    from phlora_nim.core.errors import OptionError
     from phlora_nim.jobs.verify import gate_failures, verify_adapter
 
-    if min_recovery is not None and not 0.0 < min_recovery <= 1.0:
-        raise OptionError(
-            "recovery gate must be a share of the base→fine-tune gap",
-            where="--min-recovery",
-            expected="a number in (0, 1], e.g. 0.9",
-            found=str(min_recovery),
-        )
-    result = verify_adapter(base, finetuned, adapter, prompts=prompts)
-    if as_json:
+    result = verify_adapter(flags.base, flags.finetuned, flags.adapter, prompts=flags.prompts)
+    if flags.as_json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     else:
         _print_verify(result)
     failed, warnings = gate_failures(
-        result.get("logits") or {}, max_kl=max_kl, min_top1=min_top1, min_recovery=min_recovery
+        result.get("logits") or {}, max_kl=flags.max_kl, min_top1=flags.min_top1, min_recovery=flags.min_recovery
     )
     for warning in [*result.get("warnings", []), *warnings]:
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)

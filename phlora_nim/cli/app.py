@@ -1,5 +1,5 @@
-"""The ``phlora-nim`` Typer app and what its command groups share: logging, error handling, option
-types, the rank policy and the progress bar.
+"""The ``phlora-nim`` Typer app and what its command groups share: logging, error handling and the
+progress bar (options shared by several commands are flag tables: ``cli/extraction_flags.py``).
 
 User errors (bad input, options, output paths) print one paragraph and exit with code 2; no
 traceback. Progress goes to stderr, results to stdout.
@@ -21,8 +21,6 @@ from phlora_nim.core.errors import PhloraError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
-
-    from phlora_nim.converters.rank_policy import RankPolicy
 
 app = typer.Typer(
     name="phlora-nim",
@@ -54,86 +52,10 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     _setup_logging(verbose)
 
 
-RankOpt = Annotated[
-    int | None,
-    typer.Option("--rank", "-r", help="Same rank R for every module.", rich_help_panel="Rank policy (choose one)"),
-]
-EnergyOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--energy",
-        help="Per module, the smallest rank keeping ≥ F of its delta energy ‖ΔW‖²_F (0 < F ≤ 1).",
-        rich_help_panel="Rank policy (choose one)",
-    ),
-]
-BudgetOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--budget-params",
-        help="One global budget of N LoRA parameters, spent where it buys the most energy: ranks differ per "
-        "module. The default --layout padded stores every module at the largest rank (zero-padded, what vLLM "
-        "needs); --layout mixed stores the true ranks.",
-        rich_help_panel="Rank policy (choose one)",
-    ),
-]
-MaxRankOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-rank",
-        help="Cap per module for --energy/--budget-params (default 256).",
-        rich_help_panel="Rank policy (choose one)",
-    ),
-]
-SnapOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--snap-ranks",
-        help="Round ranks up to a server's allowed set: 'vllm' = {1,8,16,32,64,128,256,320,512}.",
-        rich_help_panel="Rank policy (choose one)",
-    ),
-]
-LayoutOpt = Annotated[
-    str,
-    typer.Option(
-        "--layout",
-        help="How ranks that differ per module are stored. padded: every module zero-padded to the largest "
-        "rank, r = lora_alpha = that rank, no patterns; read alike by PEFT, vLLM/NIM and TensorRT-LLM (vLLM pads "
-        "to max_lora_rank anyway). mixed: each module at its own rank (rank_pattern, scale folded into lora_B "
-        "for lora_alpha / rank); no padding, read alike by PEFT and TensorRT-LLM's HF loader (LLM API, "
-        "trtllm-serve, Triton llmapi), not by vLLM before 0.32. The report gives both sizes.",
-    ),
-]
-DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Adapter storage dtype: auto (as the fine-tune), float32, float16 or bfloat16.")
-]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N] for the decomposition.")]
-StrictOpt = typer.Option(
-    "--strict",
-    help="TensorRT-LLM rows: refuse a module the engine would compute wrongly (o_proj where heads × head_dim ≠ "
-    "hidden size) instead of leaving it out with a warning giving the energy lost.",
-)
 RepoOpt = Annotated[
     Path,
     typer.Option("--model-repository", "-m", help="Triton model repository folder (created if missing)."),
 ]
-
-
-def rank_policy(
-    rank: int | None,
-    energy: float | None,
-    budget: int | None,
-    max_rank: int | None,
-    snap: str | None,
-    *,
-    default_rank: int | None = None,
-) -> RankPolicy:
-    """The rank policy of the options given (``default_rank`` when none of rank/energy/budget is)."""
-    from phlora_nim.converters.rank_policy import RankPolicy
-
-    if rank is None and energy is None and budget is None:
-        rank = default_rank
-    return RankPolicy(rank=rank, energy=energy, budget_params=budget, max_rank=max_rank, snap=snap)  # type: ignore[arg-type]
 
 
 def tensor_progress(verb: str) -> Progress:

@@ -10,15 +10,32 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from phlora_nim.converters.decompose import Factors
+from phlora_nim.core.bounds import Bound, at_least_one, share
 from phlora_nim.core.errors import OptionError
 from phlora_nim.engines.registry import ENGINES, engine
+
+if TYPE_CHECKING:  # annotations only: choosing a rank from flags needs no torch
+    from phlora_nim.converters.decompose import Factors
 
 # vLLM's --max-lora-rank accepts only these; adapters with other ranks must be padded up.
 VLLM_RANKS: tuple[int, ...] = engine("vllm").lora_ranks
 DEFAULT_MAX_RANK = 256
+# The policy when none of rank, energy, budget or a fidelity target is given.
+DEFAULT_RANK = 16
+# The kind of target given probes (--prompts, --self-probes) without a bound.
+DEFAULT_RECOVERY = 0.9
+GENERIC_PROMPTS = "generic"  # prompts "generic": the prompts shipped with phlora-nim
+
+# What each number may be: checked here and by the CLI's flag rows, one text for both.
+RANK = at_least_one("rank must be positive")
+ENERGY = share("energy must be a share of the delta's energy", "0.9")
+BUDGET = at_least_one("parameter budget must be positive")
+MAX_RANK = at_least_one("max rank must be positive")
+MAX_KL = Bound("KL target must be positive", "a number > 0 (nats per token), e.g. 0.05", low=0.0, low_open=True)
+MIN_TOP1 = share("top-1 target must be a share of tokens", "0.95")
+MIN_RECOVERY = share("recovery target must be a share of the base→fine-tune gap", "0.9")
 
 
 @dataclass(frozen=True)
@@ -49,26 +66,10 @@ class RankPolicy:
                 expected="one of --rank, --energy, --budget-params",
                 found=", ".join(chosen) if chosen else "none",
             )
-        if self.rank is not None and self.rank <= 0:
-            raise OptionError("rank must be positive", where="--rank", expected="an integer ≥ 1", found=str(self.rank))
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise OptionError(
-                "energy must be a share of the delta's energy",
-                where="--energy",
-                expected="a number in (0, 1], e.g. 0.9",
-                found=str(self.energy),
-            )
-        if self.budget_params is not None and self.budget_params <= 0:
-            raise OptionError(
-                "parameter budget must be positive",
-                where="--budget-params",
-                expected="an integer ≥ 1",
-                found=str(self.budget_params),
-            )
-        if self.max_rank is not None and self.max_rank <= 0:
-            raise OptionError(
-                "max rank must be positive", where="--max-rank", expected="an integer ≥ 1", found=str(self.max_rank)
-            )
+        RANK.check(self.rank, "--rank")
+        ENERGY.check(self.energy, "--energy")
+        BUDGET.check(self.budget_params, "--budget-params")
+        MAX_RANK.check(self.max_rank, "--max-rank")
         if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:
             raise OptionError(
                 "--rank exceeds --max-rank", where="--rank", expected=f"≤ {self.max_rank}", found=str(self.rank)
@@ -86,6 +87,21 @@ class RankPolicy:
         if self.rank is not None:
             return "rank"
         return "energy" if self.energy is not None else "budget"
+
+    def to_json(self) -> dict[str, object]:
+        """The policy as reports record it."""
+        return {
+            "kind": self.kind,
+            "rank": self.rank,
+            "energy": self.energy,
+            "budget_params": self.budget_params,
+            "max_rank": self.max_rank,
+            "snap": self.snap,
+        }
+
+    def at_budget(self, budget: int) -> RankPolicy:
+        """A global budget under this policy's cap and snapping: one candidate of a fidelity search."""
+        return RankPolicy(budget_params=budget, max_rank=self.max_rank, snap=self.snap)
 
     def cap(self, short_side: int) -> int:
         """The largest rank this policy may give a module whose short side is ``short_side``."""
@@ -209,27 +225,9 @@ class FidelityTarget:
                 expected="at least one of them",
                 found="none",
             )
-        if self.max_kl is not None and not self.max_kl > 0:
-            raise OptionError(
-                "KL target must be positive",
-                where="--target-kl",
-                expected="a number > 0 (nats per token), e.g. 0.05",
-                found=str(self.max_kl),
-            )
-        if self.min_top1 is not None and not 0.0 < self.min_top1 <= 1.0:
-            raise OptionError(
-                "top-1 target must be a share of tokens",
-                where="--target-top1",
-                expected="a number in (0, 1], e.g. 0.95",
-                found=str(self.min_top1),
-            )
-        if self.min_recovery is not None and not 0.0 < self.min_recovery <= 1.0:
-            raise OptionError(
-                "recovery target must be a share of the base→fine-tune gap",
-                where="--target-recovery",
-                expected="a number in (0, 1], e.g. 0.9",
-                found=str(self.min_recovery),
-            )
+        MAX_KL.check(self.max_kl, "--target-kl")
+        MIN_TOP1.check(self.min_top1, "--target-top1")
+        MIN_RECOVERY.check(self.min_recovery, "--target-recovery")
         if self.self_probes and self.prompts is not None:
             raise OptionError(
                 "two probe sets given",
@@ -316,3 +314,87 @@ def recovery(
 def search_policy(max_rank: int | None, snap: Literal["vllm"] | None = None) -> RankPolicy:
     """The budget policy a fidelity search starts from: every module at its cap."""
     return RankPolicy(budget_params=UNBOUNDED_BUDGET, max_rank=max_rank, snap=snap)
+
+
+# Caps a fidelity search decomposes to, in turn, until every module at the cap meets the target: a small
+# adapter costs a small decomposition (the randomized SVD's cost grows with the rank it computes).
+CAP_LADDER = (16, 64)
+
+
+def search_ceilings(policy: RankPolicy) -> list[RankPolicy]:
+    """The policies a fidelity search bounded by ``policy`` decomposes to, in turn: every module at a cap
+    of :data:`CAP_LADDER` below ``policy``'s (its rank, else its max rank, else the default cap), then at
+    that cap itself."""
+    top = (policy.rank if policy.kind == "rank" else policy.max_rank) or DEFAULT_MAX_RANK
+    return [search_policy(cap, policy.snap) for cap in [c for c in CAP_LADDER if c < top] + [top]]
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """What was asked of the ranks, as given: a policy (``rank``, ``energy`` or ``budget_params``, with
+    ``max_rank``/``snap``), a fidelity target (its bounds and probes), or nothing (the default rank).
+
+    :func:`choose_ranks` turns it into the policy and target an extraction runs with.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget_params: int | None = None
+    max_rank: int | None = None
+    snap: str | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+    min_recovery: float | None = None
+    prompts: str | None = None
+    self_probes: bool = False
+
+    @property
+    def policy_flags(self) -> list[str]:
+        """The policy options given (by flag)."""
+        given = (("--rank", self.rank), ("--energy", self.energy), ("--budget-params", self.budget_params))
+        return [flag for flag, value in given if value is not None]
+
+    @property
+    def wants_target(self) -> bool:
+        """A fidelity target was asked for: a bound, or probes to measure one on."""
+        bounds = (self.max_kl, self.min_top1, self.min_recovery)
+        return any(b is not None for b in bounds) or self.prompts is not None or self.self_probes
+
+
+def choose_ranks(
+    request: RankRequest, *, default_rank: int | None = DEFAULT_RANK
+) -> tuple[RankPolicy, FidelityTarget | None]:
+    """The rank policy and fidelity target of ``request``.
+
+    A fidelity target chooses the ranks itself: its policy is the search's ceiling (only ``max_rank``
+    and ``snap`` apply), and probes given without a bound ask for recovery ≥ :data:`DEFAULT_RECOVERY`.
+    Without a target the policy asked for is used, or ``default_rank`` when none is (None: one must be).
+
+    Raises:
+        OptionError: a policy and a target both given; a value out of bounds; not exactly one policy.
+    """
+    snap = request.snap
+    if not request.wants_target:
+        rank = request.rank
+        if not request.policy_flags:
+            rank = default_rank
+        policy = RankPolicy(rank, request.energy, request.budget_params, request.max_rank, snap)  # type: ignore[arg-type]
+        return policy, None
+    if request.policy_flags:
+        chosen = ", ".join(request.policy_flags)
+        raise OptionError(
+            "a fidelity target chooses the ranks itself",
+            where=chosen,
+            expected="no rank policy with --target-recovery/--target-kl/--target-top1 (only --max-rank, --snap-ranks)",
+            found=chosen,
+            fix="drop the rank policy, or drop the target",
+        )
+    bounds = (request.max_kl, request.min_top1, request.min_recovery)
+    target = FidelityTarget(
+        max_kl=request.max_kl,
+        min_top1=request.min_top1,
+        prompts=request.prompts,
+        min_recovery=DEFAULT_RECOVERY if all(b is None for b in bounds) else request.min_recovery,
+        self_probes=request.self_probes,
+    )
+    return search_policy(request.max_rank, snap), target  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from typing import Any
 
 from phlora_nim.converters.expert_serving import expert_readers, serving_problems
 from phlora_nim.converters.extract import ExtractionResult, ExtractOptions, ModuleResult, rank_capped, summary_energy
+from phlora_nim.converters.extraction_report import REPORT_FORMAT, ExtractionReport
 from phlora_nim.converters.formats.peft import stored_parameters
 from phlora_nim.converters.whitening import WhitenedFactors, weight_energy
 from phlora_nim.core.errors import InputError
@@ -75,8 +76,8 @@ def build_report(
     base: str,
     finetuned: str,
     command: str | None = None,
-) -> dict[str, Any]:
-    """The report as a JSON-ready dict (energies in float64 against the full ‖ΔW‖²_F)."""
+) -> ExtractionReport:
+    """The report of ``result`` (energies in float64 against the full ‖ΔW‖²_F)."""
     capped = {t.module for t in rank_capped(result.plan.targets, options.policy)}
     modules = [_module_entry(r, capped=r.plan.module in capped) for r in result.modules]
     extras = [
@@ -113,35 +114,25 @@ def build_report(
     )
     if result.plan.architecture is not None and result.plan.architecture.components:
         totals["components"] = _component_shares(result, modules, extras)
-    serving = _expert_serving(result)
-    pol = options.policy
-    return {
-        "format": "phlora-report/1",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "base": base,
-        "finetuned": finetuned,
-        "family": result.plan.family,
-        "policy": {
-            "kind": pol.kind,
-            "rank": pol.rank,
-            "energy": pol.energy,
-            "budget_params": pol.budget_params,
-            "max_rank": pol.max_rank,
-            "snap": pol.snap,
-        },
-        "method": ("exact SVD" if options.exact else "randomized block Krylov SVD")
+    return ExtractionReport(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+        base=base,
+        finetuned=finetuned,
+        family=result.plan.family,
+        policy=options.policy,
+        method=("exact SVD" if options.exact else "randomized block Krylov SVD")
         + (" of ΔW·L, activation-aware (whitened by the base's input statistics)" if options.calibration else ""),
-        "dtype": str(result.plan.out_dtype).removeprefix("torch."),
-        "extra": options.non_linear_deltas,
-        "warnings": list(result.plan.warnings),
-        "belonging": result.plan.similarity.to_json() if result.plan.similarity else None,
-        "totals": totals,
-        "timings": {k: round(v, 4) for k, v in result.timings.items()},
-        "modules": modules,
-        "extras": extras,
-        **({"expert_serving": serving} if serving else {}),
-    }
+        dtype=str(result.plan.out_dtype).removeprefix("torch."),
+        extra=options.non_linear_deltas,
+        warnings=tuple(result.plan.warnings),
+        belonging=result.plan.similarity.to_json() if result.plan.similarity else None,
+        totals=totals,
+        timings={k: round(v, 4) for k, v in result.timings.items()},
+        modules=tuple(modules),
+        extras=tuple(extras),
+        expert_serving=_expert_serving(result),
+    )
 
 
 def _expert_serving(result: ExtractionResult) -> dict[str, list[str]]:
@@ -210,11 +201,11 @@ def read_report(folder: Path) -> dict[str, Any]:
             fix="pass a folder written by `phlora-nim extract` or `prune`",
         )
     data = read_json(path, what="report", fix="re-run the extraction")
-    if data.get("format") != "phlora-report/1":
+    if data.get("format") != REPORT_FORMAT:
         raise InputError(
             "not a phlora-nim report",
             where=str(path),
-            expected='"format": "phlora-report/1"',
+            expected=f'"format": "{REPORT_FORMAT}"',
             found=repr(data.get("format")),
         )
     return data

@@ -231,7 +231,7 @@ def _row(
         output=answer,
         expected=expected[model if c else BASE_MODEL][PROMPTS.index(prompt)],
         rank=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "–",
-        energy=f"{c.report['totals']['energy_kept_linear']:.4f}" if c else "–",
+        energy=f"{c.report.totals['energy_kept_linear']:.4f}" if c else "–",
     )
 
 

@@ -108,14 +108,14 @@ def extract(
             dropped_hint="Pass --extra save to keep them as modules_to_save (not servable by vLLM/NIM/TensorRT-LLM).",
         )
     t_write = time.perf_counter()
-    report = extracted.report
-    report["totals"].update(layout=layout, stored_parameters=stored_parameters(extracted.adapter, layout))
+    report = extracted.report.with_totals(layout=layout, stored_parameters=stored_parameters(extracted.adapter, layout))
     with atomic_dir(Path(out), force=force) as tmp:
         save_peft(extracted.adapter, tmp, dtype=extracted.out_dtype, layout=layout)
-        report["timings"]["write_s"] = round(time.perf_counter() - t_write, 4)
-        report["timings"]["total_s"] = round(time.perf_counter() - start, 4)
+        report = report.with_timings(
+            write_s=round(time.perf_counter() - t_write, 4), total_s=round(time.perf_counter() - start, 4)
+        )
         write_report_files(report, tmp, plot=plot)
-    return report
+    return report.to_json()
 
 
 def check_layout(layout: str) -> None:
@@ -156,14 +156,7 @@ def prune(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "source_adapter": str(adapter_dir),
-        "policy": {
-            "kind": policy.kind,
-            "rank": policy.rank,
-            "energy": policy.energy,
-            "budget_params": policy.budget_params,
-            "max_rank": policy.max_rank,
-            "snap": policy.snap,
-        },
+        "policy": policy.to_json(),
         "totals": {
             "modules": len(records),
             "adapter_parameters": pruned.num_parameters(),

@@ -25,6 +25,7 @@ from typing import Any
 
 from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
+from phlora_nim.converters.extraction_report import ExtractionReport
 from phlora_nim.converters.hub import resolve
 from phlora_nim.core.atomic import replace_dir, staging_dir
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
@@ -127,7 +128,7 @@ class Converted:
     """What ``convert`` registered for one fine-tune (``adapter_bytes``: the engine's form)."""
 
     entry: AdapterEntry
-    report: dict[str, Any]
+    report: ExtractionReport
     adapter_bytes: int
     seconds: float
 

@@ -9,19 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from phlora_nim.core.dtypes import parse_dtype
-from phlora_nim.core.errors import InputError, OptionError
+from phlora_nim.core.errors import InputError
 from phlora_nim.core.json_files import read_json
 from phlora_nim.engines.trtllm_legacy.cache_plan import engine_shape, plan_cache
 from phlora_nim.engines.trtllm_legacy.cache_settings import cache_request, planned_adapters
 from phlora_nim.engines.trtllm_legacy.tensors import TRTLLM_MODULES
-from phlora_nim.repository.layout import DEFAULT_GRACE_S, PREFETCH_DIR, adapter_store_dir
+from phlora_nim.repository.layout import DEFAULT_GRACE_S, GRACE, PREFETCH_DIR, adapter_store_dir
 from phlora_nim.repository.registry import AdapterEntry, Registry, RegistryState, utc_now
 from phlora_nim.repository.settings import RepositorySettings
 
 
 def check_grace(grace: float) -> None:
-    if not grace >= 0:
-        raise OptionError("the grace period must be ≥ 0 seconds", where="--grace", found=str(grace))
+    GRACE.check(grace, "--grace")
 
 
 def remove_adapter(

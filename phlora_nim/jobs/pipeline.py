@@ -29,6 +29,7 @@ from phlora_nim.converters.extract import (
     plan_extraction,
     run_extraction,
 )
+from phlora_nim.converters.extraction_report import ExtractionReport
 from phlora_nim.converters.hub import resolve
 from phlora_nim.converters.report import build_report, write_report
 from phlora_nim.core.cpus import set_torch_threads
@@ -70,7 +71,7 @@ class Extracted:
 
     finetuned: Path
     adapter: LoraAdapter
-    report: dict[str, Any]
+    report: ExtractionReport
     out_dtype: torch.dtype
     seconds: float
 
@@ -198,13 +199,15 @@ def extract_adapter(
         command=command,
     )
     if outcome is not None and job.options.target is not None:
-        report["fidelity_target"] = outcome.report(job.options.target)
+        report = dataclasses.replace(report, fidelity_target=outcome.report(job.options.target))
     if job.statistics is not None:
-        report["calibration"] = {"prompts": str(job.options.calibration), **job.statistics.summary()}
-        if pair.path in job.calibration_gaps:
-            report["calibration"]["finetune_gap_kl"] = job.calibration_gaps[pair.path]
-    _warn_dropped(result, report, hint=dropped_hint)
-    _loading_note(result, report, pair.checkpoint)
+        gap = job.calibration_gaps.get(pair.path)
+        calibration = {"prompts": str(job.options.calibration), **job.statistics.summary()}
+        report = dataclasses.replace(
+            report, calibration=calibration | ({"finetune_gap_kl": gap} if gap is not None else {})
+        )
+    _warn_dropped(result, report.totals, hint=dropped_hint)
+    report = dataclasses.replace(report, loading=_loading_note(result, pair.checkpoint))
     return Extracted(
         finetuned=pair.path,
         adapter=result.adapter,
@@ -214,11 +217,11 @@ def extract_adapter(
     )
 
 
-def _loading_note(result: ExtractionResult, report: dict[str, Any], ft: Checkpoint) -> None:
+def _loading_note(result: ExtractionResult, ft: Checkpoint) -> str | None:
     """With saved embeddings or head, how to load the adapter under PEFT (resize the base first)."""
     saved = [x for x in result.extras if x.action == "saved" and x.plan.kind in ("embedding", "lm_head")]
     if not saved:
-        return
+        return None
     resized = any(x.plan.resized for x in saved)
     vocab = max((x.plan.ft_shape[0] for x in saved if x.plan.resized), default=None)
     note = load_instructions(
@@ -227,10 +230,10 @@ def _loading_note(result: ExtractionResult, report: dict[str, Any], ft: Checkpoi
         resized=resized,
         tied=result.adapter.ensure_weight_tying,
     )
-    report["loading"] = note
     if resized:
         log.warning("the fine-tune resized the vocabulary to %s: resize the base before loading the adapter:\n%s",
                     vocab, note)  # fmt: skip
+    return note
 
 
 def _check_not_empty(result: ExtractionResult, finetuned: Path) -> None:
@@ -257,18 +260,18 @@ def _check_not_empty(result: ExtractionResult, finetuned: Path) -> None:
     )
 
 
-def write_report_files(report: dict[str, Any], folder: Path, *, plot: bool = True) -> None:
+def write_report_files(report: ExtractionReport, folder: Path, *, plot: bool = True) -> None:
     """``phlora_report.json`` (and ``energy.png``) into an adapter folder being written."""
-    write_report(report, folder)
+    data = report.to_json()
+    write_report(data, folder)
     if plot:
-        plot_energy(report, Path(folder) / PLOT_NAME)
+        plot_energy(data, Path(folder) / PLOT_NAME)
 
 
-def _warn_dropped(result: ExtractionResult, report: dict[str, Any], *, hint: str) -> None:
+def _warn_dropped(result: ExtractionResult, totals: dict[str, Any], *, hint: str) -> None:
     dropped = [x for x in result.extras if x.action == "dropped"]
     if not dropped:
         return
-    totals = report["totals"]
     share = totals["dropped_extra_energy"] / max(totals["linear_delta_energy"] + totals["extra_delta_energy"], 1e-300)
     log.warning(
         "dropped the deltas of %d tensors outside linear modules (%s): %.3g%% of the fine-tune's delta energy.%s",

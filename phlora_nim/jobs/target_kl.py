@@ -3,7 +3,7 @@
 The probes (by default the fine-tune's own samples where it disagrees most with its base,
 :mod:`~phlora_nim.jobs.self_probes`) are built once, with the fine-tune's log-probs on them; the
 base alone and the floor are measured once. The fine-tune is decomposed to a small cap first and
-to a larger one only when every module at that cap misses the target (:func:`cap_ladder`); each
+to a larger one only when every module at that cap misses the target (:func:`search_ceilings`); each
 candidate budget is a truncation of those spectra by the budget policy (rank increments where they
 buy the most energy per parameter), applied by patching the base model's weights in place, and the
 search interpolates the target's margin in log-budget space until the passing and the failing
@@ -40,7 +40,13 @@ from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import read_prompts
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.extract import ExtractionResult, reassign
-from phlora_nim.converters.rank_policy import FidelityTarget, RankPolicy, recovery
+from phlora_nim.converters.rank_policy import (
+    GENERIC_PROMPTS,
+    FidelityTarget,
+    RankPolicy,
+    recovery,
+    search_ceilings,
+)
 from phlora_nim.core.errors import InputError, OptionError
 
 log = logging.getLogger("phlora_nim.target")
@@ -50,7 +56,7 @@ log = logging.getLogger("phlora_nim.target")
 # is usually > 0.1, so recovery measured under 0.02 is mostly noise.
 MIN_GAP_KL = 0.02
 FIDELITY_FLAGS = "--target-recovery/--target-kl/--target-top1"
-GENERIC = "generic"  # --prompts generic: the prompts shipped with phlora-nim
+GENERIC = GENERIC_PROMPTS
 SELF_PROBES_SOURCE = "(self-probes) the fine-tune's own samples"
 
 
@@ -154,7 +160,7 @@ def bisect_budget(
     tried: set[int] = set()
 
     def evaluate(budget: int) -> tuple[bool, float | None, ExtractionResult]:
-        candidate = reassign(result, RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap))
+        candidate = reassign(result, ceiling.at_budget(budget))
         tried.add(candidate.adapter.num_parameters())
         verdict = judge(budget, candidate)
         met, margin = verdict if isinstance(verdict, tuple) else (verdict, None)
@@ -268,23 +274,11 @@ def search_budget(
     return found[0], found[1], steps
 
 
-# Caps the search decomposes to, in turn, until every module at the cap meets the target: a small
-# adapter costs a small decomposition (the randomized SVD's cost grows with the rank it computes).
-CAP_LADDER = (16, 64)
 # Self-probe samples kept out of the search, to check the chosen adapter on.
 HELD_OUT = 8
 # The chosen adapter must keep, on the fine-tune's own held-out samples, at least this share of the
 # recovery it showed on the probes it was chosen on; else the probes missed what the fine-tune changed.
 CHECK_MIN_SHARE = 0.5
-
-
-def cap_ladder(limit: int | None) -> list[int]:
-    """The caps to decompose to, in turn: :data:`CAP_LADDER` below ``limit`` (default the policy's
-    default cap), then ``limit``."""
-    from phlora_nim.converters.rank_policy import DEFAULT_MAX_RANK
-
-    top = limit or DEFAULT_MAX_RANK
-    return [c for c in CAP_LADDER if c < top] + [top]
 
 
 @dataclass
@@ -308,11 +302,10 @@ def run_to_target(
 
     The probes are built once (the fine-tune's log-probs on them cached), the base alone and the floor
     are measured once, and each candidate is applied by patching the base model's weights in place.
-    The fine-tune is decomposed to the first cap of :func:`cap_ladder`; only if every module at that
+    The fine-tune is decomposed to the first cap of :func:`search_ceilings`; only if every module at that
     cap misses the target is it decomposed to the next. The chosen adapter is then checked on
     held-out samples of the fine-tune (:func:`check_on_own_samples`).
     """
-    from phlora_nim.converters.rank_policy import search_policy
     from phlora_nim.jobs.fidelity import WeightPatcher
 
     given, target = job.options.policy, job.options.target
@@ -327,10 +320,11 @@ def run_to_target(
     floors: tuple[Any, Any] | None = None
     below: tuple[int, float | None] | None = None
     found = None
-    caps = cap_ladder(given.rank if given.kind == "rank" else given.max_rank)
+    ceilings = search_ceilings(given)
     decomposed: list[int] = []
-    for i, cap in enumerate(caps):
-        ceiling = search_policy(cap, given.snap)
+    for i, ceiling in enumerate(ceilings):
+        cap = ceiling.max_rank
+        assert cap is not None
         t0 = time.perf_counter()
         result = _decompose_to(job, pair, ceiling, progress=progress)
         timings["decompose_s"] += time.perf_counter() - t0
@@ -342,7 +336,7 @@ def run_to_target(
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
             below = (0, target.margin(*base, base, floor))  # the base alone misses (checked above)
-        last = i == len(caps) - 1
+        last = i == len(ceilings) - 1
         try:
             budget, chosen, _ = search_budget(
                 result, ceiling, target, measure, base=base, floor=floor, steps=steps, below=below,
@@ -355,7 +349,7 @@ def run_to_target(
                 raise
             top = next(s for s in reversed(steps))
             below = (top.budget, target.margin(top.kl, top.top1, base, floor))
-            log.info("every module at rank %d misses the target: decomposing to rank %d", cap, caps[i + 1])
+            log.info("every module at rank %d misses the target: decomposing to rank %d", cap, ceilings[i + 1].max_rank)
     assert found is not None and floors is not None
     budget, chosen, ceiling = found
     timings |= {"evaluate_s": sum(evaluated), "evaluations": len(evaluated)}
@@ -365,7 +359,7 @@ def run_to_target(
     return SearchOutcome(
         budget=budget,
         result=chosen,
-        policy=RankPolicy(budget_params=budget, max_rank=ceiling.max_rank, snap=ceiling.snap),
+        policy=ceiling.at_budget(budget),
         steps=tuple(steps),
         tokens=probe.tokens,
         prompts=probes.source,

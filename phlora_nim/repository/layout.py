@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from phlora_nim.core.bounds import Bound
+
 REGISTRY_FILE = "phlora_registry.json"
 SETTINGS_FILE = "phlora_repository.json"
 LLM_MODEL = "tensorrt_llm"
@@ -35,6 +37,7 @@ PRELOAD_DIR = f"{LLM_MODEL}/lora_preload"
 # Seconds the files of removed and replaced adapters outlive their registry entry: a router reads
 # the registry every second or so and may route to an adapter until it has.
 DEFAULT_GRACE_S = 60.0
+GRACE = Bound("the grace period must be ≥ 0 seconds", "a number of seconds ≥ 0", low=0.0)
 
 
 def prefetch_dir(root: Path, task_id: int) -> Path:

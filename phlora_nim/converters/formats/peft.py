@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
-from phlora_nim.converters.scale_rules import RULES, Layout, fold_factor, layout_config, tensor_rank
+from phlora_nim.converters.formats.peft_config import PeftAdapterConfig
+from phlora_nim.converters.scale_rules import RULES, Layout, fold_factor, tensor_rank
 from phlora_nim.converters.scale_rules import stored_parameters as _stored
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json
@@ -53,39 +54,23 @@ def stored_parameters(adapter: LoraAdapter, layout: Layout = "padded") -> int:
     return _stored({n: (w.rank, w.a.shape[1], w.b.shape[0]) for n, w in adapter.modules.items()}, layout)
 
 
-def peft_config(adapter: LoraAdapter, layout: Layout = "padded") -> dict[str, Any]:
-    """The ``adapter_config.json`` content for ``adapter`` as :func:`save_peft` writes it.
+def peft_config(adapter: LoraAdapter, layout: Layout = "padded") -> PeftAdapterConfig:
+    """The ``adapter_config.json`` of ``adapter`` as :func:`save_peft` writes it.
 
     ``padded``: ``r = lora_alpha = R`` (the largest rank), no rank/alpha patterns, no rsLoRA: every
     loader then scales by 1, and the factors carry the true scale. ``mixed``: see
     :func:`~phlora_nim.converters.scale_rules.layout_config`.
     """
-    scaling = layout_config(adapter.ranks() or {"": 1}, layout)
-    # Written only when set: older PEFT releases do not know the field.
-    tying = {"ensure_weight_tying": True} if adapter.ensure_weight_tying else {}
-    return tying | {
-        "peft_type": "LORA",
-        "task_type": adapter.task_type,
-        "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": scaling["r"],
-        "lora_alpha": scaling["lora_alpha"],
-        "rank_pattern": scaling["rank_pattern"],
-        "alpha_pattern": scaling["alpha_pattern"],
-        "target_modules": adapter.leaf_names(),
-        "modules_to_save": sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}) or None,
-        "bias": "none",
-        # Bias deltas of LoRA targets ride in lora_B's bias (PEFT's lora_bias), scaled like the update: by 1,
-        # so they are written as the changes they are.
-        "lora_bias": bool(adapter.lora_biases),
-        "use_rslora": scaling["use_rslora"],
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
+    return PeftAdapterConfig.of(
+        ranks=adapter.ranks(),
+        layout=layout,
+        task_type=adapter.task_type,
+        base_model_name_or_path=adapter.base_model_name_or_path,
+        target_modules=adapter.leaf_names(),
+        modules_to_save=sorted({p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in adapter.modules_to_save}),
+        lora_bias=bool(adapter.lora_biases),
+        ensure_weight_tying=adapter.ensure_weight_tying,
+    )
 
 
 def padded_factors(
@@ -119,7 +104,7 @@ def save_peft(
         layout: ``padded`` (every engine reads it alike) or ``mixed`` (true ranks; PEFT and
             TensorRT-LLM's HF loader), see :mod:`phlora_nim.converters.scale_rules`.
     """
-    config = peft_config(adapter, layout)
+    config = peft_config(adapter, layout).to_json()
     ranks = adapter.ranks()
     tensors: dict[str, torch.Tensor] = {}
     for name, w in adapter.modules.items():
