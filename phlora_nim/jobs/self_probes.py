@@ -26,6 +26,8 @@ log = logging.getLogger("phlora_nim.self_probes")
 
 # Short user turns that set no task: the fine-tune's own habits decide what follows.
 OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
+# Sampling calls at most, while too many samples end at once (each call samples every row anew).
+SAMPLING_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -55,51 +57,89 @@ def openings(tokenizer: Any) -> list[list[int]]:
     return [[int(start)]]
 
 
+class _RowTemperature:
+    """Divides each row's logits by its own temperature: one sampling call serves every temperature."""
+
+    def __init__(self, temperatures: torch.Tensor) -> None:
+        self.temperatures = temperatures[:, None]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperatures.to(scores.dtype)
+
+
 @torch.no_grad()
 def sample(
-    model: Any, start: list[int], *, count: int, length: int, temperature: float, pad_id: int, eos_id: int | None
-) -> list[list[int]]:
-    """``count`` sampled continuations of ``start`` (end token and what follows cut off; empty dropped)."""
-    ids = torch.tensor([start]).expand(count, -1)
+    model: Any,
+    starts: Sequence[list[int]],
+    temperatures: Sequence[float],
+    *,
+    length: int,
+    pad_id: int,
+    eos_id: int | None,
+) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
+    left-padded ``generate`` call. Each comes with the model's own next-token log-probs along it
+    (from the raw logits the sampling step saw), so no second pass of the model is needed to score
+    it. End token and what follows cut off; empty continuations dropped.
+
+    Returns:
+        (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
+    """
+    from transformers import LogitsProcessorList
+
+    width = max(len(s) for s in starts)
+    ids = torch.full((len(starts), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(starts), width), dtype=torch.long)
+    for i, s in enumerate(starts):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        att[i, width - len(s) :] = 1
     gen = model.generate(
         input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        attention_mask=att,
         max_new_tokens=length,
         do_sample=True,
-        temperature=temperature,
+        temperature=1.0,
         top_k=0,
         top_p=1.0,
+        logits_processor=LogitsProcessorList([_RowTemperature(torch.tensor(temperatures))]),
         pad_token_id=pad_id,
         eos_token_id=eos_id,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
+    logits = torch.stack(gen.logits, dim=1)  # [rows, steps, vocab], before the temperature
     outs = []
-    for row in gen[:, len(start) :].tolist():
+    for i, row in enumerate(gen.sequences[:, width:].tolist()):
         row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
         if row:
-            outs.append(row)
+            outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
     return outs
 
 
+@dataclass(frozen=True)
+class RankedSample:
+    """A sample, the mean KL(fine-tuned ‖ base) over its continuation, and both models' log-probs along it."""
+
+    kl: float
+    start: list[int]
+    continuation: list[int]
+    finetuned: torch.Tensor
+    base: torch.Tensor
+
+
 def rank_by_disagreement(
-    base_model: Any, ft_model: Any, samples: Sequence[tuple[list[int], list[int]]]
-) -> list[tuple[float, list[int], list[int]]]:
-    """(mean KL(fine-tuned ‖ base) over the continuation's tokens, prompt, continuation), largest first."""
-    return [(kl, p, c) for kl, p, c, _ in _ranked(base_model, ft_model, samples)]
-
-
-def _ranked(
-    base_model: Any, ft_model: Any, samples: Sequence[tuple[list[int], list[int]]]
-) -> list[tuple[float, list[int], list[int], torch.Tensor]]:
-    """:func:`rank_by_disagreement` with the fine-tune's log-probs of each (reused as the probe's reference)."""
-    sequences = [[*p, *c[:-1]] for p, c in samples]
-    starts = [len(p) - 1 for p, _ in samples]
-    prefix = common_prefix(sequences, starts)
-    ft = log_probs(ft_model, sequences, starts=starts, shared_prefix=prefix)
-    base = log_probs(base_model, sequences, starts=starts, shared_prefix=prefix)
-    scored = [
-        (compare_log_probs([f], [b])[0], list(p), list(c), f) for f, b, (p, c) in zip(ft, base, samples, strict=True)
+    base_model: Any, samples: Sequence[tuple[list[int], list[int], torch.Tensor]]
+) -> list[RankedSample]:
+    """Samples of :func:`sample` (with the fine-tune's log-probs) ranked by mean KL(fine-tuned ‖ base)
+    over the continuation's tokens, largest first: one pass of the base over them all."""
+    sequences = [[*p, *c[:-1]] for p, c, _ in samples]
+    starts = [len(p) - 1 for p, _, _ in samples]
+    base = log_probs(base_model, sequences, starts=starts, shared_prefix=common_prefix(sequences, starts))
+    ranked = [
+        RankedSample(compare_log_probs([f], [b])[0], list(p), list(c), f, b)
+        for b, (p, c, f) in zip(base, samples, strict=True)
     ]
-    return sorted(scored, key=lambda s: -s[0])
+    return sorted(ranked, key=lambda r: -r.kl)
 
 
 def self_probe(
@@ -127,28 +167,27 @@ def self_probe_sets(
     """
     pad, eos = token_ids(tokenizer)
     torch.manual_seed(settings.seed)
-    samples: list[tuple[list[int], list[int]]] = []
     starts = openings(tokenizer)
-    # At least twice as many samples as are kept, whatever the number of openings, to rank from.
-    count = max(
-        settings.per_start, math.ceil(2 * (settings.keep + held_out) / (len(starts) * len(settings.temperatures)))
-    )
-    for start in starts:
-        for temperature in settings.temperatures:
-            conts = sample(
-                ft_model, start, count=count, length=settings.length,
-                temperature=temperature, pad_id=pad, eos_id=eos,
-            )  # fmt: skip
-            samples += [(start, c) for c in conts]
+    wanted = 2 * (settings.keep + held_out)  # at least twice as many samples as are kept, to rank from
+    per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
+    rows = [(s, t) for s in starts for t in settings.temperatures for _ in range(per)]
+    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
+    # Short answers end at once and are dropped: sample again (at most twice) while too few are left.
+    for _ in range(SAMPLING_ROUNDS):
+        samples += sample(
+            ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
+        )
+        if len(samples) >= wanted:
+            break
     if not samples:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
             expected="non-empty samples from its generation prompt",
-            found=f"{count * len(settings.temperatures)} empty ones per opening",
+            found=f"{SAMPLING_ROUNDS * per * len(settings.temperatures)} empty ones per opening",
             fix="give task prompts with --prompts instead",
         )
-    ranked = _ranked(base_model, ft_model, samples)[: settings.keep + held_out]
+    ranked = rank_by_disagreement(base_model, samples)[: settings.keep + held_out]
     if held_out:
         # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span the same range.
         step = (settings.keep + held_out) / held_out
@@ -160,13 +199,14 @@ def self_probe_sets(
     if kept:
         log.info(
             "self-probes: kept %d (+%d held out) of %d samples, KL(fine-tuned ‖ base) %.4g–%.4g",
-            len(kept), len(out), len(samples), ranked[-1][0], ranked[0][0],
+            len(kept), len(out), len(samples), ranked[-1].kl, ranked[0].kl,
         )  # fmt: skip
 
-    def build(rows: list[tuple[float, list[int], list[int], torch.Tensor]]) -> FidelityProbe:
+    def build(rows: list[RankedSample]) -> FidelityProbe:
         return FidelityProbe.build(
-            base_model, ft_model, [p for _, p, _, _ in rows], pad_id=pad, eos_id=eos,
-            continuations=[c for _, _, c, _ in rows], reference=[f for _, _, _, f in rows],
+            base_model, ft_model, [r.start for r in rows], pad_id=pad, eos_id=eos,
+            continuations=[r.continuation for r in rows], reference=[r.finetuned for r in rows],
+            base_reference=[r.base for r in rows],
         )  # fmt: skip
 
     return build(kept), (build(out) if out else None)
