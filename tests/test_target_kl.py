@@ -197,7 +197,7 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
     options = ExtractOptions(policy=search_policy(None))
     with open_checkpoint(base) as b, open_checkpoint(ft) as f:
         result = run_extraction(plan_extraction(b, f, options), b, f, options)
-        floors = _floors(patcher, probes, result, b, f)
+    floors = _floors(patcher, probes, result.plan.targets, save_biases=False)
     base_m = measure(None)
     budget, chosen, steps = search_budget(result, options.policy, target, measure, base=base_m, floor=floors[0])
     step = next(s for s in reversed(steps) if s.budget == budget)
