@@ -74,7 +74,7 @@ def test_kept_samples_are_those_where_the_finetune_disagrees_most(pair) -> None:
 
 
 def test_one_sampling_call_scores_each_row_as_a_forward_pass_would(pair) -> None:
-    """Rows of different openings (left-padded) and temperatures in one call: each row's log-probs
+    """Rows of different openings (a shared head, tails left-padded) and temperatures in one call: each row's log-probs
     from the sampling step are the model's own along the sample, and a near-zero temperature row
     follows the greedy path while the others sample."""
     from phlora_nim.jobs.fidelity import greedy_generate, token_ids
@@ -83,7 +83,8 @@ def test_one_sampling_call_scores_each_row_as_a_forward_pass_would(pair) -> None
 
     tok, _, ft_model = pair
     pad, eos = token_ids(tok)
-    short, long = [tok.bos_token_id], [tok.bos_token_id, 5, 6, 7, 8]
+    # A shared head (run once, its cache repeated per row) and tails of different lengths.
+    short, long = [tok.bos_token_id, 9, 10], [tok.bos_token_id, 9, 10, 5, 6, 7, 8]
     starts, temps = [short, long, short, long, long], [1.0, 1.0, 1e-4, 1e-4, 2.0]
     torch.manual_seed(0)
     rows = sample(ft_model, starts, temps, length=6, pad_id=pad, eos_id=eos)

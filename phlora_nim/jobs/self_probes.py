@@ -26,8 +26,9 @@ log = logging.getLogger("phlora_nim.self_probes")
 
 # Short user turns that set no task: the fine-tune's own habits decide what follows.
 OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
-# Sampling calls at most, while too many samples end at once (each call samples every row anew).
-SAMPLING_ROUNDS = 3
+# A sample whose first step the fine-tune ends with at least this probability is one it would not
+# write: dropped (the first token is drawn among the others, so short answers do not waste a row).
+ENDS_AT_ONCE = 0.99
 
 
 @dataclass(frozen=True)
@@ -78,25 +79,38 @@ def sample(
     eos_id: int | None,
 ) -> list[tuple[list[int], list[int], torch.Tensor]]:
     """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
-    left-padded ``generate`` call. Each comes with the model's own next-token log-probs along it
+    ``generate`` call. Each comes with the model's own next-token log-probs along it
     (from the raw logits the sampling step saw), so no second pass of the model is needed to score
-    it. End token and what follows cut off; empty continuations dropped.
+    it. The first token is never the end token (a row that would end at once still says something:
+    sampling is as from the rows that do), but rows the model ends at once with probability ≥
+    :data:`ENDS_AT_ONCE` are dropped; the end token and what follows are cut off.
 
     Returns:
         (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
     """
     from transformers import LogitsProcessorList
 
-    width = max(len(s) for s in starts)
-    ids = torch.full((len(starts), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(starts), width), dtype=torch.long)
+    # The openings share a chat template's system turn: it runs once, its KV cache is repeated for
+    # every row, and each row's own tail is left-padded after it (masked, positions kept contiguous).
+    shared = common_prefix(list(starts), [len(s) - 1 for s in starts])
+    tail = max(len(s) for s in starts) - shared
+    ids = torch.full((len(starts), shared + tail), pad_id, dtype=torch.long)
+    att = torch.zeros((len(starts), shared + tail), dtype=torch.long)
+    ids[:, :shared] = torch.tensor(starts[0][:shared])
+    att[:, :shared] = 1
     for i, s in enumerate(starts):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        att[i, width - len(s) :] = 1
+        ids[i, shared + tail - (len(s) - shared) :] = torch.tensor(s[shared:])
+        att[i, shared + tail - (len(s) - shared) :] = 1
+    cached: dict[str, Any] = {}
+    if shared:
+        cache = model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(starts))
+        cached["past_key_values"] = cache
     gen = model.generate(
         input_ids=ids,
         attention_mask=att,
         max_new_tokens=length,
+        min_new_tokens=1 if eos_id is not None else 0,
         do_sample=True,
         temperature=1.0,
         top_k=0,
@@ -106,13 +120,15 @@ def sample(
         eos_token_id=eos_id,
         output_logits=True,
         return_dict_in_generate=True,
+        **cached,
     )
     logits = torch.stack(gen.logits, dim=1)  # [rows, steps, vocab], before the temperature
     outs = []
-    for i, row in enumerate(gen.sequences[:, width:].tolist()):
+    for i, row in enumerate(gen.sequences[:, shared + tail :].tolist()):
         row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
-        if row:
-            outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
+        logps = torch.log_softmax(logits[i, : len(row)].float(), -1)
+        if row and (eos_id is None or float(logps[0, eos_id].exp()) < ENDS_AT_ONCE):
+            outs.append((list(starts[i]), row, logps))
     return outs
 
 
@@ -171,20 +187,15 @@ def self_probe_sets(
     wanted = 2 * (settings.keep + held_out)  # at least twice as many samples as are kept, to rank from
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
     rows = [(s, t) for s in starts for t in settings.temperatures for _ in range(per)]
-    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
-    # Short answers end at once and are dropped: sample again (at most twice) while too few are left.
-    for _ in range(SAMPLING_ROUNDS):
-        samples += sample(
-            ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
-        )
-        if len(samples) >= wanted:
-            break
+    samples = sample(
+        ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
+    )
     if not samples:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
             expected="non-empty samples from its generation prompt",
-            found=f"{SAMPLING_ROUNDS * per * len(settings.temperatures)} empty ones per opening",
+            found=f"the end token with probability ≥ {ENDS_AT_ONCE} first on all {len(rows)} samples",
             fix="give task prompts with --prompts instead",
         )
     ranked = rank_by_disagreement(base_model, samples)[: settings.keep + held_out]
