@@ -389,6 +389,7 @@ def export_command(
     with_trtllm: Annotated[bool, typer.Option("--with-trtllm", help="nim: add the TensorRT-LLM npy pair.")] = False,
     strict: Annotated[bool, StrictOpt] = False,
     force: ForceOpt = False,
+    layout: LayoutOpt = "padded",
 ) -> None:
     """Convert a LoRA adapter into the formats NVIDIA's serving stack takes.
 
@@ -411,8 +412,9 @@ def export_command(
         with_trtllm=with_trtllm,
         strict=strict,
         force=force,
+        layout=layout,
     )
-    out_console.print(f"[bold green]wrote[/] {target} ({fmt})")
+    out_console.print(f"[bold green]wrote[/] {target} ({fmt}{', ' + layout if fmt == 'peft' else ''})")
 
 
 def verify_command(
