@@ -26,9 +26,10 @@ log = logging.getLogger("phlora_nim.self_probes")
 
 # Short user turns that set no task: the fine-tune's own habits decide what follows.
 OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
-# A sample whose first step the fine-tune ends with at least this probability is one it would not
-# write: dropped (the first token is drawn among the others, so short answers do not waste a row).
-ENDS_AT_ONCE = 0.99
+# Sampling calls at most: a fine-tune that ends many samples at once (they are dropped) is sampled
+# again, as many rows as its rate of empty samples says are still missing.
+SAMPLING_ROUNDS = 2
+MAX_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,7 @@ def sample(
     """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
     ``generate`` call. Each comes with the model's own next-token log-probs along it
     (from the raw logits the sampling step saw), so no second pass of the model is needed to score
-    it. The first token is never the end token (a row that would end at once still says something:
-    sampling is as from the rows that do), but rows the model ends at once with probability ≥
-    :data:`ENDS_AT_ONCE` are dropped; the end token and what follows are cut off.
+    it. The end token and what follows are cut off; rows that end at once are dropped.
 
     Returns:
         (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
@@ -110,7 +109,6 @@ def sample(
         input_ids=ids,
         attention_mask=att,
         max_new_tokens=length,
-        min_new_tokens=1 if eos_id is not None else 0,
         do_sample=True,
         temperature=1.0,
         top_k=0,
@@ -126,9 +124,8 @@ def sample(
     outs = []
     for i, row in enumerate(gen.sequences[:, shared + tail :].tolist()):
         row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
-        logps = torch.log_softmax(logits[i, : len(row)].float(), -1)
-        if row and (eos_id is None or float(logps[0, eos_id].exp()) < ENDS_AT_ONCE):
-            outs.append((list(starts[i]), row, logps))
+        if row:
+            outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
     return outs
 
 
@@ -186,16 +183,25 @@ def self_probe_sets(
     starts = openings(tokenizer)
     wanted = 2 * (settings.keep + held_out)  # at least twice as many samples as are kept, to rank from
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
-    rows = [(s, t) for s in starts for t in settings.temperatures for _ in range(per)]
-    samples = sample(
-        ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
-    )
+    # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
+    rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
+    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
+    for _ in range(SAMPLING_ROUNDS):
+        samples += sample(
+            ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
+        )
+        if len(samples) >= wanted or not samples:
+            break
+        # Short answers end at once and are dropped: draw again, as many rows as the rate of kept ones
+        # says are missing (the same mix of openings and temperatures).
+        missing = math.ceil((wanted - len(samples)) * len(rows) / len(samples))
+        rows = [rows[i % len(rows)] for i in range(min(missing, MAX_ROWS))]
     if not samples:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
             expected="non-empty samples from its generation prompt",
-            found=f"the end token with probability ≥ {ENDS_AT_ONCE} first on all {len(rows)} samples",
+            found=f"{len(rows)} empty samples",
             fix="give task prompts with --prompts instead",
         )
     ranked = rank_by_disagreement(base_model, samples)[: settings.keep + held_out]
