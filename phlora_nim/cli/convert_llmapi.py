@@ -82,6 +82,7 @@ def convert_llmapi_command(args: Mapping[str, Any], options: ExtractOptions) -> 
         tp=args["tp"],
         replace=args["replace"],
         grace=args["grace"],
+        layout=args["layout"],
         engine_options=row.module("staging").Options(
             served_base=args["served_base"],
             model_yaml=args["model_yaml"],

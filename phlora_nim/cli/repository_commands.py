@@ -17,6 +17,7 @@ from phlora_nim.cli.app import (
     BudgetOpt,
     DeviceOpt,
     EnergyOpt,
+    LayoutOpt,
     MaxRankOpt,
     RankOpt,
     RepoOpt,
@@ -161,6 +162,7 @@ def convert_command(
     served_base: ServedBaseOpt = None,
     allow_mismatch: AllowMismatchOpt = False,
     threads: ThreadsOpt = None,
+    layout: LayoutOpt = "padded",
     index: Annotated[
         int | None,
         typer.Option(
@@ -228,6 +230,7 @@ def _convert_job(args: Mapping[str, Any]) -> ConvertJob:
         engine_config=args["engine_config"],
         strict=args["strict"],
         check_served_path=args["check_served_path"],
+        layout=args["layout"],
     )
 
 

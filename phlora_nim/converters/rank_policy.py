@@ -198,7 +198,7 @@ class FidelityTarget:
     prompts: str | None = None
     min_recovery: float | None = None
     self_probes: bool = False
-    tolerance: float = 0.1
+    tolerance: float = 0.2
     max_steps: int = 12
 
     def __post_init__(self) -> None:

@@ -30,6 +30,8 @@ OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
 # again, as many rows as its rate of empty samples says are still missing.
 SAMPLING_ROUNDS = 2
 MAX_ROWS = 256
+# Rows sampled per sample kept (ranked by disagreement, the top ones kept).
+RANK_FROM = 1.5
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ def self_probe_sets(
     pad, eos = token_ids(tokenizer)
     torch.manual_seed(settings.seed)
     starts = openings(tokenizer)
-    wanted = 2 * (settings.keep + held_out)  # at least twice as many samples as are kept, to rank from
+    needed = settings.keep + held_out
+    wanted = math.ceil(RANK_FROM * needed)  # more samples than are kept, to rank from
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
     # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
     rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
@@ -190,10 +193,10 @@ def self_probe_sets(
         samples += sample(
             ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
         )
-        if len(samples) >= wanted or not samples:
+        if len(samples) >= needed or not samples:
             break
-        # Short answers end at once and are dropped: draw again, as many rows as the rate of kept ones
-        # says are missing (the same mix of openings and temperatures).
+        # Short answers end at once and are dropped: with fewer left than are kept, draw again, as many
+        # rows as the rate of non-empty ones says are missing (the same mix of openings and temperatures).
         missing = math.ceil((wanted - len(samples)) * len(rows) / len(samples))
         rows = [rows[i % len(rows)] for i in range(min(missing, MAX_ROWS))]
     if not samples:
