@@ -132,6 +132,77 @@ def run_task(work: Path, base: Path, name: str, ft: Path, recovery: float, neede
     return row
 
 
+def curves(base: Path, ft: Path, task_name: str, max_rank: int, points: int = 14) -> list[dict[str, Any]]:
+    """Along the budget axis (one decomposition at ``max_rank``, budgets a factor √2 apart downward from
+    every module at its cap): recovery on the self-probes the search uses and on the held-out ones
+    (KL and top-1, of the reachable gap), and the share of the task's exact-match gain kept. What a
+    recovery threshold on the self-probes would choose, against what the task needs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phlora_nim.converters.extract import reassign
+    from phlora_nim.converters.rank_policy import RankPolicy, recovery
+    from phlora_nim.jobs.fidelity import WeightPatcher
+    from phlora_nim.jobs.self_probes import self_probe_sets
+    from phlora_nim.jobs.target_kl import HELD_OUT
+    from phlora_nim.testing import fidelity_tasks as ftasks
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fidelity as fb
+
+    tok = AutoTokenizer.from_pretrained(ft)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ft_model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    search, check = self_probe_sets(base_model, ft_model, tok, held_out=HELD_OUT)
+    assert check is not None
+    tprobe = ftasks.task_probe(base_model, ft_model, tok, ftasks.TASKS[task_name]())
+    plain = fb.extract_at_ceiling(base, ft, max_rank, None)
+    patcher = WeightPatcher(base_model)
+    weight = {name: m.get_submodule for name, m in (("base", base_model), ("ft", ft_model))}
+    deltas = (
+        (t.module, weight["ft"](t.module).weight.detach() - weight["base"](t.module).weight.detach())
+        for t in plain.plan.targets
+    )
+    floor = patcher.apply(None, full=deltas)
+    floors = [(p.scores(floor).kl, p.scores(floor).top1) for p in (search, check)]
+    patcher.restore()
+    base_acc, ft_acc = tprobe.measure_all(None)[2], tprobe.measure_all(None, model=ft_model)[2]
+    gain = ft_acc - base_acc
+    del ft_model
+    bases = [(p.base_scores().kl, p.base_scores().top1) for p in (search, check)]
+    top = sum(min(max_rank, t.short_side) * (t.in_dim + t.out_dim) for t in plain.plan.targets)
+    rows = []
+    for k in range(points):
+        candidate = reassign(plain, RankPolicy(budget_params=int(top / 2 ** (k / 2)), max_rank=max_rank))
+        model = patcher.apply(candidate.adapter)
+        rec = [recovery(*(lambda sc: (sc.kl, sc.top1))(p.scores(model)), *b, *f) for p, b, f in zip(
+            (search, check), bases, floors, strict=True)]  # fmt: skip
+        patcher.restore()
+        acc = tprobe.measure_all(candidate.adapter)[2]
+        row = {
+            "params": candidate.adapter.num_parameters(),
+            "probes_kl": rec[0][0], "probes_top1": rec[0][1], "held_out_kl": rec[1][0], "held_out_top1": rec[1][1],
+            "task_accuracy": acc,
+        }  # fmt: skip
+        rows.append(row)
+        log.info("%s: %s", task_name, row)
+    for row in rows:
+        row["share_of_gain"] = (row["task_accuracy"] - base_acc) / gain if gain > 0 else None
+    return rows
+
+
+def curves_table(name: str, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{name}: | params | recovery on self-probes KL / top-1 | on held-out KL / top-1 | share of task gain |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['params'] / 1e6:.3f} M | {r['probes_kl']:.1%} / {r['probes_top1']:.1%} | "
+            f"{r['held_out_kl']:.1%} / {r['held_out_top1']:.1%} | {r['share_of_gain']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| task | search s (CPU) | extract --rank R s (CPU) | ratio (CPU) | chosen true (stored, R) | chosen share "
@@ -167,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--task-only", action="store_true", help="accuracy and needed size of the adapters a --no-task run chose"
     )
+    ap.add_argument(
+        "--curves",
+        action="store_true",
+        help="recovery on the self-probes and share of the task gain along the budget axis (no timing)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -176,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     base = work / "base"
     rows = []
+    if args.curves:
+        for item in args.finetunes.split(","):
+            name, folder = item.split("=")
+            print(curves_table(name, curves(base, work / folder, name, args.needed_rank)), flush=True)
+        return 0
     if args.task_only:
         rows = json.loads((work / "sizing.json").read_text())
         for row in rows:

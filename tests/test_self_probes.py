@@ -118,3 +118,25 @@ def test_a_finetune_that_writes_nothing_is_refused(pair) -> None:
             self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), per_start=4, length=4))
     finally:
         hook.remove()
+
+
+def test_a_finetune_that_always_answers_alike_gives_each_answer_once(pair) -> None:
+    """A fine-tune whose every sample is the same answer (a knowledge fine-tune's favourite fact): the
+    probe scores that answer once, not its copies, and nothing is held out of a single sample."""
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe_sets
+
+    tok, base_model, ft_model = pair
+    word = 7
+
+    def always_the_same(_module: object, _inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., word] += 1e4
+        return logits
+
+    hook = ft_model.get_output_embeddings().register_forward_hook(always_the_same)
+    try:
+        settings = SelfProbeSettings(temperatures=(1.0,), per_start=8, length=3, keep=4)
+        search, check = self_probe_sets(base_model, ft_model, tok, settings, held_out=2)
+    finally:
+        hook.remove()
+    assert search.continuations == [[word, word, word]] and check is None

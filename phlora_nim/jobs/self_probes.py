@@ -26,10 +26,10 @@ log = logging.getLogger("phlora_nim.self_probes")
 
 # Short user turns that set no task: the fine-tune's own habits decide what follows.
 OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
-# Sampling calls at most: a fine-tune that ends many samples at once (they are dropped) is sampled
-# again, as many rows as its rate of empty samples says are still missing.
+# Sampling calls at most: a fine-tune whose samples end at once (dropped) or repeat too often to
+# fill the probes is sampled again, with twice the rows (at most MAX_ROWS).
 SAMPLING_ROUNDS = 2
-MAX_ROWS = 256
+MAX_ROWS = 128
 # Rows sampled per sample kept (ranked by disagreement, the top ones kept).
 RANK_FROM = 1.5
 
@@ -188,17 +188,21 @@ def self_probe_sets(
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
     # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
     rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
-    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
+    samples: dict[tuple[int, ...], tuple[list[int], list[int], torch.Tensor]] = {}
     for _ in range(SAMPLING_ROUNDS):
-        samples += sample(
+        drawn = sample(
             ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
         )
+        # One of each continuation: a fine-tune that answers everything alike (a knowledge fine-tune's
+        # favourite fact) would otherwise fill the probes with its mode, and its other answers, what
+        # an adapter must also keep, would never be scored.
+        for row in drawn:
+            samples.setdefault(tuple(row[1]), row)
         if len(samples) >= needed or not samples:
             break
-        # Short answers end at once and are dropped: with fewer left than are kept, draw again, as many
-        # rows as the rate of non-empty ones says are missing (the same mix of openings and temperatures).
-        missing = math.ceil((wanted - len(samples)) * len(rows) / len(samples))
-        rows = [rows[i % len(rows)] for i in range(min(missing, MAX_ROWS))]
+        # Too few distinct samples (short answers end at once and are dropped, or repeat): draw again,
+        # twice as many rows (the same mix of openings and temperatures).
+        rows = [rows[i % len(rows)] for i in range(min(2 * len(rows), MAX_ROWS))]
     if not samples:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
@@ -207,18 +211,20 @@ def self_probe_sets(
             found=f"{len(rows)} empty samples",
             fix="give task prompts with --prompts instead",
         )
-    ranked = rank_by_disagreement(base_model, samples)[: settings.keep + held_out]
-    if held_out:
-        # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span the same range.
-        step = (settings.keep + held_out) / held_out
-        marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(held_out)}
+    ranked = rank_by_disagreement(base_model, list(samples.values()))[:needed]
+    if held_out and len(ranked) > 1:
+        # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span
+        # the same range. Fewer distinct samples than wanted: held out in the same proportion.
+        n_out = max(1, round(len(ranked) * held_out / needed))
+        step = len(ranked) / n_out
+        marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(n_out)}
         kept = [r for i, r in enumerate(ranked) if i not in marks]
         out = [r for i, r in enumerate(ranked) if i in marks]
     else:
         kept, out = ranked, []
     if kept:
         log.info(
-            "self-probes: kept %d (+%d held out) of %d samples, KL(fine-tuned ‖ base) %.4g–%.4g",
+            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g",
             len(kept), len(out), len(samples), ranked[-1].kl, ranked[0].kl,
         )  # fmt: skip
 
