@@ -4,8 +4,10 @@ Generic prompts rarely reach what a task fine-tune learned, so an adapter measur
 look faithful while keeping nothing of the task. Here the fine-tuned model writes its own probes:
 short continuations sampled from its generation prompt (an empty or short generic user turn
 through the chat template, else the start token) at a few temperatures. Each is scored by the
-mean KL(fine-tuned ‖ base) over its tokens and the ones where the two disagree most are kept. No
-user data, no gradient: a bounded number of sampled tokens and two forward passes over them.
+mean KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are
+kept (each continuation once: a fine-tune that gives one answer to everything must not fill the
+probes with it). No user data, no gradient: one batched sampling call (two when too few samples are
+distinct), the fine-tune's log-probs taken from it, and one pass of the base over the samples.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
 SAMPLING_ROUNDS = 2
 MAX_ROWS = 128
 # Rows sampled per sample kept (ranked by disagreement, the top ones kept).
-RANK_FROM = 1.5
+RANK_FROM = 2
 
 
 @dataclass(frozen=True)
 class SelfProbeSettings:
-    """How many continuations to sample (``per_start`` per opening and temperature, more when that
-    gives fewer than twice the samples kept), how long, and how many of the most disagreeing to keep."""
+    """How many continuations to sample (``per_start`` per opening and temperature, at least
+    :data:`RANK_FROM` times the samples kept, more when too few are distinct), how long, and how
+    many of the most disagreeing distinct ones to keep."""
 
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
     per_start: int = 4
@@ -198,10 +201,11 @@ def self_probe_sets(
         # an adapter must also keep, would never be scored.
         for row in drawn:
             samples.setdefault(tuple(row[1]), row)
-        if len(samples) >= needed or not samples:
+        if len(samples) >= settings.keep or not samples:
             break
-        # Too few distinct samples (short answers end at once and are dropped, or repeat): draw again,
-        # twice as many rows (the same mix of openings and temperatures).
+        # Fewer distinct samples than the probe keeps (short answers end at once and are dropped, or
+        # repeat): draw again, twice as many rows (the same mix of openings and temperatures). Between
+        # that and keep + held_out, the held-out share shrinks in proportion instead.
         rows = [rows[i % len(rows)] for i in range(min(2 * len(rows), MAX_ROWS))]
     if not samples:
         raise InputError(
