@@ -347,7 +347,7 @@ def smallest_keeping_gain(plain: Any, ceiling: RankPolicy, tprobe: Any, need: fl
             log.info("  needed? %11s params: accuracy %.1f%%", f"{params:,}", 100 * accuracy[params])
         return accuracy[params] >= need - 1e-9
 
-    tolerance, max_steps = FidelityTarget(min_recovery=0.5).tolerance, FidelityTarget(min_recovery=0.5).max_steps
+    tolerance, max_steps = 0.1, 12  # the needed size to within 10 %
     found = bisect_budget(plain, ceiling, judge, tolerance=tolerance, max_steps=max_steps)
     if found is None:
         return None

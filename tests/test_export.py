@@ -121,3 +121,35 @@ def test_export_rejects_bad_names_and_writes_nothing(name: str, adapter_dir: Pat
 def test_export_bad_format(adapter_dir: Path, run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("export", adapter_dir, "--format", "onnx", "--out", tmp_path / "o")
     assert code == 2 and "unknown export format" in err
+
+
+def test_export_peft_mixed_layout_stores_true_ranks_with_the_same_updates(model_pairs, run_cli, tmp_path: Path) -> None:
+    """A padded folder of mixed ranks (--budget-params) exported --layout mixed: every module at its own
+    rank, the same updates under PEFT's rule; nim and trtllm refuse it (exit 2, nothing written)."""
+    from safetensors.torch import load_file
+
+    base, ft = model_pairs("llama")
+    padded = tmp_path / "padded"
+    code, _, err = run_cli(
+        "extract", "--base", base, "--finetuned", ft, "--out", padded, "--budget-params", "3000", "--no-plot"
+    )
+    assert code == 0, err
+    ranks = load_peft(padded).ranks()
+    assert len(set(ranks.values())) > 1  # the budget gave the modules different ranks
+    code, stdout, err = run_cli("export", padded, "--format", "peft", "--out", tmp_path / "m", "--layout", "mixed")
+    assert code == 0, err
+    assert "(peft, mixed)" in " ".join(stdout.split())
+    stored = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
+    a_ranks = {
+        k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0] for k, v in stored.items() if ".lora_A" in k
+    }
+    assert a_ranks == ranks  # no padding: each module's tensors at its true rank
+    assert sum(v.numel() for v in stored.values()) < sum(
+        v.numel() for v in load_file(str(padded / "adapter_model.safetensors")).values()
+    )
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["rank_pattern"]  # PEFT reads each module's rank from it
+    _same_updates(padded, load_peft(tmp_path / "m").modules, atol=1e-6)
+    for fmt in ("nim", "trtllm"):
+        code, _, err = run_cli("export", padded, "--format", fmt, "--out", tmp_path / fmt, "--layout", "mixed")
+        assert code == 2 and "--layout mixed is for PEFT folders" in err and not (tmp_path / fmt).exists()

@@ -26,8 +26,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.formats.peft import load_peft, save_peft
+from phlora_nim.converters.scale_rules import pattern_key
 
 Rule = tuple[str, object]
 

@@ -53,19 +53,53 @@ def test_kept_samples_are_those_where_the_finetune_disagrees_most(pair) -> None:
     settings = SelfProbeSettings(temperatures=(1.0,), per_start=12, length=8, keep=4, seed=3)
     probe = self_probe(base_model, ft_model, tok, settings)
     assert len(probe.sequences) == settings.keep
-    # The same samples again (same seed), every one scored: the kept ones are the top of the ranking.
+    # The same samples again (same seed, one sampling call of 12 rows), every one scored: the kept
+    # ones are the top of the ranking.
     pad, eos = token_ids(tok)
     torch.manual_seed(settings.seed)
     (start,) = openings(tok)
-    conts = sample(ft_model, start, count=12, length=8, temperature=1.0, pad_id=pad, eos_id=eos)
-    ranked = rank_by_disagreement(base_model, ft_model, [(start, c) for c in conts])
-    assert [kl for kl, _, _ in ranked] == sorted((kl for kl, _, _ in ranked), reverse=True)
-    kept = [[*p, *c[:-1]] for _, p, c in ranked[: settings.keep]]
-    assert probe.sequences == kept and probe.continuations == [c for _, _, c in ranked[: settings.keep]]
-    assert len(ranked) > settings.keep and ranked[settings.keep - 1][0] > ranked[-1][0]
-    # Scored along those continuations: the base alone is at least as far as the least kept sample.
+    samples = sample(ft_model, [start] * 12, [1.0] * 12, length=8, pad_id=pad, eos_id=eos)
+    assert len(samples) >= 2 * settings.keep  # else the probe sampled a second round
+    ranked = rank_by_disagreement(base_model, samples)
+    assert [r.kl for r in ranked] == sorted((r.kl for r in ranked), reverse=True)
+    kept = [[*r.start, *r.continuation[:-1]] for r in ranked[: settings.keep]]
+    assert probe.sequences == kept and probe.continuations == [r.continuation for r in ranked[: settings.keep]]
+    assert len(ranked) > settings.keep and ranked[settings.keep - 1].kl > ranked[-1].kl
+    # Scored along those continuations: the base alone is at least as far as the least kept sample,
+    # and its scores kept from the ranking pass are what a fresh pass of the base gives.
     base_kl, _ = probe.measure(None)
-    assert base_kl >= ranked[settings.keep - 1][0] - 1e-6 > 0
+    assert base_kl >= ranked[settings.keep - 1].kl - 1e-6 > 0
+    cached, fresh = probe.base_scores(), probe.scores(base_model)
+    assert cached.kl == pytest.approx(fresh.kl, rel=1e-4) and cached.top1 == fresh.top1
+
+
+def test_one_sampling_call_scores_each_row_as_a_forward_pass_would(pair) -> None:
+    """Rows of different openings (a shared head, tails left-padded) and temperatures in one call: each row's log-probs
+    from the sampling step are the model's own along the sample, and a near-zero temperature row
+    follows the greedy path while the others sample."""
+    from phlora_nim.jobs.fidelity import greedy_generate, token_ids
+    from phlora_nim.jobs.self_probes import sample
+    from phlora_nim.jobs.verify import log_probs
+
+    tok, _, ft_model = pair
+    pad, eos = token_ids(tok)
+    # A shared head (run once, its cache repeated per row) and tails of different lengths.
+    short, long = [tok.bos_token_id, 9, 10], [tok.bos_token_id, 9, 10, 5, 6, 7, 8]
+    starts, temps = [short, long, short, long, long], [1.0, 1.0, 1e-4, 1e-4, 2.0]
+    torch.manual_seed(0)
+    rows = sample(ft_model, starts, temps, length=6, pad_id=pad, eos_id=eos)
+    assert rows and all(r[0] in (short, long) for r in rows)
+    seqs = [[*p, *c[:-1]] for p, c, _ in rows]
+    fresh = log_probs(ft_model, seqs, starts=[len(p) - 1 for p, _, _ in rows])
+    for (_, c, lp), f in zip(rows, fresh, strict=True):
+        assert lp.shape == (len(c), ft_model.config.vocab_size)
+        assert torch.allclose(lp, f, atol=1e-4)
+    # Per-row temperature: near zero follows the greedy path, hot rows in the same call do not.
+    greedy = greedy_generate(ft_model, [short], 6, pad_id=pad, eos_id=eos)[0]
+    assert greedy
+    mixed = sample(ft_model, [short] * 6, [1e-4] * 3 + [5.0] * 3, length=6, pad_id=pad, eos_id=eos)
+    same = [c == greedy for _, c, _ in mixed]
+    assert same[:3] == [True] * 3 and not all(same[3:])
 
 
 def test_a_finetune_that_writes_nothing_is_refused(pair) -> None:
@@ -84,3 +118,25 @@ def test_a_finetune_that_writes_nothing_is_refused(pair) -> None:
             self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), per_start=4, length=4))
     finally:
         hook.remove()
+
+
+def test_a_finetune_that_always_answers_alike_gives_each_answer_once(pair) -> None:
+    """A fine-tune whose every sample is the same answer (a knowledge fine-tune's favourite fact): the
+    probe scores that answer once, not its copies, and nothing is held out of a single sample."""
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe_sets
+
+    tok, base_model, ft_model = pair
+    word = 7
+
+    def always_the_same(_module: object, _inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., word] += 1e4
+        return logits
+
+    hook = ft_model.get_output_embeddings().register_forward_hook(always_the_same)
+    try:
+        settings = SelfProbeSettings(temperatures=(1.0,), per_start=8, length=3, keep=4)
+        search, check = self_probe_sets(base_model, ft_model, tok, settings, held_out=2)
+    finally:
+        hook.remove()
+    assert search.continuations == [[word, word, word]] and check is None

@@ -182,7 +182,14 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
     from phlora_nim.converters.extract import ExtractOptions, plan_extraction, run_extraction
     from phlora_nim.converters.rank_policy import search_policy
     from phlora_nim.jobs.fidelity import WeightPatcher
-    from phlora_nim.jobs.target_kl import GENERIC, _floors, _probes, check_on_own_samples, search_budget
+    from phlora_nim.jobs.target_kl import (
+        GENERIC,
+        _floors,
+        _probes,
+        check_on_own_samples,
+        measure_floor,
+        search_budget,
+    )
 
     base, ft, _ = hidden
     target = FidelityTarget(min_recovery=0.5, prompts=GENERIC)
@@ -197,7 +204,10 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
     options = ExtractOptions(policy=search_policy(None))
     with open_checkpoint(base) as b, open_checkpoint(ft) as f:
         result = run_extraction(plan_extraction(b, f, options), b, f, options)
-        floors = _floors(patcher, probes, result, b, f)
+        from_checkpoints = measure_floor(probes.search, result, b, f)
+    # The floor from the fine-tuned model in memory is the one the checkpoints' deltas give.
+    floors = _floors(patcher, probes, result.plan.targets, save_biases=False)
+    assert floors[0] == pytest.approx(from_checkpoints, rel=1e-4, abs=1e-6)
     base_m = measure(None)
     budget, chosen, steps = search_budget(result, options.policy, target, measure, base=base_m, floor=floors[0])
     step = next(s for s in reversed(steps) if s.budget == budget)

@@ -28,7 +28,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.formats.peft import load_peft
 from phlora_nim.converters.rank_policy import RankPolicy
-from phlora_nim.core.errors import InputError, PhloraError
+from phlora_nim.core.errors import InputError, OptionError, PhloraError
 from phlora_nim.engines.trtllm_llmapi import interface, model_yaml, transport
 from phlora_nim.engines.trtllm_llmapi.adapter_folder import save_for_trtllm
 from phlora_nim.engines.trtllm_llmapi.loader_rule import TRTLLM_TO_HF, LoaderError, load_for_trtllm, trtllm_modules_of
@@ -447,6 +447,42 @@ def test_convert_writes_the_repository_and_widens_model_yaml(llama_finetunes, tm
     assert set(Registry(repo).read().adapters) == {"support", "legal"}
 
 
+def test_convert_mixed_layout_is_exact_under_the_trtllm_rule_and_refused_by_the_legacy_engine(
+    folders, llama_finetunes, tmp_path: Path
+) -> None:
+    """--layout mixed: each module at its own rank (rank_pattern), the loader's lora_alpha / tensor rank
+    gives PEFT's outputs of the padded folder; the report says both sizes. The legacy engine (npy rows
+    padded by format, a PEFT store vLLM may serve) refuses it before writing anything."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from phlora_nim.converters.formats.peft import WEIGHTS_NAME
+    from phlora_nim.jobs.convert import convert
+    from phlora_nim.repository.settings import RepositorySettings
+
+    base, fts = llama_finetunes
+    repo = tmp_path / "repo"
+    job = dataclasses.replace(_job(base, fts[:1], ["mix"], repo, policy=RankPolicy(budget_params=6000)), layout="mixed")
+    (mix,) = convert(job)
+    folder = Path(mix.entry.lora_path)
+    ranks = load_peft(folder).ranks()
+    assert len(set(ranks.values())) > 1 and json.loads((folder / "adapter_config.json").read_text())["rank_pattern"]
+    stored = load_file(str(folder / WEIGHTS_NAME))
+    assert {v.shape[0] for k, v in stored.items() if ".lora_A" in k} == set(ranks.values())  # no padding
+    totals = json.loads((folder / "phlora_report.json").read_text())["totals"]
+    assert totals["layout"] == "mixed" and totals["stored_parameters"] == totals["adapter_parameters"]
+    padded = tmp_path / "padded"
+    jobs.extract(base, fts[0], padded, ExtractOptions(policy=RankPolicy(budget_params=6000)), plot=False)
+    torch.testing.assert_close(_rule_logits(base, folder), _peft_logits(base, padded), atol=2e-5, rtol=1e-4)
+    legacy = tmp_path / "legacy"
+    settings = RepositorySettings(backend="trtllm-legacy-cpu", base=str(base))
+    job = dataclasses.replace(job, repository=legacy, settings=settings, engine_options=None)
+    with pytest.raises(OptionError, match="cannot take --layout mixed"):
+        convert(job)
+    assert not legacy.exists()
+
+
 def test_convert_refuses_with_nothing_written(llama_finetunes, tmp_path: Path) -> None:
     from phlora_nim.jobs.convert import convert
 
@@ -540,5 +576,6 @@ def test_both_engines_have_the_same_convert_steps() -> None:
         params = [list(inspect.signature(getattr(m, step)).parameters) for m in (legacy, llmapi)]
         assert params[0] == params[1], step
     assert legacy.PEFT_STORE and not llmapi.PEFT_STORE
+    assert legacy.LAYOUTS == ("padded",) and set(llmapi.LAYOUTS) == {"padded", "mixed"}
     deploys = [engine(n).module("deploy").write_repository for n in ("trtllm-legacy-cpu", "trtllm-cpu")]
     assert [list(inspect.signature(f).parameters) for f in deploys] == [["root", "settings", "state", "fit"]] * 2

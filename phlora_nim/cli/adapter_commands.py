@@ -257,8 +257,10 @@ def export_command(flags: ExportFlags) -> None:
         with_trtllm=flags.with_trtllm,
         strict=flags.strict,
         force=flags.force,
+        layout=flags.layout,
     )
-    out_console.print(f"[bold green]wrote[/] {target} ({flags.fmt})")
+    layout = f", {flags.layout}" if flags.fmt == "peft" else ""
+    out_console.print(f"[bold green]wrote[/] {target} ({flags.fmt}{layout})")
 
 
 @command(VerifyFlags)

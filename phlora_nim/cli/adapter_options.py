@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phlora_nim.cli.flags import argument, option
-from phlora_nim.core.bounds import share
+from phlora_nim.converters.scale_rules import LAYOUTS
+from phlora_nim.core.bounds import OneOf, share
 
 # Texts of the options several commands take.
 FORCE_HELP = "Replace the output folder if it exists."
@@ -19,6 +20,7 @@ LAYOUT_HELP = (
     "for lora_alpha / rank); no padding, read alike by PEFT and TensorRT-LLM's HF loader (LLM API, "
     "trtllm-serve, Triton llmapi), not by vLLM before 0.32. The report gives both sizes."
 )
+LAYOUT = OneOf("unknown adapter layout", LAYOUTS, fix="--layout padded or --layout mixed")
 STRICT_HELP = (
     "TensorRT-LLM rows: refuse a module the engine would compute wrongly (o_proj where heads × head_dim ≠ "
     "hidden size) instead of leaving it out with a warning giving the energy lost."
@@ -56,7 +58,7 @@ class ExtractFlags:
     )
     dtype: str = option("--dtype", STORAGE_DTYPE_HELP, default="auto")
     seed: int = option("--seed", "Seed of the randomized sketches.", default=0)
-    layout: str = option("--layout", LAYOUT_HELP, default="padded")
+    layout: str = option("--layout", LAYOUT_HELP, default="padded", bound=LAYOUT)
     no_plot: bool = option("--no-plot", "Skip energy.png.", default=False)
     force: bool = option("--force", FORCE_HELP, default=False)
 
@@ -85,7 +87,7 @@ class PruneFlags:
     out: Path = option("--out", OUT_HELP, short="-o")
     dtype: str = option("--dtype", STORAGE_DTYPE_HELP, default="auto")
     force: bool = option("--force", FORCE_HELP, default=False)
-    layout: str = option("--layout", LAYOUT_HELP, default="padded")
+    layout: str = option("--layout", LAYOUT_HELP, default="padded", bound=LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,9 @@ class ExportFlags:
     with_trtllm: bool = option("--with-trtllm", "nim: add the TensorRT-LLM npy pair.", default=False)
     strict: bool = option("--strict", STRICT_HELP, default=False)
     force: bool = option("--force", FORCE_HELP, default=False)
+    layout: str = option(
+        "--layout", LAYOUT_HELP + " peft only (nim and trtllm pad by format).", default="padded", bound=LAYOUT
+    )
 
 
 @dataclass(frozen=True)

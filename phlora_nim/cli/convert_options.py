@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from phlora_nim.cli.adapter_options import STRICT_HELP
+from phlora_nim.cli.adapter_options import LAYOUT, LAYOUT_HELP, STRICT_HELP
 from phlora_nim.cli.extraction_flags import DecompositionFlags, FidelityFlags, RankFlags, extract_options
 from phlora_nim.cli.flags import option, rows
 from phlora_nim.core.errors import OptionError
@@ -212,6 +212,12 @@ class JobFlags:
         default=DEFAULT_GRACE_S,
         bound=GRACE,
     )
+    layout: str = option(
+        "--layout",
+        LAYOUT_HELP + " Per engine: trtllm / trtllm-cpu take both; the legacy npy engines pad by format.",
+        default="padded",
+        bound=LAYOUT,
+    )
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,7 @@ class ConvertFlags:
             tp=self.job.tp,
             replace=self.job.replace,
             grace=self.job.grace,
+            layout=self.job.layout,  # type: ignore[arg-type]  # checked against LAYOUTS by the row
             **more,
         )
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -87,14 +85,3 @@ def adapter_digest(adapter: LoraAdapter) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The ``rank_pattern``/``alpha_pattern`` key matching ``module``, PEFT's rule.
-
-    PEFT treats each key as a regex that must match a dotted suffix of the module path.
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None

@@ -36,11 +36,10 @@ Layouts (``--layout``):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from phlora_nim.converters.adapter import pattern_key
 
 Layout = Literal["padded", "mixed"]
 LAYOUTS: tuple[Layout, ...] = ("padded", "mixed")
@@ -144,3 +143,14 @@ def stored_parameters(shapes: Mapping[str, tuple[int, int, int]], layout: Layout
     """Parameters a folder in ``layout`` holds for modules given as ``name → (rank, in, out)``."""
     ranks = {name: r for name, (r, _, _) in shapes.items()}
     return sum(tensor_rank(r, ranks, layout) * (i + o) for r, i, o in shapes.values())
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key matching ``module``, PEFT's rule.
+
+    PEFT treats each key as a regex that must match a dotted suffix of the module path.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None

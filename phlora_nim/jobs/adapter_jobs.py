@@ -200,8 +200,13 @@ def export(
     with_trtllm: bool = False,
     strict: bool = False,
     force: bool = False,
+    layout: Layout = "padded",
 ) -> Path:
     """Write a PEFT LoRA adapter as ``peft``, ``trtllm`` (npy pair) or ``nim`` (store folder).
+
+    ``layout`` is the PEFT folder's (:mod:`~phlora_nim.converters.scale_rules`): ``mixed`` (true
+    ranks) only for ``peft``: a NIM store may be served by vLLM, which reads mixed ranks wrongly, and
+    the npy pair pads every row to the largest rank by its format.
 
     Returns:
         The folder written (for ``nim``: ``out/<name>``).
@@ -211,6 +216,16 @@ def export(
     """
     if fmt not in EXPORT_FORMATS:
         raise OptionError("unknown export format", where="--format", expected="peft, trtllm or nim", found=repr(fmt))
+    check_layout(layout)
+    if layout != "padded" and fmt != "peft":
+        raise OptionError(
+            f"--layout {layout} is for PEFT folders",
+            where="--layout",
+            expected="padded with --format nim or trtllm",
+            found=f"--format {fmt} --layout {layout}",
+            fix="drop --layout (a NIM store may be served by vLLM, which scales mixed ranks wrongly; the npy pair "
+            "pads every row by its format), or export --format peft",
+        )
     storage = parse_dtype(dtype, "--dtype", auto=True)
     target = Path(out)
     if fmt == NIM_STORE_FORMAT:
@@ -230,7 +245,7 @@ def export(
             check_engine(lora, engine, where=str(engine_config))
     with atomic_dir(target, force=force) as tmp:
         if fmt == "peft":
-            save_peft(adapter, tmp, dtype=storage.torch if storage else None)
+            save_peft(adapter, tmp, dtype=storage.torch if storage else None, layout=layout)
         elif fmt == NPY_FORMAT:
             assert lora is not None
             save_trtllm(lora, tmp, source=str(adapter_dir))
@@ -238,5 +253,8 @@ def export(
             save_nim_adapter(adapter, tmp, dtype=storage.torch if storage else None)
             if lora is not None:
                 save_trtllm(lora, tmp, source=str(adapter_dir))
-    log.info("exported %s as %s to %s", adapter_dir, fmt, target)
+    log.info(
+        "exported %s as %s (%s: %d parameters stored) to %s",
+        adapter_dir, fmt, layout, stored_parameters(adapter, layout), target,
+    )  # fmt: skip
     return target

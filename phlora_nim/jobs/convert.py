@@ -26,7 +26,9 @@ from typing import Any
 from phlora_nim.converters.adapter import adapter_digest
 from phlora_nim.converters.extract import ExtractOptions
 from phlora_nim.converters.extraction_report import ExtractionReport
+from phlora_nim.converters.formats.peft import stored_parameters
 from phlora_nim.converters.hub import resolve
+from phlora_nim.converters.scale_rules import Layout
 from phlora_nim.core.atomic import replace_dir, staging_dir
 from phlora_nim.core.errors import InputError, OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.core.names import validate_adapter_name
@@ -82,6 +84,8 @@ class ConvertJob:
         check_served_path: refuse unless ``settings.served_path`` is this repository here (run
             where Triton mounts it: the chart's conversion Job).
         engine_options: the engine's own options (its staging module's ``Options``; None: defaults).
+        layout: how the engine's PEFT folders store ranks that differ per module (``padded`` or ``mixed``,
+            :mod:`~phlora_nim.converters.scale_rules`); an engine whose form cannot take it refuses it.
         notes: filled by ``convert``: what the user should know (model.yaml changes, files to put in place).
     """
 
@@ -99,6 +103,7 @@ class ConvertJob:
     strict: bool = False
     check_served_path: bool = False
     engine_options: Any = None
+    layout: Layout = "padded"
     notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     def __post_init__(self) -> None:
@@ -277,6 +282,18 @@ class StagedAdapter:
     seconds: float
 
 
+def _check_layout(layout: str, steps: ModuleType, engine_name: str) -> None:
+    """Refuse a ``--layout`` the engine's adapter form cannot take (its staging module's ``LAYOUTS``)."""
+    if layout not in steps.LAYOUTS:
+        raise OptionError(
+            f"--backend {engine_name} cannot take --layout {layout}",
+            where="--layout",
+            expected=" or ".join(steps.LAYOUTS),
+            found=layout,
+            fix="drop --layout; mixed-rank PEFT folders are for engines that read them (see README, --layout)",
+        )
+
+
 def convert(
     job: ConvertJob,
     *,
@@ -307,6 +324,7 @@ def convert(
     _check_repository(root)
     job = dataclasses.replace(job, settings=_settings(job), keep_stored=frozenset())
     steps = job.settings.engine_row.module("staging")
+    _check_layout(job.layout, steps, job.settings.engine_row.name)
     settings, engine = steps.prepare(job.settings, job.engine_config, root=root, options=job.engine_options)
     job = dataclasses.replace(job, settings=settings)
     if job.check_served_path:
@@ -385,6 +403,10 @@ def _stage(
             strict=job.strict,
             source=f"{name} ({pair.path})",
             out_dtype=extracted.out_dtype,
+            layout=job.layout,
+        )
+        extracted.report["totals"].update(
+            layout=job.layout, stored_parameters=stored_parameters(extracted.adapter, job.layout)
         )
     except PhloraError as exc:
         return exc

@@ -89,6 +89,7 @@ class FidelityProbe:
     reference: list[torch.Tensor]
     continuations: list[list[int]]
     shared_prefix: int = 0
+    base_reference: list[torch.Tensor] | None = None  # the base model's log-probs, when already computed
 
     @property
     def tokens(self) -> int:
@@ -106,9 +107,11 @@ class FidelityProbe:
         eos_id: int | None = None,
         continuations: Sequence[list[int]] | None = None,
         reference: list[torch.Tensor] | None = None,
+        base_reference: list[torch.Tensor] | None = None,
     ) -> FidelityProbe:
         """Score ``prompts`` along ``continuations`` (default: the fine-tune's greedy answers);
-        ``reference``: the fine-tune's log-probs at the scored positions, when already computed."""
+        ``reference`` / ``base_reference``: the fine-tune's / the base's log-probs at the scored
+        positions, when already computed."""
         if continuations is None:
             conts = greedy_generate(finetuned_model, prompts, continuation, pad_id=pad_id, eos_id=eos_id)
             continuations = [[*c, eos_id] if eos_id is not None and len(c) < continuation else list(c) for c in conts]
@@ -122,7 +125,7 @@ class FidelityProbe:
         prefix = common_prefix(sequences, starts)
         if reference is None:
             reference = log_probs(finetuned_model, sequences, starts=starts, shared_prefix=prefix)
-        return cls(base_model, sequences, starts, reference, kept, prefix)
+        return cls(base_model, sequences, starts, reference, kept, prefix, base_reference)
 
     def _log_probs(self, model: Any) -> list[torch.Tensor]:
         return log_probs(model, self.sequences, starts=self.starts, shared_prefix=self.shared_prefix)
@@ -149,7 +152,15 @@ class FidelityProbe:
 
     def scores(self, model: Any) -> ProbeScores:
         """:class:`ProbeScores` of ``model`` (as it is now: patched or not) on this probe."""
-        logps = self._log_probs(model)
+        return self._scores(self._log_probs(model))
+
+    def base_scores(self) -> ProbeScores:
+        """:class:`ProbeScores` of the base model alone (from its log-probs when the probe was built with them)."""
+        if self.base_reference is not None:
+            return self._scores(self.base_reference)
+        return self.scores(self.base_model)
+
+    def _scores(self, logps: list[torch.Tensor]) -> ProbeScores:
         kl, top1, _ = compare_log_probs(self.reference, logps)
         greedy = sum(bool((lp.argmax(-1) == r.argmax(-1)).all()) for lp, r in zip(logps, self.reference, strict=True))
         return ProbeScores(kl, top1, greedy / max(1, len(logps)))

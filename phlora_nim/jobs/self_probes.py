@@ -4,8 +4,10 @@ Generic prompts rarely reach what a task fine-tune learned, so an adapter measur
 look faithful while keeping nothing of the task. Here the fine-tuned model writes its own probes:
 short continuations sampled from its generation prompt (an empty or short generic user turn
 through the chat template, else the start token) at a few temperatures. Each is scored by the
-mean KL(fine-tuned ‖ base) over its tokens and the ones where the two disagree most are kept. No
-user data, no gradient: a bounded number of sampled tokens and two forward passes over them.
+mean KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are
+kept (each continuation once: a fine-tune that gives one answer to everything must not fill the
+probes with it). No user data, no gradient: one batched sampling call (two when too few samples are
+distinct), the fine-tune's log-probs taken from it, and one pass of the base over the samples.
 """
 
 from __future__ import annotations
@@ -26,12 +28,19 @@ log = logging.getLogger("phlora_nim.self_probes")
 
 # Short user turns that set no task: the fine-tune's own habits decide what follows.
 OPENING_TURNS = ("", "Hi.", "Tell me something.", "Continue.")
+# Sampling calls at most: a fine-tune whose samples end at once (dropped) or repeat too often to
+# fill the probes is sampled again, with twice the rows (at most MAX_ROWS).
+SAMPLING_ROUNDS = 2
+MAX_ROWS = 128
+# Rows sampled per sample kept (ranked by disagreement, the top ones kept).
+RANK_FROM = 2
 
 
 @dataclass(frozen=True)
 class SelfProbeSettings:
-    """How many continuations to sample (``per_start`` per opening and temperature, more when that
-    gives fewer than twice the samples kept), how long, and how many of the most disagreeing to keep."""
+    """How many continuations to sample (``per_start`` per opening and temperature, at least
+    :data:`RANK_FROM` times the samples kept, more when too few are distinct), how long, and how
+    many of the most disagreeing distinct ones to keep."""
 
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
     per_start: int = 4
@@ -55,51 +64,100 @@ def openings(tokenizer: Any) -> list[list[int]]:
     return [[int(start)]]
 
 
+class _RowTemperature:
+    """Divides each row's logits by its own temperature: one sampling call serves every temperature."""
+
+    def __init__(self, temperatures: torch.Tensor) -> None:
+        self.temperatures = temperatures[:, None]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperatures.to(scores.dtype)
+
+
 @torch.no_grad()
 def sample(
-    model: Any, start: list[int], *, count: int, length: int, temperature: float, pad_id: int, eos_id: int | None
-) -> list[list[int]]:
-    """``count`` sampled continuations of ``start`` (end token and what follows cut off; empty dropped)."""
-    ids = torch.tensor([start]).expand(count, -1)
+    model: Any,
+    starts: Sequence[list[int]],
+    temperatures: Sequence[float],
+    *,
+    length: int,
+    pad_id: int,
+    eos_id: int | None,
+) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
+    ``generate`` call. Each comes with the model's own next-token log-probs along it
+    (from the raw logits the sampling step saw), so no second pass of the model is needed to score
+    it. The end token and what follows are cut off; rows that end at once are dropped.
+
+    Returns:
+        (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
+    """
+    from transformers import LogitsProcessorList
+
+    # The openings share a chat template's system turn: it runs once, its KV cache is repeated for
+    # every row, and each row's own tail is left-padded after it (masked, positions kept contiguous).
+    shared = common_prefix(list(starts), [len(s) - 1 for s in starts])
+    tail = max(len(s) for s in starts) - shared
+    ids = torch.full((len(starts), shared + tail), pad_id, dtype=torch.long)
+    att = torch.zeros((len(starts), shared + tail), dtype=torch.long)
+    ids[:, :shared] = torch.tensor(starts[0][:shared])
+    att[:, :shared] = 1
+    for i, s in enumerate(starts):
+        ids[i, shared + tail - (len(s) - shared) :] = torch.tensor(s[shared:])
+        att[i, shared + tail - (len(s) - shared) :] = 1
+    cached: dict[str, Any] = {}
+    if shared:
+        cache = model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(starts))
+        cached["past_key_values"] = cache
     gen = model.generate(
         input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        attention_mask=att,
         max_new_tokens=length,
         do_sample=True,
-        temperature=temperature,
+        temperature=1.0,
         top_k=0,
         top_p=1.0,
+        logits_processor=LogitsProcessorList([_RowTemperature(torch.tensor(temperatures))]),
         pad_token_id=pad_id,
         eos_token_id=eos_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **cached,
     )
+    logits = torch.stack(gen.logits, dim=1)  # [rows, steps, vocab], before the temperature
     outs = []
-    for row in gen[:, len(start) :].tolist():
+    for i, row in enumerate(gen.sequences[:, shared + tail :].tolist()):
         row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
         if row:
-            outs.append(row)
+            outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
     return outs
 
 
+@dataclass(frozen=True)
+class RankedSample:
+    """A sample, the mean KL(fine-tuned ‖ base) over its continuation, and both models' log-probs along it."""
+
+    kl: float
+    start: list[int]
+    continuation: list[int]
+    finetuned: torch.Tensor
+    base: torch.Tensor
+
+
 def rank_by_disagreement(
-    base_model: Any, ft_model: Any, samples: Sequence[tuple[list[int], list[int]]]
-) -> list[tuple[float, list[int], list[int]]]:
-    """(mean KL(fine-tuned ‖ base) over the continuation's tokens, prompt, continuation), largest first."""
-    return [(kl, p, c) for kl, p, c, _ in _ranked(base_model, ft_model, samples)]
-
-
-def _ranked(
-    base_model: Any, ft_model: Any, samples: Sequence[tuple[list[int], list[int]]]
-) -> list[tuple[float, list[int], list[int], torch.Tensor]]:
-    """:func:`rank_by_disagreement` with the fine-tune's log-probs of each (reused as the probe's reference)."""
-    sequences = [[*p, *c[:-1]] for p, c in samples]
-    starts = [len(p) - 1 for p, _ in samples]
-    prefix = common_prefix(sequences, starts)
-    ft = log_probs(ft_model, sequences, starts=starts, shared_prefix=prefix)
-    base = log_probs(base_model, sequences, starts=starts, shared_prefix=prefix)
-    scored = [
-        (compare_log_probs([f], [b])[0], list(p), list(c), f) for f, b, (p, c) in zip(ft, base, samples, strict=True)
+    base_model: Any, samples: Sequence[tuple[list[int], list[int], torch.Tensor]]
+) -> list[RankedSample]:
+    """Samples of :func:`sample` (with the fine-tune's log-probs) ranked by mean KL(fine-tuned ‖ base)
+    over the continuation's tokens, largest first: one pass of the base over them all."""
+    sequences = [[*p, *c[:-1]] for p, c, _ in samples]
+    starts = [len(p) - 1 for p, _, _ in samples]
+    base = log_probs(base_model, sequences, starts=starts, shared_prefix=common_prefix(sequences, starts))
+    ranked = [
+        RankedSample(compare_log_probs([f], [b])[0], list(p), list(c), f, b)
+        for b, (p, c, f) in zip(base, samples, strict=True)
     ]
-    return sorted(scored, key=lambda s: -s[0])
+    return sorted(ranked, key=lambda r: -r.kl)
 
 
 def self_probe(
@@ -127,46 +185,58 @@ def self_probe_sets(
     """
     pad, eos = token_ids(tokenizer)
     torch.manual_seed(settings.seed)
-    samples: list[tuple[list[int], list[int]]] = []
     starts = openings(tokenizer)
-    # At least twice as many samples as are kept, whatever the number of openings, to rank from.
-    count = max(
-        settings.per_start, math.ceil(2 * (settings.keep + held_out) / (len(starts) * len(settings.temperatures)))
-    )
-    for start in starts:
-        for temperature in settings.temperatures:
-            conts = sample(
-                ft_model, start, count=count, length=settings.length,
-                temperature=temperature, pad_id=pad, eos_id=eos,
-            )  # fmt: skip
-            samples += [(start, c) for c in conts]
+    needed = settings.keep + held_out
+    wanted = math.ceil(RANK_FROM * needed)  # more samples than are kept, to rank from
+    per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
+    # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
+    rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
+    samples: dict[tuple[int, ...], tuple[list[int], list[int], torch.Tensor]] = {}
+    for _ in range(SAMPLING_ROUNDS):
+        drawn = sample(
+            ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
+        )
+        # One of each continuation: a fine-tune that answers everything alike (a knowledge fine-tune's
+        # favourite fact) would otherwise fill the probes with its mode, and its other answers, what
+        # an adapter must also keep, would never be scored.
+        for row in drawn:
+            samples.setdefault(tuple(row[1]), row)
+        if len(samples) >= settings.keep or not samples:
+            break
+        # Fewer distinct samples than the probe keeps (short answers end at once and are dropped, or
+        # repeat): draw again, twice as many rows (the same mix of openings and temperatures). Between
+        # that and keep + held_out, the held-out share shrinks in proportion instead.
+        rows = [rows[i % len(rows)] for i in range(min(2 * len(rows), MAX_ROWS))]
     if not samples:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
             expected="non-empty samples from its generation prompt",
-            found=f"{count * len(settings.temperatures)} empty ones per opening",
+            found=f"{len(rows)} empty samples",
             fix="give task prompts with --prompts instead",
         )
-    ranked = _ranked(base_model, ft_model, samples)[: settings.keep + held_out]
-    if held_out:
-        # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span the same range.
-        step = (settings.keep + held_out) / held_out
-        marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(held_out)}
+    ranked = rank_by_disagreement(base_model, list(samples.values()))[:needed]
+    if held_out and len(ranked) > 1:
+        # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span
+        # the same range. Fewer distinct samples than wanted: held out in the same proportion.
+        n_out = max(1, round(len(ranked) * held_out / needed))
+        step = len(ranked) / n_out
+        marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(n_out)}
         kept = [r for i, r in enumerate(ranked) if i not in marks]
         out = [r for i, r in enumerate(ranked) if i in marks]
     else:
         kept, out = ranked, []
     if kept:
         log.info(
-            "self-probes: kept %d (+%d held out) of %d samples, KL(fine-tuned ‖ base) %.4g–%.4g",
-            len(kept), len(out), len(samples), ranked[-1][0], ranked[0][0],
+            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g",
+            len(kept), len(out), len(samples), ranked[-1].kl, ranked[0].kl,
         )  # fmt: skip
 
-    def build(rows: list[tuple[float, list[int], list[int], torch.Tensor]]) -> FidelityProbe:
+    def build(rows: list[RankedSample]) -> FidelityProbe:
         return FidelityProbe.build(
-            base_model, ft_model, [p for _, p, _, _ in rows], pad_id=pad, eos_id=eos,
-            continuations=[c for _, _, c, _ in rows], reference=[f for _, _, _, f in rows],
+            base_model, ft_model, [r.start for r in rows], pad_id=pad, eos_id=eos,
+            continuations=[r.continuation for r in rows], reference=[r.finetuned for r in rows],
+            base_reference=[r.base for r in rows],
         )  # fmt: skip
 
     return build(kept), (build(out) if out else None)

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import read_prompts
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
@@ -290,6 +292,7 @@ class Probes:
     source: str
     count: int
     seconds: float
+    finetuned_model: Any = None  # kept until the floor is measured, then dropped
 
 
 def run_to_target(
@@ -316,8 +319,10 @@ def run_to_target(
     evaluated: list[float] = []
     measure = functools.partial(_measure_candidate, probe, patcher, evaluated)
     base = _measure_base(patcher, probes, target)
+    t0 = time.perf_counter()
+    floors = _measure_floors(patcher, probes, job, pair, target, base)
+    timings["floor_s"] = time.perf_counter() - t0
     steps: list[SearchStep] = []
-    floors: tuple[Any, Any] | None = None
     below: tuple[int, float | None] | None = None
     found = None
     ceilings = search_ceilings(given)
@@ -329,10 +334,6 @@ def run_to_target(
         result = _decompose_to(job, pair, ceiling, progress=progress)
         timings["decompose_s"] += time.perf_counter() - t0
         decomposed.append(cap)
-        if floors is None:
-            t0 = time.perf_counter()
-            floors = _measure_floors(patcher, probes, result, job, pair, target, base)
-            timings["floor_s"] = time.perf_counter() - t0
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
             below = (0, target.margin(*base, base, floor))  # the base alone misses (checked above)
@@ -386,7 +387,7 @@ def _measure_base(patcher: Any, probes: Any, target: FidelityTarget) -> tuple[fl
     """KL and top-1 of the base model alone on the search probes; refused when the probes cannot tell."""
     probe = probes.search
     patcher.restore()
-    scores = probe.scores(probe.base_model)
+    scores = probe.base_scores()
     base = (scores.kl, scores.top1)
     log.info(
         "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
@@ -397,10 +398,12 @@ def _measure_base(patcher: Any, probes: Any, target: FidelityTarget) -> tuple[fl
 
 
 def _measure_floors(
-    patcher: Any, probes: Any, result: ExtractionResult, job: Any, pair: Any, target: FidelityTarget, base: Any
+    patcher: Any, probes: Probes, job: Any, pair: Any, target: FidelityTarget, base: Any
 ) -> tuple[Any, Any]:
-    """The floor (base + every linear delta at full rank) on the probes; refused when it leaves no gap."""
-    floors = _floors(patcher, probes, result, job.base, pair.checkpoint)
+    """The floor (base + every linear delta at full rank) on the probes; refused when it leaves no gap.
+    The fine-tuned model the probes were sampled from is dropped once it is measured."""
+    floors = _floors(patcher, probes, pair.plan.targets, save_biases=job.options.non_linear_deltas == "save")
+    probes.finetuned_model = None
     log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", *_pct(floors[0]))
     if not target.absolute:
         check_reachable(base, floors[0], source=probes.source, tokens=probes.search.tokens)
@@ -435,13 +438,24 @@ def _pct(m: tuple[float, float]) -> tuple[float, float]:
     return m[0], 100 * m[1]
 
 
-def _floors(patcher: Any, probes: Probes, result: ExtractionResult, base: Checkpoint, finetuned: Checkpoint) -> Any:
-    """(KL, top-1) of the floor, base + every linear delta of ``result``'s plan at full rank (and the
-    bias changes its adapter carries), on the search probe and on the check probe (None without one):
-    one pass over the checkpoints, the deltas added in place one at a time."""
-    reader = DeltaReader(base, finetuned)
-    weights = ((t.module, reader.delta(t.weight)) for t in result.plan.targets)
-    model = patcher.apply(None, full=weights, biases=result.adapter.lora_biases)
+def _floors(patcher: Any, probes: Probes, targets: Any, *, save_biases: bool) -> Any:
+    """(KL, top-1) of the floor, base + every linear delta of ``targets`` at full rank (and, with
+    ``save_biases``, their bias changes, as ``--extra save`` carries them), on the search probe and on
+    the check probe (None without one). The deltas come from the fine-tuned model already in memory,
+    one module at a time, added in place: no pass over the checkpoints."""
+    ft = probes.finetuned_model
+    base = patcher.model
+
+    def delta(module: str) -> torch.Tensor:
+        return ft.get_submodule(module).weight.detach() - base.get_submodule(module).weight.detach()
+
+    weights = ((t.module, delta(t.module)) for t in targets)
+    biases = {}
+    for t in targets if save_biases else ():
+        b, f = base.get_submodule(t.module).bias, ft.get_submodule(t.module).bias
+        if b is not None and f is not None and not torch.equal(b, f):
+            biases[t.module] = (f - b).detach()
+    model = patcher.apply(None, full=weights, biases=biases)
     out = [probes.search.scores(model)]
     out.append(probes.check.scores(model) if probes.check is not None else None)
     patcher.restore()
@@ -468,7 +482,8 @@ def check_on_own_samples(
     check = probes.check
     if check is None or floors[1] is None:
         return {"checked": False, "why": "no held-out samples"}
-    own_base = check.scores(patcher.apply(None))
+    patcher.restore()
+    own_base = check.base_scores()
     own = check.scores(patcher.apply(chosen.adapter))
     patcher.restore()
     floor = floors[1]
@@ -540,8 +555,8 @@ def _probes(base: Path, finetuned: Path, target: FidelityTarget) -> Probes:
         source = f"(generic, shipped) {prompts_file.name}" if generic else str(prompts_file)
         search, count = prompts_probe(base_model, ft_model, tokenizer, prompts), len(prompts)
         check, _ = self_probe_sets(base_model, ft_model, tokenizer, SelfProbeSettings(keep=HELD_OUT))
-    del ft_model
-    return Probes(search=search, check=check, source=source, count=count, seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return Probes(search=search, check=check, source=source, count=count, seconds=seconds, finetuned_model=ft_model)
 
 
 def check_informative(target: FidelityTarget, base_kl: float, base_top1: float, *, source: str, tokens: int) -> None:

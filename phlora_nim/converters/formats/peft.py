@@ -31,9 +31,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from phlora_nim.converters.adapter import LoraAdapter, LoraWeights, pattern_key
+from phlora_nim.converters.adapter import LoraAdapter, LoraWeights
 from phlora_nim.converters.formats.peft_config import PeftAdapterConfig
-from phlora_nim.converters.scale_rules import RULES, Layout, fold_factor, tensor_rank
+from phlora_nim.converters.scale_rules import RULES, Layout, fold_factor, pattern_key, tensor_rank
 from phlora_nim.converters.scale_rules import stored_parameters as _stored
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.core.json_files import read_json

@@ -50,6 +50,9 @@ from phlora_nim.repository.registry import AdapterEntry, RegistryState
 from phlora_nim.repository.settings import RepositorySettings
 
 PEFT_STORE = True
+# The npy pair pads every row to the largest rank by its format, and the PEFT store beside it may be
+# served by vLLM (one lora_alpha / r for every module): padded only.
+LAYOUTS: tuple[str, ...] = ("padded",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +110,10 @@ def stage(
     strict: bool,
     source: str,
     out_dtype: Any,
+    layout: str = "padded",
 ) -> EngineForm:
-    """Write the npy pair of ``adapter`` into ``folder`` (which must not exist)."""
+    """Write the npy pair of ``adapter`` into ``folder`` (which must not exist); ``layout``: padded only
+    (:data:`LAYOUTS`)."""
     lora = adapter_to_trtllm(
         adapter, config=model_config, architecture=architecture, dtype=settings.dtype, tp=tp, strict=strict
     )

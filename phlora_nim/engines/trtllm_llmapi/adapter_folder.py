@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.formats.peft import WEIGHTS_NAME, portable_rank, save_peft
+from phlora_nim.converters.scale_rules import Layout
 from phlora_nim.core.errors import InputError, PhloraError, raise_all
 from phlora_nim.engines.trtllm_llmapi.loader_rule import HF_TO_TRTLLM
 
@@ -85,10 +86,13 @@ def modules_and_rank(adapter: LoraAdapter) -> tuple[set[str], int]:
     return {m for p in adapter.modules if (m := trtllm_module(p)) is not None}, portable_rank(adapter)
 
 
-def save_for_trtllm(adapter: LoraAdapter, folder: Path, *, name: str, dtype: torch.dtype | None = None) -> None:
-    """Write ``adapter`` into the existing ``folder`` (callers make it atomic) for TensorRT-LLM's loader."""
+def save_for_trtllm(
+    adapter: LoraAdapter, folder: Path, *, name: str, dtype: torch.dtype | None = None, layout: Layout = "padded"
+) -> None:
+    """Write ``adapter`` into the existing ``folder`` (callers make it atomic) for TensorRT-LLM's loader,
+    in ``layout`` (the loader scales by ``lora_alpha`` / each module's tensor rank: both are exact)."""
     check_servable(adapter, name=name)
-    save_peft(adapter, folder, dtype=dtype)
+    save_peft(adapter, folder, dtype=dtype, layout=layout)
     path = Path(folder) / WEIGHTS_NAME
     tensors = load_file(str(path))
     fused = [k for k in tensors if f"{FUSED_GATE_UP}.lora_B.weight" in k]

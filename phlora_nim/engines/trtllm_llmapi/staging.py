@@ -17,6 +17,7 @@ from typing import Any
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.architecture import ArchitectureMap
 from phlora_nim.converters.formats.peft import WEIGHTS_NAME
+from phlora_nim.converters.scale_rules import Layout
 from phlora_nim.core.atomic import replace_dir
 from phlora_nim.core.errors import OptionError, OutputError, PhloraError, raise_all
 from phlora_nim.engines.trtllm_llmapi import model_yaml
@@ -31,6 +32,9 @@ from phlora_nim.repository.settings import RepositorySettings
 
 # The engine's own folder is the PEFT folder: no second copy in the common store.
 PEFT_STORE = False
+# The folder's layouts (converters/scale_rules.py): the HF loader (tensorrt_llm/lora_manager.py,
+# LoraManager.load_from_hf) scales each module by lora_alpha / its tensor rank, so mixed ranks are exact.
+LAYOUTS: tuple[Layout, ...] = ("padded", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +150,12 @@ def stage(
     strict: bool,
     source: str,
     out_dtype: Any,
+    layout: Layout = "padded",
 ) -> EngineForm:
-    """Check ``adapter`` exact under the loader and write its PEFT folder into ``folder``."""
+    """Check ``adapter`` exact under the loader and write its PEFT folder into ``folder`` in ``layout``."""
     check_servable(adapter, name=name)
     folder.mkdir()
-    save_for_trtllm(adapter, folder, name=name, dtype=out_dtype)
+    save_for_trtllm(adapter, folder, name=name, dtype=out_dtype, layout=layout)
     modules, rank = modules_and_rank(adapter)
     return EngineForm(
         folder=folder,
