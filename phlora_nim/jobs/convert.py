@@ -405,8 +405,11 @@ def _stage(
             out_dtype=extracted.out_dtype,
             layout=job.layout,
         )
-        extracted.report["totals"].update(
-            layout=job.layout, stored_parameters=stored_parameters(extracted.adapter, job.layout)
+        extracted = dataclasses.replace(
+            extracted,
+            report=extracted.report.with_totals(
+                layout=job.layout, stored_parameters=stored_parameters(extracted.adapter, job.layout)
+            ),
         )
     except PhloraError as exc:
         return exc
