@@ -33,6 +33,7 @@ from phlora_nim.engines.trtllm_llmapi import interface, model_yaml, transport
 from phlora_nim.engines.trtllm_llmapi.adapter_folder import save_for_trtllm
 from phlora_nim.engines.trtllm_llmapi.loader_rule import TRTLLM_TO_HF, LoaderError, load_for_trtllm, trtllm_modules_of
 from phlora_nim.jobs import adapter_jobs as jobs
+from phlora_nim.testing.peft_answers import peft_text_answers
 
 # config.pbtxt of the llmapi model, as upstream declares it: (name, data_type, dims, optional).
 UPSTREAM_INPUTS = [
@@ -347,27 +348,7 @@ PROMPTS = ["the cat and the dog", "red fish in the river", "one two three"]
 
 
 def _peft_answers(base: Path, folder: Path | None, n: int) -> list[str]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    if folder is not None:
-        model = PeftModel.from_pretrained(model, folder).eval()
-    out = []
-    for p in PROMPTS:
-        ids = torch.tensor([tok.encode(p, add_special_tokens=True)])
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=0,
-            )
-        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-    return out
+    return peft_text_answers(base, folder, PROMPTS, n)
 
 
 def test_reference_answers_like_peft_and_reloads_after_eviction(reference_server) -> None:

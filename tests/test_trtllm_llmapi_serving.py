@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 import yaml
 from google.protobuf import text_format
@@ -33,6 +32,7 @@ from phlora_nim.jobs.convert import ConvertJob, convert
 from phlora_nim.repository.settings import RepositorySettings
 from phlora_nim.router import RouterConfig, RouterThread
 from phlora_nim.router.config import ANY_FREE_PORT
+from phlora_nim.testing.peft_answers import peft_text_answers
 from phlora_nim.triton.launcher import LocalTriton
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -142,27 +142,7 @@ def test_convert_for_the_gpu_engine_covers_both_adapters(stack, run_cli, tmp_pat
 
 def _peft(base: Path, folder: Path | None) -> list[str]:
     """PEFT's greedy answers, tokenized as the engine does (add_special_tokens) and decoded as it does."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    if folder is not None:
-        model = PeftModel.from_pretrained(model, folder).eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=TOKENS,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=0,
-            )
-        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-    return out
+    return peft_text_answers(base, folder, PROMPTS, TOKENS)
 
 
 def _grpc(address: str, model: str, prompt: str, **extra: np.ndarray) -> str:
