@@ -75,8 +75,7 @@ def main() -> None:
         for old in out.glob("ft-*"):  # ft-NAME and ft-NAME.partial
             shutil.rmtree(old)
     marker.write_text(json.dumps({"steps": args.steps}))
-    for ours in ("model_repository",):
-        shutil.rmtree(out / ours, ignore_errors=True)
+    shutil.rmtree(out / "model_repository", ignore_errors=True)  # this script's, rewritten each run
     times: dict[str, float] = {}
     t = time.perf_counter()
     base = hf_folder_from_gguf(out / "smollm2-135m-instruct")
