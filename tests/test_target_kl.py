@@ -207,9 +207,10 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
         from_checkpoints = measure_floor(probes.search, result, b, f)
     # The floor from the fine-tuned model in memory is the one the checkpoints' deltas give.
     floors = _floors(patcher, probes, result.plan.targets, save_biases=False)
-    assert floors[0] == pytest.approx(from_checkpoints, rel=1e-4, abs=1e-6)
+    assert (floors[0].kl, floors[0].top1) == pytest.approx(from_checkpoints, rel=1e-4, abs=1e-6)
     base_m = measure(None)
-    budget, chosen, steps = search_budget(result, options.policy, target, measure, base=base_m, floor=floors[0])
+    floor = (floors[0].kl, floors[0].top1)
+    budget, chosen, steps = search_budget(result, options.policy, target, measure, base=base_m, floor=floor)
     step = next(s for s in reversed(steps) if s.budget == budget)
     assert step.met  # on the probes it was chosen on, the adapter looks fine …
     with pytest.raises(InputError, match=r"keeps little of what the fine-tune changed.*held-out samples") as info:

@@ -25,7 +25,7 @@ DEFAULT_MAX_RANK = 256
 # The policy when none of rank, energy, budget or a fidelity target is given.
 DEFAULT_RANK = 16
 # The kind of target given probes (--prompts, --self-probes) without a bound.
-DEFAULT_RECOVERY = 0.9
+DEFAULT_RECOVERY = 0.95
 GENERIC_PROMPTS = "generic"  # prompts "generic": the prompts shipped with phlora-nim
 
 # What each number may be: checked here and by the CLI's flag rows, one text for both.
@@ -35,7 +35,7 @@ BUDGET = at_least_one("parameter budget must be positive")
 MAX_RANK = at_least_one("max rank must be positive")
 MAX_KL = Bound("KL target must be positive", "a number > 0 (nats per token), e.g. 0.05", low=0.0, low_open=True)
 MIN_TOP1 = share("top-1 target must be a share of tokens", "0.95")
-MIN_RECOVERY = share("recovery target must be a share of the base→fine-tune gap", "0.9")
+MIN_RECOVERY = share("recovery target must be a share of what the fine-tune changed", "0.95")
 
 
 @dataclass(frozen=True)
@@ -260,26 +260,34 @@ class FidelityTarget:
         top1: float,
         base: tuple[float, float] | None = None,
         floor: tuple[float, float] = (0.0, 1.0),
+        decisive: float | None = None,
     ) -> bool:
         """Whether (KL, top-1) meets the target; ``base``: the base model's (KL, top-1), needed for
         a recovery bound; ``floor``: the (KL, top-1) of base + every linear delta at full rank (the
-        default, a perfect floor, gives the raw recovery)."""
+        default, a perfect floor, gives the raw recovery); ``decisive``: the recovery of the
+        fine-tune's decisive choices (:func:`decisive_recovery`), what a recovery bound holds to when
+        the probes show enough of them (see :func:`kept_share`)."""
         absolute = (self.max_kl is None or kl <= self.max_kl) and (self.min_top1 is None or top1 >= self.min_top1)
         if self.min_recovery is None or not absolute:
             return absolute
         if base is None:
             raise ValueError("a recovery target needs the base model's KL and top-1")
-        return min(recovery(kl, top1, *base, *floor)) >= self.min_recovery
+        return kept_share(kl, top1, base, floor, decisive) >= self.min_recovery
 
     def margin(
-        self, kl: float, top1: float, base: tuple[float, float], floor: tuple[float, float] = (0.0, 1.0)
+        self,
+        kl: float,
+        top1: float,
+        base: tuple[float, float],
+        floor: tuple[float, float] = (0.0, 1.0),
+        decisive: float | None = None,
     ) -> float:
         """How far (KL, top-1) is past the target: ≥ 0 exactly when :meth:`met`, growing as the adapter
         gets closer to the fine-tune (the smallest of the bounds' slacks: recovery − F, log(X / KL),
         top-1 − Y), for a search to interpolate on."""
         slacks = []
         if self.min_recovery is not None:
-            slacks.append(min(recovery(kl, top1, *base, *floor)) - self.min_recovery)
+            slacks.append(kept_share(kl, top1, base, floor, decisive) - self.min_recovery)
         if self.max_kl is not None:
             slacks.append(math.log(self.max_kl / max(kl, 1e-12)))
         if self.min_top1 is not None:
@@ -309,6 +317,25 @@ def recovery(
     kl_rec = (base_kl - kl) / kl_gap if kl_gap > 0 else 1.0
     top1_rec = (top1 - base_top1) / top1_gap if top1_gap > 0 else 1.0
     return kl_rec, top1_rec
+
+
+def decisive_recovery(share: float, floor_share: float) -> float:
+    """Share of the fine-tune's decisive choices an adapter makes too, relative to the floor's (the
+    base alone makes none of them: a decisive choice is one the base would not make)."""
+    return min(share / floor_share, 1.0) if floor_share > 0 else 1.0
+
+
+def kept_share(
+    kl: float, top1: float, base: tuple[float, float], floor: tuple[float, float], decisive: float | None
+) -> float:
+    """What a recovery target bounds: the recovery of the fine-tune's decisive choices where the probes
+    show enough of them (``decisive``, :func:`decisive_recovery`), else the smaller of the KL and top-1
+    recoveries (:func:`recovery`).
+
+    Decisive choices are what a task fine-tune learned (an answer's form, an injected fact); a KL over
+    every token also weighs the fine-tune's diffuse drift on uncertain tokens, which a skill's adapter
+    need not keep and which hides how much a knowledge adapter loses."""
+    return decisive if decisive is not None else min(recovery(kl, top1, *base, *floor))
 
 
 def search_policy(max_rank: int | None, snap: Literal["vllm"] | None = None) -> RankPolicy:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ from phlora_nim.jobs.verify import common_prefix, compare_log_probs, log_probs, 
 log = logging.getLogger("phlora_nim.fidelity")
 
 GENERIC_PROMPTS = "generic_prompts.txt"
+# A decisive choice of the fine-tune: a scored position where it puts at least this probability on a
+# token its base would not pick first. What a task fine-tune learned (an answer's form, an injected
+# fact) shows as such choices; the diffuse drift of a full fine-tune on uncertain tokens does not, and
+# it is what dominates a KL over every token.
+DECISIVE_P = 0.9
+# Fewer decisive positions than this on a probe set: too few to measure a share on.
+MIN_DECISIVE = 16
 
 
 def generic_prompts_path() -> Path:
@@ -90,6 +98,7 @@ class FidelityProbe:
     continuations: list[list[int]]
     shared_prefix: int = 0
     base_reference: list[torch.Tensor] | None = None  # the base model's log-probs, when already computed
+    _decisive: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # see decisive_masks
 
     @property
     def tokens(self) -> int:
@@ -156,25 +165,49 @@ class FidelityProbe:
 
     def base_scores(self) -> ProbeScores:
         """:class:`ProbeScores` of the base model alone (from its log-probs when the probe was built with them)."""
-        if self.base_reference is not None:
-            return self._scores(self.base_reference)
-        return self.scores(self.base_model)
+        if self.base_reference is None:
+            self.base_reference = self._log_probs(self.base_model)
+        return self._scores(self.base_reference)
+
+    def decisive_masks(self) -> list[torch.Tensor]:
+        """Per sequence, the scored positions where the fine-tune makes a decisive choice: probability
+        ≥ :data:`DECISIVE_P` on a token the base model would not pick first."""
+        if self._decisive is None:
+            if self.base_reference is None:
+                self.base_reference = self._log_probs(self.base_model)
+            self._decisive = [
+                (r.argmax(-1) != b.argmax(-1)) & (r.max(-1).values >= math.log(DECISIVE_P))
+                for r, b in zip(self.reference, self.base_reference, strict=True)
+            ]
+        return self._decisive
+
+    @property
+    def decisive_positions(self) -> int:
+        return sum(int(m.sum()) for m in self.decisive_masks())
 
     def _scores(self, logps: list[torch.Tensor]) -> ProbeScores:
         kl, top1, _ = compare_log_probs(self.reference, logps)
         greedy = sum(bool((lp.argmax(-1) == r.argmax(-1)).all()) for lp, r in zip(logps, self.reference, strict=True))
-        return ProbeScores(kl, top1, greedy / max(1, len(logps)))
+        kept = positions = 0
+        for lp, r, mask in zip(logps, self.reference, self.decisive_masks(), strict=True):
+            kept += int((lp.argmax(-1) == r.argmax(-1))[mask].sum())
+            positions += int(mask.sum())
+        decisive = kept / positions if positions >= MIN_DECISIVE else None
+        return ProbeScores(kl, top1, greedy / max(1, len(logps)), decisive, positions)
 
 
 @dataclass(frozen=True)
 class ProbeScores:
-    """KL(fine-tuned ‖ model) per scored token, top-1 agreement, and the share of sequences on which
+    """KL(fine-tuned ‖ model) per scored token, top-1 agreement, the share of sequences on which
     the model's greedy choice is the fine-tune's at every scored position (it would continue each
-    as the fine-tune does)."""
+    as the fine-tune does), and the share of the fine-tune's decisive choices (see :data:`DECISIVE_P`)
+    the model makes too, with how many there are."""
 
     kl: float
     top1: float
     greedy: float
+    decisive: float | None = None  # share of the fine-tune's decisive choices it makes too (None: too few)
+    decisive_positions: int = 0
 
 
 class WeightPatcher:

@@ -195,7 +195,10 @@ def extract_adapter(
         outcome, options = None, job.options
     _check_not_empty(result, pair.path)
     report = build_report(
-        result, options, base=job.base.name or str(job.base_path), finetuned=pair.checkpoint.name or str(pair.path),
+        result,
+        options,
+        base=job.base.name or str(job.base_path),
+        finetuned=pair.checkpoint.name or str(pair.path),
         command=command,
     )
     if outcome is not None and job.options.target is not None:

@@ -46,6 +46,8 @@ from phlora_nim.converters.rank_policy import (
     GENERIC_PROMPTS,
     FidelityTarget,
     RankPolicy,
+    decisive_recovery,
+    kept_share,
     recovery,
     search_ceilings,
 )
@@ -75,6 +77,8 @@ class SearchStep:
     recovery_top1: float
     raw_recovery_kl: float  # share of the whole base → fine-tune gap
     raw_recovery_top1: float
+    decisive: float | None = None  # share of the fine-tune's decisive choices made (None: too few on the probes)
+    recovery_decisive: float | None = None  # the same relative to the floor's: what a recovery target bounds
 
 
 @dataclass(frozen=True)
@@ -90,12 +94,16 @@ class SearchOutcome:
     base_kl: float
     base_top1: float
     floor: tuple[float, float] | None = None  # (KL, top-1) of base + every linear delta; None: not measured
+    floor_decisive: float | None = None  # share of the decisive choices the floor makes (None: too few)
+    decisive_positions: int = 0
     check: dict[str, Any] = dataclasses.field(default_factory=dict)
     decomposed_to: tuple[int, ...] = ()
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def report(self, target: FidelityTarget) -> dict[str, Any]:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
+        from phlora_nim.jobs.fidelity import DECISIVE_P
+
         chosen = next(s for s in reversed(self.steps) if s.budget == self.budget)
         return {
             "decomposed_to_ranks": list(self.decomposed_to),
@@ -105,8 +113,14 @@ class SearchOutcome:
             "prompts": self.prompts,
             "min_gap_kl": MIN_GAP_KL,
             "scored_tokens": self.tokens,
+            "decisive_positions": self.decisive_positions,
+            "decisive_p": DECISIVE_P,
             "base_alone": {"kl": self.base_kl, "top1": self.base_top1},
-            "floor": floor_report((self.base_kl, self.base_top1), self.floor) if self.floor else None,
+            "floor": (
+                {**floor_report((self.base_kl, self.base_top1), self.floor), "decisive": self.floor_decisive}
+                if self.floor
+                else None
+            ),
             "chosen": dataclasses.asdict(chosen),
             "steps": [dataclasses.asdict(s) for s in self.steps],
         }
@@ -202,10 +216,11 @@ def search_budget(
     result: ExtractionResult,
     ceiling: RankPolicy,
     target: FidelityTarget,
-    measure: Callable[[LoraAdapter | None], tuple[float, float]],
+    measure: Callable[[LoraAdapter | None], tuple[float, ...]],
     *,
     base: tuple[float, float] | None = None,
     floor: tuple[float, float] = (0.0, 1.0),
+    floor_decisive: float | None = None,
     on_step: Callable[[SearchStep], None] | None = None,
     steps: list[SearchStep] | None = None,
     below: tuple[int, float | None] | None = None,
@@ -216,10 +231,12 @@ def search_budget(
     Args:
         result: an extraction that kept its factors up to ``ceiling``'s caps.
         ceiling: the policy bounding every module's rank (``max_rank``, ``snap``).
-        measure: (KL, top-1) of an adapter (None: the base alone) against the fine-tune.
+        measure: (KL, top-1) of an adapter (None: the base alone) against the fine-tune, and optionally
+            the share of the fine-tune's decisive choices it makes (None: too few on the probes).
         base: the base model's (KL, top-1), if already measured.
         floor: (KL, top-1) of base + every linear delta at full rank (:func:`measure_floor`), which
             recovery is relative to; the default, a perfect floor, gives the raw recovery.
+        floor_decisive: the share of the decisive choices the floor makes (None: recovery in KL and top-1).
         steps: where to append the steps tried (measurements are shared by parameter count).
         below: a budget known to miss the target, and its margin (see :func:`bisect_budget`).
 
@@ -229,30 +246,36 @@ def search_budget(
     Raises:
         OptionError: even every module at its cap misses the target.
     """
-    base = base if base is not None else measure(None)
+    base = base if base is not None else _kl_top1(measure(None))
     steps = steps if steps is not None else []
     first = len(steps)
-    measured: dict[int, tuple[float, float]] = {}  # by parameter count: budgets that give the same adapter
+    measured: dict[int, tuple[float, ...]] = {}  # by parameter count: budgets that give the same adapter
 
     def judge(budget: int, candidate: ExtractionResult) -> Verdict:
         params = candidate.adapter.num_parameters()
         if params not in measured:
             measured[params] = measure(candidate.adapter)
-        kl, top1 = measured[params]
-        met = target.met(kl, top1, base, floor)
-        step = SearchStep(budget, params, kl, top1, met, *recovery(kl, top1, *base, *floor), *recovery(kl, top1, *base))
+        kl, top1, *more = measured[params]
+        share = more[0] if more else None
+        decisive = decisive_recovery(share, floor_decisive) if share is not None and floor_decisive else None
+        met = target.met(kl, top1, base, floor, decisive)
+        step = SearchStep(
+            budget, params, kl, top1, met, *recovery(kl, top1, *base, *floor), *recovery(kl, top1, *base), share,
+            decisive,
+        )  # fmt: skip
         steps.append(step)
         log.info(
             "budget %s → %s params: KL %.4g, top-1 %.2f%%, recovery %.1f%% / %.1f%% of the reachable gap "
             "(raw %.1f%% / %.1f%%; base alone: KL %.4g, top-1 %.2f%%; floor: KL %.4g, top-1 %.2f%%, "
-            "reachable %.1f%% / %.1f%% of the gap) %s",
+            "reachable %.1f%% / %.1f%% of the gap); decisive choices kept %s %s",
             f"{budget:,}", f"{params:,}", kl, 100 * top1, 100 * step.recovery_kl, 100 * step.recovery_top1,
             100 * step.raw_recovery_kl, 100 * step.raw_recovery_top1, base[0], 100 * base[1], floor[0],
-            100 * floor[1], *(100 * r for r in recovery(*floor, *base)), "meets" if met else "misses",
+            100 * floor[1], *(100 * r for r in recovery(*floor, *base)),
+            "–" if decisive is None else f"{decisive:.1%}", "meets" if met else "misses",
         )  # fmt: skip
         if on_step:
             on_step(step)
-        return step.met, target.margin(kl, top1, base, floor)
+        return step.met, target.margin(kl, top1, base, floor, decisive)
 
     found = bisect_budget(result, ceiling, judge, tolerance=target.tolerance, max_steps=target.max_steps, below=below)
     if found is None:
@@ -261,8 +284,9 @@ def search_budget(
             "the fidelity target is out of reach at the rank cap",
             where=FIDELITY_FLAGS,
             expected=target.describe(),
-            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} (recovery {top_step.recovery_kl:.1%} / "
-            f"{top_step.recovery_top1:.1%} of the reachable gap, raw {top_step.raw_recovery_kl:.1%} / "
+            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} ({_decisive_text(top_step)}recovery "
+            f"{top_step.recovery_kl:.1%} / {top_step.recovery_top1:.1%} of the reachable gap, raw "
+            f"{top_step.raw_recovery_kl:.1%} / "
             f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
             f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters){cap_note}",
             fix="raise --max-rank or loosen the target"
@@ -274,6 +298,14 @@ def search_budget(
             ),
         )
     return found[0], found[1], steps
+
+
+def _kl_top1(measured: tuple[float, ...]) -> tuple[float, float]:
+    return measured[0], measured[1]
+
+
+def _decisive_text(step: SearchStep) -> str:
+    return "" if step.recovery_decisive is None else f"decisive choices kept {step.recovery_decisive:.1%}, "
 
 
 # Self-probe samples kept out of the search, to check the chosen adapter on.
@@ -320,7 +352,9 @@ def run_to_target(
     measure = functools.partial(_measure_candidate, probe, patcher, evaluated)
     base = _measure_base(patcher, probes, target)
     t0 = time.perf_counter()
-    floors = _measure_floors(patcher, probes, job, pair, target, base)
+    floor_scores = _measure_floors(patcher, probes, job, pair, target, base)
+    floors = tuple((s.kl, s.top1) if s is not None else None for s in floor_scores)
+    floor_decisive = None if target.absolute else floor_scores[0].decisive
     timings["floor_s"] = time.perf_counter() - t0
     steps: list[SearchStep] = []
     below: tuple[int, float | None] | None = None
@@ -336,11 +370,13 @@ def run_to_target(
         decomposed.append(cap)
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
-            below = (0, target.margin(*base, base, floor))  # the base alone misses (checked above)
+            # The base alone misses (checked above); it makes none of the decisive choices.
+            below = (0, target.margin(*base, base, floor, 0.0 if floor_decisive else None))
         last = i == len(ceilings) - 1
         try:
             budget, chosen, _ = search_budget(
-                result, ceiling, target, measure, base=base, floor=floor, steps=steps, below=below,
+                result, ceiling, target, measure, base=base, floor=floor, floor_decisive=floor_decisive, steps=steps,
+                below=below,
                 cap_note="" if not decomposed[:-1] else f" (decomposed to ranks {', '.join(map(str, decomposed))})",
             )  # fmt: skip
             found = (budget, chosen, ceiling)
@@ -349,13 +385,13 @@ def run_to_target(
             if last:
                 raise
             top = next(s for s in reversed(steps))
-            below = (top.budget, target.margin(top.kl, top.top1, base, floor))
+            below = (top.budget, target.margin(top.kl, top.top1, base, floor, top.recovery_decisive))
             log.info("every module at rank %d misses the target: decomposing to rank %d", cap, ceilings[i + 1].max_rank)
     assert found is not None and floors is not None
     budget, chosen, ceiling = found
     timings |= {"evaluate_s": sum(evaluated), "evaluations": len(evaluated)}
     chosen_step = next(s for s in reversed(steps) if s.budget == budget)
-    check = check_on_own_samples(patcher, probes, chosen, chosen_step, base, floors, target)
+    check = check_on_own_samples(patcher, probes, chosen, chosen_step, base, floor_scores, target)
     patcher.restore()
     return SearchOutcome(
         budget=budget,
@@ -367,6 +403,8 @@ def run_to_target(
         base_kl=base[0],
         base_top1=base[1],
         floor=floors[0] if not target.absolute else None,
+        floor_decisive=floor_decisive,
+        decisive_positions=probe.decisive_positions,
         check=check,
         decomposed_to=tuple(decomposed),
         timings={k: round(v, 3) for k, v in timings.items()},
@@ -375,12 +413,13 @@ def run_to_target(
 
 def _measure_candidate(
     probe: Any, patcher: Any, seconds: list[float], adapter: LoraAdapter | None
-) -> tuple[float, float]:
-    """KL and top-1 of the base with ``adapter`` patched in (None: the base alone); its time appended to ``seconds``."""
+) -> tuple[float, float, float | None]:
+    """KL, top-1 and the share of decisive choices made (None: too few on the probe) of the base with
+    ``adapter`` patched in (None: the base alone); its time appended to ``seconds``."""
     t0 = time.perf_counter()
     scores = probe.scores(patcher.apply(adapter))
     seconds.append(time.perf_counter() - t0)
-    return scores.kl, scores.top1
+    return scores.kl, scores.top1, scores.decisive
 
 
 def _measure_base(patcher: Any, probes: Any, target: FidelityTarget) -> tuple[float, float]:
@@ -404,9 +443,14 @@ def _measure_floors(
     The fine-tuned model the probes were sampled from is dropped once it is measured."""
     floors = _floors(patcher, probes, pair.plan.targets, save_biases=job.options.non_linear_deltas == "save")
     probes.finetuned_model = None
-    log.info("floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%", *_pct(floors[0]))
+    search = floors[0]
+    log.info(
+        "floor (base + every linear delta at full rank): KL %.4g, top-1 %.2f%%, decisive choices made %s of %d",
+        search.kl, 100 * search.top1, "–" if search.decisive is None else f"{search.decisive:.1%}",
+        search.decisive_positions,
+    )  # fmt: skip
     if not target.absolute:
-        check_reachable(base, floors[0], source=probes.source, tokens=probes.search.tokens)
+        check_reachable(base, (search.kl, search.top1), source=probes.source, tokens=probes.search.tokens)
     return floors
 
 
@@ -434,15 +478,11 @@ def measure_floor(probe: Any, result: ExtractionResult, base: Checkpoint, finetu
     return kl, top1
 
 
-def _pct(m: tuple[float, float]) -> tuple[float, float]:
-    return m[0], 100 * m[1]
-
-
 def _floors(patcher: Any, probes: Probes, targets: Any, *, save_biases: bool) -> Any:
-    """(KL, top-1) of the floor, base + every linear delta of ``targets`` at full rank (and, with
-    ``save_biases``, their bias changes, as ``--extra save`` carries them), on the search probe and on
-    the check probe (None without one). The deltas come from the fine-tuned model already in memory,
-    one module at a time, added in place: no pass over the checkpoints."""
+    """The :class:`~phlora_nim.jobs.fidelity.ProbeScores` of the floor, base + every linear delta of
+    ``targets`` at full rank (and, with ``save_biases``, their bias changes, as ``--extra save`` carries
+    them), on the search probe and on the check probe (None without one). The deltas come from the
+    fine-tuned model already in memory, one module at a time, added in place: no pass over the checkpoints."""
     ft = probes.finetuned_model
     base = patcher.model
 
@@ -459,7 +499,7 @@ def _floors(patcher: Any, probes: Probes, targets: Any, *, save_biases: bool) ->
     out = [probes.search.scores(model)]
     out.append(probes.check.scores(model) if probes.check is not None else None)
     patcher.restore()
-    return tuple((s.kl, s.top1) if s is not None else None for s in out)
+    return tuple(out)
 
 
 def check_on_own_samples(
@@ -472,7 +512,10 @@ def check_on_own_samples(
     target: FidelityTarget,
 ) -> dict[str, Any]:
     """Check the chosen adapter on the fine-tune's own samples the search never saw: the share of the
-    reachable gap it closes there, and how often it continues them exactly as the fine-tune would.
+    fine-tune's decisive choices it makes there (else of the reachable gap it closes), and how often it
+    continues them exactly as the fine-tune would.
+
+    ``floors``: the floor's :class:`~phlora_nim.jobs.fidelity.ProbeScores` on the search and the check probes.
 
     Raises:
         InputError: it keeps less than :data:`CHECK_MIN_SHARE` of the recovery the search probes
@@ -486,32 +529,37 @@ def check_on_own_samples(
     own_base = check.base_scores()
     own = check.scores(patcher.apply(chosen.adapter))
     patcher.restore()
-    floor = floors[1]
-    kept = min(recovery(own.kl, own.top1, own_base.kl, own_base.top1, *floor))
-    shown = (
-        min(step.recovery_kl, step.recovery_top1)
-        if not target.absolute
-        else min(recovery(step.kl, step.top1, *base, *floors[0]))
+    floor, search_floor = floors[1], floors[0]
+    own_decisive = (
+        decisive_recovery(own.decisive, floor.decisive) if own.decisive is not None and floor.decisive else None
     )
+    kept = kept_share(own.kl, own.top1, (own_base.kl, own_base.top1), (floor.kl, floor.top1), own_decisive)
+    if not target.absolute:
+        shown = kept_share(step.kl, step.top1, base, (search_floor.kl, search_floor.top1), step.recovery_decisive)
+    else:
+        shown = kept_share(step.kl, step.top1, base, (search_floor.kl, search_floor.top1), None)
     report = {
         "checked": True,
         "samples": len(check.sequences),
         "tokens": check.tokens,
+        "decisive_positions": own.decisive_positions,
         "base_alone": {"kl": own_base.kl, "top1": own_base.top1, "greedy_same": own_base.greedy},
-        "floor": {"kl": floor[0], "top1": floor[1]},
-        "adapter": {"kl": own.kl, "top1": own.top1, "greedy_same": own.greedy},
+        "floor": {"kl": floor.kl, "top1": floor.top1, "decisive": floor.decisive},
+        "adapter": {"kl": own.kl, "top1": own.top1, "greedy_same": own.greedy, "decisive": own.decisive},
         "recovery": kept,
+        "recovery_decisive": own_decisive,
         "recovery_on_probes": shown,
         "min_share": CHECK_MIN_SHARE,
         "probe_gap_kl": base[0],  # what the search probes see of the fine-tune's change …
         "own_samples_gap_kl": own_base.kl,  # … and what its own samples show
     }
+    measured = "decisive choices kept" if own_decisive is not None else "recovery"
     log.info(
-        "check on %d held-out samples of the fine-tune: recovery %.1f%% (on the probes %.1f%%); greedy "
+        "check on %d held-out samples of the fine-tune: %s %.1f%% (on the probes %.1f%%); greedy "
         "continuations reproduced %.0f%% (base alone %.0f%%)",
-        len(check.sequences), 100 * kept, 100 * shown, 100 * own.greedy, 100 * own_base.greedy,
+        len(check.sequences), measured, 100 * kept, 100 * shown, 100 * own.greedy, 100 * own_base.greedy,
     )  # fmt: skip
-    if own_base.kl - floor[0] < MIN_GAP_KL:
+    if own_decisive is None and own_base.kl - floor.kl < MIN_GAP_KL:
         return {**report, "passed": True, "why": "the fine-tune's own samples show no gap an adapter can close"}
     if kept < CHECK_MIN_SHARE * shown:
         raise InputError(
@@ -520,17 +568,17 @@ def check_on_own_samples(
             where=FIDELITY_FLAGS,
             expected=f"on the fine-tune's own samples, at least {CHECK_MIN_SHARE:.0%} of the recovery the probes "
             f"showed ({shown:.1%})",
-            found=f"recovery {kept:.1%} of the reachable gap on {len(check.sequences)} held-out samples of the "
-            f"fine-tune (KL {own.kl:.4g} against {own_base.kl:.4g} for the base alone; greedy continuations "
-            f"reproduced {own.greedy:.0%}, base alone {own_base.greedy:.0%}); the probes ({probes.source}) show "
-            f"a gap of KL {base[0]:.4g}, the fine-tune's own samples {own_base.kl:.4g}",
+            found=f"{measured} {kept:.1%} on {len(check.sequences)} held-out samples of the fine-tune (KL "
+            f"{own.kl:.4g} against {own_base.kl:.4g} for the base alone; greedy continuations reproduced "
+            f"{own.greedy:.0%}, base alone {own_base.greedy:.0%}); the probes ({probes.source}) show a gap of KL "
+            f"{base[0]:.4g}, the fine-tune's own samples {own_base.kl:.4g}",
             fix="drop --prompts to size on the fine-tune's own samples (the default), or give prompts of the "
             "fine-tune's task",
         )
     if kept < shown - 0.1:
         log.warning(
-            "the chosen adapter keeps %.1f%% of the reachable gap on the fine-tune's own held-out samples, less "
-            "than the %.1f%% it keeps on the probes it was chosen on",
+            "the chosen adapter keeps %.1f%% on the fine-tune's own held-out samples, less than the %.1f%% it "
+            "keeps on the probes it was chosen on",
             100 * kept, 100 * shown,
         )  # fmt: skip
     return {**report, "passed": True}

@@ -113,9 +113,9 @@ def wait_ready(servers: list[VllmServer], timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def servers(model: Path, root: Path, count: int, *, served_name: str, timeout: float = 900, **options: int) -> Iterator[
-    list[VllmServer]
-]:
+def servers(
+    model: Path, root: Path, count: int, *, served_name: str, timeout: float = 900, **options: int
+) -> Iterator[list[VllmServer]]:
     """``count`` servers started together, stopped on exit."""
     started: list[VllmServer] = []
     try:
