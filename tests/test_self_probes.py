@@ -50,7 +50,7 @@ def test_kept_samples_are_those_where_the_finetune_disagrees_most(pair) -> None:
     from phlora_nim.jobs.self_probes import SelfProbeSettings, openings, rank_by_disagreement, sample, self_probe
 
     tok, base_model, ft_model = pair
-    settings = SelfProbeSettings(temperatures=(1.0,), per_start=12, length=8, keep=4, seed=3)
+    settings = SelfProbeSettings(temperatures=(1.0,), per_start=12, length=8, keep=4, decisive=0, seed=3)
     probe = self_probe(base_model, ft_model, tok, settings)
     assert len(probe.sequences) == settings.keep
     # The same samples again (same seed, one sampling call of 12 rows), every one scored: the kept
@@ -140,3 +140,37 @@ def test_a_finetune_that_always_answers_alike_gives_each_answer_once(pair) -> No
     finally:
         hook.remove()
     assert search.continuations == [[word, word, word]] and check is None
+
+
+def test_more_samples_are_kept_until_they_hold_enough_decisive_choices(pair) -> None:
+    """Beyond the ``keep`` most disagreeing samples, more are kept in the same order until the kept ones
+    hold the decisive choices asked for; the probe counts exactly those positions."""
+    from phlora_nim.jobs.fidelity import decisive_mask
+    from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe
+
+    tok, base_model, ft_model = pair
+    few = self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), keep=2, decisive=0, seed=3))
+    assert len(few.sequences) == 2
+    more = self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), keep=2, decisive=40, seed=3))
+    assert len(more.sequences) > 2
+    counts = [int(decisive_mask(r, b).sum()) for r, b in zip(more.reference, more.base_reference, strict=True)]
+    assert sum(counts) >= 40 and sum(counts[:-1]) < 40  # the last sample kept is the one that reached it
+    assert more.decisive_positions == sum(counts)
+
+
+@pytest.mark.parametrize(
+    ("decisive", "needed", "wanted", "kept"),
+    [
+        ([0, 0, 5, 5], 2, 0, 2),  # enough samples, no decisive choices asked for
+        ([3, 3, 3, 3], 1, 5, 2),  # one more sample to reach 5
+        ([1, 1, 1, 1], 1, 50, 4),  # never reached: every sample
+        ([9, 0, 0, 0], 3, 5, 3),  # reached at once, but at least `needed`
+    ],
+)
+def test_enough_keeps_samples_in_order(decisive: list[int], needed: int, wanted: int, kept: int) -> None:
+    from types import SimpleNamespace
+
+    from phlora_nim.jobs.self_probes import _enough
+
+    ranked = [SimpleNamespace(decisive=d, kl=-i) for i, d in enumerate(decisive)]
+    assert _enough(ranked, needed, wanted) == ranked[:kept]  # type: ignore[arg-type]

@@ -40,6 +40,12 @@ def generic_prompts_path() -> Path:
     return Path(str(resources.files("phlora_nim.jobs").joinpath("prompts", GENERIC_PROMPTS)))
 
 
+def decisive_mask(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Which rows of two log-prob tables ``[positions, vocab]`` are decisive choices of the fine-tune:
+    probability ≥ :data:`DECISIVE_P` on a token the base would not pick first."""
+    return (finetuned.argmax(-1) != base.argmax(-1)) & (finetuned.max(-1).values >= math.log(DECISIVE_P))
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any,
@@ -175,10 +181,7 @@ class FidelityProbe:
         if self._decisive is None:
             if self.base_reference is None:
                 self.base_reference = self._log_probs(self.base_model)
-            self._decisive = [
-                (r.argmax(-1) != b.argmax(-1)) & (r.max(-1).values >= math.log(DECISIVE_P))
-                for r, b in zip(self.reference, self.base_reference, strict=True)
-            ]
+            self._decisive = [decisive_mask(r, b) for r, b in zip(self.reference, self.base_reference, strict=True)]
         return self._decisive
 
     @property

@@ -3,11 +3,14 @@
 Generic prompts rarely reach what a task fine-tune learned, so an adapter measured on them can
 look faithful while keeping nothing of the task. Here the fine-tuned model writes its own probes:
 short continuations sampled from its generation prompt (an empty or short generic user turn
-through the chat template, else the start token) at a few temperatures. Each is scored by the
-mean KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are
-kept (each continuation once: a fine-tune that gives one answer to everything must not fill the
-probes with it). No user data, no gradient: one batched sampling call (two when too few samples are
-distinct), the fine-tune's log-probs taken from it, and one pass of the base over the samples.
+through the chat template, else the start token) at a few temperatures, its end token included
+(where a fine-tune learned to stop is part of what it learned). Each is scored by the mean
+KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are kept
+(each continuation once: a fine-tune that gives one answer to everything must not fill the probes
+with it), at least ``keep`` of them and more, in that order, until they hold enough of the
+fine-tune's decisive choices (:data:`~phlora_nim.jobs.fidelity.DECISIVE_P`) to measure a share on.
+No user data, no gradient: one batched sampling call (two when too few samples are distinct or
+decisive), the fine-tune's log-probs taken from it, and one pass of the base over the samples.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from phlora_nim.core.errors import InputError
-from phlora_nim.jobs.fidelity import FidelityProbe, token_ids
+from phlora_nim.jobs.fidelity import FidelityProbe, decisive_mask, token_ids
 from phlora_nim.jobs.verify import common_prefix, compare_log_probs, log_probs
 
 log = logging.getLogger("phlora_nim.self_probes")
@@ -34,18 +37,22 @@ SAMPLING_ROUNDS = 2
 MAX_ROWS = 128
 # Rows sampled per sample kept (ranked by disagreement, the top ones kept).
 RANK_FROM = 2
+# Samples kept at most (search and held-out together), however few decisive choices they hold.
+MAX_KEPT = 96
 
 
 @dataclass(frozen=True)
 class SelfProbeSettings:
     """How many continuations to sample (``per_start`` per opening and temperature, at least
-    :data:`RANK_FROM` times the samples kept, more when too few are distinct), how long, and how
-    many of the most disagreeing distinct ones to keep."""
+    :data:`RANK_FROM` times the samples kept, more when too few are distinct or decisive), how long,
+    how many of the most disagreeing distinct ones to keep at least, and how many decisive positions
+    the kept ones should hold (more samples are kept, in the same order, until they do)."""
 
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
-    per_start: int = 4
+    per_start: int = 8
     length: int = 16
     keep: int = 16
+    decisive: int = 48
     seed: int = 0
 
 
@@ -87,7 +94,8 @@ def sample(
     """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
     ``generate`` call. Each comes with the model's own next-token log-probs along it
     (from the raw logits the sampling step saw), so no second pass of the model is needed to score
-    it. The end token and what follows are cut off; rows that end at once are dropped.
+    it. What follows the end token is cut off (the end token itself is kept: where the fine-tune
+    stops is part of what it learned); rows that end at once are dropped.
 
     Returns:
         (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
@@ -128,8 +136,8 @@ def sample(
     logits = torch.stack(gen.logits, dim=1)  # [rows, steps, vocab], before the temperature
     outs = []
     for i, row in enumerate(gen.sequences[:, shared + tail :].tolist()):
-        row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
-        if row:
+        row = row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row
+        if row and row[0] != eos_id:
             outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
     return outs
 
@@ -143,6 +151,11 @@ class RankedSample:
     continuation: list[int]
     finetuned: torch.Tensor
     base: torch.Tensor
+
+    @property
+    def decisive(self) -> int:
+        """Positions where the fine-tune makes a decisive choice (:func:`~phlora_nim.jobs.fidelity.decisive_mask`)."""
+        return int(decisive_mask(self.finetuned, self.base).sum())
 
 
 def rank_by_disagreement(
@@ -176,9 +189,9 @@ def self_probe_sets(
     *,
     held_out: int = 0,
 ) -> tuple[FidelityProbe, FidelityProbe | None]:
-    """The probe of :func:`self_probe`, and (``held_out`` > 0) a second one of as many samples, equally
-    disagreeing, never searched on: the ``keep + held_out`` most disagreeing samples dealt out in turn,
-    so an adapter chosen on the first can be checked on the second.
+    """The probe of :func:`self_probe`, and (``held_out`` > 0) a second one of about ``held_out /
+    keep`` as many samples, equally disagreeing, never searched on: the kept samples dealt out in
+    turn, so an adapter chosen on the first can be checked on the second.
 
     Raises:
         InputError: the fine-tune ends every sample at once (nothing to probe with).
@@ -188,10 +201,13 @@ def self_probe_sets(
     starts = openings(tokenizer)
     needed = settings.keep + held_out
     wanted = math.ceil(RANK_FROM * needed)  # more samples than are kept, to rank from
+    # Decisive positions wanted over search and held-out samples together (the same share held out).
+    decisive_wanted = math.ceil(settings.decisive * needed / settings.keep)
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
     # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
     rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
-    samples: dict[tuple[int, ...], tuple[list[int], list[int], torch.Tensor]] = {}
+    ranked: list[RankedSample] = []
+    seen: set[tuple[int, ...]] = set()
     for _ in range(SAMPLING_ROUNDS):
         drawn = sample(
             ft_model, [s for s, _ in rows], [t for _, t in rows], length=settings.length, pad_id=pad, eos_id=eos
@@ -199,15 +215,21 @@ def self_probe_sets(
         # One of each continuation: a fine-tune that answers everything alike (a knowledge fine-tune's
         # favourite fact) would otherwise fill the probes with its mode, and its other answers, what
         # an adapter must also keep, would never be scored.
+        fresh = []
         for row in drawn:
-            samples.setdefault(tuple(row[1]), row)
-        if len(samples) >= settings.keep or not samples:
+            if tuple(row[1]) not in seen:
+                seen.add(tuple(row[1]))
+                fresh.append(row)
+        if fresh:
+            ranked = sorted([*ranked, *rank_by_disagreement(base_model, fresh)], key=lambda r: -r.kl)
+        if not ranked or (len(ranked) >= needed and sum(r.decisive for r in ranked) >= decisive_wanted):
             break
         # Fewer distinct samples than the probe keeps (short answers end at once and are dropped, or
-        # repeat): draw again, twice as many rows (the same mix of openings and temperatures). Between
-        # that and keep + held_out, the held-out share shrinks in proportion instead.
+        # repeat), or fewer decisive choices than it wants: draw again, twice as many rows (the same mix
+        # of openings and temperatures). Between that and what is wanted, the held-out share shrinks
+        # in proportion instead.
         rows = [rows[i % len(rows)] for i in range(min(2 * len(rows), MAX_ROWS))]
-    if not samples:
+    if not ranked:
         raise InputError(
             "the fine-tuned model ends every sampled continuation at once",
             where="--self-probes",
@@ -215,10 +237,9 @@ def self_probe_sets(
             found=f"{len(rows)} empty samples",
             fix="give task prompts with --prompts instead",
         )
-    ranked = rank_by_disagreement(base_model, list(samples.values()))[:needed]
+    ranked = _enough(ranked, needed, decisive_wanted)
     if held_out and len(ranked) > 1:
-        # Dealt out in turn (two to the probe for each one held out, in proportion): both halves span
-        # the same range. Fewer distinct samples than wanted: held out in the same proportion.
+        # Dealt out in turn (in proportion to keep : held_out): both halves span the same range.
         n_out = max(1, round(len(ranked) * held_out / needed))
         step = len(ranked) / n_out
         marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(n_out)}
@@ -228,8 +249,10 @@ def self_probe_sets(
         kept, out = ranked, []
     if kept:
         log.info(
-            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g",
-            len(kept), len(out), len(samples), ranked[-1].kl, ranked[0].kl,
+            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g, "
+            "%d decisive choices (+%d held out)",
+            len(kept), len(out), len(seen), ranked[-1].kl, ranked[0].kl, sum(r.decisive for r in kept),
+            sum(r.decisive for r in out),
         )  # fmt: skip
 
     def build(rows: list[RankedSample]) -> FidelityProbe:
@@ -240,3 +263,13 @@ def self_probe_sets(
         )  # fmt: skip
 
     return build(kept), (build(out) if out else None)
+
+
+def _enough(ranked: list[RankedSample], needed: int, decisive_wanted: int) -> list[RankedSample]:
+    """The first ``needed`` samples of ``ranked``, then more in order until they hold ``decisive_wanted``
+    decisive choices (at most :data:`MAX_KEPT` samples)."""
+    n, decisive = 0, 0
+    while n < min(len(ranked), MAX_KEPT) and (n < needed or decisive < decisive_wanted):
+        decisive += ranked[n].decisive
+        n += 1
+    return ranked[:n]
