@@ -7,6 +7,7 @@ of a fine-tune that writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,24 @@ def test_more_samples_are_kept_until_they_hold_enough_decisive_choices(pair) -> 
     from phlora_nim.jobs.self_probes import SelfProbeSettings, self_probe
 
     tok, base_model, ft_model = pair
-    few = self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), keep=2, decisive=0, seed=3))
+    vocab = ft_model.config.vocab_size
+
+    def confident_successor(_module: object, args: tuple, kwargs: dict, out: object) -> object:
+        """A fine-tune that follows token t by 3 + t mod (V - 3), with p ≈ 0.95 (never a special token)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = out.logits  # type: ignore[attr-defined]
+        nxt = 3 + ids[:, -logits.shape[1] :] % (vocab - 3)
+        logits.scatter_add_(-1, nxt[..., None], torch.full_like(logits[..., :1], 7.5))
+        return out
+
+    hook = ft_model.register_forward_hook(confident_successor, with_kwargs=True)
+    try:
+        settings = SelfProbeSettings(temperatures=(1.5,), length=6, keep=2, decisive=0, seed=3)  # hot: varied
+        few = self_probe(base_model, ft_model, tok, settings)
+        more = self_probe(base_model, ft_model, tok, dataclasses.replace(settings, decisive=40))
+    finally:
+        hook.remove()
     assert len(few.sequences) == 2
-    more = self_probe(base_model, ft_model, tok, SelfProbeSettings(temperatures=(1.0,), keep=2, decisive=40, seed=3))
     assert len(more.sequences) > 2
     counts = [int(decisive_mask(r, b).sum()) for r, b in zip(more.reference, more.base_reference, strict=True)]
     assert sum(counts) >= 40 and sum(counts[:-1]) < 40  # the last sample kept is the one that reached it
