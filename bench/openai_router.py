@@ -154,9 +154,12 @@ def main() -> int:
     else:
         from phlora_nim.testing import vllm_servers
 
-        with tempfile.TemporaryDirectory() as tmp, vllm_servers.servers(
-            args.base, Path(tmp), 2, served_name=SERVED, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras
-        ) as pair:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            vllm_servers.servers(
+                args.base, Path(tmp), 2, served_name=SERVED, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras
+            ) as pair,
+        ):
             results = measure([s.url for s in pair])
     direct, aware, robin = results["direct"], results["adapter_aware"], results["round_robin"]
     summary = {

@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from phlora_nim.converters.rank_policy import DEFAULT_RECOVERY  # noqa: E402
+
 log = logging.getLogger("bench.sizing")
 DEFAULT_FINETUNES = "spell=ft-spell-40x0.0002,facts=ft-facts-60x0.0003"
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "bench" / ".work" / "fidelity"))
     ap.add_argument("--finetunes", default=DEFAULT_FINETUNES, help="task=folder under WORK, comma-separated")
-    ap.add_argument("--recovery", type=float, default=0.9, help="--target-recovery")
+    ap.add_argument("--recovery", type=float, default=DEFAULT_RECOVERY, help="--target-recovery (default: the CLI's)")
     ap.add_argument("--needed-rank", type=int, default=64, help="cap of the decomposition the needed size is found on")
     ap.add_argument("--no-task", action="store_true", help="times only (skip accuracy and the needed size)")
     ap.add_argument(

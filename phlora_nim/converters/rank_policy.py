@@ -25,7 +25,7 @@ DEFAULT_MAX_RANK = 256
 # The policy when none of rank, energy, budget or a fidelity target is given.
 DEFAULT_RANK = 16
 # The kind of target given probes (--prompts, --self-probes) without a bound.
-DEFAULT_RECOVERY = 0.95
+DEFAULT_RECOVERY = 0.98
 GENERIC_PROMPTS = "generic"  # prompts "generic": the prompts shipped with phlora-nim
 
 # What each number may be: checked here and by the CLI's flag rows, one text for both.

@@ -3,8 +3,7 @@
 Generic prompts rarely reach what a task fine-tune learned, so an adapter measured on them can
 look faithful while keeping nothing of the task. Here the fine-tuned model writes its own probes:
 short continuations sampled from its generation prompt (an empty or short generic user turn
-through the chat template, else the start token) at a few temperatures, its end token included
-(where a fine-tune learned to stop is part of what it learned). Each is scored by the mean
+through the chat template, else the start token) at a few temperatures. Each is scored by the mean
 KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are kept
 (each continuation once: a fine-tune that gives one answer to everything must not fill the probes
 with it), at least ``keep`` of them and more, in that order, until they hold enough of the
@@ -94,8 +93,7 @@ def sample(
     """One sampled continuation per row: ``starts[i]`` at ``temperatures[i]``, all rows in one
     ``generate`` call. Each comes with the model's own next-token log-probs along it
     (from the raw logits the sampling step saw), so no second pass of the model is needed to score
-    it. What follows the end token is cut off (the end token itself is kept: where the fine-tune
-    stops is part of what it learned); rows that end at once are dropped.
+    it. The end token and what follows are cut off; rows that end at once are dropped.
 
     Returns:
         (start, continuation, log-probs ``[len(continuation), vocab]``) per non-empty row.
@@ -136,8 +134,8 @@ def sample(
     logits = torch.stack(gen.logits, dim=1)  # [rows, steps, vocab], before the temperature
     outs = []
     for i, row in enumerate(gen.sequences[:, shared + tail :].tolist()):
-        row = row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row
-        if row and row[0] != eos_id:
+        row = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
+        if row:
             outs.append((list(starts[i]), row, torch.log_softmax(logits[i, : len(row)].float(), -1)))
     return outs
 
