@@ -113,9 +113,9 @@ def test_rank_choice_is_one_decision() -> None:
 @pytest.mark.parametrize(
     ("policy", "caps"),
     [
-        (RankPolicy(energy=0.9), [16, 32, 64, 128, 256]),  # doubling: each pass at most twice the last
-        (RankPolicy(energy=0.9, max_rank=64), [16, 32, 64]),
-        (RankPolicy(energy=0.9, max_rank=40), [16, 32, 40]),
+        (RankPolicy(energy=0.9), [16, 64, 256]),  # fourfold: the passes before the last cost a third of it
+        (RankPolicy(energy=0.9, max_rank=64), [16, 64]),
+        (RankPolicy(energy=0.9, max_rank=40), [16, 40]),
         (RankPolicy(rank=8), [8]),
     ],
 )

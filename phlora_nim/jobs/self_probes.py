@@ -49,7 +49,7 @@ class SelfProbeSettings:
 
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
     per_start: int = 8
-    length: int = 16
+    length: int = 8
     keep: int = 16
     decisive: int = 48
     seed: int = 0
