@@ -26,7 +26,6 @@ uninformative probe set.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -346,18 +345,8 @@ def run_to_target(
 
     given, target = job.options.policy, job.options.target
     ceilings = search_ceilings(given)
-    # The first decomposition runs beside the probes (sampling and scoring are model passes, the
-    # decomposition LAPACK calls: each leaves cores the other can use).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decompose") as pool:
-        started = time.perf_counter()
-        first = pool.submit(_timed, _decompose_to, job, pair, ceilings[0], progress=progress)
-        probes = _probes(job.base_path, pair.path, target)
-        first_result, first_s = first.result()
-    timings: dict[str, float] = {
-        "probes_s": probes.seconds,
-        "decompose_s": first_s,
-        "probes_and_first_decomposition_s": time.perf_counter() - started,
-    }
+    probes = _probes(job.base_path, pair.path, target)
+    timings: dict[str, float] = {"probes_s": probes.seconds, "decompose_s": 0.0}
     probe = probes.search
     patcher = WeightPatcher(probe.base_model)
     evaluated: list[float] = []
@@ -375,12 +364,9 @@ def run_to_target(
     for i, ceiling in enumerate(ceilings):
         cap = ceiling.max_rank
         assert cap is not None
-        if i == 0:
-            result = first_result
-        else:
-            t0 = time.perf_counter()
-            result = _decompose_to(job, pair, ceiling, progress=progress)
-            timings["decompose_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = _decompose_to(job, pair, ceiling, progress=progress)
+        timings["decompose_s"] += time.perf_counter() - t0
         decomposed.append(cap)
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
@@ -466,11 +452,6 @@ def _measure_floors(
     if not target.absolute:
         check_reachable(base, (search.kl, search.top1), source=probes.source, tokens=probes.search.tokens)
     return floors
-
-
-def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - t0
 
 
 def _decompose_to(job: Any, pair: Any, ceiling: RankPolicy, *, progress: Callable[[str], None] | None) -> Any:
