@@ -249,7 +249,8 @@ def test_recovery_with_self_probes_keeps_the_hidden_behaviour(hidden, tmp_path: 
     assert chosen["params"] > 0 and chosen["met"]
     assert min(chosen["recovery_kl"], chosen["recovery_top1"]) >= 0.8
     assert base_alone["kl"] > 0.02 and chosen["kl"] < base_alone["kl"]
-    assert {"recovery_kl", "recovery_top1"} <= set(search["steps"][0])
+    assert {"recovery_kl", "recovery_top1", "decisive", "recovery_decisive"} <= set(search["steps"][0])
+    assert search["decisive_positions"] >= 0 and search["decisive_p"] == 0.9
     prompt = [1, trigger[3]]
     want = greedy_continuation(ft, prompt, 8)
     assert greedy_continuation(base, prompt, 8) != want  # the behaviour is the fine-tune's, not the base's
@@ -364,3 +365,34 @@ def test_recovery_rule() -> None:
     assert recovery(0.5, 0.9, 0.5, 0.9, 0.5, 0.9) == (1.0, 1.0)  # no reachable gap at all
     t = FidelityTarget(min_recovery=0.9)
     assert not t.met(0.54, 0.88, (1.0, 0.6)) and t.met(0.54, 0.88, (1.0, 0.6), (0.5, 0.9))
+
+
+@pytest.mark.parametrize(
+    ("kl", "top1", "decisive", "met"),
+    [
+        (0.01, 0.99, 0.90, False),  # the whole gap closed but a tenth of the decisive choices lost: a facts adapter
+        (0.50, 0.60, 0.99, True),  # diffuse drift left, every decisive choice kept: a skill's small adapter
+        (0.50, 0.60, None, False),  # no decisive choices to hold to: KL / top-1 recovery, 50 % / 20 %
+        (0.01, 0.99, None, True),
+    ],
+)
+def test_recovery_holds_to_the_decisive_choices_where_there_are_enough(
+    kl: float, top1: float, decisive: float | None, met: bool
+) -> None:
+    from phlora_nim.converters.rank_policy import kept_share
+
+    t = FidelityTarget(min_recovery=0.98)
+    base, floor = (1.0, 0.5), (0.0, 1.0)
+    assert t.met(kl, top1, base, floor, decisive) is met
+    assert (t.margin(kl, top1, base, floor, decisive) >= 0) is met
+    want = decisive if decisive is not None else min(1 - kl, 2 * top1 - 1)
+    assert kept_share(kl, top1, base, floor, decisive) == pytest.approx(want)
+
+
+def test_decisive_recovery_is_relative_to_the_floor() -> None:
+    from phlora_nim.converters.rank_policy import decisive_recovery
+
+    assert decisive_recovery(0.9, 1.0) == pytest.approx(0.9)
+    assert decisive_recovery(0.9, 0.95) == pytest.approx(0.9 / 0.95)
+    assert decisive_recovery(1.0, 0.95) == 1.0  # past the floor counts as the floor
+    assert decisive_recovery(0.0, 0.0) == 1.0  # the floor makes none either: nothing an adapter can keep

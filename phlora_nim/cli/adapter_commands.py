@@ -124,11 +124,15 @@ def _print_search(search: dict[str, Any]) -> None:
         if floor and target.get("min_recovery") is not None
         else ""
     )
+    decisive = search.get("decisive_positions", 0)
     table = Table(
-        title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']} "
-        f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%}{reach}); recovery: share of the reachable gap"
+        title=f"budget search for {goal} on {search['scored_tokens']} tokens of {search['prompts']}, "
+        f"{decisive} decisive choices of the fine-tune (base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%}"
+        f"{reach}); recovery: share of the reachable gap; decisive: share of the fine-tune's decisive choices "
+        "kept (what a recovery target holds to when there are enough)"
     )
-    for col in ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", "raw KL / top-1", ""):
+    columns = ("step", "budget", "parameters", "KL", "top-1", "recovery KL", "recovery top-1", "raw KL / top-1")
+    for col in (*columns, "decisive", ""):
         table.add_column(col, justify="right")
     for i, s in enumerate(search["steps"], 1):
         table.add_row(
@@ -140,6 +144,7 @@ def _print_search(search: dict[str, Any]) -> None:
             f"{s['recovery_kl']:.1%}",
             f"{s['recovery_top1']:.1%}",
             f"{s['raw_recovery_kl']:.1%} / {s['raw_recovery_top1']:.1%}",
+            "–" if s.get("recovery_decisive") is None else f"{s['recovery_decisive']:.1%}",
             "meets" if s["met"] else "misses",
         )
     out_console.print(table)
@@ -147,7 +152,9 @@ def _print_search(search: dict[str, Any]) -> None:
     check = search.get("check_on_own_samples") or {}
     if check.get("checked"):
         out_console.print(
-            f"checked on {check['samples']} held-out samples of the fine-tune: recovery {check['recovery']:.1%} "
+            f"checked on {check['samples']} held-out samples of the fine-tune: "
+            f"{'decisive choices kept' if check.get('recovery_decisive') is not None else 'recovery'} "
+            f"{check['recovery']:.1%} "
             f"(on the probes {check['recovery_on_probes']:.1%}); greedy continuations reproduced "
             f"{check['adapter']['greedy_same']:.0%} (base alone {check['base_alone']['greedy_same']:.0%})"
         )
@@ -158,8 +165,10 @@ def _print_search(search: dict[str, Any]) -> None:
             f"{tm.get('probes_s', 0):.1f} s, decomposing {tm.get('decompose_s', 0):.1f} s, floor "
             f"{tm.get('floor_s', 0):.1f} s, {tm.get('evaluations', 0):.0f} evaluations {tm.get('evaluate_s', 0):.1f} s"
         )
+    share = chosen.get("recovery_decisive")
+    kept = "" if share is None else f"decisive choices kept {share:.1%}, "
     out_console.print(
-        f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): KL {chosen['kl']:.4g}, top-1 "
+        f"chosen budget {chosen['budget']:,} ({chosen['params']:,} parameters): {kept}KL {chosen['kl']:.4g}, top-1 "
         f"{chosen['top1']:.2%}, recovery {chosen['recovery_kl']:.1%} (KL) / {chosen['recovery_top1']:.1%} (top-1) "
         f"of the reachable gap, raw {chosen['raw_recovery_kl']:.1%} / {chosen['raw_recovery_top1']:.1%} "
         f"(base alone: KL {base['kl']:.4g}, top-1 {base['top1']:.2%})"

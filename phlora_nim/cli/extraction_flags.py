@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 from phlora_nim.cli.flags import option
 from phlora_nim.converters.rank_policy import (
     BUDGET,
+    DECISIVE_P,
     DEFAULT_RANK,
     DEFAULT_RECOVERY,
     ENERGY,
     GENERIC_PROMPTS,
     MAX_KL,
     MAX_RANK,
+    MIN_DECISIVE,
     MIN_RECOVERY,
     MIN_TOP1,
     RANK,
@@ -96,10 +98,11 @@ class FidelityFlags:
 
     target_recovery: float | None = option(
         "--target-recovery",
-        "Smallest global budget whose adapter closes ≥ F of the reachable base→fine-tune gap on the probes "
-        "(the fine-tune's own samples unless --prompts is given): "
-        "(KL_base − KL_adapter)/(KL_base − KL_floor) ≥ F, the floor being base + every linear delta at full "
-        "rank, and the same for top-1 disagreement; the raw share of the whole gap is reported beside it (0–1; "
+        "Smallest global budget whose adapter keeps ≥ F of the fine-tune's decisive choices on the probes (the "
+        "fine-tune's own samples unless --prompts is given): the tokens it picks with probability ≥ "
+        f"{DECISIVE_P} where its base would pick another, relative to the floor, base + every linear delta at full "
+        f"rank. Where the probes hold fewer than {MIN_DECISIVE} such choices: closes ≥ F of the reachable "
+        "base→fine-tune gap, (KL_base − KL_adapter)/(KL_base − KL_floor), and the same for top-1 disagreement (0–1; "
         f"default {DEFAULT_RECOVERY} with --prompts or --self-probes and no other target).",
         default=None,
         panel=FIDELITY_PANEL,
@@ -135,7 +138,7 @@ class FidelityFlags:
         "--self-probes",
         "Measure the fidelity target on short continuations sampled from the fine-tune itself, kept "
         "where it disagrees most with its base (no data needed). The default for every target unless --prompts "
-        "is given; alone, it asks for --target-recovery 0.9.",
+        f"is given; alone, it asks for --target-recovery {DEFAULT_RECOVERY}.",
         default=False,
         panel=FIDELITY_PANEL,
     )

@@ -26,6 +26,13 @@ DEFAULT_MAX_RANK = 256
 DEFAULT_RANK = 16
 # The kind of target given probes (--prompts, --self-probes) without a bound.
 DEFAULT_RECOVERY = 0.98
+# A decisive choice of the fine-tune: a scored position where it puts at least this probability on a
+# token its base would not pick first. What a task fine-tune learned (an answer's form, an injected
+# fact) shows as such choices; the diffuse drift of a full fine-tune on uncertain tokens does not, and
+# it is what dominates a KL over every token.
+DECISIVE_P = 0.9
+# Fewer decisive positions than this on the probes a search runs on: too few to size an adapter by.
+MIN_DECISIVE = 16
 GENERIC_PROMPTS = "generic"  # prompts "generic": the prompts shipped with phlora-nim
 
 # What each number may be: checked here and by the CLI's flag rows, one text for both.

@@ -21,18 +21,12 @@ import torch
 
 from phlora_nim.converters.adapter import LoraAdapter
 from phlora_nim.converters.calibration import encode_prompt
+from phlora_nim.converters.rank_policy import DECISIVE_P
 from phlora_nim.jobs.verify import common_prefix, compare_log_probs, log_probs, merged
 
 log = logging.getLogger("phlora_nim.fidelity")
 
 GENERIC_PROMPTS = "generic_prompts.txt"
-# A decisive choice of the fine-tune: a scored position where it puts at least this probability on a
-# token its base would not pick first. What a task fine-tune learned (an answer's form, an injected
-# fact) shows as such choices; the diffuse drift of a full fine-tune on uncertain tokens does not, and
-# it is what dominates a KL over every token.
-DECISIVE_P = 0.9
-# Fewer decisive positions than this on a probe set: too few to measure a share on.
-MIN_DECISIVE = 16
 
 
 def generic_prompts_path() -> Path:
@@ -195,7 +189,7 @@ class FidelityProbe:
         for lp, r, mask in zip(logps, self.reference, self.decisive_masks(), strict=True):
             kept += int((lp.argmax(-1) == r.argmax(-1))[mask].sum())
             positions += int(mask.sum())
-        decisive = kept / positions if positions >= MIN_DECISIVE else None
+        decisive = kept / positions if positions else None
         return ProbeScores(kl, top1, greedy / max(1, len(logps)), decisive, positions)
 
 
@@ -209,7 +203,7 @@ class ProbeScores:
     kl: float
     top1: float
     greedy: float
-    decisive: float | None = None  # share of the fine-tune's decisive choices it makes too (None: too few)
+    decisive: float | None = None  # share of the fine-tune's decisive choices it makes too (None: there are none)
     decisive_positions: int = 0
 
 

@@ -7,7 +7,7 @@ through the chat template, else the start token) at a few temperatures. Each is 
 KL(fine-tuned ‖ base) over its tokens and the distinct ones where the two disagree most are kept
 (each continuation once: a fine-tune that gives one answer to everything must not fill the probes
 with it), at least ``keep`` of them and more, in that order, until they hold enough of the
-fine-tune's decisive choices (:data:`~phlora_nim.jobs.fidelity.DECISIVE_P`) to measure a share on.
+fine-tune's decisive choices (:data:`~phlora_nim.converters.rank_policy.DECISIVE_P`) to measure a share on.
 No user data, no gradient: one batched sampling call (two when too few samples are distinct or
 decisive), the fine-tune's log-probs taken from it, and one pass of the base over the samples.
 """

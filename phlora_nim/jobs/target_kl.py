@@ -43,7 +43,9 @@ from phlora_nim.converters.calibration import read_prompts
 from phlora_nim.converters.checkpoint import Checkpoint, DeltaReader
 from phlora_nim.converters.extract import ExtractionResult, reassign
 from phlora_nim.converters.rank_policy import (
+    DECISIVE_P,
     GENERIC_PROMPTS,
+    MIN_DECISIVE,
     FidelityTarget,
     RankPolicy,
     decisive_recovery,
@@ -102,8 +104,6 @@ class SearchOutcome:
 
     def report(self, target: FidelityTarget) -> dict[str, Any]:
         """The ``fidelity_target`` section of ``phlora_report.json``."""
-        from phlora_nim.jobs.fidelity import DECISIVE_P
-
         chosen = next(s for s in reversed(self.steps) if s.budget == self.budget)
         return {
             "decomposed_to_ranks": list(self.decomposed_to),
@@ -355,7 +355,9 @@ def run_to_target(
     t0 = time.perf_counter()
     floor_scores = _measure_floors(patcher, probes, job, pair, target, base)
     floors = tuple((s.kl, s.top1) if s is not None else None for s in floor_scores)
-    floor_decisive = None if target.absolute else floor_scores[0].decisive
+    # A recovery target holds to the decisive choices where the probes show enough of them to size by.
+    enough = probe.decisive_positions >= MIN_DECISIVE
+    floor_decisive = floor_scores[0].decisive if enough and not target.absolute else None
     timings["floor_s"] = time.perf_counter() - t0
     steps: list[SearchStep] = []
     below: tuple[int, float | None] | None = None
@@ -429,8 +431,9 @@ def _measure_base(patcher: Any, probes: Any, target: FidelityTarget) -> tuple[fl
     scores = probe.base_scores()
     base = (scores.kl, scores.top1)
     log.info(
-        "fidelity target %s on %d %s (%d scored tokens); base model alone: KL %.4g, top-1 %.2f%%",
-        target.describe(), probes.count, probes.source, probe.tokens, base[0], 100 * base[1],
+        "fidelity target %s on %d %s (%d scored tokens, %d decisive choices of the fine-tune); base model "
+        "alone: KL %.4g, top-1 %.2f%%",
+        target.describe(), probes.count, probes.source, probe.tokens, probe.decisive_positions, base[0], 100 * base[1],
     )  # fmt: skip
     check_informative(target, *base, source=probes.source, tokens=probe.tokens)
     return base
