@@ -154,7 +154,7 @@ def curves(base: Path, ft: Path, task_name: str, max_rank: int, points: int = 14
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from phlora_nim.converters.extract import reassign
-    from phlora_nim.converters.rank_policy import RankPolicy, recovery
+    from phlora_nim.converters.rank_policy import RankPolicy, decisive_recovery, recovery
     from phlora_nim.jobs.fidelity import WeightPatcher
     from phlora_nim.jobs.self_probes import self_probe_sets
     from phlora_nim.jobs.target_kl import HELD_OUT
@@ -177,7 +177,8 @@ def curves(base: Path, ft: Path, task_name: str, max_rank: int, points: int = 14
         for t in plain.plan.targets
     )
     floor = patcher.apply(None, full=deltas)
-    floors = [(p.scores(floor).kl, p.scores(floor).top1) for p in (search, check)]
+    floor_scores = [p.scores(floor) for p in (search, check)]
+    floors = [(sc.kl, sc.top1) for sc in floor_scores]
     patcher.restore()
     base_acc, ft_acc = tprobe.measure_all(None)[2], tprobe.measure_all(None, model=ft_model)[2]
     gain = ft_acc - base_acc
@@ -188,13 +189,18 @@ def curves(base: Path, ft: Path, task_name: str, max_rank: int, points: int = 14
     for k in range(points):
         candidate = reassign(plain, RankPolicy(budget_params=int(top / 2 ** (k / 2)), max_rank=max_rank))
         model = patcher.apply(candidate.adapter)
-        rec = [recovery(*(lambda sc: (sc.kl, sc.top1))(p.scores(model)), *b, *f) for p, b, f in zip(
-            (search, check), bases, floors, strict=True)]  # fmt: skip
+        scores = [p.scores(model) for p in (search, check)]
+        rec = [recovery(sc.kl, sc.top1, *b, *f) for sc, b, f in zip(scores, bases, floors, strict=True)]
+        decisive = [
+            decisive_recovery(sc.decisive, fs.decisive) if sc.decisive is not None and fs.decisive else None
+            for sc, fs in zip(scores, floor_scores, strict=True)
+        ]
         patcher.restore()
         acc = tprobe.measure_all(candidate.adapter)[2]
         row = {
             "params": candidate.adapter.num_parameters(),
             "probes_kl": rec[0][0], "probes_top1": rec[0][1], "held_out_kl": rec[1][0], "held_out_top1": rec[1][1],
+            "probes_decisive": decisive[0], "held_out_decisive": decisive[1],
             "task_accuracy": acc,
         }  # fmt: skip
         rows.append(row)
@@ -206,13 +212,19 @@ def curves(base: Path, ft: Path, task_name: str, max_rank: int, points: int = 14
 
 def curves_table(name: str, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{name}: | params | recovery on self-probes KL / top-1 | on held-out KL / top-1 | share of task gain |",
-        "|---:|---:|---:|---:|",
+        f"{name}: | params | recovery on self-probes KL / top-1 | on held-out KL / top-1 | decisive choices kept, "
+        "self-probes / held-out | share of task gain |",
+        "|---:|---:|---:|---:|---:|",
     ]
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1%}"
+
     for r in rows:
         lines.append(
             f"| {r['params'] / 1e6:.3f} M | {r['probes_kl']:.1%} / {r['probes_top1']:.1%} | "
-            f"{r['held_out_kl']:.1%} / {r['held_out_top1']:.1%} | {r['share_of_gain']:.0%} |"
+            f"{r['held_out_kl']:.1%} / {r['held_out_top1']:.1%} | {pct(r['probes_decisive'])} / "
+            f"{pct(r['held_out_decisive'])} | {r['share_of_gain']:.0%} |"
         )
     return "\n".join(lines)
 
