@@ -196,11 +196,48 @@ def self_probe_sets(
     """
     pad, eos = token_ids(tokenizer)
     torch.manual_seed(settings.seed)
-    starts = openings(tokenizer)
     needed = settings.keep + held_out
-    wanted = math.ceil(RANK_FROM * needed)  # more samples than are kept, to rank from
     # Decisive positions wanted over search and held-out samples together (the same share held out).
     decisive_wanted = math.ceil(settings.decisive * needed / settings.keep)
+    ranked, distinct = _draw(base_model, ft_model, openings(tokenizer), settings, needed, decisive_wanted, pad, eos)
+    ranked = _enough(ranked, needed, decisive_wanted)
+    kept, out = _deal(ranked, held_out, needed) if held_out and len(ranked) > 1 else (ranked, [])
+    if kept:
+        log.info(
+            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g, "
+            "%d decisive choices (+%d held out)",
+            len(kept), len(out), distinct, ranked[-1].kl, ranked[0].kl, sum(r.decisive for r in kept),
+            sum(r.decisive for r in out),
+        )  # fmt: skip
+
+    def build(rows: list[RankedSample]) -> FidelityProbe:
+        return FidelityProbe.build(
+            base_model, ft_model, [r.start for r in rows], pad_id=pad, eos_id=eos,
+            continuations=[r.continuation for r in rows], reference=[r.finetuned for r in rows],
+            base_reference=[r.base for r in rows],
+        )  # fmt: skip
+
+    return build(kept), (build(out) if out else None)
+
+
+def _draw(
+    base_model: Any,
+    ft_model: Any,
+    starts: list[list[int]],
+    settings: SelfProbeSettings,
+    needed: int,
+    decisive_wanted: int,
+    pad: int,
+    eos: int | None,
+) -> tuple[list[RankedSample], int]:
+    """The fine-tune's distinct samples ranked by disagreement (largest first), and how many there are:
+    one sampling call, a second of twice the rows when fewer than ``needed`` are distinct or they hold
+    fewer than ``decisive_wanted`` decisive choices.
+
+    Raises:
+        InputError: every sample ended at once.
+    """
+    wanted = math.ceil(RANK_FROM * needed)  # more samples than are kept, to rank from
     per = max(settings.per_start, math.ceil(wanted / (len(starts) * len(settings.temperatures))))
     # Openings and temperatures dealt out in turn: any first N rows are an even mix of them.
     rows = [(s, t) for _ in range(per) for s in starts for t in settings.temperatures]
@@ -235,32 +272,16 @@ def self_probe_sets(
             found=f"{len(rows)} empty samples",
             fix="give task prompts with --prompts instead",
         )
-    ranked = _enough(ranked, needed, decisive_wanted)
-    if held_out and len(ranked) > 1:
-        # Dealt out in turn (in proportion to keep : held_out): both halves span the same range.
-        n_out = max(1, round(len(ranked) * held_out / needed))
-        step = len(ranked) / n_out
-        marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(n_out)}
-        kept = [r for i, r in enumerate(ranked) if i not in marks]
-        out = [r for i, r in enumerate(ranked) if i in marks]
-    else:
-        kept, out = ranked, []
-    if kept:
-        log.info(
-            "self-probes: kept %d (+%d held out) of %d distinct samples, KL(fine-tuned ‖ base) %.4g–%.4g, "
-            "%d decisive choices (+%d held out)",
-            len(kept), len(out), len(seen), ranked[-1].kl, ranked[0].kl, sum(r.decisive for r in kept),
-            sum(r.decisive for r in out),
-        )  # fmt: skip
+    return ranked, len(seen)
 
-    def build(rows: list[RankedSample]) -> FidelityProbe:
-        return FidelityProbe.build(
-            base_model, ft_model, [r.start for r in rows], pad_id=pad, eos_id=eos,
-            continuations=[r.continuation for r in rows], reference=[r.finetuned for r in rows],
-            base_reference=[r.base for r in rows],
-        )  # fmt: skip
 
-    return build(kept), (build(out) if out else None)
+def _deal(ranked: list[RankedSample], held_out: int, needed: int) -> tuple[list[RankedSample], list[RankedSample]]:
+    """``ranked`` dealt out in turn (in proportion to ``needed - held_out`` : ``held_out``) into the samples
+    searched on and those held out: both span the same range of disagreement."""
+    n_out = max(1, round(len(ranked) * held_out / needed))
+    step = len(ranked) / n_out
+    marks = {min(len(ranked) - 1, int(step * (i + 1)) - 1) for i in range(n_out)}
+    return [r for i, r in enumerate(ranked) if i not in marks], [r for i, r in enumerate(ranked) if i in marks]
 
 
 def _enough(ranked: list[RankedSample], needed: int, decisive_wanted: int) -> list[RankedSample]:

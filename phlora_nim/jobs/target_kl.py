@@ -279,33 +279,33 @@ def search_budget(
 
     found = bisect_budget(result, ceiling, judge, tolerance=target.tolerance, max_steps=target.max_steps, below=below)
     if found is None:
-        top_step = steps[first]
-        raise OptionError(
-            "the fidelity target is out of reach at the rank cap",
-            where=FIDELITY_FLAGS,
-            expected=target.describe(),
-            found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} ({_decisive_text(top_step)}recovery "
-            f"{top_step.recovery_kl:.1%} / {top_step.recovery_top1:.1%} of the reachable gap, raw "
-            f"{top_step.raw_recovery_kl:.1%} / "
-            f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
-            f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters){cap_note}",
-            fix="raise --max-rank or loosen the target"
-            + (
-                "; an absolute target also counts the part of the gap no adapter carries (embeddings, norms), "
-                "--target-recovery is relative to what an adapter can reach"
-                if target.absolute
-                else ""
-            ),
-        )
+        raise _out_of_reach(target, steps[first], ceiling, cap_note)
     return found[0], found[1], steps
+
+
+def _out_of_reach(target: FidelityTarget, top_step: SearchStep, ceiling: RankPolicy, cap_note: str) -> OptionError:
+    """The error for a target that every module at ``ceiling``'s cap (``top_step``) still misses."""
+    decisive = "" if top_step.recovery_decisive is None else f"decisive choices kept {top_step.recovery_decisive:.1%}, "
+    return OptionError(
+        "the fidelity target is out of reach at the rank cap",
+        where=FIDELITY_FLAGS,
+        expected=target.describe(),
+        found=f"KL {top_step.kl:.4g}, top-1 {top_step.top1:.2%} ({decisive}recovery {top_step.recovery_kl:.1%} / "
+        f"{top_step.recovery_top1:.1%} of the reachable gap, raw {top_step.raw_recovery_kl:.1%} / "
+        f"{top_step.raw_recovery_top1:.1%}) with every module at rank ≤ "
+        f"{ceiling.max_rank or 'the default cap'} ({top_step.params:,} parameters){cap_note}",
+        fix="raise --max-rank or loosen the target"
+        + (
+            "; an absolute target also counts the part of the gap no adapter carries (embeddings, norms), "
+            "--target-recovery is relative to what an adapter can reach"
+            if target.absolute
+            else ""
+        ),
+    )
 
 
 def _kl_top1(measured: tuple[float, ...]) -> tuple[float, float]:
     return measured[0], measured[1]
-
-
-def _decisive_text(step: SearchStep) -> str:
-    return "" if step.recovery_decisive is None else f"decisive choices kept {step.recovery_decisive:.1%}, "
 
 
 # Self-probe samples kept out of the search, to check the chosen adapter on.
@@ -343,8 +343,8 @@ def run_to_target(
     """
     from phlora_nim.jobs.fidelity import WeightPatcher
 
-    given, target = job.options.policy, job.options.target
-    ceilings = search_ceilings(given)
+    target = job.options.target
+    ceilings = search_ceilings(job.options.policy)
     probes = _probes(job.base_path, pair.path, target)
     timings: dict[str, float] = {"probes_s": probes.seconds, "decompose_s": 0.0}
     probe = probes.search
@@ -355,26 +355,21 @@ def run_to_target(
     t0 = time.perf_counter()
     floor_scores = _measure_floors(patcher, probes, job, pair, target, base)
     floors = tuple((s.kl, s.top1) if s is not None else None for s in floor_scores)
-    # A recovery target holds to the decisive choices where the probes show enough of them to size by.
-    enough = probe.decisive_positions >= MIN_DECISIVE
-    floor_decisive = floor_scores[0].decisive if enough and not target.absolute else None
+    floor_decisive = _floor_decisive(probe, floor_scores[0], target)
     timings["floor_s"] = time.perf_counter() - t0
     steps: list[SearchStep] = []
     below: tuple[int, float | None] | None = None
     found = None
     decomposed: list[int] = []
     for i, ceiling in enumerate(ceilings):
-        cap = ceiling.max_rank
-        assert cap is not None
         t0 = time.perf_counter()
         result = _decompose_to(job, pair, ceiling, progress=progress)
         timings["decompose_s"] += time.perf_counter() - t0
-        decomposed.append(cap)
+        decomposed.append(cap := int(ceiling.max_rank or 0))
         floor = floors[0] if not target.absolute else (0.0, 1.0)
         if below is None:
             # The base alone misses (checked above); it makes none of the decisive choices.
             below = (0, target.margin(*base, base, floor, 0.0 if floor_decisive else None))
-        last = i == len(ceilings) - 1
         try:
             budget, chosen, _ = search_budget(
                 result, ceiling, target, measure, base=base, floor=floor, floor_decisive=floor_decisive, steps=steps,
@@ -384,7 +379,7 @@ def run_to_target(
             found = (budget, chosen, ceiling)
             break
         except OptionError:
-            if last:
+            if i == len(ceilings) - 1:
                 raise
             top = next(s for s in reversed(steps))
             below = (top.budget, target.margin(top.kl, top.top1, base, floor, top.recovery_decisive))
@@ -411,6 +406,13 @@ def run_to_target(
         decomposed_to=tuple(decomposed),
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def _floor_decisive(probe: Any, floor: Any, target: FidelityTarget) -> float | None:
+    """The floor's share of the decisive choices, what a recovery target is then relative to; None (the
+    KL / top-1 recovery instead) for an absolute target, or where the probes hold fewer than
+    :data:`MIN_DECISIVE` decisive choices to size by."""
+    return floor.decisive if probe.decisive_positions >= MIN_DECISIVE and not target.absolute else None
 
 
 def _measure_candidate(
