@@ -181,6 +181,8 @@ def test_more_samples_are_kept_until_they_hold_enough_decisive_choices(pair) -> 
         ([3, 3, 3, 3], 1, 5, 2),  # one more sample to reach 5
         ([1, 1, 1, 1], 1, 50, 4),  # never reached: every sample
         ([9, 0, 0, 0], 3, 5, 3),  # reached at once, but at least `needed`
+        ([0, 0, 2, 0, 0, 1, 0, 0], 2, 50, 6),  # never reached: up to the last sample holding one
+        ([0, 0, 0, 0], 2, 50, 2),  # none at all: `needed` only
     ],
 )
 def test_enough_keeps_samples_in_order(decisive: list[int], needed: int, wanted: int, kept: int) -> None:

@@ -257,12 +257,14 @@ def _draw(
                 fresh.append(row)
         if fresh:
             ranked = sorted([*ranked, *rank_by_disagreement(base_model, fresh)], key=lambda r: -r.kl)
-        if not ranked or (len(ranked) >= needed and sum(r.decisive for r in ranked) >= decisive_wanted):
+        decisive = sum(r.decisive for r in ranked)
+        if not ranked or (len(ranked) >= needed and (decisive >= decisive_wanted or decisive == 0)):
             break
         # Fewer distinct samples than the probe keeps (short answers end at once and are dropped, or
-        # repeat), or fewer decisive choices than it wants: draw again, twice as many rows (the same mix
-        # of openings and temperatures). Between that and what is wanted, the held-out share shrinks
-        # in proportion instead.
+        # repeat), or some decisive choices but fewer than it wants: draw again, twice as many rows (the
+        # same mix of openings and temperatures). A fine-tune that makes none is not drawn again: its
+        # search holds to KL and top-1. Between that and what is wanted, the held-out share shrinks in
+        # proportion instead.
         rows = [rows[i % len(rows)] for i in range(min(2 * len(rows), MAX_ROWS))]
     if not ranked:
         raise InputError(
@@ -286,9 +288,12 @@ def _deal(ranked: list[RankedSample], held_out: int, needed: int) -> tuple[list[
 
 def _enough(ranked: list[RankedSample], needed: int, decisive_wanted: int) -> list[RankedSample]:
     """The first ``needed`` samples of ``ranked``, then more in order until they hold ``decisive_wanted``
-    decisive choices (at most :data:`MAX_KEPT` samples)."""
+    decisive choices (at most :data:`MAX_KEPT` samples, and none past ``needed`` that holds none: a
+    sample without a decisive choice costs every evaluation and adds nothing to the share)."""
     n, decisive = 0, 0
     while n < min(len(ranked), MAX_KEPT) and (n < needed or decisive < decisive_wanted):
         decisive += ranked[n].decisive
         n += 1
+    while n > needed and ranked[n - 1].decisive == 0:
+        n -= 1
     return ranked[:n]
