@@ -368,7 +368,8 @@ def chosen_by(
     why), or the adapter it picks and that adapter's accuracy on the held-out task prompts. ``floor``:
     base + every linear delta at full rank on ``probe``, which recovery is relative to."""
     from phlora_nim.core.errors import PhloraError
-    from phlora_nim.jobs.target_kl import check_informative, check_reachable, floor_report, search_budget
+    from phlora_nim.jobs.probe_checks import check_informative, check_reachable
+    from phlora_nim.jobs.target_kl import floor_report, search_budget
 
     t0 = time.perf_counter()
     base_kl, base_top1 = probe.measure(None)

@@ -145,7 +145,7 @@ def test_calibration_on_prompts_the_finetune_does_not_act_on_warns(
 ) -> None:
     """The shipped generic prompts cannot see a fine-tune that changed only behaviour after trigger
     tokens: whitening on them is warned about, with the measured KL, and the extraction still runs."""
-    from phlora_nim.jobs.target_kl import MIN_GAP_KL
+    from phlora_nim.jobs.probe_checks import MIN_GAP_KL
 
     base, ft, _ = hidden_finetune
     out = tmp_path_factory.mktemp("calib-out") / "a"

@@ -155,7 +155,7 @@ def hidden(hidden_finetune: tuple[Path, Path, list[int]]) -> tuple[Path, Path, l
 
 
 def test_generic_prompts_that_cannot_see_the_finetune_are_refused(hidden, tmp_path: Path, run_cli) -> None:
-    from phlora_nim.jobs.target_kl import MIN_GAP_KL
+    from phlora_nim.jobs.probe_checks import MIN_GAP_KL
 
     base, ft, _ = hidden
     code, _, err = run_cli(
@@ -182,11 +182,11 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
     from phlora_nim.converters.extract import ExtractOptions, plan_extraction, run_extraction
     from phlora_nim.converters.rank_policy import search_policy
     from phlora_nim.jobs.fidelity import WeightPatcher
+    from phlora_nim.jobs.probe_checks import check_on_own_samples
     from phlora_nim.jobs.target_kl import (
         GENERIC,
         _floors,
         _probes,
-        check_on_own_samples,
         measure_floor,
         search_budget,
     )
@@ -219,7 +219,7 @@ def test_an_adapter_chosen_on_probes_that_miss_the_change_is_refused(hidden) -> 
 
 
 def test_check_informative_names_the_numbers() -> None:
-    from phlora_nim.jobs.target_kl import check_informative
+    from phlora_nim.jobs.probe_checks import check_informative
 
     with pytest.raises(InputError, match=r"already meets.*KL\(fine-tuned ‖ base\) 0\.01 nats/token, top-1 90\.00%"):
         check_informative(FidelityTarget(max_kl=0.05), 0.01, 0.9, source="p.txt", tokens=100)
@@ -349,7 +349,7 @@ def test_recovery_is_relative_to_the_floor_the_linear_deltas_reach(norm_pair, tm
     ],
 )
 def test_a_reachable_gap_below_the_floor_is_refused(base, floor, match: str) -> None:
-    from phlora_nim.jobs.target_kl import check_reachable
+    from phlora_nim.jobs.probe_checks import check_reachable
 
     with pytest.raises(InputError, match=match):
         check_reachable(base, floor, source="p.txt", tokens=100)
