@@ -62,10 +62,8 @@ def check_on_own_samples(
         decisive_recovery(own.decisive, floor.decisive) if own.decisive is not None and floor.decisive else None
     )
     kept = kept_share(own.kl, own.top1, (own_base.kl, own_base.top1), (floor.kl, floor.top1), own_decisive)
-    if not target.absolute:
-        shown = kept_share(step.kl, step.top1, base, (search_floor.kl, search_floor.top1), step.recovery_decisive)
-    else:
-        shown = kept_share(step.kl, step.top1, base, (search_floor.kl, search_floor.top1), None)
+    decisive = None if target.absolute else step.recovery_decisive
+    shown = kept_share(step.kl, step.top1, base, (search_floor.kl, search_floor.top1), decisive)
     report = {
         "checked": True,
         "samples": len(check.sequences),

@@ -14,6 +14,7 @@ decisive), the fine-tune's log-probs taken from it, and one pass of the base ove
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ class RankedSample:
     finetuned: torch.Tensor
     base: torch.Tensor
 
-    @property
+    @functools.cached_property  # counted by the draw, the cut and the log: computed once
     def decisive(self) -> int:
         """Positions where the fine-tune makes a decisive choice (:func:`~phlora_nim.jobs.fidelity.decisive_mask`)."""
         return int(decisive_mask(self.finetuned, self.base).sum())
